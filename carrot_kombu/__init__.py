@@ -1,0 +1,28 @@
+"""carrot_kombu: a supervised, thread-safe AMQP connection layer for kombu and Celery."""
+
+from __future__ import annotations
+
+import logging
+
+from .exceptions import CarrotKombuError, ConfigurationError, Disconnected, PoolTimeout
+from .manager import ConnectionManager
+from .pool import Lease
+from .retry import Backoff
+from .status import ConnectionState, Status
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "Backoff",
+    "CarrotKombuError",
+    "ConfigurationError",
+    "ConnectionManager",
+    "ConnectionState",
+    "Disconnected",
+    "Lease",
+    "PoolTimeout",
+    "Status",
+    "__version__",
+)
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -1,0 +1,236 @@
+"""One established connection (a *link*) of a manager, whatever the transport.
+
+The supervisor makes a link per successful connection attempt and throws it
+away when it dies; nothing about a link is ever reused.  Two kinds:
+
+* :class:`AmqpLink` over :class:`~carrot_kombu._amqp.SupervisedConnection`
+  (a reader thread, heartbeats, drop without handshake);
+* :class:`VirtualLink` over kombu's in-process ``memory://`` transport (and
+  its subclasses, which is how unit tests inject faults).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any, Callable, Optional
+
+import kombu
+from kombu.transport import resolve_transport
+
+from ._amqp import SupervisedConnection, SupervisedTransport
+from .config import Endpoint, Settings
+from .exceptions import Disconnected
+
+__all__ = ("Link", "AmqpLink", "VirtualLink", "LinkHooks", "open_link")
+
+logger = logging.getLogger("carrot_kombu")
+
+LostCallback = Callable[["Link", BaseException], None]
+
+
+class LinkHooks:
+    """What a link reports to its supervisor (from any thread)."""
+
+    def __init__(
+        self,
+        on_lost: LostCallback,
+        on_blocked: Callable[["Link", str], None],
+        on_unblocked: Callable[["Link"], None],
+    ) -> None:
+        self.on_lost = on_lost
+        self.on_blocked = on_blocked
+        self.on_unblocked = on_unblocked
+
+
+class Link:
+    """An established connection; subclasses implement the transport specifics."""
+
+    #: Seconds between two supervisor ticks while connected.
+    tick_interval: float = 1.0
+
+    def __init__(self, generation: int, endpoint: Endpoint, kombu_connection: kombu.Connection, raw: Any) -> None:
+        self.generation = generation
+        self.endpoint = endpoint
+        self.kombu = kombu_connection
+        self.raw = raw
+
+    def start(self, hooks: LinkHooks) -> None:
+        """Begin servicing the connection (reader thread, if any)."""
+
+    def open_channel(self) -> Any:
+        """Open a new channel on this connection (I/O: call without locks)."""
+        return self.kombu.transport.create_channel(self.raw)
+
+    def tick(self) -> None:
+        """Heartbeats and liveness; raises when the connection is dead."""
+        self.kombu.transport.heartbeat_check(self.raw)
+
+    def kill(self, exc: BaseException) -> None:
+        """Drop a dead connection without any handshake; never blocks."""
+        try:
+            self.kombu.collect()
+        except Exception:
+            logger.debug("ignored error while dropping a connection", exc_info=True)
+
+    def close(self, timeout: float) -> None:
+        """Close politely (used by ``stop()``), falling back to :meth:`kill`."""
+        try:
+            self.kombu.release()
+        except Exception as exc:
+            self.kill(exc)
+
+    def negotiated(self) -> dict[str, Any]:
+        return {"heartbeat": None, "frame_max": None, "channel_max": None}
+
+    def server(self) -> dict[str, Optional[str]]:
+        return {"product": None, "version": None}
+
+
+class AmqpLink(Link):
+    """A py-amqp connection serviced by a reader thread."""
+
+    raw: SupervisedConnection
+
+    def __init__(self, generation: int, endpoint: Endpoint, kombu_connection: kombu.Connection, raw: Any) -> None:
+        super().__init__(generation, endpoint, kombu_connection, raw)
+        hb = raw.heartbeat or 0
+        # Check often enough to notice 2 missed heartbeats within ~2*hb + 0.5s.
+        self.tick_interval = min(1.0, max(0.05, hb / 4)) if hb else 1.0
+
+    def start(self, hooks: LinkHooks) -> None:
+        self.raw.on_blocked = lambda reason: hooks.on_blocked(self, str(reason))
+        self.raw.on_unblocked = lambda: hooks.on_unblocked(self)
+        self.raw.start_reader(lambda _conn, exc: hooks.on_lost(self, exc))
+
+    def open_channel(self) -> Any:
+        return self.raw.channel()
+
+    def tick(self) -> None:
+        self.raw.tick()
+
+    def kill(self, exc: BaseException) -> None:
+        self.raw.kill(exc)
+        self.raw.join_reader(1.0)
+
+    def close(self, timeout: float) -> None:
+        raw = self.raw
+        if raw._carrot_dead is not None:
+            self.kill(raw._carrot_dead)
+            return
+        done = threading.Event()
+        error: list[BaseException] = []
+
+        def _close() -> None:
+            try:
+                raw.close()
+            except Exception as exc:  # the broker may be gone; we kill below
+                error.append(exc)
+            finally:
+                done.set()
+
+        # Connection.close() waits for CloseOk without a timeout: bound it.
+        closer = threading.Thread(target=_close, name="carrot-kombu-close", daemon=True)
+        closer.start()
+        done.wait(timeout)
+        self.kill(error[0] if error else Disconnected("manager stopped"))
+        closer.join(1.0)
+
+    def negotiated(self) -> dict[str, Any]:
+        return {
+            "heartbeat": self.raw.heartbeat,
+            "frame_max": self.raw.frame_max,
+            "channel_max": self.raw.channel_max,
+        }
+
+    def server(self) -> dict[str, Optional[str]]:
+        props = self.raw.server_properties or {}
+        return {"product": _text(props.get("product")), "version": _text(props.get("version"))}
+
+
+class VirtualLink(Link):
+    """kombu's in-process transport: no socket, liveness by ``heartbeat_check``."""
+
+    tick_interval = 0.05
+
+
+def open_link(generation: int, endpoint: Endpoint, settings: Settings) -> Link:
+    """Connect once to ``endpoint`` (blocking, bounded by its connect timeout).
+
+    Raises:
+        Exception: Whatever the transport raised; the caller classifies it.
+    """
+    transport_cls = _transport_for(endpoint)
+    options: dict[str, Any] = dict(settings.transport_options)
+    if endpoint.is_amqp:
+        props = {"connection_name": f"carrot_kombu pid={os.getpid()}"}
+        props.update(options.pop("client_properties", None) or {})
+        props.update(settings.client_properties)
+        options["client_properties"] = props
+        if endpoint.channel_max:
+            options["channel_max"] = endpoint.channel_max
+        if endpoint.frame_max:
+            options["frame_max"] = endpoint.frame_max
+        if settings.socket_options:
+            options["socket_settings"] = dict(settings.socket_options)
+    conn = kombu.Connection(
+        hostname=endpoint.host,
+        port=endpoint.port,
+        userid=endpoint.userid,
+        password=endpoint.password,
+        virtual_host=endpoint.virtual_host,
+        ssl=endpoint.ssl_for_connection(),
+        heartbeat=endpoint.heartbeat,
+        connect_timeout=endpoint.connect_timeout,
+        transport=transport_cls,
+        transport_options=options,
+    )
+    try:
+        # kombu's own connect() retries and sleeps; we want exactly one attempt.
+        raw = conn._connection_factory()
+        conn._connection = raw
+    except BaseException:
+        try:
+            conn.collect()
+        except Exception:
+            pass
+        raise
+    if endpoint.is_amqp:
+        return AmqpLink(generation, endpoint, conn, raw)
+    return VirtualLink(generation, endpoint, conn, raw)
+
+
+_GUARDED: dict[type, type] = {}
+
+
+def _transport_for(endpoint: Endpoint) -> type:
+    base = SupervisedTransport if endpoint.is_amqp else resolve_transport(endpoint.scheme)
+    guarded = _GUARDED.get(base)
+    if guarded is None:
+        guarded = _GUARDED[base] = _guard(base)
+    return guarded
+
+
+def _guard(base: type) -> type:
+    def establish_connection(self: Any) -> Any:
+        # kombu's ensure()/revive paths reconnect a lost connection on their own
+        # thread; that connection would belong to nobody.  Only the supervisor's
+        # single attempt is allowed.
+        client = self.client
+        if getattr(client, "_carrot_established", False):
+            raise Disconnected("this connection is owned by a carrot_kombu manager; take a new lease")
+        client._carrot_established = True
+        return base.establish_connection(self)
+
+    return type(f"Supervised{base.__name__}", (base,), {"establish_connection": establish_connection, "__module__": __name__})
+
+
+def _text(value: Any) -> Optional[str]:
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+

@@ -1,0 +1,233 @@
+"""The public facade: :class:`ConnectionManager`."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+
+from ._supervisor import Supervisor
+from .config import Settings, build_settings
+from .events import EventBus
+from .exceptions import Disconnected
+from .pool import ChannelPool, Lease
+from .retry import Backoff
+from .status import ConnectionState, StateBoard, Status
+
+__all__ = ("ConnectionManager",)
+
+logger = logging.getLogger("carrot_kombu")
+
+
+class ConnectionManager:
+    """One supervised AMQP connection shared by any number of threads.
+
+    A background supervisor thread owns the connection: it connects with
+    exponential backoff, services heartbeats whatever the application is
+    doing, notices loss and reconnects.  Threads borrow channels from a
+    bounded pool with :meth:`open_channel`, which returns a :class:`Lease`
+    or raises :class:`~carrot_kombu.Disconnected` at once while there is no
+    connection (Carrot's ``{:error, :disconnected}``).
+
+    Args:
+        url: kombu broker URL (``amqp://``, ``amqps://``; ``memory://`` for
+            tests), several separated by ``;`` or given as a list for
+            failover.  A URL overrides every option it expresses (host, port,
+            credentials, vhost, query parameters ``heartbeat``,
+            ``connect_timeout``, ``channel_max``, ``frame_max``, ``ssl``,
+            ``ssl_*``); the other options still apply.
+        username: Login, unless the URL has one.
+        password: Password, unless the URL has one.  Never logged or shown.
+        virtual_host: Virtual host, unless the URL names one.
+        host: Broker host, unless the URL names one.
+        port: Broker port, unless the URL names one.
+        channel_max: Channels per connection to ask for (0: the broker's).
+        frame_max: Largest frame to ask for in bytes (0: the broker's).
+        heartbeat: Heartbeat interval in seconds (0 disables; rounded up to
+            whole seconds).
+        connection_timeout: Seconds for one connection attempt (TCP, TLS and
+            AMQP handshake).  Carrot's ``60000`` ms is ``60.0``.
+        backoff: :class:`Backoff`, or a mapping of its fields.
+        ssl_options: ``True`` or a mapping of py-amqp ssl options
+            (``ca_certs``, ``certfile``, ``keyfile``, ``cert_reqs``,
+            ``server_hostname``...); certificates are verified by default.
+        client_properties: Extra AMQP client properties (e.g.
+            ``connection_name``).
+        socket_options: TCP socket options (py-amqp ``socket_settings``).
+        pool_limit: Most channels open at the broker at once.
+        transport_options: Extra keyword arguments for the py-amqp connection.
+
+    Raises:
+        ConfigurationError: If an option or URL is invalid (nothing is
+            started, nothing is logged with a password).
+    """
+
+    def __init__(
+        self,
+        url: Union[str, Sequence[str], None] = None,
+        *,
+        username: str = "guest",
+        password: str = "guest",
+        virtual_host: str = "/",
+        host: str = "localhost",
+        port: int = 5672,
+        channel_max: int = 0,
+        frame_max: int = 0,
+        heartbeat: float = 10,
+        connection_timeout: float = 60.0,
+        backoff: Union[Backoff, Mapping[str, Any], None] = None,
+        ssl_options: Union[bool, Mapping[str, Any], None] = None,
+        client_properties: Optional[Mapping[str, Any]] = None,
+        socket_options: Optional[Mapping[int, Any]] = None,
+        pool_limit: int = 10,
+        transport_options: Optional[Mapping[str, Any]] = None,
+    ) -> None:
+        self._settings: Settings = build_settings(
+            url,
+            username=username, password=password, virtual_host=virtual_host,
+            host=host, port=port, channel_max=channel_max, frame_max=frame_max,
+            heartbeat=heartbeat, connection_timeout=connection_timeout,
+            backoff=backoff, ssl_options=ssl_options,
+            client_properties=client_properties, socket_options=socket_options,
+            pool_limit=pool_limit, transport_options=transport_options,
+        )
+        self._lock = threading.Lock()
+        self._board = StateBoard(self._settings.endpoints[0].masked_url)
+        self._pool = ChannelPool(self._settings.pool_limit)
+        self._bus = EventBus()
+        self._supervisor: Optional[Supervisor] = None
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def start(self) -> "ConnectionManager":
+        """Start connecting in the background and return at once (idempotent)."""
+        with self._lock:
+            if self._supervisor is not None:
+                return self
+            self._bus.start()
+            self._board.update(state=ConnectionState.CONNECTING)
+            self._supervisor = Supervisor(self._settings, self._pool, self._bus, self._board)
+            self._supervisor.start()
+        return self
+
+    def stop(self, timeout: Optional[float] = None) -> None:
+        """Close the connection, its channels and every lease (idempotent).
+
+        Leases still held raise :class:`~carrot_kombu.Disconnected` on use.
+        The ``stopped`` event is delivered before this returns.
+
+        Args:
+            timeout: Most seconds to wait (``None``: until done; an attempt in
+                progress ends within its ``connection_timeout``).
+        """
+        with self._lock:
+            supervisor, self._supervisor = self._supervisor, None
+        if supervisor is None:
+            return
+        if not supervisor.stop(timeout):
+            logger.warning("carrot_kombu supervisor did not stop within %ss; it will exit on its own", timeout)
+            self._pool.detach("manager stopped", None)
+            self._board.update(state=ConnectionState.STOPPED, next_attempt_at=None)
+        self._bus.close(timeout)
+
+    def __enter__(self) -> "ConnectionManager":
+        return self.start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    def wait_connected(self, timeout: Optional[float] = None) -> bool:
+        """Block until connected; False on timeout, or if stopped or given up."""
+        def settled(status: Status) -> bool:
+            if status.state is ConnectionState.CONNECTED:
+                return True
+            if status.state is ConnectionState.STOPPED:
+                return True
+            return status.state is ConnectionState.FAILED and not status.fatal
+
+        self._board.wait_for(settled, timeout)
+        return self._board.state is ConnectionState.CONNECTED
+
+    # -- state -----------------------------------------------------------------------
+
+    @property
+    def state(self) -> ConnectionState:
+        return self._board.state
+
+    @property
+    def connected(self) -> bool:
+        return self._board.state is ConnectionState.CONNECTED
+
+    @property
+    def blocked(self) -> bool:
+        """True while the broker has blocked publishing (resource alarm)."""
+        return self._board.current.blocked
+
+    def status(self) -> Status:
+        """A consistent snapshot; ``status().as_dict()`` is JSON-ready."""
+        return self._board.snapshot(self._pool.counts())
+
+    # -- channels ----------------------------------------------------------------------
+
+    def open_channel(self, timeout: Optional[float] = 5.0) -> Lease:
+        """Lease a channel from the bounded pool.
+
+        Args:
+            timeout: Seconds to wait for a free slot when all ``pool_limit``
+                channels are leased (``None``: wait as long as it takes).
+
+        Raises:
+            Disconnected: At once while not connected; its ``reason`` (and
+                ``__cause__``) is the last connection error.
+            PoolTimeout: No channel was released within ``timeout``.
+        """
+        if self._supervisor is None:
+            raise Disconnected("manager is not started")
+        return self._pool.acquire(timeout)
+
+    def release(self, lease: Lease) -> None:
+        """Give a lease back; same as ``lease.release()``."""
+        lease.release()
+
+    @contextmanager
+    def channel(self, timeout: Optional[float] = 5.0) -> Iterator[Lease]:
+        """``with manager.channel() as ch:`` leases a channel for the block.
+
+        The channel goes back to the pool on exit, or is discarded if the
+        block failed with a channel or connection error.
+        """
+        with self.open_channel(timeout) as lease:
+            yield lease
+
+    # -- events --------------------------------------------------------------------------
+
+    def on(self, event: str, callback: Callable[..., Any]) -> Callable[..., Any]:
+        """Subscribe ``callback`` to ``event``; returns it (usable as a decorator).
+
+        Events: ``connecting()``, ``connected()``, ``connect_failed(error,
+        delay)`` (``delay`` is ``None`` when giving up), ``disconnected(error)``,
+        ``blocked(reason)``, ``unblocked()``, ``stopped()``.  Callbacks run in
+        order on one dispatcher thread, never under an internal lock; an
+        exception in a callback is logged and ignored.
+        """
+        return self._bus.on(event, callback)
+
+    def off(self, event: str, callback: Callable[..., Any]) -> None:
+        """Unsubscribe ``callback`` from ``event`` (no error if absent)."""
+        self._bus.off(event, callback)
+
+    # -- introspection -----------------------------------------------------------------------
+
+    @property
+    def settings(self) -> Settings:
+        """The validated configuration."""
+        return self._settings
+
+    def __repr__(self) -> str:
+        status = self.status()
+        pool = status.pool
+        return (
+            f"<ConnectionManager [{status.state.value} {status.broker} | "
+            f"Pool: {pool.leased} leased, {pool.idle} idle, limit {pool.limit}]>"
+        )

@@ -1,0 +1,127 @@
+"""Connection state and the ``status()`` snapshot."""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional
+
+__all__ = ("ConnectionState", "Status", "StateBoard")
+
+
+class ConnectionState(str, enum.Enum):
+    """Where a manager's connection is in its life.
+
+    * ``STOPPED``: not started, or stopped.
+    * ``CONNECTING``: an attempt is under way.
+    * ``CONNECTED``: leases can be taken.
+    * ``DISCONNECTED``: the last attempt failed or the connection was lost;
+      waiting for the next attempt.
+    * ``FAILED``: the policy gave up (``max_tries``/``max_time``), or the
+      broker refused us for a reason a retry will not fix (wrong credentials,
+      unknown vhost, bad certificate).  After a fatal error the manager still
+      retries, but only every ``Backoff.max`` seconds; ``status().next_attempt_in``
+      is ``None`` once it has given up for good.
+    """
+
+    STOPPED = "STOPPED"
+    CONNECTING = "CONNECTING"
+    CONNECTED = "CONNECTED"
+    DISCONNECTED = "DISCONNECTED"
+    FAILED = "FAILED"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class PoolStatus:
+    leased: int = 0
+    idle: int = 0
+    limit: int = 0
+
+
+@dataclass(frozen=True)
+class Status:
+    """A consistent snapshot of a manager; :meth:`as_dict` is JSON-ready.
+
+    Times are seconds; ``connected_since`` is a UNIX timestamp.
+    """
+
+    state: ConnectionState = ConnectionState.STOPPED
+    broker: Optional[str] = None
+    connected_since: Optional[float] = None
+    reconnects: int = 0
+    attempts: int = 0
+    last_error: Optional[str] = None
+    fatal: bool = False
+    next_attempt_in: Optional[float] = None
+    blocked: bool = False
+    blocked_reason: Optional[str] = None
+    pool: PoolStatus = field(default_factory=PoolStatus)
+    heartbeat: Optional[float] = None
+    frame_max: Optional[int] = None
+    channel_max: Optional[int] = None
+    server_product: Optional[str] = None
+    server_version: Optional[str] = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "state": self.state.value,
+            "broker": self.broker,
+            "connected_since": self.connected_since,
+            "reconnects": self.reconnects,
+            "attempts": self.attempts,
+            "last_error": self.last_error,
+            "fatal": self.fatal,
+            "next_attempt_in": self.next_attempt_in,
+            "blocked": self.blocked,
+            "blocked_reason": self.blocked_reason,
+            "pool": {"leased": self.pool.leased, "idle": self.pool.idle, "limit": self.pool.limit},
+            "heartbeat": self.heartbeat,
+            "frame_max": self.frame_max,
+            "channel_max": self.channel_max,
+            "server": {"product": self.server_product, "version": self.server_version},
+        }
+
+
+class StateBoard:
+    """The one mutable record of a manager's state, behind one condition.
+
+    Writers (the supervisor) call :meth:`update`; readers take
+    :meth:`snapshot` or wait for a state with :meth:`wait_for`.
+    """
+
+    def __init__(self, broker: str) -> None:
+        self._cond = threading.Condition()
+        self._status = Status(broker=broker)
+        self._next_attempt_at: Optional[float] = None
+
+    @property
+    def state(self) -> ConnectionState:
+        return self._status.state
+
+    @property
+    def current(self) -> Status:
+        """The latest status (without pool figures)."""
+        return self._status
+
+    def update(self, *, next_attempt_at: Any = ..., **changes: Any) -> Status:
+        with self._cond:
+            if next_attempt_at is not ...:
+                self._next_attempt_at = next_attempt_at
+            self._status = replace(self._status, **changes)
+            self._cond.notify_all()
+            return self._status
+
+    def snapshot(self, pool: PoolStatus) -> Status:
+        with self._cond:
+            status, at = self._status, self._next_attempt_at
+        remaining = None if at is None else max(0.0, round(at - time.monotonic(), 3))
+        return replace(status, pool=pool, next_attempt_in=remaining)
+
+    def wait_for(self, predicate: Any, timeout: Optional[float]) -> bool:
+        with self._cond:
+            return bool(self._cond.wait_for(lambda: predicate(self._status), timeout))

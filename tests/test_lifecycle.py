@@ -1,0 +1,269 @@
+"""The supervisor's life on the fault-injecting memory transport."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import threading
+import time
+
+import pytest
+from amqp.exceptions import AccessRefused
+from kombu.exceptions import OperationalError
+
+from carrot_kombu import (
+    Backoff,
+    CarrotKombuError,
+    ConfigurationError,
+    ConnectionManager,
+    ConnectionState,
+    Disconnected,
+    PoolTimeout,
+)
+
+
+def test_start_returns_at_once_and_connects_in_the_background(make_manager, faults):
+    faults.gate = threading.Event()  # the attempt hangs until we open the gate
+    manager, events = make_manager(start=False)
+    assert manager.state is ConnectionState.STOPPED
+    assert manager.start() is manager
+    assert faults.wait_attempts(1)
+    assert manager.state is ConnectionState.CONNECTING
+    assert not manager.connected
+    faults.gate.set()
+    assert manager.wait_connected(5)
+    assert manager.connected and manager.state is ConnectionState.CONNECTED
+
+
+def test_open_channel_raises_disconnected_at_once_while_connecting(make_manager, faults):
+    faults.gate = threading.Event()
+    manager, _ = make_manager()
+    assert faults.wait_attempts(1)
+    with pytest.raises(Disconnected):
+        manager.open_channel(timeout=None)  # would hang forever if it waited
+    faults.gate.set()
+    assert manager.wait_connected(5)
+    manager.open_channel().release()
+
+
+def test_disconnected_carries_the_last_connection_error(make_manager, faults):
+    faults.refuse = -1
+    manager, events = make_manager()
+    assert events.wait_count("connect_failed", 1)
+    with pytest.raises(Disconnected) as info:
+        manager.open_channel()
+    assert isinstance(info.value.reason, ConnectionRefusedError)
+    assert isinstance(info.value.__cause__, ConnectionRefusedError)
+    assert isinstance(info.value, OperationalError)
+
+
+def test_open_channel_before_start_and_after_stop(make_manager):
+    manager, _ = make_manager(start=False)
+    with pytest.raises(Disconnected, match="not started"):
+        manager.open_channel()
+    manager.start()
+    assert manager.wait_connected(5)
+    manager.stop()
+    with pytest.raises(Disconnected):
+        manager.open_channel()
+
+
+def test_start_and_stop_are_idempotent_and_the_manager_restarts(make_manager, faults):
+    manager, events = make_manager(start=False)
+    manager.stop()  # never started: no-op
+    manager.start()
+    manager.start()
+    assert manager.wait_connected(5)
+    manager.stop()
+    manager.stop()
+    assert manager.state is ConnectionState.STOPPED
+    assert events.count("stopped") == 1
+    assert faults.connections == 1
+    manager.start()
+    assert manager.wait_connected(5)
+    assert faults.connections == 2
+
+
+def test_context_manager_starts_and_stops(faults):
+    with ConnectionManager("faulty://") as manager:
+        assert manager.wait_connected(5)
+        with manager.channel() as lease:
+            lease.queue_declare("q")
+    assert manager.state is ConnectionState.STOPPED
+
+
+def test_events_in_order_through_failure_loss_and_stop(make_manager, faults):
+    faults.refuse = 1
+    manager, events = make_manager()
+    assert events.wait_count("connected", 1)
+    faults.cut()
+    assert events.wait_count("connected", 2)
+    manager.stop()
+    assert events.names() == [
+        "connecting", "connect_failed", "connecting", "connected",
+        "disconnected", "connecting", "connected", "stopped",
+    ]
+    error, delay = events.args("connect_failed")[0]
+    assert isinstance(error, ConnectionRefusedError) and delay == 0.01
+    (lost,) = events.args("disconnected")[0]
+    assert isinstance(lost, ConnectionResetError)
+    assert manager.status().reconnects == 1
+
+
+def test_backoff_schedule_and_restart_after_success(make_manager, faults):
+    faults.refuse = 3
+    manager, events = make_manager(backoff=Backoff(min=0.01, max=0.04, jitter=False))
+    assert events.wait_count("connected", 1)
+    assert [d for _, d in events.args("connect_failed")] == [0.01, 0.02, 0.04]
+    faults.refuse = 2
+    faults.cut()
+    assert events.wait_count("connected", 2)
+    # after a success the schedule starts again at min
+    assert [d for _, d in events.args("connect_failed")][3:] == [0.01, 0.02]
+
+
+def test_jittered_delays_reported_within_bounds(make_manager, faults):
+    faults.refuse = 4
+    manager, events = make_manager(backoff=Backoff(min=0.01, max=0.05, jitter=True))
+    assert events.wait_count("connected", 1)
+    delays = [d for _, d in events.args("connect_failed")]
+    for got, top in zip(delays, [0.01, 0.02, 0.04, 0.05]):
+        assert 0.01 <= got <= top
+
+
+def test_max_tries_moves_to_failed(make_manager, faults):
+    faults.refuse = -1
+    manager, events = make_manager(backoff=Backoff(min=0.01, jitter=False, max_tries=3))
+    assert events.wait_count("connect_failed", 3)
+    assert not manager.wait_connected(5)  # returns as soon as it gave up
+    assert manager.state is ConnectionState.FAILED
+    status = manager.status()
+    assert status.attempts == 3 and status.next_attempt_in is None and not status.fatal
+    assert [d for _, d in events.args("connect_failed")] == [0.01, 0.02, None]
+    assert len(faults.attempts) == 3
+    with pytest.raises(Disconnected, match="gave up"):
+        manager.open_channel()
+
+
+def test_stop_during_backoff_returns_promptly(make_manager, faults):
+    faults.refuse = -1
+    manager, events = make_manager(backoff={"min": 30.0, "max": 60.0})
+    assert events.wait_count("connect_failed", 1)
+    started = time.monotonic()
+    manager.stop()
+    assert time.monotonic() - started < 0.5
+    assert manager.state is ConnectionState.STOPPED
+    assert events.names()[-1] == "stopped"
+
+
+def test_fatal_error_is_visible_and_retried_only_at_max(make_manager, faults):
+    faults.fatal = True
+    manager, events = make_manager(backoff=Backoff(min=0.01, max=0.3, jitter=False))
+    assert events.wait_count("connect_failed", 1)
+    error, delay = events.args("connect_failed")[0]
+    assert isinstance(error, AccessRefused)
+    assert delay == 0.3  # straight to the slowest retry, never a hot loop
+    assert manager.state is ConnectionState.FAILED
+    status = manager.status()
+    assert status.fatal and "ACCESS_REFUSED" in status.last_error
+    with pytest.raises(Disconnected) as info:
+        manager.open_channel()
+    assert isinstance(info.value.reason, AccessRefused)
+    # fixed on the broker side: the next slow retry heals it
+    faults.fatal = False
+    assert manager.wait_connected(5)
+    assert not manager.status().fatal
+
+
+def test_failover_urls_rotate_on_every_failed_attempt(make_manager, faults):
+    faults.refuse_hosts = {"a"}
+    manager, events = make_manager("faulty://a;faulty://b")
+    assert manager.wait_connected(5)
+    assert faults.attempts[:2] == ["a", "b"]
+    assert manager.status().broker == "faulty://"
+
+
+def test_callback_exceptions_are_logged_and_harmless(make_manager, faults, caplog):
+    manager, events = make_manager(start=False)
+
+    def boom():
+        raise RuntimeError("callback bug")
+
+    manager.on("connected", boom)
+    with caplog.at_level(logging.ERROR, logger="carrot_kombu"):
+        manager.start()
+        assert events.wait_count("connected", 1)
+        manager.stop()
+    assert "callback bug" in caplog.text
+    assert events.names()[-1] == "stopped"
+
+
+def test_callbacks_run_without_internal_locks(make_manager, faults):
+    """A callback may call back into the manager (status, open_channel) without deadlock."""
+    manager, events = make_manager(start=False)
+    seen = []
+
+    def on_connected():
+        seen.append(manager.status().state)
+        with manager.channel() as lease:
+            lease.queue_declare("from-callback")
+
+    manager.on("connected", on_connected)
+    manager.start()
+    assert events.wait_count("connected", 1)
+    manager.stop()
+    assert seen == [ConnectionState.CONNECTED]
+
+
+def test_on_off_validate_event_names(make_manager):
+    manager, _ = make_manager(start=False)
+    with pytest.raises(ConfigurationError, match="unknown event"):
+        manager.on("connect", lambda: None)
+    cb = manager.on("stopped", lambda: None)
+    manager.off("stopped", cb)
+    manager.off("stopped", cb)
+
+
+def test_wait_connected_times_out(make_manager, faults):
+    faults.refuse = -1
+    manager, _ = make_manager()
+    assert manager.wait_connected(0.05) is False
+
+
+def test_password_never_reaches_logs_events_status_or_errors(make_manager, faults, caplog):
+    secret = "s3cr3t-Pw"
+    faults.refuse = 1
+    with caplog.at_level(logging.DEBUG):
+        manager, events = make_manager(f"faulty://user:{secret}@a", password=secret)
+        assert events.wait_count("connected", 1)
+        faults.cut()
+        assert events.wait_count("connected", 2)
+        text = repr(manager) + str(manager.status().as_dict()) + repr(events.events)
+        manager.stop()
+    assert secret not in caplog.text
+    assert secret not in text
+
+
+def test_errors_pickle_with_their_reason():
+    cause = ConnectionRefusedError(111, "refused")
+    for cls in (Disconnected, PoolTimeout, ConfigurationError, CarrotKombuError):
+        err = cls("message", cause)
+        clone = pickle.loads(pickle.dumps(err))
+        assert type(clone) is cls and str(clone) == "message"
+        assert isinstance(clone.reason, ConnectionRefusedError) and clone.reason.errno == 111
+    refused = pickle.loads(pickle.dumps(Disconnected("x", AccessRefused("nope", (10, 11), 403))))
+    assert isinstance(refused.reason, AccessRefused)
+
+
+def test_unpicklable_reason_still_pickles():
+    class Local(Exception):
+        pass
+
+    clone = pickle.loads(pickle.dumps(Disconnected("x", Local("inner"))))
+    assert "inner" in str(clone.reason)
+
+
+def test_exception_hierarchy():
+    assert issubclass(Disconnected, CarrotKombuError) and issubclass(Disconnected, OperationalError)
+    assert issubclass(ConfigurationError, ValueError) and issubclass(ConfigurationError, CarrotKombuError)
+    assert issubclass(PoolTimeout, CarrotKombuError)

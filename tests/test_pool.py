@@ -1,0 +1,173 @@
+"""The bounded pool and leases, on the fault-injecting memory transport."""
+
+from __future__ import annotations
+
+import threading
+
+import kombu
+import pytest
+from amqp.exceptions import NotFound
+
+from carrot_kombu import CarrotKombuError, Disconnected, Lease, PoolTimeout
+
+
+@pytest.fixture
+def connected(make_manager):
+    def make(**options):
+        manager, events = make_manager(**options)
+        assert manager.wait_connected(5)
+        return manager, events
+
+    return make
+
+
+def test_lease_is_a_usable_channel_for_kombu(connected):
+    manager, _ = connected()
+    exchange = kombu.Exchange("ex", type="direct")
+    queue = kombu.Queue("jobs", exchange, routing_key="jobs")
+    with manager.channel() as lease:
+        assert isinstance(lease, Lease)
+        queue(lease).declare()
+        kombu.Producer(lease, exchange=exchange).publish({"n": 1}, routing_key="jobs")
+        message = queue(lease).get(no_ack=True)
+        assert message.payload == {"n": 1}
+
+
+def test_pool_never_exceeds_its_limit_and_times_out(connected):
+    manager, _ = connected(pool_limit=2)
+    first, second = manager.open_channel(), manager.open_channel()
+    with pytest.raises(PoolTimeout):
+        manager.open_channel(timeout=0.05)
+    assert manager.status().pool.leased == 2
+    first.release()
+    third = manager.open_channel(timeout=0)
+    assert third.channel is first._channel  # reused, not a new channel
+    assert "2 leased, 0 idle, limit 2" in repr(manager)
+    second.release()
+    third.release()
+    assert "0 leased, 2 idle, limit 2" in repr(manager)
+
+
+def test_waiting_lease_is_woken_by_a_release(connected):
+    manager, _ = connected(pool_limit=1)
+    held = manager.open_channel()
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(manager.open_channel(timeout=5)))
+    waiter.start()
+    held.release()
+    waiter.join(5)
+    assert not waiter.is_alive() and isinstance(got[0], Lease)
+    got[0].release()
+
+
+def test_waiting_lease_gets_disconnected_when_the_connection_is_lost(connected, faults):
+    manager, events = connected(pool_limit=1, backoff={"min": 5.0, "max": 5.0})
+    held = manager.open_channel()
+    errors = []
+
+    def wait_for_lease():
+        try:
+            manager.open_channel(timeout=10)
+        except Exception as exc:
+            errors.append(exc)
+
+    waiter = threading.Thread(target=wait_for_lease)
+    waiter.start()
+    faults.cut()
+    waiter.join(5)
+    assert not waiter.is_alive()
+    assert isinstance(errors[0], Disconnected)
+    held.release()
+
+
+def test_stale_lease_after_reconnect_raises_disconnected(connected, faults):
+    manager, events = connected()
+    old = manager.open_channel()
+    old.queue_declare("q1")
+    faults.cut()
+    assert events.wait_count("disconnected", 1)
+    with pytest.raises(Disconnected):
+        old.queue_declare("q1")  # during the outage
+    assert events.wait_count("connected", 2)
+    with pytest.raises(Disconnected):
+        old.queue_declare("q1")  # and after the reconnect: never into the new connection
+    with pytest.raises(Disconnected):
+        old.channel
+    assert not old.valid
+    old.release()  # harmless
+    with manager.channel() as fresh:
+        fresh.queue_declare("q1")
+    assert manager.status().pool.leased == 0
+
+
+def test_release_is_idempotent_and_use_after_release_fails(connected):
+    manager, _ = connected()
+    lease = manager.open_channel()
+    manager.release(lease)
+    lease.release()
+    assert manager.status().pool.idle == 1
+    with pytest.raises(CarrotKombuError, match="released"):
+        lease.queue_declare("x")
+    assert "released" in repr(lease)
+
+
+def test_channel_context_discards_a_channel_after_a_channel_error(connected):
+    manager, _ = connected()
+    with pytest.raises(NotFound):
+        with manager.channel() as lease:
+            chan = lease.channel
+            raise NotFound("no queue")
+    assert manager.status().pool.idle == 0  # discarded, not pooled
+    with manager.channel() as lease:
+        assert lease.channel is not chan
+
+
+def test_ordinary_exceptions_keep_the_channel(connected):
+    manager, _ = connected()
+    with pytest.raises(KeyError):
+        with manager.channel():
+            raise KeyError("user bug")
+    assert manager.status().pool.idle == 1
+
+
+def test_closed_channel_is_never_handed_out_again(connected):
+    manager, _ = connected()
+    lease = manager.open_channel()
+    chan = lease.channel
+    chan.close()
+    lease.release()
+    with manager.channel() as again:
+        assert again.channel is not chan
+
+
+def test_stop_invalidates_outstanding_leases(connected):
+    manager, _ = connected()
+    lease = manager.open_channel()
+    manager.stop()
+    with pytest.raises(Disconnected):
+        lease.queue_declare("x")
+    lease.release()
+
+
+def test_many_threads_share_the_pool(connected):
+    manager, _ = connected(pool_limit=3)
+    errors = []
+    peak = []
+
+    def work(i):
+        try:
+            for n in range(50):
+                with manager.channel(timeout=5) as lease:
+                    peak.append(manager.status().pool.leased)
+                    lease.queue_declare(f"q{i}")
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    assert max(peak) <= 3
+    assert manager.status().pool.leased == 0
