@@ -103,6 +103,9 @@ class _Reply:
                 else:
                     pending.pop(m, None)
 
+    def arrived(self) -> bool:
+        return self.args is not None
+
     def get(self, timeout: Optional[float]) -> tuple[Any, ...]:
         """Block until the reply, a channel/connection failure or ``timeout``."""
         deadline = None if timeout is None else monotonic() + timeout
@@ -111,12 +114,13 @@ class _Reply:
             if failure is not None:
                 raise failure
             self.event.clear()
-            if self.args is not None:
+            if self.arrived():  # it may have come between the check and the clear
                 break
             remaining = None if deadline is None else deadline - monotonic()
             if remaining is not None and remaining <= 0:
                 raise socket.timeout()
             self.event.wait(remaining)
+        assert self.args is not None
         return self.args
 
 
@@ -143,7 +147,8 @@ class _ThreadedWaitMixin:
         conn = self.connection
         if listener is None and method_sig not in _REPLIES:
             # Not a reply and nobody listens: py-amqp behaviour (pending only).
-            return super().dispatch_method(method_sig, payload, content)  # type: ignore[misc]
+            super().dispatch_method(method_sig, payload, content)  # type: ignore[misc]
+            return
         if content is not None and self.auto_decode and hasattr(content, "content_encoding"):
             try:
                 content.body = content.body.decode(content.content_encoding)
@@ -175,7 +180,7 @@ class _ThreadedWaitMixin:
         finally:
             reply.unregister()
 
-    def wait(  # type: ignore[override]
+    def wait(
         self,
         method: Any,
         callback: Any = None,
@@ -201,6 +206,8 @@ class _ThreadedWaitMixin:
 class SupervisedChannel(_ThreadedWaitMixin, pyamqp.Channel):  # type: ignore[misc]
     """A kombu py-amqp channel that is safe beside other threads' channels."""
 
+    _confirm_selected: bool
+
     def __init__(self, connection: Any, channel_id: Any = None, **kwargs: Any) -> None:
         self._carrot_replies: deque[tuple[Any, ...]] = deque(maxlen=64)
         self._carrot_error: Optional[BaseException] = None
@@ -211,10 +218,12 @@ class SupervisedChannel(_ThreadedWaitMixin, pyamqp.Channel):  # type: ignore[mis
             return self._carrot_error
         conn = self.connection
         if conn is None:
-            return RecoverableConnectionError("channel already closed")
-        return conn._carrot_failure()
+            closed: BaseException = RecoverableConnectionError("channel already closed")
+            return closed
+        failure: Optional[BaseException] = conn._carrot_failure()
+        return failure
 
-    def send_method(  # type: ignore[override]
+    def send_method(
         self,
         sig: Any,
         format: Any = None,
@@ -487,7 +496,8 @@ class SupervisedConnection(_ThreadedWaitMixin, pyamqp.Connection):  # type: igno
 
     def drain_events(self, timeout: Optional[float] = None) -> None:
         if not self._carrot_threaded or self._carrot_on_reader():
-            return super().drain_events(timeout)
+            super().drain_events(timeout)
+            return
         # The reader reads; another thread can only wait for it to dispatch.
         if self._carrot_dead is not None:
             raise self._carrot_disconnected()

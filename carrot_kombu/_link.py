@@ -205,14 +205,14 @@ _GUARDED: dict[type, type] = {}
 
 
 def _transport_for(endpoint: Endpoint) -> type:
-    base = SupervisedTransport if endpoint.is_amqp else resolve_transport(endpoint.scheme)
+    base: Any = SupervisedTransport if endpoint.is_amqp else resolve_transport(endpoint.scheme)
     guarded = _GUARDED.get(base)
     if guarded is None:
         guarded = _GUARDED[base] = _guard(base)
     return guarded
 
 
-def _guard(base: type) -> type:
+def _guard(base: Any) -> type:
     def establish_connection(self: Any) -> Any:
         # kombu's ensure()/revive paths reconnect a lost connection on their own
         # thread; that connection would belong to nobody.  Only the supervisor's

@@ -78,10 +78,10 @@ class Endpoint:
             return f"{self.scheme}://"
         scheme = "amqps" if self.ssl else "amqp"
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return as_url(
+        return str(as_url(
             scheme, host, self.port, self.userid, self.password, self.virtual_host or "/",
             sanitize=True,
-        )
+        ))
 
     def ssl_for_connection(self) -> Union[bool, dict[str, Any]]:
         """A fresh ssl mapping for py-amqp (kombu mutates shared dicts on failover)."""

@@ -49,7 +49,7 @@ class CarrotKombuError(Exception):
         return self.message
 
 
-class Disconnected(CarrotKombuError, OperationalError):
+class Disconnected(CarrotKombuError, OperationalError):  # type: ignore[misc]
     """The manager has no usable connection right now.
 
     Raised at once by :meth:`~carrot_kombu.ConnectionManager.open_channel`

@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from carrot_kombu import ConnectionManager
+from tests.recorder import Recorder
+
+from .broker import unique
+
+
+@pytest.fixture
+def rabbit(amqp_url: str) -> Iterator[Callable[..., tuple[ConnectionManager, Recorder, str]]]:
+    """Make started managers on the real broker, each with a unique connection_name."""
+    managers: list[ConnectionManager] = []
+
+    def make(url: str = "", start: bool = True, **options: Any) -> tuple[ConnectionManager, Recorder, str]:
+        name = unique("ck-conn")
+        options.setdefault("client_properties", {"connection_name": name})
+        options.setdefault("backoff", {"min": 0.1, "max": 1.0})
+        manager = ConnectionManager(url or amqp_url, **options)
+        recorder = Recorder(manager)
+        managers.append(manager)
+        if start:
+            manager.start()
+        return manager, recorder, name
+
+    yield make
+    for manager in managers:
+        manager.stop(timeout=10)
