@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import uuid
 from collections import deque
 from contextlib import contextmanager
 from time import monotonic
@@ -241,7 +242,7 @@ class SupervisedChannel(_ThreadedWaitMixin, pyamqp.Channel):  # type: ignore[mis
         try:
             return super().send_method(sig, format, args, content, wait, callback, returns_tuple)
         except _FATAL as exc:
-            if conn is None:
+            if conn is None or isinstance(exc, socket.timeout):
                 raise
             conn._carrot_io_failed(exc)
             raise conn._carrot_disconnected() from exc
@@ -265,6 +266,49 @@ class SupervisedChannel(_ThreadedWaitMixin, pyamqp.Channel):  # type: ignore[mis
                 with conn._carrot_id_lock:  # free the channel id for reuse
                     self.collect()
                 conn._carrot_wake_all()
+
+    def basic_consume(
+        self,
+        queue: str = "",
+        consumer_tag: str = "",
+        no_local: bool = False,
+        no_ack: bool = False,
+        exclusive: bool = False,
+        nowait: bool = False,
+        callback: Any = None,
+        arguments: Any = None,
+        on_cancel: Any = None,
+        argsig: str = "BssbbbbF",
+    ) -> Any:
+        """Subscribe with the callback registered *before* the broker can deliver.
+
+        py-amqp registers it after ConsumeOk; with a separate reader thread the
+        first deliveries could arrive in between and be rejected (or, with
+        ``no_ack``, close the channel).  So the tag is chosen here when none is
+        given, and the callback is in place before the request is written.
+        """
+        conn = self.connection
+        if conn is None or not conn._carrot_threaded:
+            return super().basic_consume(
+                queue, consumer_tag, no_local, no_ack, exclusive, nowait,
+                callback, arguments, on_cancel, argsig,
+            )
+        tag = consumer_tag or f"carrot-kombu.{uuid.uuid4().hex}"
+        self.callbacks[tag] = callback
+        if on_cancel:
+            self.cancel_callbacks[tag] = on_cancel
+        if no_ack:
+            self.no_ack_consumers.add(tag)
+        try:
+            return super().basic_consume(
+                queue, tag, no_local, no_ack, exclusive, nowait,
+                callback, arguments, on_cancel, argsig,
+            )
+        except BaseException:
+            self.callbacks.pop(tag, None)
+            self.cancel_callbacks.pop(tag, None)
+            self.no_ack_consumers.discard(tag)
+            raise
 
     def basic_publish_confirm(self, *args: Any, **kwargs: Any) -> Any:
         """Publish and wait for the broker's ack; the ack is expected *before* writing."""

@@ -50,6 +50,8 @@ class Supervisor:
         self._generation = 0
         self._endpoint_index = 0
         self._stop_timeout = 5.0
+        self._last_failure: BaseException = CarrotKombuError("no attempt yet")
+        self._failed_url = ""
 
     # -- called by the manager -------------------------------------------------------
 
@@ -119,6 +121,7 @@ class Supervisor:
             link = open_link(self._generation, endpoint, settings)
         except Exception as exc:
             self._last_failure = exc
+            self._failed_url = endpoint.masked_url
             self._endpoint_index = (self._endpoint_index + 1) % len(settings.endpoints)
             return None
         if self._stopping.is_set():
@@ -139,9 +142,9 @@ class Supervisor:
             logger.error("carrot_kombu gave up connecting after %d attempt(s): %s", attempts, message)
             self._board.update(
                 state=ConnectionState.FAILED, last_error=message, fatal=fatal,
-                attempts=attempts, next_attempt_at=None,
+                gave_up=True, attempts=attempts, next_attempt_at=None,
             )
-            self._pool.set_down("gave up connecting", _public(exc, message))
+            self._pool.set_down(f"gave up connecting to {self._failed_url}", _public(exc, message))
             self._bus.post("connect_failed", _public(exc, message), None)
             self._stopping.wait()  # stay FAILED until stop()
             return False
@@ -152,7 +155,7 @@ class Supervisor:
             last_error=message, fatal=fatal, attempts=attempts,
             next_attempt_at=time.monotonic() + delay,
         )
-        self._pool.set_down("not connected", _public(exc, message))
+        self._pool.set_down(f"not connected to {self._failed_url}", _public(exc, message))
         self._bus.post("connect_failed", _public(exc, message), delay)
         return self._wait(delay)
 
@@ -168,7 +171,7 @@ class Supervisor:
             state=ConnectionState.CONNECTED,
             connected_since=time.time(),
             reconnects=board.current.reconnects + (1 if previous is not None else 0),
-            broker=link.endpoint.masked_url, fatal=False, attempts=0, next_attempt_at=None,
+            broker=link.endpoint.masked_url, fatal=False, gave_up=False, attempts=0, next_attempt_at=None,
             blocked=False, blocked_reason=None,
             heartbeat=negotiated.get("heartbeat"), frame_max=negotiated.get("frame_max"),
             channel_max=negotiated.get("channel_max"),

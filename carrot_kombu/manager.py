@@ -106,7 +106,7 @@ class ConnectionManager:
             if self._supervisor is not None:
                 return self
             self._bus.start()
-            self._board.update(state=ConnectionState.CONNECTING)
+            self._board.update(state=ConnectionState.CONNECTING, fatal=False, gave_up=False, attempts=0)
             self._supervisor = Supervisor(self._settings, self._pool, self._bus, self._board)
             self._supervisor.start()
         return self
@@ -140,11 +140,7 @@ class ConnectionManager:
     def wait_connected(self, timeout: Optional[float] = None) -> bool:
         """Block until connected; False on timeout, or if stopped or given up."""
         def settled(status: Status) -> bool:
-            if status.state is ConnectionState.CONNECTED:
-                return True
-            if status.state is ConnectionState.STOPPED:
-                return True
-            return status.state is ConnectionState.FAILED and not status.fatal
+            return status.state is ConnectionState.CONNECTED or status.state is ConnectionState.STOPPED or status.gave_up
 
         self._board.wait_for(settled, timeout)
         return self._board.state is ConnectionState.CONNECTED

@@ -47,7 +47,10 @@ class PoolStatus:
 class Status:
     """A consistent snapshot of a manager; :meth:`as_dict` is JSON-ready.
 
-    Times are seconds; ``connected_since`` is a UNIX timestamp.
+    Times are seconds; ``connected_since`` is a UNIX timestamp.  ``fatal``
+    says the last attempt was refused for a reason retrying will not fix;
+    ``gave_up`` that the backoff policy ran out (no more attempts until
+    ``stop()`` and ``start()``).
     """
 
     state: ConnectionState = ConnectionState.STOPPED
@@ -57,6 +60,7 @@ class Status:
     attempts: int = 0
     last_error: Optional[str] = None
     fatal: bool = False
+    gave_up: bool = False
     next_attempt_in: Optional[float] = None
     blocked: bool = False
     blocked_reason: Optional[str] = None
@@ -76,6 +80,7 @@ class Status:
             "attempts": self.attempts,
             "last_error": self.last_error,
             "fatal": self.fatal,
+            "gave_up": self.gave_up,
             "next_attempt_in": self.next_attempt_in,
             "blocked": self.blocked,
             "blocked_reason": self.blocked_reason,

@@ -245,3 +245,38 @@ def test_heartbeats_do_not_depend_on_the_application(rabbit):
     assert len(connection_pids(name)) == 1
     with manager.channel() as lease:
         lease.queue_declare(unique("ck-hb"), auto_delete=True)
+
+
+def test_consumer_gets_every_delivery_even_those_right_after_consume_ok(rabbit, caplog):
+    """Deliveries racing ConsumeOk must reach the callback, not be rejected."""
+    manager, events, _ = rabbit()
+    assert manager.wait_connected(10)
+    queue = unique("ck-consume")
+    for no_ack in (True, False) * 6:  # the race is timing-dependent: give it many chances
+        with manager.channel() as lease:
+            lease.queue_declare(queue, auto_delete=False)
+            for n in range(500):
+                lease.basic_publish(lease.prepare_message(b"%d" % n), routing_key=queue)
+        got: list[bytes] = []
+        done = threading.Event()
+
+        def on_message(message, got=got, done=done, no_ack=no_ack):
+            got.append(message.body)
+            if not no_ack:
+                message.channel.basic_ack(message.delivery_tag)
+            if len(got) == 500:
+                done.set()
+
+        with manager.channel() as lease:
+            if not no_ack:
+                lease.basic_qos(0, 100, False)
+            tag = lease.basic_consume(queue, no_ack=no_ack, callback=on_message)
+            assert done.wait(10), f"only {len(got)} of 500 delivered (no_ack={no_ack})"
+            lease.basic_cancel(tag)
+            _, left, _ = lease.queue_declare(queue, passive=True)
+        assert sorted(got) == sorted(b"%d" % n for n in range(500))
+        assert left == 0
+    with manager.channel() as lease:
+        lease.queue_delete(queue)
+    assert "without callback" not in caplog.text.lower()
+    assert events.count("disconnected") == 0

@@ -135,14 +135,24 @@ def test_max_tries_moves_to_failed(make_manager, faults):
     faults.refuse = -1
     manager, events = make_manager(backoff=Backoff(min=0.01, jitter=False, max_tries=3))
     assert events.wait_count("connect_failed", 3)
-    assert not manager.wait_connected(5)  # returns as soon as it gave up
+    result = []
+    waiter = threading.Thread(target=lambda: result.append(manager.wait_connected(None)), daemon=True)
+    waiter.start()
+    waiter.join(5)
+    assert result == [False]  # returns as soon as it gave up, even without a timeout
     assert manager.state is ConnectionState.FAILED
     status = manager.status()
     assert status.attempts == 3 and status.next_attempt_in is None and not status.fatal
+    assert status.gave_up and status.as_dict()["gave_up"] is True
     assert [d for _, d in events.args("connect_failed")] == [0.01, 0.02, None]
     assert len(faults.attempts) == 3
     with pytest.raises(Disconnected, match="gave up"):
         manager.open_channel()
+    manager.stop()
+    faults.refuse = 0
+    manager.start()  # a restart starts a fresh policy
+    assert manager.wait_connected(5)
+    assert not manager.status().gave_up
 
 
 def test_stop_during_backoff_returns_promptly(make_manager, faults):
