@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from .exceptions import CarrotKombuError, ConfigurationError, Disconnected, PoolTimeout
+from .exceptions import Blocked, CarrotKombuError, ConfigurationError, Disconnected, PoolTimeout
 from .manager import ConnectionManager
 from .pool import Lease
 from .retry import Backoff
@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = (
     "Backoff",
+    "Blocked",
     "CarrotKombuError",
     "ConfigurationError",
     "ConnectionManager",

@@ -17,6 +17,7 @@ heartbeats and drops it without a close handshake when it is dead.
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import threading
 import uuid
@@ -40,7 +41,7 @@ from amqp.transport import SSLTransport, TCPTransport
 from kombu.transport import pyamqp
 from vine import ensure_promise, promise
 
-from .exceptions import Disconnected
+from .exceptions import Blocked, Disconnected
 
 __all__ = ("SupervisedConnection", "SupervisedChannel", "SupervisedTransport")
 
@@ -60,6 +61,18 @@ _REPLIES = frozenset(
         spec.Tx.RollbackOk, spec.Connection.CloseOk,
     }
 )
+#: Requests the broker answers: on a blocked connection (the broker stops
+#: reading) they would wait for the unblock, so they are bounded by
+#: ``blocked_timeout`` like publishes.
+_SYNC_REQUESTS = frozenset(
+    {
+        spec.Channel.Open, spec.Channel.Flow,
+        spec.Exchange.Declare, spec.Exchange.Delete, spec.Exchange.Bind, spec.Exchange.Unbind,
+        spec.Queue.Declare, spec.Queue.Bind, spec.Queue.Purge, spec.Queue.Delete, spec.Queue.Unbind,
+        spec.Basic.Qos, spec.Basic.Consume, spec.Basic.Cancel, spec.Basic.Get, spec.Basic.Recover,
+        spec.Confirm.Select, spec.Tx.Select, spec.Tx.Commit, spec.Tx.Rollback,
+    }
+)
 #: Errors after which the connection cannot be used any more.
 _FATAL = (AMQPConnectionError, OSError)
 
@@ -69,7 +82,7 @@ class _Reply:
 
     def __init__(self, chan: Any, methods: list[Any]) -> None:
         self.chan = chan
-        self.conn: SupervisedConnection = chan.connection
+        self.conn: SupervisedConnection = getattr(chan, "_carrot_conn", None) or chan.connection
         self.methods = methods
         self.event = threading.Event()
         self.args: Optional[tuple[Any, ...]] = None
@@ -104,25 +117,27 @@ class _Reply:
                 else:
                     pending.pop(m, None)
 
-    def arrived(self) -> bool:
-        return self.args is not None
-
     def get(self, timeout: Optional[float]) -> tuple[Any, ...]:
         """Block until the reply, a channel/connection failure or ``timeout``."""
         deadline = None if timeout is None else monotonic() + timeout
-        while self.args is None:
+        while True:
+            # Clear *before* checking: a wake-up after the checks stays set.
+            self.event.clear()
+            if self.args is not None:
+                return self.args
             failure = self.chan._carrot_failure()
             if failure is not None:
                 raise failure
-            self.event.clear()
-            if self.arrived():  # it may have come between the check and the clear
-                break
-            remaining = None if deadline is None else deadline - monotonic()
+            now = monotonic()
+            blocked_until = self.conn._carrot_blocked_deadline()
+            if blocked_until is not None and now >= blocked_until:
+                raise self.conn._carrot_blocked_error("no reply")
+            remaining = None if deadline is None else deadline - now
             if remaining is not None and remaining <= 0:
                 raise socket.timeout()
+            if blocked_until is not None:
+                remaining = blocked_until - now if remaining is None else min(remaining, blocked_until - now)
             self.event.wait(remaining)
-        assert self.args is not None
-        return self.args
 
 
 class _ThreadedWaitMixin:
@@ -189,6 +204,10 @@ class _ThreadedWaitMixin:
         returns_tuple: bool = False,
     ) -> Any:
         conn = self.connection
+        if conn is None:
+            failure = self._carrot_failure()
+            if failure is not None:
+                raise failure
         if conn is None or not conn._carrot_threaded or conn._carrot_on_reader():
             return super().wait(method, callback, timeout, returns_tuple)  # type: ignore[misc]
         methods = method if isinstance(method, list) else [method]
@@ -212,17 +231,25 @@ class SupervisedChannel(_ThreadedWaitMixin, pyamqp.Channel):  # type: ignore[mis
     def __init__(self, connection: Any, channel_id: Any = None, **kwargs: Any) -> None:
         self._carrot_replies: deque[tuple[Any, ...]] = deque(maxlen=64)
         self._carrot_error: Optional[BaseException] = None
+        # py-amqp forgets the connection when a channel is collected; we need it
+        # to tell "your connection died" (Disconnected) from "channel closed".
+        self._carrot_conn: SupervisedConnection = connection
         super().__init__(connection, channel_id, **kwargs)
 
     def _carrot_failure(self) -> Optional[BaseException]:
         if self._carrot_error is not None:
             return self._carrot_error
-        conn = self.connection
-        if conn is None:
-            closed: BaseException = RecoverableConnectionError("channel already closed")
-            return closed
-        failure: Optional[BaseException] = conn._carrot_failure()
+        failure: Optional[BaseException] = self._carrot_conn._carrot_failure()
+        if failure is None and self.connection is None:
+            failure = RecoverableConnectionError("channel already closed")
         return failure
+
+    def _basic_publish(self, *args: Any, **kwargs: Any) -> Any:
+        if self._carrot_conn._carrot_dead is not None:
+            raise self._carrot_conn._carrot_disconnected()
+        return super()._basic_publish(*args, **kwargs)
+
+    basic_publish = _basic_publish
 
     def send_method(
         self,
@@ -236,15 +263,16 @@ class SupervisedChannel(_ThreadedWaitMixin, pyamqp.Channel):  # type: ignore[mis
     ) -> Any:
         if self._carrot_error is not None and sig != spec.Channel.CloseOk:
             raise self._carrot_error
-        conn = self.connection
-        if conn is not None and conn._carrot_dead is not None:
+        conn = self._carrot_conn
+        if conn._carrot_dead is not None:
             raise conn._carrot_disconnected()
+        if conn._carrot_blocked is not None and (content is not None or sig in _SYNC_REQUESTS):
+            conn._carrot_wait_unblocked()
         try:
             return super().send_method(sig, format, args, content, wait, callback, returns_tuple)
         except _FATAL as exc:
-            if conn is None or isinstance(exc, socket.timeout):
-                raise
-            conn._carrot_io_failed(exc)
+            if conn._carrot_dead is None:
+                raise  # a wait that timed out, or a channel its user closed: connection fine
             raise conn._carrot_disconnected() from exc
 
     def _on_close(self, reply_code: int, reply_text: str, class_id: int, method_id: int) -> None:
@@ -266,6 +294,23 @@ class SupervisedChannel(_ThreadedWaitMixin, pyamqp.Channel):  # type: ignore[mis
                 with conn._carrot_id_lock:  # free the channel id for reuse
                     self.collect()
                 conn._carrot_wake_all()
+
+    # -- user callbacks run on the reader: their errors stay theirs --------------------
+
+    def _on_basic_deliver(self, *args: Any) -> None:
+        _contained(super()._on_basic_deliver, args, "basic_consume callback")
+
+    def _on_basic_return(self, *args: Any) -> None:
+        _contained(super()._on_basic_return, args, "on_return callback")
+
+    def _on_basic_ack(self, *args: Any) -> None:
+        _contained(super()._on_basic_ack, args, "basic_ack listener")
+
+    def _on_basic_nack(self, *args: Any) -> None:
+        _contained(super()._on_basic_nack, args, "basic_nack listener")
+
+    def _on_basic_cancel(self, *args: Any) -> None:
+        _contained(super()._on_basic_cancel, args, "consumer cancel callback")
 
     def basic_consume(
         self,
@@ -329,6 +374,14 @@ class SupervisedChannel(_ThreadedWaitMixin, pyamqp.Channel):  # type: ignore[mis
         return ret
 
 
+def _contained(fn: Callable[..., Any], args: tuple[Any, ...], what: str) -> None:
+    """Run a user callback on the reader; an exception in it is logged, not fatal."""
+    try:
+        fn(*args)
+    except Exception:
+        logger.exception("carrot_kombu: %s raised; the connection is kept", what)
+
+
 class _SharedSocketMixin:
     """Once the reader runs, nobody may change the shared socket's timeout."""
 
@@ -348,7 +401,39 @@ class _TCP(_SharedSocketMixin, TCPTransport):  # type: ignore[misc]
 
 
 class _SSL(_SharedSocketMixin, SSLTransport):  # type: ignore[misc]
-    pass
+    """TLS with the reader and the writers taking turns on the SSL object.
+
+    OpenSSL forbids SSL_read and SSL_write on one SSL object from two threads
+    at once (it corrupts the TLS state).  The reader waits for data *outside*
+    the lock (``select`` plus ``pending()`` for bytes already decrypted), then
+    reads under it; every write holds it.
+    """
+
+    def _setup_transport(self) -> None:
+        super()._setup_transport()
+        self._carrot_tls_lock = threading.Lock()
+        sock = self.sock
+        raw_read = sock.read
+        lock = self._carrot_tls_lock
+
+        def read(n: int) -> bytes:
+            if not self._carrot_shared:
+                return raw_read(n)  # type: ignore[no-any-return]
+            while not sock.pending():
+                readable, _, _ = select.select([sock], [], [], 1.0)
+                if readable:
+                    break
+            with lock:
+                return raw_read(n)  # type: ignore[no-any-return]
+
+        self._quick_recv = read
+
+    def _write(self, s: Any) -> None:
+        if not self._carrot_shared:
+            super()._write(s)
+            return
+        with self._carrot_tls_lock:
+            super()._write(s)
 
 
 def _locked_frame_writer(connection: "SupervisedConnection", transport: Any) -> Callable[..., None]:
@@ -358,7 +443,16 @@ def _locked_frame_writer(connection: "SupervisedConnection", transport: Any) -> 
 
     def write_frame(type_: int, channel: int, method_sig: Any, args: Any, content: Any) -> None:
         with lock:
-            inner(type_, channel, method_sig, args, content)
+            connection._carrot_writing_since = monotonic()
+            try:
+                inner(type_, channel, method_sig, args, content)
+            except BaseException as exc:
+                # Part of a frame may be on the wire: the stream cannot be resumed.
+                if connection._carrot_threaded:
+                    connection._carrot_io_failed(exc)
+                raise
+            finally:
+                connection._carrot_writing_since = None
         connection._carrot_last_tx = monotonic()
 
     return write_frame
@@ -368,6 +462,12 @@ class SupervisedConnection(_ThreadedWaitMixin, pyamqp.Connection):  # type: igno
     """A py-amqp connection whose frames are read by one reader thread."""
 
     Channel = SupervisedChannel
+
+    # py-amqp drops connection.blocked's ``reason`` argument; decode it.
+    _METHODS = {
+        **pyamqp.Connection._METHODS,
+        spec.Connection.Blocked: spec.method(spec.Connection.Blocked, "s"),
+    }
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._carrot_threaded = False
@@ -384,6 +484,14 @@ class SupervisedConnection(_ThreadedWaitMixin, pyamqp.Connection):  # type: igno
         self._carrot_on_lost: Optional[Callable[["SupervisedConnection", BaseException], None]] = None
         self._carrot_last_rx = self._carrot_last_tx = monotonic()
         self._carrot_connected_once = False
+        self._carrot_blocked: Optional[str] = None
+        self._carrot_blocked_at = 0.0
+        self._carrot_unblocked = threading.Event()
+        self._carrot_unblocked.set()
+        self._carrot_blocked_timeout: Optional[float] = None
+        self._carrot_writing_since: Optional[float] = None
+        self._carrot_on_blocked: Optional[Callable[[str], None]] = None
+        self._carrot_on_unblocked: Optional[Callable[[], None]] = None
         kwargs["frame_writer"] = _locked_frame_writer
         super().__init__(*args, **kwargs)
 
@@ -410,7 +518,11 @@ class SupervisedConnection(_ThreadedWaitMixin, pyamqp.Connection):  # type: igno
     def start_reader(self, on_lost: Callable[["SupervisedConnection", BaseException], None]) -> None:
         """Hand the socket to a reader thread; from now on no other thread reads."""
         self._carrot_on_lost = on_lost
-        self._transport._carrot_shared = True
+        transport = self._transport
+        transport._carrot_shared = True
+        # py-amqp leaves a TLS socket with connect_timeout as its timeout: a slow
+        # write would then stop half-way.  Liveness is the supervisor's job.
+        transport.sock.settimeout(None)
         self._carrot_last_rx = monotonic()
         self._carrot_reader = threading.Thread(
             target=self._carrot_read_loop, name=f"carrot-kombu-reader-{self.host}", daemon=True
@@ -429,11 +541,28 @@ class SupervisedConnection(_ThreadedWaitMixin, pyamqp.Connection):  # type: igno
         """
         if self._carrot_dead is not None:
             raise self._carrot_dead
+        now = monotonic()
+        writing_since = self._carrot_writing_since
+        limit = self._carrot_blocked_timeout
+        if (
+            self._carrot_blocked is not None
+            and writing_since is not None
+            and limit is not None
+            and now - writing_since > limit
+        ):
+            # A frame half-written to a broker that stopped reading: the stream
+            # cannot be resumed cleanly, the connection has to go.
+            raise Blocked(
+                f"a write stayed stuck for {now - writing_since:.1f}s on a connection blocked by "
+                f"the broker ({self._carrot_blocked}); blocked_timeout is {limit}s"
+            )
         hb = self.heartbeat
         if not hb:
             return
-        now = monotonic()
-        if now - self._carrot_last_rx > 2 * hb:
+        # RabbitMQ sends no heartbeats to a connection it blocks (it reads
+        # nothing from it either): silence is expected then, and a dead peer is
+        # left to TCP keepalive until the broker unblocks us.
+        if self._carrot_blocked is None and now - self._carrot_last_rx > 2 * hb:
             raise ConnectionForced(
                 f"Too many heartbeats missed: no frame from the broker for {now - self._carrot_last_rx:.1f}s "
                 f"(heartbeat {hb}s)"
@@ -453,6 +582,7 @@ class SupervisedConnection(_ThreadedWaitMixin, pyamqp.Connection):  # type: igno
         """
         if self._carrot_dead is None:
             self._carrot_dead = exc
+        self._carrot_unblocked.set()  # publishers held for an unblock: fail them now
         transport = self._transport
         sock = getattr(transport, "sock", None)
         if sock is not None:
@@ -470,6 +600,74 @@ class SupervisedConnection(_ThreadedWaitMixin, pyamqp.Connection):  # type: igno
                 sock.close()
             except OSError:
                 pass
+
+    def _on_close(self, reply_code: int, reply_text: str, class_id: int, method_id: int) -> None:
+        """Broker closes the connection: mark it dead *before* py-amqp collects it.
+
+        Threads waiting for replies then see Disconnected, not a bare
+        "channel already closed".
+        """
+        if self._carrot_dead is None:
+            self._carrot_dead = error_for_code(
+                reply_code, reply_text, (class_id, method_id), AMQPConnectionError
+            )
+        try:
+            super()._on_close(reply_code, reply_text, class_id, method_id)
+        finally:
+            self._carrot_wake_all()
+
+    def _on_blocked(self, reason: str = "") -> None:
+        """Runs on the reader: flag first, so publishers stop before the event is out."""
+        reason = reason or "connection blocked, see broker logs"
+        self._carrot_blocked_at = monotonic()
+        self._carrot_blocked = reason
+        self._carrot_unblocked.clear()
+        self._carrot_wake_all()  # waiters for replies now have a deadline
+        if self._carrot_on_blocked is not None:
+            self._carrot_on_blocked(reason)
+        if self.on_blocked:  # a user's transport_options callback, as py-amqp would
+            self.on_blocked(reason)
+
+    def _on_unblocked(self) -> None:
+        self._carrot_blocked = None
+        self._carrot_unblocked.set()
+        if self._carrot_on_unblocked is not None:
+            self._carrot_on_unblocked()
+        if self.on_unblocked:
+            self.on_unblocked()
+
+    def _carrot_wait_unblocked(self) -> None:
+        """Hold a publish while the broker blocks us, at most ``blocked_timeout``.
+
+        Raises:
+            Blocked: Still blocked after ``blocked_timeout`` seconds (nothing
+                was written; the connection stays usable).
+        """
+        if self._carrot_on_reader():
+            # Only the reader can see connection.unblocked: it must never wait.
+            raise Blocked(
+                f"the broker has blocked this connection ({self._carrot_blocked}); a callback "
+                "running on the connection's reader thread cannot wait for it to unblock"
+            )
+        if self._carrot_unblocked.wait(self._carrot_blocked_timeout):
+            if self._carrot_dead is not None:
+                raise self._carrot_disconnected()
+            return
+        raise self._carrot_blocked_error("nothing was sent")
+
+    def _carrot_blocked_deadline(self) -> Optional[float]:
+        """When a wait for a reply must give up because the broker blocks us."""
+        if self._carrot_blocked is None or self._carrot_blocked_timeout is None:
+            return None
+        if self._carrot_on_reader():
+            return self._carrot_blocked_at
+        return self._carrot_blocked_at + self._carrot_blocked_timeout
+
+    def _carrot_blocked_error(self, outcome: str) -> Blocked:
+        return Blocked(
+            f"the broker has blocked this connection ({self._carrot_blocked}) for longer than "
+            f"blocked_timeout={self._carrot_blocked_timeout}s; {outcome}"
+        )
 
     def join_reader(self, timeout: float) -> None:
         reader = self._carrot_reader
@@ -493,8 +691,9 @@ class SupervisedConnection(_ThreadedWaitMixin, pyamqp.Connection):  # type: igno
 
     def _carrot_io_failed(self, exc: BaseException) -> None:
         """A writer hit a dead socket: tell the supervisor at once."""
-        if self._carrot_dead is None:
-            self._carrot_dead = exc
+        if self._carrot_dead is not None:
+            return
+        self._carrot_dead = exc
         self._carrot_wake_all()
         on_lost = self._carrot_on_lost
         if on_lost is not None:
@@ -534,12 +733,20 @@ class SupervisedConnection(_ThreadedWaitMixin, pyamqp.Connection):  # type: igno
         self._carrot_wake_all()
         on_lost = self._carrot_on_lost
         if on_lost is not None:
-            on_lost(self, error)
+            on_lost(self, self._carrot_dead)  # the first cause, not the echo of the shutdown
 
     # -- py-amqp entry points that would read or race ---------------------------------
 
     def drain_events(self, timeout: Optional[float] = None) -> None:
-        if not self._carrot_threaded or self._carrot_on_reader():
+        if not self._carrot_threaded:
+            super().drain_events(timeout)
+            return
+        if self._carrot_on_reader():
+            # A callback on the reader asked to read (basic_publish polls with
+            # timeout=0).  The socket timeout is never changed any more, so a
+            # poll would block: the reader reads right after the callback anyway.
+            if timeout == 0:
+                raise socket.timeout()
             super().drain_events(timeout)
             return
         # The reader reads; another thread can only wait for it to dispatch.

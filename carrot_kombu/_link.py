@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import sys
 import threading
 from typing import Any, Callable, Optional
 
@@ -49,6 +51,8 @@ class Link:
 
     #: Seconds between two supervisor ticks while connected.
     tick_interval: float = 1.0
+    #: See ``ConnectionManager(blocked_timeout=...)``.
+    blocked_timeout: Optional[float] = None
 
     def __init__(self, generation: int, endpoint: Endpoint, kombu_connection: kombu.Connection, raw: Any) -> None:
         self.generation = generation
@@ -100,8 +104,9 @@ class AmqpLink(Link):
         self.tick_interval = min(1.0, max(0.05, hb / 4)) if hb else 1.0
 
     def start(self, hooks: LinkHooks) -> None:
-        self.raw.on_blocked = lambda reason: hooks.on_blocked(self, str(reason))
-        self.raw.on_unblocked = lambda: hooks.on_unblocked(self)
+        self.raw._carrot_on_blocked = lambda reason: hooks.on_blocked(self, str(reason))
+        self.raw._carrot_on_unblocked = lambda: hooks.on_unblocked(self)
+        self.raw._carrot_blocked_timeout = self.blocked_timeout
         self.raw.start_reader(lambda _conn, exc: hooks.on_lost(self, exc))
 
     def open_channel(self) -> Any:
@@ -172,8 +177,7 @@ def open_link(generation: int, endpoint: Endpoint, settings: Settings) -> Link:
             options["channel_max"] = endpoint.channel_max
         if endpoint.frame_max:
             options["frame_max"] = endpoint.frame_max
-        if settings.socket_options:
-            options["socket_settings"] = dict(settings.socket_options)
+        options["socket_settings"] = _socket_settings(endpoint, settings)
     conn = kombu.Connection(
         hostname=endpoint.host,
         port=endpoint.port,
@@ -196,9 +200,11 @@ def open_link(generation: int, endpoint: Endpoint, settings: Settings) -> Link:
         except Exception:
             pass
         raise
-    if endpoint.is_amqp:
-        return AmqpLink(generation, endpoint, conn, raw)
-    return VirtualLink(generation, endpoint, conn, raw)
+    link: Link = AmqpLink(generation, endpoint, conn, raw) if endpoint.is_amqp else VirtualLink(
+        generation, endpoint, conn, raw
+    )
+    link.blocked_timeout = settings.blocked_timeout
+    return link
 
 
 _GUARDED: dict[type, type] = {}
@@ -224,6 +230,23 @@ def _guard(base: Any) -> type:
         return base.establish_connection(self)
 
     return type(f"Supervised{base.__name__}", (base,), {"establish_connection": establish_connection, "__module__": __name__})
+
+
+def _socket_settings(endpoint: Endpoint, settings: Settings) -> dict[int, Any]:
+    """py-amqp's socket options, with a TCP_USER_TIMEOUT that fits our timeouts.
+
+    py-amqp sets TCP_USER_TIMEOUT to 1 s: any write unacknowledged for a second
+    (a broker that blocks us under a resource alarm, a short network stall)
+    kills the socket.  Dead peers are our heartbeat's job; the kernel limit is
+    raised to outlast both ``2 * heartbeat`` and ``blocked_timeout``.
+    """
+    opts: dict[int, Any] = {}
+    user_timeout = getattr(socket, "TCP_USER_TIMEOUT", None)
+    if user_timeout is not None and sys.platform.startswith("linux"):
+        seconds = max(2 * endpoint.heartbeat, settings.blocked_timeout or 0.0)
+        opts[user_timeout] = int((seconds + 1) * 1000) if seconds else 0
+    opts.update(settings.socket_options or {})
+    return opts
 
 
 def _text(value: Any) -> Optional[str]:

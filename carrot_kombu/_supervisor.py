@@ -14,7 +14,7 @@ import threading
 import time
 from typing import Any, Iterator, Optional
 
-from amqp.exceptions import AccessRefused, NotAllowed
+from amqp.exceptions import AccessRefused, AMQPError, NotAllowed
 
 from ._link import Link, LinkHooks, open_link
 from .config import Settings
@@ -33,7 +33,13 @@ FATAL_ERRORS = (AccessRefused, NotAllowed, ssl.SSLCertVerificationError)
 
 
 def is_fatal(exc: BaseException) -> bool:
-    return isinstance(exc, FATAL_ERRORS)
+    """Refused for a reason retrying will not fix.
+
+    Besides the broker's refusals, anything that is neither a network error
+    nor an AMQP error (a ``ValueError`` from an ssl option, say) is a
+    configuration problem: retried slowly, never in a tight loop.
+    """
+    return isinstance(exc, FATAL_ERRORS) or not isinstance(exc, (OSError, AMQPError))
 
 
 class Supervisor:
@@ -48,6 +54,8 @@ class Supervisor:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="carrot-kombu-supervisor", daemon=True)
         self._generation = 0
+        self._retired = False
+        self._live: Optional[int] = None
         self._endpoint_index = 0
         self._stop_timeout = 5.0
         self._last_failure: BaseException = CarrotKombuError("no attempt yet")
@@ -57,6 +65,18 @@ class Supervisor:
 
     def start(self) -> None:
         self._thread.start()
+
+    def retire(self) -> None:
+        """Let a supervisor that did not stop in time finish silently.
+
+        It keeps its own pool and state board (the manager has new ones) and
+        posts no more events, so it cannot disturb a manager started again.
+        """
+        self._retired = True
+
+    def _post(self, event: str, *args: Any) -> None:
+        if not self._retired:
+            self._bus.post(event, *args)
 
     def stop(self, timeout: Optional[float]) -> bool:
         """Ask the loop to end; True if it ended within ``timeout``."""
@@ -73,10 +93,24 @@ class Supervisor:
 
     def _hooks(self) -> LinkHooks:
         return LinkHooks(
-            on_lost=lambda link, exc: self._inbox.put(("lost", link.generation, exc)),
+            on_lost=self._on_lost,
             on_blocked=lambda link, reason: self._inbox.put(("blocked", link.generation, reason)),
             on_unblocked=lambda link: self._inbox.put(("unblocked", link.generation)),
         )
+
+    def _on_lost(self, link: Link, exc: BaseException) -> None:
+        """From the reader or a writer: stop handing out leases *now*, then tell the loop.
+
+        Waiting for the supervisor to take its turn would let busy threads
+        spin on a dead connection that still looks connected.
+        """
+        message = self._describe(exc)
+        self._pool.detach("connection lost", _public(exc, message), link.generation)
+        self._board.update_if(
+            lambda status: status.state is ConnectionState.CONNECTED and self._live == link.generation,
+            state=ConnectionState.DISCONNECTED, last_error=message,
+        )
+        self._inbox.put(("lost", link.generation, exc))
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -109,13 +143,13 @@ class Supervisor:
             if self._stopping.is_set():
                 self._pool.detach("manager stopped", None)
                 self._board.update(state=ConnectionState.STOPPED, next_attempt_at=None, blocked=False, blocked_reason=None)
-                self._bus.post("stopped")
+                self._post("stopped")
 
     def _attempt(self) -> Optional[Link]:
         settings = self._settings
         endpoint = settings.endpoints[self._endpoint_index]
         self._board.update(state=ConnectionState.CONNECTING, broker=endpoint.masked_url, next_attempt_at=None)
-        self._bus.post("connecting")
+        self._post("connecting")
         self._generation += 1
         try:
             link = open_link(self._generation, endpoint, settings)
@@ -145,7 +179,7 @@ class Supervisor:
                 gave_up=True, attempts=attempts, next_attempt_at=None,
             )
             self._pool.set_down(f"gave up connecting to {self._failed_url}", _public(exc, message))
-            self._bus.post("connect_failed", _public(exc, message), None)
+            self._post("connect_failed", _public(exc, message), None)
             self._stopping.wait()  # stay FAILED until stop()
             return False
         log = logger.error if fatal else logger.warning
@@ -156,7 +190,7 @@ class Supervisor:
             next_attempt_at=time.monotonic() + delay,
         )
         self._pool.set_down(f"not connected to {self._failed_url}", _public(exc, message))
-        self._bus.post("connect_failed", _public(exc, message), delay)
+        self._post("connect_failed", _public(exc, message), delay)
         return self._wait(delay)
 
     def _serve(self, link: Link) -> Optional[BaseException]:
@@ -164,8 +198,10 @@ class Supervisor:
         board = self._board
         negotiated = link.negotiated()
         server = link.server()
-        self._pool.attach(link, negotiated.get("channel_max"))
+        self._live = link.generation
+        # The reader must own the socket before any thread can lease a channel.
         link.start(self._hooks())
+        self._pool.attach(link, negotiated.get("channel_max"))
         previous = board.current.connected_since
         board.update(
             state=ConnectionState.CONNECTED,
@@ -178,7 +214,7 @@ class Supervisor:
             server_product=server["product"], server_version=server["version"],
         )
         logger.info("carrot_kombu connected to %s", link.endpoint.masked_url)
-        self._bus.post("connected")
+        self._post("connected")
         lost = self._pump(link)
         if lost is None:
             self._pool.detach("manager stopped", None)
@@ -192,7 +228,7 @@ class Supervisor:
             state=ConnectionState.DISCONNECTED, last_error=message, blocked=False, blocked_reason=None,
             next_attempt_at=time.monotonic() + self._settings.backoff.min,
         )
-        self._bus.post("disconnected", _public(lost, message))
+        self._post("disconnected", _public(lost, message))
         return lost
 
     def _pump(self, link: Link) -> Optional[BaseException]:
@@ -214,11 +250,11 @@ class Supervisor:
                 if kind == "blocked":
                     self._board.update(blocked=True, blocked_reason=msg[2])
                     logger.warning("carrot_kombu connection blocked by the broker: %s", msg[2])
-                    self._bus.post("blocked", msg[2])
+                    self._post("blocked", msg[2])
                 elif kind == "unblocked":
                     self._board.update(blocked=False, blocked_reason=None)
                     logger.info("carrot_kombu connection unblocked")
-                    self._bus.post("unblocked")
+                    self._post("unblocked")
             if time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + interval
                 try:

@@ -88,7 +88,10 @@ class Endpoint:
         if not self.ssl:
             return False
         opts = dict(self.ssl) if isinstance(self.ssl, Mapping) else {}
-        opts.setdefault("server_hostname", self.host)
+        if opts.get("cert_reqs") != _ssl.CERT_NONE:
+            # A server_hostname makes py-amqp check the host name, which an
+            # explicit CERT_NONE cannot be combined with.
+            opts.setdefault("server_hostname", self.host)
         return opts
 
 
@@ -102,6 +105,7 @@ class Settings:
     client_properties: Mapping[str, Any]
     socket_options: Optional[Mapping[int, Any]]
     transport_options: Mapping[str, Any]
+    blocked_timeout: Optional[float] = 30.0
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -133,6 +137,7 @@ def build_settings(
     socket_options: Optional[Mapping[int, Any]],
     pool_limit: int,
     transport_options: Optional[Mapping[str, Any]],
+    blocked_timeout: Optional[float] = 30.0,
 ) -> Settings:
     """Validate the constructor's options and resolve the URL(s).
 
@@ -155,6 +160,8 @@ def build_settings(
         raise ConfigurationError(
             f"pool_limit ({pool_limit}) must fit channel_max ({channel_max})"
         )
+    if blocked_timeout is not None:
+        _check_positive("blocked_timeout", blocked_timeout)
     policy = Backoff.coerce(backoff)
     for name, value in (
         ("client_properties", client_properties),
@@ -198,6 +205,7 @@ def build_settings(
         client_properties=dict(client_properties or {}),
         socket_options=dict(socket_options) if socket_options else None,
         transport_options=dict(transport_options or {}),
+        blocked_timeout=None if blocked_timeout is None else float(blocked_timeout),
     )
 
 
@@ -232,10 +240,20 @@ def _endpoint(url: str, defaults: Endpoint, *, explicit_port: bool) -> Endpoint:
     shown = mask_url(url)
     if "://" not in url:
         raise ConfigurationError(f"url {shown!r} has no scheme (expected amqp://, amqps:// or memory://)")
+    rest = url.split("://", 1)[1]
+    authority_end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    if "@" in rest[authority_end:]:
+        # e.g. a password with an unencoded '/', '#' or '@': the parser would take
+        # part of the password for the host or the path, and show it.
+        raise ConfigurationError(
+            f"url {shown!r}: '@' after the host part; percent-encode special characters "
+            "in the user name and password (%2F for /, %23 for #, %40 for @, %3F for ?)"
+        )
     try:
         parts = url_to_parts(url)
-    except ValueError as exc:
-        raise ConfigurationError(f"url {shown!r}: not a valid URL (check host and port): {exc}") from None
+    except ValueError:
+        # The parser's message can quote part of the password: never show it.
+        raise ConfigurationError(f"url {shown!r}: not a valid URL (check the host and the port)") from None
     scheme = parts.scheme.lower()
     if scheme not in AMQP_SCHEMES:
         if not _is_memory_transport(scheme):

@@ -4,7 +4,8 @@ All of them derive from :class:`CarrotKombuError`.  Some also derive from the
 exception a kombu or Celery user already catches, so adopting carrot_kombu does
 not break existing ``except`` clauses:
 
-* :class:`Disconnected` is a :class:`kombu.exceptions.OperationalError`.
+* :class:`Disconnected` and :class:`Blocked` are
+  :class:`kombu.exceptions.OperationalError`.
 * :class:`ConfigurationError` is a :class:`ValueError`.
 
 Every error keeps what caused it (``raise ... from``, and the picklable
@@ -19,6 +20,7 @@ from typing import Any, Optional
 from kombu.exceptions import OperationalError
 
 __all__ = (
+    "Blocked",
     "CarrotKombuError",
     "ConfigurationError",
     "Disconnected",
@@ -56,6 +58,16 @@ class Disconnected(CarrotKombuError, OperationalError):  # type: ignore[misc]
     while the manager is connecting, waiting for its next attempt, failed or
     stopped, and by any use of a lease whose connection was lost.
     :attr:`reason` (and ``__cause__``) is the last connection error.
+    """
+
+
+class Blocked(CarrotKombuError, OperationalError):  # type: ignore[misc]
+    """The broker blocked the connection (resource alarm) for longer than ``blocked_timeout``.
+
+    Raised by a publish that waited ``blocked_timeout`` seconds for the broker
+    to unblock the connection; the message was not sent.  If a write was
+    already stuck half-way when the broker blocked, the connection is dropped
+    and the writer gets :class:`Disconnected` whose ``reason`` is this error.
     """
 
 

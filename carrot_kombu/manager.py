@@ -57,6 +57,11 @@ class ConnectionManager:
         socket_options: TCP socket options (py-amqp ``socket_settings``).
         pool_limit: Most channels open at the broker at once.
         transport_options: Extra keyword arguments for the py-amqp connection.
+        blocked_timeout: While the broker blocks the connection (resource
+            alarm), a publish waits at most this many seconds for it to
+            unblock, then raises :class:`~carrot_kombu.Blocked` (``None``:
+            wait as long as the broker blocks).  A write already stuck
+            half-way for that long drops the connection.
 
     Raises:
         ConfigurationError: If an option or URL is invalid (nothing is
@@ -82,6 +87,7 @@ class ConnectionManager:
         socket_options: Optional[Mapping[int, Any]] = None,
         pool_limit: int = 10,
         transport_options: Optional[Mapping[str, Any]] = None,
+        blocked_timeout: Optional[float] = 30.0,
     ) -> None:
         self._settings: Settings = build_settings(
             url,
@@ -91,12 +97,14 @@ class ConnectionManager:
             backoff=backoff, ssl_options=ssl_options,
             client_properties=client_properties, socket_options=socket_options,
             pool_limit=pool_limit, transport_options=transport_options,
+            blocked_timeout=blocked_timeout,
         )
         self._lock = threading.Lock()
         self._board = StateBoard(self._settings.endpoints[0].masked_url)
         self._pool = ChannelPool(self._settings.pool_limit)
         self._bus = EventBus()
         self._supervisor: Optional[Supervisor] = None
+        self._started_once = False
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -105,8 +113,14 @@ class ConnectionManager:
         with self._lock:
             if self._supervisor is not None:
                 return self
+            if self._started_once:
+                # A fresh pool and state for this run: a previous supervisor that
+                # did not stop in time still holds the old ones.
+                self._pool = ChannelPool(self._settings.pool_limit)
+                self._board = StateBoard(self._settings.endpoints[0].masked_url)
+            self._started_once = True
             self._bus.start()
-            self._board.update(state=ConnectionState.CONNECTING, fatal=False, gave_up=False, attempts=0)
+            self._board.update(state=ConnectionState.CONNECTING)
             self._supervisor = Supervisor(self._settings, self._pool, self._bus, self._board)
             self._supervisor.start()
         return self
@@ -126,9 +140,12 @@ class ConnectionManager:
         if supervisor is None:
             return
         if not supervisor.stop(timeout):
+            # Typically stuck in a connection attempt (bounded by connection_timeout).
             logger.warning("carrot_kombu supervisor did not stop within %ss; it will exit on its own", timeout)
+            supervisor.retire()
             self._pool.detach("manager stopped", None)
             self._board.update(state=ConnectionState.STOPPED, next_attempt_at=None)
+            self._bus.post("stopped")
         self._bus.close(timeout)
 
     def __enter__(self) -> "ConnectionManager":

@@ -128,9 +128,16 @@ class ChannelPool:
             self._down = None
             self._cond.notify_all()
 
-    def detach(self, message: str, reason: Optional[BaseException]) -> None:
-        """Stop serving the current link; every lease on it becomes stale."""
+    def detach(self, message: str, reason: Optional[BaseException], generation: Optional[int] = None) -> None:
+        """Stop serving the current link; every lease on it becomes stale.
+
+        Args:
+            generation: Only detach if this is the live link's generation
+                (news about an older link changes nothing).
+        """
         with self._cond:
+            if generation is not None and generation != self._live_generation:
+                return
             self._link = None
             self._live_generation = None
             self._idle = []

@@ -121,6 +121,15 @@ class StateBoard:
             self._cond.notify_all()
             return self._status
 
+    def update_if(self, predicate: Any, **changes: Any) -> bool:
+        """Apply ``changes`` only if ``predicate(status)`` holds, atomically."""
+        with self._cond:
+            if not predicate(self._status):
+                return False
+            self._status = replace(self._status, **changes)
+            self._cond.notify_all()
+            return True
+
     def snapshot(self, pool: PoolStatus) -> Status:
         with self._cond:
             status, at = self._status, self._next_attempt_at

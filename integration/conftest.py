@@ -15,12 +15,12 @@ def rabbit(amqp_url: str) -> Iterator[Callable[..., tuple[ConnectionManager, Rec
     """Make started managers on the real broker, each with a unique connection_name."""
     managers: list[ConnectionManager] = []
 
-    def make(url: str = "", start: bool = True, **options: Any) -> tuple[ConnectionManager, Recorder, str]:
+    def make(url: str = "", start: bool = True, keep_args: bool = True, **options: Any) -> tuple[ConnectionManager, Recorder, str]:
         name = unique("ck-conn")
         options.setdefault("client_properties", {"connection_name": name})
         options.setdefault("backoff", {"min": 0.1, "max": 1.0})
         manager = ConnectionManager(url or amqp_url, **options)
-        recorder = Recorder(manager)
+        recorder = Recorder(manager, keep_args=keep_args)
         managers.append(manager)
         if start:
             manager.start()

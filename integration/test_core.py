@@ -162,8 +162,11 @@ def test_threads_publishing_mib_messages_and_declaring_on_one_connection(rabbit)
     assert run_threads(work, 8) == []
     with manager.channel() as lease:
         for q in queues:
-            _, count, _ = lease.queue_declare(q, passive=True)
-            assert count == 10
+            # message counts lag asynchronous publishes: wait for them, with a deadline
+            deadline = time.monotonic() + 10
+            while lease.queue_declare(q, passive=True)[1] < 10 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert lease.queue_declare(q, passive=True)[1] == 10
             lease.queue_delete(q)
     assert events.count("disconnected") == 0
 
@@ -280,3 +283,30 @@ def test_consumer_gets_every_delivery_even_those_right_after_consume_ok(rabbit, 
         lease.queue_delete(queue)
     assert "without callback" not in caplog.text.lower()
     assert events.count("disconnected") == 0
+
+
+def test_a_failing_consumer_callback_does_not_drop_the_connection(rabbit, caplog):
+    manager, events, _ = rabbit()
+    assert manager.wait_connected(10)
+    queue = unique("ck-cb")
+    seen = []
+    second = threading.Event()
+
+    def on_message(message):
+        seen.append(message.body)
+        message.channel.basic_ack(message.delivery_tag)
+        if len(seen) == 1:
+            raise FileNotFoundError("the user's callback failed")  # an OSError
+        second.set()
+
+    with manager.channel() as lease:
+        lease.queue_declare(queue, auto_delete=True)
+        tag = lease.basic_consume(queue, callback=on_message)
+        with manager.channel() as producer:
+            producer.basic_publish(producer.prepare_message(b"1"), routing_key=queue)
+            producer.basic_publish(producer.prepare_message(b"2"), routing_key=queue)
+        assert second.wait(10)
+        lease.basic_cancel(tag)
+    assert seen == [b"1", b"2"]
+    assert events.count("disconnected") == 0
+    assert "the user's callback failed" in caplog.text

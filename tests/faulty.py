@@ -25,6 +25,7 @@ class Faults:
         self.refuse_hosts: set[str] = set()
         self.fatal = False
         self.gate: Optional[threading.Event] = None  # attempts wait on it
+        self.gate_once = False  # only the next attempt waits on the gate
         self.cut_count = 0  # connections to kill (each cut kills the live one)
         self.connections = 0
 
@@ -47,6 +48,8 @@ class FaultyTransport(memory.Transport):
             FAULTS.attempts.append(host)
             FAULTS.lock.notify_all()
             gate = FAULTS.gate
+            if FAULTS.gate_once:
+                FAULTS.gate = None
             refuse = FAULTS.refuse != 0 or host in FAULTS.refuse_hosts
             if FAULTS.refuse > 0 and host not in FAULTS.refuse_hosts:
                 FAULTS.refuse -= 1

@@ -13,7 +13,8 @@ class Recorder:
 
     EVENTS = ("connecting", "connected", "connect_failed", "disconnected", "blocked", "unblocked", "stopped")
 
-    def __init__(self, manager: ConnectionManager) -> None:
+    def __init__(self, manager: ConnectionManager, keep_args: bool = True) -> None:
+        self.keep_args = keep_args
         self.cond = threading.Condition()
         self.events: list[tuple[str, tuple[Any, ...]]] = []
         for name in self.EVENTS:
@@ -22,7 +23,7 @@ class Recorder:
     def _recorder(self, name: str) -> Callable[..., None]:
         def record(*args: Any) -> None:
             with self.cond:
-                self.events.append((name, args))
+                self.events.append((name, args if self.keep_args else ()))
                 self.cond.notify_all()
 
         return record

@@ -126,3 +126,41 @@ def test_password_never_in_repr_settings_or_errors():
     with pytest.raises(ConfigurationError) as info:
         ConnectionManager(f"amqp://user:{secret}@h//?nope=1")
     assert secret not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url, secret",
+    [
+        ("amqp://app:S3cr#t9x@rabbit//", "S3cr"),
+        ("amqp://app:hunter/2@rabbit//", "hunter"),
+        ("amqp://app:2024/Winter!@rabbit:5672//", "Winter"),
+        ("amqp://app:zq9?x@rabbit//", "zq9"),
+    ],
+)
+def test_unencoded_passwords_are_rejected_without_showing_them(url, secret):
+    with pytest.raises(ConfigurationError, match="percent-encode|not a valid URL") as info:
+        ConnectionManager(url)
+    assert secret not in str(info.value)
+
+
+def test_tcp_user_timeout_outlasts_heartbeats_and_blocked_timeout():
+    import socket
+    import sys
+
+    from carrot_kombu._link import _socket_settings
+
+    if not (sys.platform.startswith("linux") and hasattr(socket, "TCP_USER_TIMEOUT")):
+        pytest.skip("TCP_USER_TIMEOUT is Linux-only")
+    m = ConnectionManager(heartbeat=10, blocked_timeout=30)
+    opts = _socket_settings(m.settings.endpoints[0], m.settings)
+    assert opts[socket.TCP_USER_TIMEOUT] >= 30_000  # py-amqp's default is 1000 ms
+    m = ConnectionManager(heartbeat=60, blocked_timeout=None, socket_options={socket.TCP_NODELAY: 1})
+    opts = _socket_settings(m.settings.endpoints[0], m.settings)
+    assert opts[socket.TCP_USER_TIMEOUT] >= 120_000 and opts[socket.TCP_NODELAY] == 1
+    m = ConnectionManager(socket_options={socket.TCP_USER_TIMEOUT: 5000})
+    assert _socket_settings(m.settings.endpoints[0], m.settings)[socket.TCP_USER_TIMEOUT] == 5000
+
+
+def test_cert_none_does_not_force_a_hostname_check():
+    e = ConnectionManager("amqps://h//?ssl_cert_reqs=CERT_NONE").settings.endpoints[0]
+    assert "server_hostname" not in e.ssl_for_connection()

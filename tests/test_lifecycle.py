@@ -277,3 +277,25 @@ def test_exception_hierarchy():
     assert issubclass(Disconnected, CarrotKombuError) and issubclass(Disconnected, OperationalError)
     assert issubclass(ConfigurationError, ValueError) and issubclass(ConfigurationError, CarrotKombuError)
     assert issubclass(PoolTimeout, CarrotKombuError)
+
+
+def test_restart_after_a_stop_that_timed_out(make_manager, faults):
+    """A supervisor stuck in an attempt must not disturb the manager started again."""
+    faults.gate = gate = threading.Event()
+    faults.gate_once = True
+    manager, events = make_manager()
+    assert faults.wait_attempts(1)
+    manager.stop(timeout=0.1)  # the attempt is stuck: stop gives up waiting
+    assert manager.state is ConnectionState.STOPPED
+    assert events.wait_count("stopped", 1)
+    manager.start()
+    assert manager.wait_connected(5)
+    gate.set()  # the old attempt now completes; the old supervisor must stay silent
+    assert faults.wait_attempts(2)
+    deadline = time.monotonic() + 0.5
+    while time.monotonic() < deadline and faults.connections < 2:
+        time.sleep(0.01)
+    with manager.channel() as lease:
+        lease.queue_declare("after-restart")
+    assert manager.connected
+    assert events.count("stopped") == 1

@@ -1,0 +1,136 @@
+"""Run the reliability scenarios and write ``docs/reliability.rst`` from their figures.
+
+Usage::
+
+    python -m integration.report            # full run (1000-cut soak, 30 s storm)
+    python -m integration.report --render   # only re-render from build/figures
+
+Nothing in the page is typed by hand: every number comes from a scenario run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from .figures import ROOT, figures_dir
+
+PAGE = ROOT / "docs" / "reliability.rst"
+
+
+def _ms(s: dict[str, Any]) -> str:
+    return f"median {s['median_ms']} ms, p95 {s['p95_ms']} ms, max {s['max_ms']} ms (n={s['n']})"
+
+
+def _res(r: dict[str, Any]) -> str:
+    return f"{r['threads']} threads, {r['fds']} fds, {r['rss_mb']} MB RSS"
+
+
+ROWS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
+    ("forced_close_soak", "Forced close soak: proxy ``cut()`` in a row, then ``rabbitmqctl close_connection``", lambda f: (
+        f"{f['proxy_cuts']} cuts, every one followed by a working lease; recovery {_ms(f['cut_recovery'])}. "
+        f"{f['broker_closes']} broker-side closes: {_ms(f['broker_close_recovery'])} (includes ~0.6 s of rabbitmqctl). "
+        f"Broker afterwards: {f['broker_connections']} connection, {f['broker_channels']} channel(s). "
+        f"Client before/after the cuts: {_res(f['resources_before'])} / {_res(f['resources_after'])} "
+        f"(RSS growth {f['rss_growth_mb']} MB)")),
+    ("broker_restart", "Broker restart: ``stop_app``/``start_app`` on a private node", lambda f: (
+        f"{f['cycles']} cycles, all recovered; broker ready to usable lease: {_ms(f['ready_to_usable_lease'])} "
+        "(Backoff min 0.05 s, max 0.5 s)")),
+    ("dead_peer", "Dead peer: proxy ``blackhole()``, application thread busy", lambda f: (
+        f"heartbeat {f['heartbeat_s']} s: detected after {f['detection_s']} s (bound 2 x heartbeat + 1 = {f['bound_s']} s), "
+        "while the application computed; also while it slept; recovered after ``heal()``")),
+    ("blocked", "Blocked: memory alarm on a private node", lambda f: (
+        f"``blocked`` event with reason \"{f['reason']}\"; a publish failed with ``Blocked`` after "
+        f"{f['publish_failed_after_s']} s and an RPC after {f['rpc_failed_after_s']} s (blocked_timeout "
+        f"{f['blocked_timeout_s']} s); no false dead-peer detection while blocked {f['blocked_for_s']} s with "
+        "heartbeat 1 s; ``unblocked`` and publishing resumed")),
+    ("broker_down_at_start", "Broker down at start: proxy ``refuse()`` 3 s, then ``heal()``", lambda f: (
+        f"{f['open_channel_calls']} ``open_channel`` calls meanwhile, slowest {f['open_channel_max_ms']} ms "
+        f"(bound 10 ms); connected {f['connected_after_heal_s']} s after heal; delays {f['delays_s']}")),
+    ("fatal_wrong_password", "Fatal: wrong password", lambda f: (
+        f"``{f['error']}`` visible after {f['visible_after_s']} s (first attempt); {f['attempts_in_5s']} attempt in 5 s; "
+        f"next retry in {f['next_retry_s']} s")),
+    ("fatal_unknown_vhost", "Fatal: unknown vhost", lambda f: (
+        f"``{f['error']}`` visible after {f['visible_after_s']} s (first attempt); {f['attempts_in_5s']} attempt in 5 s; "
+        f"next retry in {f['next_retry_s']} s")),
+    ("failover", "Failover: two private nodes, ``url1;url2``", lambda f: (
+        f"node 1 stopped: on node 2 after {f['to_node2_s']} s; node 2 stopped: back on node 1 after "
+        f"{f['back_to_node1_s']} s; ``status().broker`` names the node in use (masked)")),
+    ("tls", "TLS: private node with a generated CA", lambda f: (
+        f"verified ``amqps://`` connection, {f['threads']} threads of RPCs and 64 KiB publishes on it without error; "
+        + "; ".join(f"{k.replace('_', ' ')}: ``{v}`` (fatal, retried every Backoff.max)" for k, v in f["errors"].items()))),
+    ("thread_storm", "Thread storm: mixed work while the proxy cuts every 2 s", lambda f: (
+        f"{f['threads']} threads x {f['seconds']} s, {f['cuts']} cuts, {f['reconnects']} reconnects; outcomes "
+        + ", ".join(f"{k} {v}" for k, v in f["outcomes"].items())
+        + "; no other exception, no deadlock, no frame error in the broker log")),
+]
+
+
+def render() -> str:
+    found = {p.stem: json.loads(p.read_text()) for p in figures_dir().glob("*.json")}
+    lines = [
+        "Reliability figures",
+        "===================",
+        "",
+        ".. This page is written by ``python -m integration.report``; do not edit it by hand.",
+        "",
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.node() or 'this machine'}: "
+        f"{os.cpu_count()} cores, Python {platform.python_version()}, {_versions()}.",
+        "Each row is an integration test in ``integration/test_reliability.py``; they run in CI.",
+        "",
+        ".. list-table::",
+        "   :header-rows: 1",
+        "   :widths: 30 70",
+        "",
+        "   * - Scenario",
+        "     - Measured",
+    ]
+    for key, title, fmt in ROWS:
+        lines.append(f"   * - {title}")
+        if key in found:
+            lines.append(f"     - {fmt(found[key]['figures'])}")
+        else:
+            lines.append("     - not measured in this run")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _versions() -> str:
+    import amqp
+    import kombu
+
+    rabbit = "RabbitMQ ?"
+    try:
+        out = subprocess.run(["rabbitmqctl", "version"], capture_output=True, text=True, timeout=30)
+        rabbit = f"RabbitMQ {out.stdout.strip()}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return f"kombu {kombu.__version__}, py-amqp {amqp.__version__}, {rabbit}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m integration.report")
+    parser.add_argument("--render", action="store_true", help="only render the page from recorded figures")
+    args = parser.parse_args(argv)
+    if not args.render:
+        shutil.rmtree(figures_dir(), ignore_errors=True)
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", str(ROOT / "integration" / "test_reliability.py")], cwd=ROOT
+        )
+        if result.returncode != 0:
+            print("some scenarios failed: the page lists them as not measured", file=sys.stderr)
+    PAGE.write_text(render())
+    print(f"wrote {PAGE}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
