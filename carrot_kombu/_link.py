@@ -85,6 +85,13 @@ class Link:
         except Exception as exc:
             self.kill(exc)
 
+    def drain_events(self, timeout: Optional[float]) -> None:
+        """Wait until the connection dispatched something (kombu's ``drain_events``)."""
+        self.kombu.drain_events(timeout=timeout)
+
+    def disown(self) -> None:
+        """In a forked child: make every use fail, without any I/O on the shared socket."""
+
     def negotiated(self) -> dict[str, Any]:
         return {"heartbeat": None, "frame_max": None, "channel_max": None}
 
@@ -111,6 +118,14 @@ class AmqpLink(Link):
 
     def open_channel(self) -> Any:
         return self.raw.channel()
+
+    def drain_events(self, timeout: Optional[float]) -> None:
+        self.raw.drain_events(timeout=timeout)
+
+    def disown(self) -> None:
+        # A close or shutdown here would also end the parent's connection
+        # (same socket); only mark it dead so that nothing writes to it.
+        self.raw._carrot_dead = Disconnected("the process forked; this connection belongs to the parent")
 
     def tick(self) -> None:
         self.raw.tick()

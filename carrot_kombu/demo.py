@@ -1,4 +1,4 @@
-"""``python -m carrot_kombu demo [URL]``: the main job, on ``memory://`` by default.
+"""``carrot-kombu demo [URL]``: the main job, on ``memory://`` by default.
 
 Starts a manager, publishes a batch from several threads through pooled
 channel leases, consumes it back, and prints a short summary.
@@ -6,17 +6,12 @@ channel leases, consumes it back, and prints a short summary.
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 import threading
 import time
 import uuid
-from typing import Optional, Sequence
 
 import kombu
 
-from .config import mask_url
 from .exceptions import CarrotKombuError
 from .manager import ConnectionManager
 
@@ -74,27 +69,3 @@ def run_demo(url: str, threads: int = 4, messages: int = 250, pool_limit: int = 
         "publish_seconds": round(published, 3),
         "total_seconds": round(elapsed, 3),
     }
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m carrot_kombu")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="publish and consume a batch through pooled leases")
-    demo.add_argument("url", nargs="?", default=None, help="broker URL (default: $CARROT_KOMBU_URL, then memory://)")
-    demo.add_argument("--threads", type=int, default=4)
-    demo.add_argument("--messages", type=int, default=250, help="messages per thread")
-    args = parser.parse_args(argv)
-    url = args.url or os.environ.get("CARROT_KOMBU_URL") or "memory://"
-    try:
-        summary = run_demo(url, threads=args.threads, messages=args.messages)
-    except CarrotKombuError as exc:
-        print(f"carrot-kombu demo on {mask_url(url)} failed: {exc}", file=sys.stderr)
-        return 1
-    ok = summary["received"] == summary["published"]
-    print(
-        f"carrot-kombu demo on {summary['broker']}: {summary['published']} messages from "
-        f"{summary['threads']} threads through {summary['leases']} leases (pool limit "
-        f"{summary['pool_limit']}) in {summary['publish_seconds']}s; received {summary['received']} "
-        f"back; total {summary['total_seconds']}s -> {'OK' if ok else 'MISMATCH'}"
-    )
-    return 0 if ok else 1

@@ -60,6 +60,12 @@ class EventBus:
                 subs.remove(callback)
             self._subscribers[event] = tuple(subs)
 
+    def fork(self) -> "EventBus":
+        """A fresh bus with the same subscribers (for a forked child process)."""
+        child = EventBus(self._name)
+        child._subscribers = dict(self._subscribers)
+        return child
+
     def start(self) -> None:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():

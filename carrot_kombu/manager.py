@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 import logging
+import os
+import random
 import threading
+import weakref
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 from ._supervisor import Supervisor
 from .config import Settings, build_settings
 from .events import EventBus
-from .exceptions import Disconnected
+from .exceptions import ConfigurationError, Disconnected
 from .pool import ChannelPool, Lease
 from .retry import Backoff
 from .status import ConnectionState, StateBoard, Status
 
+if TYPE_CHECKING:
+    import kombu
+
 __all__ = ("ConnectionManager",)
 
 logger = logging.getLogger("carrot_kombu")
+
+#: Every manager alive in this process, for the fork hook.
+_MANAGERS: "weakref.WeakSet[ConnectionManager]" = weakref.WeakSet()
 
 
 class ConnectionManager:
@@ -105,6 +114,86 @@ class ConnectionManager:
         self._bus = EventBus()
         self._supervisor: Optional[Supervisor] = None
         self._started_once = False
+        _MANAGERS.add(self)
+
+    # -- construction from what users already have -------------------------------
+
+    @classmethod
+    def from_url(cls, url: Union[str, Sequence[str]], **options: Any) -> "ConnectionManager":
+        """Same as ``ConnectionManager(url, **options)``."""
+        return cls(url, **options)
+
+    @classmethod
+    def from_connection(cls, connection: "kombu.Connection", **options: Any) -> "ConnectionManager":
+        """Build a manager from an existing kombu ``Connection`` (its socket is not used).
+
+        Takes the hosts and failover alternates (``shuffle`` shuffles their order
+        once), credentials, vhost, ssl, heartbeat, connect timeout and transport
+        options.  ``options`` override them.  A kombu heartbeat of 0 (kombu's
+        default) keeps carrot_kombu's default of 10 s; pass ``heartbeat=0`` to
+        disable heartbeats.
+
+        Raises:
+            ConfigurationError: For a transport other than py-amqp or memory.
+        """
+        transport = connection.transport_cls
+        scheme = transport if isinstance(transport, str) else getattr(transport, "driver_type", "")
+        derived: dict[str, Any] = {}
+        if scheme == "memory":
+            url: Union[str, list[str], None] = "memory://"
+        elif scheme in ("amqp", "amqps", "pyamqp"):
+            alternates = [u for u in connection.alt if u]
+            url = alternates or None
+            if url and connection.failover_strategy is kombu_failover("shuffle"):
+                random.shuffle(url)
+            derived.update(
+                host=connection.hostname or "localhost",
+                username=connection.userid or "guest",
+                password=connection.password or "guest",
+                virtual_host=connection.virtual_host or "/",
+            )
+            if connection.port:
+                derived["port"] = connection.port
+            if connection.ssl:
+                derived["ssl_options"] = dict(connection.ssl) if isinstance(connection.ssl, Mapping) else True
+            if connection.heartbeat:
+                derived["heartbeat"] = connection.heartbeat
+            if connection.connect_timeout:
+                derived["connection_timeout"] = float(connection.connect_timeout)
+            if connection.transport_options:
+                derived["transport_options"] = dict(connection.transport_options)
+        else:
+            raise ConfigurationError(
+                f"from_connection: transport {scheme!r} is not supported (py-amqp or memory)"
+            )
+        derived.update(options)
+        return cls(url, **derived)
+
+    @classmethod
+    def from_celery(cls, app: Any, **overrides: Any) -> "ConnectionManager":
+        """Build a manager from a Celery app's broker settings.
+
+        Uses ``broker_write_url`` (else ``broker_url``), ``broker_use_ssl``,
+        ``broker_transport_options`` and ``broker_failover_strategy`` through
+        ``app.connection_for_write()``, plus ``broker_heartbeat`` →
+        ``heartbeat``, ``broker_connection_timeout`` → ``connection_timeout``,
+        ``broker_pool_limit`` → ``pool_limit`` (0/None keep the default) and
+        ``broker_connection_max_retries`` → ``Backoff.max_tries`` (0/None:
+        forever).  ``overrides`` win over all of them.
+        """
+        conf = app.conf
+        options: dict[str, Any] = {}
+        if conf.get("broker_heartbeat") is not None:
+            options["heartbeat"] = conf.get("broker_heartbeat")
+        if conf.get("broker_connection_timeout"):
+            options["connection_timeout"] = float(conf.get("broker_connection_timeout"))
+        if conf.get("broker_pool_limit"):
+            options["pool_limit"] = int(conf.get("broker_pool_limit"))
+        retries = conf.get("broker_connection_max_retries")
+        if retries:
+            options["backoff"] = Backoff(max_tries=int(retries))
+        options.update(overrides)
+        return cls.from_connection(app.connection_for_write(), **options)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -213,6 +302,21 @@ class ConnectionManager:
         with self.open_channel(timeout) as lease:
             yield lease
 
+    def drain_events(self, timeout: Optional[float] = None) -> None:
+        """Wait until the connection has dispatched a frame (kombu's ``drain_events``).
+
+        Frames are read and dispatched by the connection's reader thread, so
+        ``kombu.Consumer`` callbacks on leases run there; this only waits for it.
+
+        Raises:
+            Disconnected: While not connected.
+            socket.timeout: Nothing was dispatched within ``timeout``.
+        """
+        link = self._pool.current_link()
+        if link is None:
+            raise self._pool._down_error()
+        link.drain_events(timeout)
+
     # -- events --------------------------------------------------------------------------
 
     def on(self, event: str, callback: Callable[..., Any]) -> Callable[..., Any]:
@@ -230,6 +334,22 @@ class ConnectionManager:
         """Unsubscribe ``callback`` from ``event`` (no error if absent)."""
         self._bus.off(event, callback)
 
+    # -- fork safety -------------------------------------------------------------------------
+
+    def _after_fork_in_child(self) -> None:
+        """Start afresh in a forked child; the parent's connection is never touched."""
+        link = self._pool.forget_after_fork()
+        if link is not None:
+            link.disown()
+        was_started = self._supervisor is not None
+        self._lock = threading.Lock()
+        self._supervisor = None
+        self._pool = ChannelPool(self._settings.pool_limit)
+        self._board = StateBoard(self._settings.endpoints[0].masked_url)
+        self._bus = self._bus.fork()
+        if was_started:
+            self.start()
+
     # -- introspection -----------------------------------------------------------------------
 
     @property
@@ -244,3 +364,21 @@ class ConnectionManager:
             f"<ConnectionManager [{status.state.value} {status.broker} | "
             f"Pool: {pool.leased} leased, {pool.idle} idle, limit {pool.limit}]>"
         )
+
+
+def kombu_failover(name: str) -> Any:
+    from kombu.connection import failover_strategies
+
+    return failover_strategies.get(name)
+
+
+def _after_fork_in_child() -> None:
+    for manager in list(_MANAGERS):
+        try:
+            manager._after_fork_in_child()
+        except Exception:  # a hook must never break the child
+            logger.exception("carrot_kombu: could not reset a manager after fork")
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

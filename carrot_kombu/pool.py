@@ -152,6 +152,20 @@ class ChannelPool:
                 self._down = reason
                 self._cond.notify_all()
 
+    def forget_after_fork(self) -> Optional["Link"]:
+        """In a forked child: every lease is stale, nothing touches the parent's socket.
+
+        Runs while the child has a single thread; locks held by parent threads
+        at fork time may be stuck, so none is taken.
+        """
+        link = self._link
+        self._link = None
+        self._live_generation = None
+        self._idle = []
+        self._leased = set()
+        self._down_message = "the process forked; this connection belongs to the parent"
+        return link
+
     # -- user side -------------------------------------------------------------------
 
     def acquire(self, timeout: Optional[float]) -> Lease:
@@ -220,6 +234,10 @@ class ChannelPool:
             _close_quietly([to_close])
 
     # -- views ------------------------------------------------------------------------
+
+    def current_link(self) -> Optional["Link"]:
+        with self._cond:
+            return self._link
 
     def counts(self) -> PoolStatus:
         with self._cond:

@@ -1,0 +1,162 @@
+"""Fork safety, kombu compatibility and the carrot-kombu command on the real broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+
+import kombu
+from kombu.simple import SimpleQueue
+
+from .broker import connection_pids, unique
+
+CLI = shutil.which("carrot-kombu") or os.path.join(os.path.dirname(sys.executable), "carrot-kombu")
+
+
+def test_fork_child_gets_its_own_connection_and_the_parent_keeps_working(rabbit):
+    manager, events, _ = rabbit(client_properties={})  # default connection_name carries the pid
+    assert manager.wait_connected(10)
+    queue = unique("ck-fork")
+    with manager.channel() as lease:
+        lease.queue_declare(queue, auto_delete=False)
+        lease.basic_publish(lease.prepare_message(b"parent-before"), routing_key=queue)
+    held = manager.open_channel()  # a lease the child inherits: it must not use the parent's socket
+    parent_pid = os.getpid()
+    read, write = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # Python 3.12+: fork with threads
+        pid = os.fork()
+    if pid == 0:  # the child
+        code = 1
+        try:
+            os.close(read)
+            try:
+                held.basic_publish(held.prepare_message(b"via-parent-socket"), routing_key=queue)
+                verdict = "inherited lease worked: it wrote to the parent's socket"
+            except Exception as exc:
+                verdict = f"inherited lease refused: {type(exc).__name__}"
+            if manager.wait_connected(10):
+                with manager.channel() as lease:
+                    lease.basic_publish(lease.prepare_message(b"child"), routing_key=queue)
+                names = {n for n in (f"carrot_kombu pid={parent_pid}", f"carrot_kombu pid={os.getpid()}")
+                         if connection_pids(n)}
+                os.write(write, json.dumps({"verdict": verdict, "names": sorted(names)}).encode())
+                code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    report = json.loads(os.read(read, 65536) or b"{}")
+    os.close(read)
+    assert os.waitstatus_to_exitcode(status) == 0, report
+    assert report["verdict"] == "inherited lease refused: Disconnected"
+    assert len(report["names"]) == 2  # the broker saw two connections: parent and child
+    # the parent never noticed
+    held.basic_publish(held.prepare_message(b"parent-after"), routing_key=queue)
+    held.release()
+    assert events.count("disconnected") == 0
+    with manager.channel() as lease:
+        bodies = []
+        deadline = time.monotonic() + 10
+        while len(bodies) < 3 and time.monotonic() < deadline:
+            msg = lease.basic_get(queue, no_ack=True)
+            if msg is None:
+                time.sleep(0.02)
+            else:
+                bodies.append(msg.body)
+        lease.queue_delete(queue)
+    assert sorted(bodies) == [b"child", b"parent-after", b"parent-before"]
+
+
+def test_kombu_producer_consumer_queue_and_simple_queue(rabbit):
+    manager, events, _ = rabbit()
+    assert manager.wait_connected(10)
+    exchange = kombu.Exchange(unique("ck-kx"), type="topic", auto_delete=True)
+    queue = kombu.Queue(unique("ck-kq"), exchange, routing_key="a.*", auto_delete=True)
+    got = []
+    with manager.channel() as lease:
+        queue(lease).declare()
+        with kombu.Consumer(lease, queues=[queue], callbacks=[lambda body, msg: (got.append(body), msg.ack())]):
+            kombu.Producer(lease, exchange=exchange).publish({"k": 1}, routing_key="a.b")
+            deadline = time.monotonic() + 10
+            while not got and time.monotonic() < deadline:
+                try:
+                    manager.drain_events(timeout=1)
+                except socket.timeout:
+                    pass
+    assert got == [{"k": 1}]
+    name = unique("ck-simple")
+    with manager.channel() as lease:
+        simple = SimpleQueue(lease, name, queue_opts={"auto_delete": True})
+        simple.put({"s": 1})
+        assert simple.get(timeout=5).payload == {"s": 1}
+        simple.close()
+
+
+def run_cli(*args, timeout=60, env=None):
+    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_cli_check_healthy(amqp_url):
+    result = run_cli("check", amqp_url, "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["healthy"] and report["server"]["product"] == "RabbitMQ"
+    assert report["heartbeat"] and report["frame_max"] and report["channel_max"]
+    assert report["connect_ms"] > 0 and report["channel_open_ms"] > 0
+    assert ":**@" in report["broker"] and "guest:guest" not in result.stdout
+    plain = run_cli("check", amqp_url)
+    assert plain.returncode == 0 and plain.stdout.startswith("OK ")
+
+
+def test_cli_check_unreachable_and_refused(amqp_url):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    unreachable = run_cli("check", f"amqp://guest:guest@127.0.0.1:{port}//", "--timeout", "3")
+    assert unreachable.returncode == 1 and unreachable.stdout.startswith("FAILED")
+    secret = "not-the-password"
+    refused = run_cli("check", f"amqp://guest:{secret}@127.0.0.1:5672//", "--json")
+    assert refused.returncode == 2
+    assert "ACCESS_REFUSED" in json.loads(refused.stdout)["error"]
+    assert secret not in refused.stdout + refused.stderr
+    env = dict(os.environ, CARROT_KOMBU_URL=amqp_url)
+    assert run_cli("check", env=env).returncode == 0  # URL from the environment
+
+
+def test_cli_watch_runs_until_ctrl_c(amqp_url):
+    proc = subprocess.Popen([CLI, "watch", amqp_url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if "connected to" in line:
+                break
+        assert any("connected to amqp://guest:**@" in line for line in lines), lines
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert out.rstrip().endswith("stopped")
+    assert "guest:guest" not in "".join(lines) + out
+
+
+def test_python_dash_m_is_the_same_command(amqp_url):
+    result = subprocess.run([sys.executable, "-m", "carrot_kombu", "check", amqp_url], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.startswith("OK ")
+
+
+def test_cli_demo_on_the_real_broker(amqp_url):
+    result = run_cli("demo", amqp_url, "--threads", "3", "--messages", "50")
+    assert result.returncode == 0 and "150 messages from 3 threads" in result.stdout and "-> OK" in result.stdout
