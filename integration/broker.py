@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import subprocess
+import time
 import uuid
-from typing import Optional
+from typing import Any, Optional
 
 
 def rabbitmqctl(*args: str, timeout: float = 30) -> str:
@@ -35,3 +36,16 @@ def close_connection(connection_name: str, reason: str = "test forced close") ->
     assert len(pids) == 1, f"expected one connection named {connection_name}, got {pids}"
     rabbitmqctl("close_connection", pids[0], reason)
     return pids[0]
+
+
+def drain(lease: Any, queue: str, expected: int, timeout: float = 10.0) -> list[bytes]:
+    """Get messages until ``expected`` arrived or ``timeout`` (publishes are asynchronous)."""
+    bodies: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    while len(bodies) < expected and time.monotonic() < deadline:
+        message = lease.basic_get(queue, no_ack=True)
+        if message is None:
+            time.sleep(0.02)
+            continue
+        bodies.append(message.body)
+    return bodies

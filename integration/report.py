@@ -34,6 +34,13 @@ def _res(r: dict[str, Any]) -> str:
     return f"{r['threads']} threads, {r['fds']} fds, {r['rss_mb']} MB RSS"
 
 
+def _fatal(f: dict[str, Any]) -> str:
+    return (
+        f"``{f['error']}`` visible after {f['visible_after_s']} s (first attempt); "
+        f"{f['attempts_in_5s']} attempt in 5 s; next retry in {f['next_retry_s']} s"
+    )
+
+
 ROWS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("forced_close_soak", "Forced close soak: proxy ``cut()`` in a row, then ``rabbitmqctl close_connection``", lambda f: (
         f"{f['proxy_cuts']} cuts, every one followed by a working lease; recovery {_ms(f['cut_recovery'])}. "
@@ -55,12 +62,8 @@ ROWS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("broker_down_at_start", "Broker down at start: proxy ``refuse()`` 3 s, then ``heal()``", lambda f: (
         f"{f['open_channel_calls']} ``open_channel`` calls meanwhile, slowest {f['open_channel_max_ms']} ms "
         f"(bound 10 ms); connected {f['connected_after_heal_s']} s after heal; delays {f['delays_s']}")),
-    ("fatal_wrong_password", "Fatal: wrong password", lambda f: (
-        f"``{f['error']}`` visible after {f['visible_after_s']} s (first attempt); {f['attempts_in_5s']} attempt in 5 s; "
-        f"next retry in {f['next_retry_s']} s")),
-    ("fatal_unknown_vhost", "Fatal: unknown vhost", lambda f: (
-        f"``{f['error']}`` visible after {f['visible_after_s']} s (first attempt); {f['attempts_in_5s']} attempt in 5 s; "
-        f"next retry in {f['next_retry_s']} s")),
+    ("fatal_wrong_password", "Fatal: wrong password", lambda f: _fatal(f)),
+    ("fatal_unknown_vhost", "Fatal: unknown vhost", lambda f: _fatal(f)),
     ("failover", "Failover: two private nodes, ``url1;url2``", lambda f: (
         f"node 1 stopped: on node 2 after {f['to_node2_s']} s; node 2 stopped: back on node 1 after "
         f"{f['back_to_node1_s']} s; ``status().broker`` names the node in use (masked)")),

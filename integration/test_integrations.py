@@ -15,7 +15,7 @@ import warnings
 import kombu
 from kombu.simple import SimpleQueue
 
-from .broker import connection_pids, unique
+from .broker import connection_pids, drain, unique
 
 CLI = shutil.which("carrot-kombu") or os.path.join(os.path.dirname(sys.executable), "carrot-kombu")
 
@@ -63,14 +63,7 @@ def test_fork_child_gets_its_own_connection_and_the_parent_keeps_working(rabbit)
     held.release()
     assert events.count("disconnected") == 0
     with manager.channel() as lease:
-        bodies = []
-        deadline = time.monotonic() + 10
-        while len(bodies) < 3 and time.monotonic() < deadline:
-            msg = lease.basic_get(queue, no_ack=True)
-            if msg is None:
-                time.sleep(0.02)
-            else:
-                bodies.append(msg.body)
+        bodies = drain(lease, queue, 3)
         lease.queue_delete(queue)
     assert sorted(bodies) == [b"child", b"parent-after", b"parent-before"]
 
@@ -160,3 +153,43 @@ def test_python_dash_m_is_the_same_command(amqp_url):
 def test_cli_demo_on_the_real_broker(amqp_url):
     result = run_cli("demo", amqp_url, "--threads", "3", "--messages", "50")
     assert result.returncode == 0 and "150 messages from 3 threads" in result.stdout and "-> OK" in result.stdout
+
+
+def test_celery_prefork_worker_runs_one_manager_per_child(rabbit, amqp_url):
+    """A real `celery worker --pool=prefork`: each child publishes through its own manager."""
+    from examples.celery_app import app, report_pid
+
+    queue = unique("ck-celery")
+    env = dict(os.environ, CELERY_BROKER_URL=amqp_url, PYTHONPATH=os.getcwd())
+    celery_bin = os.path.join(os.path.dirname(sys.executable), "celery")
+    task_queue = unique("ck-celery-tasks")
+    worker = subprocess.Popen(
+        [celery_bin, "-A", "examples.celery_app", "worker", "--pool=prefork", "-c", "2", "-Q", task_queue,
+         "--without-heartbeat", "--without-gossip", "--without-mingle", "--loglevel=WARNING"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    manager, _, _ = rabbit()
+    try:
+        app.conf.broker_url = amqp_url
+        for _ in range(4):
+            report_pid.apply_async(args=(queue,), queue=task_queue)
+        assert manager.wait_connected(10)
+        with manager.channel() as lease:
+            lease.queue_declare(queue, auto_delete=False)
+            pids = {int(body) for body in drain(lease, queue, 4, timeout=60)}
+            lease.queue_delete(queue)
+        assert pids and os.getpid() not in pids and worker.pid not in pids  # children did the work
+        assert all(len(connection_pids(f"carrot_kombu pid={p}")) == 1 for p in pids)  # one per child
+    finally:
+        app.pool.force_close_all()
+        worker.send_signal(signal.SIGTERM)
+        try:
+            output, _ = worker.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            output, _ = worker.communicate()
+    assert worker.returncode == 0, output[-3000:]
+    deadline = time.monotonic() + 15
+    while any(connection_pids(f"carrot_kombu pid={p}") for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not any(connection_pids(f"carrot_kombu pid={p}") for p in pids)  # stopped at shutdown
