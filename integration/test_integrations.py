@@ -193,3 +193,32 @@ def test_celery_prefork_worker_runs_one_manager_per_child(rabbit, amqp_url):
     while any(connection_pids(f"carrot_kombu pid={p}") for p in pids) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not any(connection_pids(f"carrot_kombu pid={p}") for p in pids)  # stopped at shutdown
+
+
+def test_kombu_retry_paths_never_open_an_unsupervised_connection(rabbit, amqp_url):
+    """Producer.publish(retry=True) works on a live lease and fails fast on a stale one."""
+    from urllib.parse import urlparse
+
+    from carrot_kombu import Disconnected
+
+    from .proxy import FaultProxy
+
+    parsed = urlparse(amqp_url)
+    with FaultProxy(parsed.hostname or "127.0.0.1", parsed.port or 5672) as proxy:
+        manager, events, _ = rabbit(proxy.url())
+        assert manager.wait_connected(10)
+        queue = unique("ck-retry")
+        lease = manager.open_channel()
+        lease.queue_declare(queue, auto_delete=True)
+        kombu.Producer(lease).publish(b"ok", routing_key=queue, retry=True)
+        proxy.cut()
+        assert events.wait_count("disconnected", 1, timeout=10)
+        started = time.monotonic()
+        try:
+            kombu.Producer(lease).publish(b"stale", routing_key=queue, retry=True)
+            raise AssertionError("a stale lease published")
+        except Disconnected:
+            pass
+        assert time.monotonic() - started < 1
+        assert proxy.accepted <= 2  # ours and the manager's own reconnect: kombu opened none
+        lease.release()
