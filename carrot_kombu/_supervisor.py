@@ -22,6 +22,7 @@ from .events import EventBus
 from .exceptions import CarrotKombuError
 from .pool import ChannelPool
 from .status import ConnectionState, StateBoard
+from .topology import Topology
 
 __all__ = ("Supervisor", "is_fatal")
 
@@ -32,6 +33,10 @@ logger = logging.getLogger("carrot_kombu")
 FATAL_ERRORS = (AccessRefused, NotAllowed, ssl.SSLCertVerificationError)
 
 
+class SetupFailed(CarrotKombuError):
+    """Declaring the topology or a setup function failed on a new connection."""
+
+
 def is_fatal(exc: BaseException) -> bool:
     """Refused for a reason retrying will not fix.
 
@@ -39,14 +44,21 @@ def is_fatal(exc: BaseException) -> bool:
     nor an AMQP error (a ``ValueError`` from an ssl option, say) is a
     configuration problem: retried slowly, never in a tight loop.
     """
+    if isinstance(exc, SetupFailed):
+        # A broker answer or a lost connection may pass; a bug in a setup
+        # function will not: retry that one slowly.
+        return not isinstance(exc.reason, (OSError, AMQPError, CarrotKombuError))
     return isinstance(exc, FATAL_ERRORS) or not isinstance(exc, (OSError, AMQPError))
 
 
 class Supervisor:
     """Runs the connect/serve/reconnect loop on its own thread."""
 
-    def __init__(self, settings: Settings, pool: ChannelPool, bus: EventBus, board: StateBoard) -> None:
+    def __init__(
+        self, settings: Settings, pool: ChannelPool, bus: EventBus, board: StateBoard, topology: Topology
+    ) -> None:
         self._settings = settings
+        self._topology = topology
         self._pool = pool
         self._bus = bus
         self._board = board
@@ -161,7 +173,31 @@ class Supervisor:
         if self._stopping.is_set():
             link.close(self._stop_timeout)
             return None
+        # The reader must own the socket before anything else uses it.
+        self._live = link.generation
+        link.start(self._hooks())
+        if self._topology:
+            try:
+                self._restore(link)
+            except Exception as exc:
+                # Never report connected half-recovered: this attempt failed.
+                self._last_failure = SetupFailed(f"setup failed on {endpoint.masked_url}: {self._describe(exc)}", exc)
+                self._failed_url = endpoint.masked_url
+                self._endpoint_index = (self._endpoint_index + 1) % len(settings.endpoints)
+                link.kill(exc)
+                return None
         return link
+
+    def _restore(self, link: Link) -> None:
+        """Declare the registered entities and run the setup functions on one channel."""
+        channel = link.open_channel()
+        try:
+            self._topology.apply(channel)
+        finally:
+            try:
+                channel.close()
+            except Exception:
+                logger.debug("ignored error while closing the setup channel", exc_info=True)
 
     def _after_failure(self, delays: Iterator[float]) -> bool:
         """Report the failed attempt and wait; False when the loop must end."""
@@ -198,9 +234,6 @@ class Supervisor:
         board = self._board
         negotiated = link.negotiated()
         server = link.server()
-        self._live = link.generation
-        # The reader must own the socket before any thread can lease a channel.
-        link.start(self._hooks())
         self._pool.attach(link, negotiated.get("channel_max"))
         previous = board.current.connected_since
         board.update(

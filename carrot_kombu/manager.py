@@ -17,6 +17,7 @@ from .exceptions import ConfigurationError, Disconnected
 from .pool import ChannelPool, Lease
 from .retry import Backoff
 from .status import ConnectionState, StateBoard, Status
+from .topology import Topology
 
 if TYPE_CHECKING:
     import kombu
@@ -114,6 +115,7 @@ class ConnectionManager:
         self._bus = EventBus()
         self._supervisor: Optional[Supervisor] = None
         self._started_once = False
+        self._topology = Topology()
         _MANAGERS.add(self)
 
     # -- construction from what users already have -------------------------------
@@ -210,7 +212,7 @@ class ConnectionManager:
             self._started_once = True
             self._bus.start()
             self._board.update(state=ConnectionState.CONNECTING)
-            self._supervisor = Supervisor(self._settings, self._pool, self._bus, self._board)
+            self._supervisor = Supervisor(self._settings, self._pool, self._bus, self._board, self._topology)
             self._supervisor.start()
         return self
 
@@ -316,6 +318,51 @@ class ConnectionManager:
         if link is None:
             raise self._pool._down_error()
         link.drain_events(timeout)
+
+    # -- topology recovery ----------------------------------------------------------------
+
+    def declare(self, *entities: Any) -> None:
+        """Declare kombu ``Exchange``/``Queue`` entities now and on every new connection.
+
+        A ``Queue`` brings its exchange and bindings.  On a reconnect they are
+        declared again *before* the manager reports ``connected`` and before
+        any lease is handed out.  While disconnected they are only registered.
+
+        Raises:
+            Exception: What the broker answered now (e.g. ``PreconditionFailed``
+                for an exchange declared before with other arguments); the
+                entities stay registered.
+        """
+        self._topology.add_entities(entities)
+        try:
+            lease = self.open_channel()
+        except Disconnected:
+            return  # declared on connect
+        with lease:
+            self._topology.apply(lease.channel, entities)
+
+    def add_setup(self, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        """Run ``fn(channel)`` on every new connection (and now, if connected).
+
+        For what :meth:`declare` cannot express (``basic_qos`` defaults,
+        queues with computed arguments...).  Setup runs after the declared
+        entities, in the order added.  If it raises, the connection attempt
+        counts as failed: ``connect_failed`` carries the error, the manager
+        does not report ``connected`` and retries with its backoff.  Returns
+        ``fn`` (usable as a decorator).
+        """
+        self._topology.add_setup(fn)
+        try:
+            lease = self.open_channel()
+        except Disconnected:
+            return fn
+        with lease:
+            fn(lease.channel)
+        return fn
+
+    def remove_setup(self, fn: Callable[[Any], Any]) -> None:
+        """Stop running ``fn`` on new connections (no error if absent)."""
+        self._topology.remove_setup(fn)
 
     # -- events --------------------------------------------------------------------------
 
