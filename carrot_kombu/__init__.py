@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 
 from .exceptions import Blocked, CarrotKombuError, ConfigurationError, Disconnected, PoolTimeout
+from .consumers import Consumer
 from .manager import ConnectionManager
+from .publisher import Nacked, PublishError, PublishTimeout, Unroutable
 from .pool import Lease
 from .retry import Backoff
 from .status import ConnectionState, Status
@@ -19,10 +21,15 @@ __all__ = (
     "ConfigurationError",
     "ConnectionManager",
     "ConnectionState",
+    "Consumer",
     "Disconnected",
     "Lease",
+    "Nacked",
     "PoolTimeout",
+    "PublishError",
+    "PublishTimeout",
     "Status",
+    "Unroutable",
     "__version__",
 )
 

@@ -223,8 +223,34 @@ class _ThreadedWaitMixin:
         return None
 
 
+class _SafeMessage(pyamqp.Message):  # type: ignore[misc]
+    """A kombu message whose ack/reject of a lost connection's delivery is dropped.
+
+    The delivery tag belongs to a dead channel: sending it anywhere would be
+    wrong (on a new channel the broker answers 406 and closes it).  The broker
+    redelivers the message on its own.
+    """
+
+    def _settle(self, how: str, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Disconnected:
+            logger.debug("dropped %s of delivery %s: its connection is gone", how, self.delivery_tag)
+
+    def ack(self, multiple: bool = False) -> None:
+        self._settle("ack", super().ack, multiple)
+
+    def reject(self, requeue: bool = False) -> None:
+        self._settle("reject", super().reject, requeue)
+
+    def requeue(self) -> None:
+        self._settle("requeue", super().requeue)
+
+
 class SupervisedChannel(_ThreadedWaitMixin, pyamqp.Channel):  # type: ignore[misc]
     """A kombu py-amqp channel that is safe beside other threads' channels."""
+
+    Message = _SafeMessage
 
     _confirm_selected: bool
 

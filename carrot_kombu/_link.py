@@ -174,6 +174,15 @@ class VirtualLink(Link):
 
     tick_interval = 0.05
 
+    def tick(self) -> None:
+        super().tick()
+        # No reader thread here: deliver to consumers on the supervisor's tick.
+        for _ in range(100):
+            try:
+                self.kombu.drain_events(timeout=0)
+            except (socket.timeout, TimeoutError):
+                return
+
 
 def open_link(generation: int, endpoint: Endpoint, settings: Settings) -> Link:
     """Connect once to ``endpoint`` (blocking, bounded by its connect timeout).

@@ -12,7 +12,7 @@ import queue
 import ssl
 import threading
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Protocol
 
 from amqp.exceptions import AccessRefused, AMQPError, NotAllowed
 
@@ -22,7 +22,6 @@ from .events import EventBus
 from .exceptions import CarrotKombuError
 from .pool import ChannelPool
 from .status import ConnectionState, StateBoard
-from .topology import Topology
 
 __all__ = ("Supervisor", "is_fatal")
 
@@ -31,6 +30,19 @@ logger = logging.getLogger("carrot_kombu")
 #: Refusals a retry will not fix by itself (someone must change the broker or
 #: the configuration): retried only every ``Backoff.max`` seconds.
 FATAL_ERRORS = (AccessRefused, NotAllowed, ssl.SSLCertVerificationError)
+
+
+class Recovery(Protocol):
+    """What the manager re-creates on each new connection (topology, consumers, publisher)."""
+
+    def restore(self, link: Link) -> None:
+        """Before leases and ``connected``; raising fails the attempt."""
+
+    def attached(self, link: Link) -> None:
+        """Right after leases became available (catch up with late registrations)."""
+
+    def forget(self, link: Link) -> None:
+        """The link is lost (from any thread; no I/O)."""
 
 
 class SetupFailed(CarrotKombuError):
@@ -55,10 +67,10 @@ class Supervisor:
     """Runs the connect/serve/reconnect loop on its own thread."""
 
     def __init__(
-        self, settings: Settings, pool: ChannelPool, bus: EventBus, board: StateBoard, topology: Topology
+        self, settings: Settings, pool: ChannelPool, bus: EventBus, board: StateBoard, recovery: "Recovery"
     ) -> None:
         self._settings = settings
-        self._topology = topology
+        self._recovery = recovery
         self._pool = pool
         self._bus = bus
         self._board = board
@@ -118,6 +130,7 @@ class Supervisor:
         """
         message = self._describe(exc)
         self._pool.detach("connection lost", _public(exc, message), link.generation)
+        self._recovery.forget(link)
         self._board.update_if(
             lambda status: status.state is ConnectionState.CONNECTED and self._live == link.generation,
             state=ConnectionState.DISCONNECTED, last_error=message,
@@ -176,28 +189,17 @@ class Supervisor:
         # The reader must own the socket before anything else uses it.
         self._live = link.generation
         link.start(self._hooks())
-        if self._topology:
-            try:
-                self._restore(link)
-            except Exception as exc:
-                # Never report connected half-recovered: this attempt failed.
-                self._last_failure = SetupFailed(f"setup failed on {endpoint.masked_url}: {self._describe(exc)}", exc)
-                self._failed_url = endpoint.masked_url
-                self._endpoint_index = (self._endpoint_index + 1) % len(settings.endpoints)
-                link.kill(exc)
-                return None
+        try:
+            self._recovery.restore(link)
+        except Exception as exc:
+            # Never report connected half-recovered: this attempt failed.
+            self._last_failure = SetupFailed(f"setup failed on {endpoint.masked_url}: {self._describe(exc)}", exc)
+            self._failed_url = endpoint.masked_url
+            self._endpoint_index = (self._endpoint_index + 1) % len(settings.endpoints)
+            link.kill(exc)
+            return None
         return link
 
-    def _restore(self, link: Link) -> None:
-        """Declare the registered entities and run the setup functions on one channel."""
-        channel = link.open_channel()
-        try:
-            self._topology.apply(channel)
-        finally:
-            try:
-                channel.close()
-            except Exception:
-                logger.debug("ignored error while closing the setup channel", exc_info=True)
 
     def _after_failure(self, delays: Iterator[float]) -> bool:
         """Report the failed attempt and wait; False when the loop must end."""
@@ -235,6 +237,7 @@ class Supervisor:
         negotiated = link.negotiated()
         server = link.server()
         self._pool.attach(link, negotiated.get("channel_max"))
+        self._recovery.attached(link)
         previous = board.current.connected_since
         board.update(
             state=ConnectionState.CONNECTED,

@@ -22,6 +22,7 @@ EVENTS = {
     "blocked": ("reason",),
     "unblocked": (),
     "stopped": (),
+    "consumer_cancelled": ("queue",),
 }
 
 Callback = Callable[..., Any]

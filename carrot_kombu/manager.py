@@ -17,6 +17,9 @@ from .exceptions import ConfigurationError, Disconnected
 from .pool import ChannelPool, Lease
 from .retry import Backoff
 from .status import ConnectionState, StateBoard, Status
+from .consumers import Consumer, Consumers
+from .publisher import Publisher
+from .recovery import Recovery
 from .topology import Topology
 
 if TYPE_CHECKING:
@@ -72,6 +75,8 @@ class ConnectionManager:
             unblock, then raises :class:`~carrot_kombu.Blocked` (``None``:
             wait as long as the broker blocks).  A write already stuck
             half-way for that long drops the connection.
+        max_pending: Most messages :meth:`publish` keeps waiting for their
+            confirms at once (from all threads); more wait for a slot.
 
     Raises:
         ConfigurationError: If an option or URL is invalid (nothing is
@@ -98,6 +103,7 @@ class ConnectionManager:
         pool_limit: int = 10,
         transport_options: Optional[Mapping[str, Any]] = None,
         blocked_timeout: Optional[float] = 30.0,
+        max_pending: int = 1000,
     ) -> None:
         self._settings: Settings = build_settings(
             url,
@@ -115,7 +121,12 @@ class ConnectionManager:
         self._bus = EventBus()
         self._supervisor: Optional[Supervisor] = None
         self._started_once = False
+        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
+            raise ConfigurationError(f"max_pending must be an integer >= 1, got {max_pending!r}")
         self._topology = Topology()
+        self._publisher = Publisher(max_pending)
+        self._consumers = Consumers(self._bus, self._topology)
+        self._recovery = Recovery(self._topology, self._publisher, self._consumers)
         _MANAGERS.add(self)
 
     # -- construction from what users already have -------------------------------
@@ -212,7 +223,7 @@ class ConnectionManager:
             self._started_once = True
             self._bus.start()
             self._board.update(state=ConnectionState.CONNECTING)
-            self._supervisor = Supervisor(self._settings, self._pool, self._bus, self._board, self._topology)
+            self._supervisor = Supervisor(self._settings, self._pool, self._bus, self._board, self._recovery)
             self._supervisor.start()
         return self
 
@@ -230,6 +241,7 @@ class ConnectionManager:
             supervisor, self._supervisor = self._supervisor, None
         if supervisor is None:
             return
+        self._publisher.abort("the manager stopped")
         if not supervisor.stop(timeout):
             # Typically stuck in a connection attempt (bounded by connection_timeout).
             logger.warning("carrot_kombu supervisor did not stop within %ss; it will exit on its own", timeout)
@@ -364,6 +376,112 @@ class ConnectionManager:
         """Stop running ``fn`` on new connections (no error if absent)."""
         self._topology.remove_setup(fn)
 
+    # -- consumers that survive reconnects ----------------------------------------------------
+
+    def consume(
+        self,
+        queue: Union[str, "kombu.Queue"],
+        callback: Callable[[Any, Any], Any],
+        *,
+        prefetch_count: Optional[int] = None,
+        no_ack: bool = False,
+        arguments: Optional[Mapping[str, Any]] = None,
+    ) -> Consumer:
+        """Consume ``queue`` now (if connected) and after every reconnect.
+
+        ``callback(body, message)`` runs on the consumer's own worker thread,
+        never on the thread that reads the connection; ``message.ack()``,
+        ``reject()`` and ``requeue()`` are safe there.  An ack for a delivery
+        of a lost connection is dropped (the broker redelivers the message).
+        A consumer the broker cancels (its queue was deleted) emits
+        ``consumer_cancelled(queue)`` and subscribes again at once if the
+        manager declares that queue (:meth:`declare`).
+
+        Args:
+            queue: A kombu ``Queue`` (declared by you or with :meth:`declare`)
+                or a queue name.
+            callback: ``callback(body, message)``, kombu message semantics.
+            prefetch_count: ``basic_qos`` prefetch for the consumer's channel.
+            no_ack: Automatic acknowledgement.
+            arguments: ``basic.consume`` arguments.
+
+        Returns:
+            The consumer; ``consumer.cancel()`` ends it.
+        """
+        import kombu
+
+        if isinstance(queue, str):
+            queue = kombu.Queue(queue)
+        if not callable(callback):
+            raise ConfigurationError("consume: callback must be callable")
+        if prefetch_count is not None and (not isinstance(prefetch_count, int) or not 0 <= prefetch_count <= 65535):
+            raise ConfigurationError(f"consume: prefetch_count must be 0-65535, got {prefetch_count!r}")
+        consumer = Consumer(self._consumers, queue, callback, prefetch_count, no_ack, dict(arguments or {}) or None)
+        self._consumers.add(consumer)
+        link = self._pool.current_link()
+        if link is not None:
+            try:
+                consumer.subscribe(link)
+            except Disconnected:
+                pass  # subscribed on the next connection
+        return consumer
+
+    # -- confirmed publishing -------------------------------------------------------------------
+
+    def publish(
+        self,
+        body: Any,
+        *,
+        exchange: Any = "",
+        routing_key: str = "",
+        headers: Optional[Mapping[str, Any]] = None,
+        serializer: Optional[str] = None,
+        mandatory: bool = False,
+        timeout: Optional[float] = 30.0,
+        **properties: Any,
+    ) -> None:
+        """Publish and return once the broker has confirmed the message.
+
+        Any number of threads may publish at once: their messages share one
+        confirm channel and their confirms are awaited in parallel.  Across a
+        reconnect, messages not yet confirmed are published again
+        (at-least-once: a message may arrive twice, never zero times after
+        this returned).  At most ``max_pending`` messages wait for confirms;
+        more wait for a slot, within ``timeout``.
+
+        Args:
+            body: Serialized like kombu's ``Producer.publish`` (bytes and str
+                as they are, anything else with ``serializer``, default JSON).
+            exchange: Exchange name (or kombu ``Exchange``); ``""`` is the default exchange.
+            routing_key: Routing key.
+            headers: Message headers.
+            serializer: kombu serializer name.
+            mandatory: Fail with :class:`~carrot_kombu.publisher.Unroutable` if no queue gets it.
+            timeout: Seconds to wait for the confirm (also while disconnected).
+            **properties: AMQP properties (``delivery_mode`` defaults to 2,
+                persistent; ``priority``, ``expiration``, ``message_id``...).
+
+        Raises:
+            PublishTimeout: No confirm in time; ``outcome`` is ``"unknown"`` if
+                the message was written (it may be stored), ``"not_sent"`` if not.
+            Nacked: The broker refused it.
+            Unroutable: ``mandatory`` and no queue matched.
+            Blocked: The broker blocked the connection longer than ``blocked_timeout``.
+        """
+        name = getattr(exchange, "name", exchange)
+        publisher = self._publisher
+        publisher.used = True
+        link = self._pool.current_link()
+        if link is not None and publisher.needs(link.generation):
+            try:
+                self._recovery.ensure_publisher(link)
+            except Disconnected:
+                pass  # the next connection attaches it
+        publisher.publish(
+            body, exchange=name, routing_key=routing_key, headers=dict(headers or {}),
+            serializer=serializer, mandatory=mandatory, timeout=timeout, properties=properties,
+        )
+
     # -- events --------------------------------------------------------------------------
 
     def on(self, event: str, callback: Callable[..., Any]) -> Callable[..., Any]:
@@ -394,6 +512,10 @@ class ConnectionManager:
         self._pool = ChannelPool(self._settings.pool_limit)
         self._board = StateBoard(self._settings.endpoints[0].masked_url)
         self._bus = self._bus.fork()
+        # Unconfirmed publishes and consumers belong to the parent's threads.
+        self._publisher = Publisher(self._publisher.max_pending)
+        self._consumers = Consumers(self._bus, self._topology)
+        self._recovery = Recovery(self._topology, self._publisher, self._consumers)
         if was_started:
             self.start()
 

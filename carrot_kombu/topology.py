@@ -43,6 +43,10 @@ class Topology:
             if fn in self._setups:
                 self._setups.remove(fn)
 
+    def declares(self, entity: Any) -> bool:
+        with self._lock:
+            return any(e is entity for e in self._entities)
+
     def __bool__(self) -> bool:
         with self._lock:
             return bool(self._entities or self._setups)

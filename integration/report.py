@@ -70,6 +70,9 @@ ROWS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
     ("tls", "TLS: private node with a generated CA", lambda f: (
         f"verified ``amqps://`` connection, {f['threads']} threads of RPCs and 64 KiB publishes on it without error; "
         + "; ".join(f"{k.replace('_', ' ')}: ``{v}`` (fatal, retried every Backoff.max)" for k, v in f["errors"].items()))),
+    ("zero_loss", "Zero loss: confirmed ``publish`` from 4 threads while the proxy cuts", lambda f: (
+        f"{f['published']} published, {f['confirmed']} confirmed through {f['cuts']} cuts: {f['lost']} lost, "
+        f"{f['duplicates']} duplicates (at-least-once), timeouts {f['timeouts'] or 'none'}")),
     ("thread_storm", "Thread storm: mixed work while the proxy cuts every 2 s", lambda f: (
         f"{f['threads']} threads x {f['seconds']} s, {f['cuts']} cuts, {f['reconnects']} reconnects; outcomes "
         + ", ".join(f"{k} {v}" for k, v in f["outcomes"].items())
@@ -87,7 +90,8 @@ def render() -> str:
         "",
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {platform.node() or 'this machine'}: "
         f"{os.cpu_count()} cores, Python {platform.python_version()}, {_versions()}.",
-        "Each row is an integration test in ``integration/test_reliability.py``; they run in CI.",
+        "Each row is an integration test in ``integration/test_reliability.py`` or "
+        "``integration/test_recovery.py``; they run in CI.",
         "",
         ".. list-table::",
         "   :header-rows: 1",
@@ -126,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.render:
         shutil.rmtree(figures_dir(), ignore_errors=True)
         result = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", str(ROOT / "integration" / "test_reliability.py")], cwd=ROOT
+            [sys.executable, "-m", "pytest", "-q", str(ROOT / "integration" / "test_reliability.py"),
+             str(ROOT / "integration" / "test_recovery.py")], cwd=ROOT
         )
         if result.returncode != 0:
             print("some scenarios failed: the page lists them as not measured", file=sys.stderr)

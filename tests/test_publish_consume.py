@@ -1,0 +1,118 @@
+"""manager.publish and manager.consume on the memory transport (no confirms there)."""
+
+from __future__ import annotations
+
+import pickle
+import threading
+import time
+
+import kombu
+import pytest
+
+from carrot_kombu import ConfigurationError, ConnectionManager, PublishTimeout
+
+
+def test_publish_and_consume_roundtrip(make_manager):
+    manager, _ = make_manager("memory://")
+    queue = kombu.Queue("work")
+    manager.declare(queue)
+    got = []
+    done = threading.Event()
+    on_thread = []
+
+    def on_message(body, message):
+        on_thread.append(threading.current_thread().name)
+        got.append(body)
+        message.ack()
+        if len(got) == 3:
+            done.set()
+
+    consumer = manager.consume(queue, on_message)
+    assert manager.wait_connected(5)
+    for n in range(3):
+        manager.publish({"n": n}, routing_key="work")
+    assert done.wait(5)
+    consumer.cancel()
+    consumer.cancel()
+    assert got == [{"n": 0}, {"n": 1}, {"n": 2}]
+    assert all(name.startswith("carrot-kombu-consumer") for name in on_thread)
+
+
+def test_publish_while_disconnected_times_out_as_not_sent(make_manager, faults):
+    faults.refuse = -1
+    manager, events = make_manager()
+    assert events.wait_count("connect_failed", 1)
+    started = time.monotonic()
+    with pytest.raises(PublishTimeout) as info:
+        manager.publish(b"x", routing_key="q", timeout=0.2)
+    assert info.value.outcome == "not_sent" and time.monotonic() - started >= 0.2
+    assert pickle.loads(pickle.dumps(info.value)).outcome == "not_sent"
+
+
+def test_pending_bound_makes_publishers_wait_then_time_out(make_manager, faults):
+    faults.refuse = -1
+    manager, events = make_manager(max_pending=2)
+    assert events.wait_count("connect_failed", 1)
+    waiting = [threading.Thread(target=lambda: _quiet(manager.publish, b"p", routing_key="q", timeout=2))
+               for _ in range(2)]
+    for t in waiting:
+        t.start()
+    deadline = time.monotonic() + 2
+    while manager._publisher.pending_count() < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert manager._publisher.pending_count() == 2
+    with pytest.raises(PublishTimeout, match="already waiting") as info:
+        manager.publish(b"third", routing_key="q", timeout=0.1)
+    assert info.value.outcome == "not_sent"
+    faults.refuse = 0  # the broker comes back: the two pending ones go out and are settled
+    for t in waiting:
+        t.join(5)
+    assert manager._publisher.pending_count() == 0
+
+
+def test_publish_waits_for_the_connection_and_then_succeeds(make_manager, faults):
+    faults.refuse = 3
+    manager, events = make_manager()
+    manager.declare(kombu.Queue("later"))
+    manager.publish({"late": True}, routing_key="later", timeout=5)  # waits through 3 refusals
+    with manager.channel() as lease:
+        assert kombu.Queue("later")(lease).get(no_ack=True).payload == {"late": True}
+
+
+def test_bad_consume_and_max_pending_arguments(make_manager):
+    with pytest.raises(ConfigurationError, match="max_pending"):
+        ConnectionManager("memory://", max_pending=0)
+    manager, _ = make_manager("memory://")
+    with pytest.raises(ConfigurationError, match="callable"):
+        manager.consume("q", None)
+    with pytest.raises(ConfigurationError, match="prefetch_count"):
+        manager.consume("q", lambda b, m: None, prefetch_count=-1)
+
+
+def _quiet(fn, *args, **kwargs):
+    try:
+        fn(*args, **kwargs)
+    except PublishTimeout:
+        pass
+
+
+def test_stop_ends_waiting_publishes_at_once(make_manager, faults):
+    faults.refuse = -1
+    manager, events = make_manager()
+    assert events.wait_count("connect_failed", 1)
+    outcome = []
+
+    def publish():
+        try:
+            manager.publish(b"x", routing_key="q", timeout=30)
+        except PublishTimeout as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=publish)
+    t.start()
+    deadline = time.monotonic() + 2
+    while manager._publisher.pending_count() < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    manager.stop()
+    t.join(5)
+    assert not t.is_alive() and outcome[0].outcome == "not_sent" and "stopped" in str(outcome[0])
