@@ -270,12 +270,58 @@ class SupervisedChannel(_ThreadedWaitMixin, pyamqp.Channel):  # type: ignore[mis
             failure = RecoverableConnectionError("channel already closed")
         return failure
 
-    def _basic_publish(self, *args: Any, **kwargs: Any) -> Any:
-        if self._carrot_conn._carrot_dead is not None:
-            raise self._carrot_conn._carrot_disconnected()
-        return super()._basic_publish(*args, **kwargs)
+    def _basic_publish(
+        self,
+        msg: Any,
+        exchange: str = "",
+        routing_key: str = "",
+        mandatory: bool = False,
+        immediate: bool = False,
+        timeout: Optional[float] = None,
+        confirm_timeout: Optional[float] = None,
+        argsig: str = "Bssbb",
+    ) -> Any:
+        """py-amqp's publish without its socket poll and socket-timeout switch.
+
+        The reader already handles connection.blocked, and the shared
+        socket's timeout is never changed (``timeout`` is ignored: a stuck
+        write is the supervisor's to detect).
+        """
+        conn = self._carrot_conn
+        if conn._carrot_dead is not None:
+            raise conn._carrot_disconnected()
+        if self.connection is None:
+            raise RecoverableConnectionError("basic_publish: channel closed")
+        return self.send_method(spec.Basic.Publish, argsig, (0, exchange, routing_key, mandatory, immediate), msg)
 
     basic_publish = _basic_publish
+
+    def basic_publish_many(self, publishes: list[tuple[Any, str, str, bool]]) -> None:
+        """Publish ``(message, exchange, routing_key, mandatory)`` tuples in one write.
+
+        Same checks as :meth:`basic_publish` (dead connection, blocked broker).
+        """
+        conn = self._carrot_conn
+        if conn._carrot_dead is not None:
+            raise conn._carrot_disconnected()
+        if self.connection is None:
+            raise RecoverableConnectionError("basic_publish: channel closed")
+        if self._carrot_error is not None:
+            raise self._carrot_error
+        if conn._carrot_blocked is not None:
+            conn._carrot_wait_unblocked()
+        write_many = conn._carrot_write_many
+        assert write_many is not None
+        methods = [
+            (self.channel_id, spec.Basic.Publish, amqp.serialization.dumps("Bssbb", (0, ex, rk, mandatory, False)), msg)
+            for msg, ex, rk, mandatory in publishes
+        ]
+        try:
+            write_many(methods)
+        except _FATAL as exc:
+            if conn._carrot_dead is None:
+                raise
+            raise conn._carrot_disconnected() from exc
 
     def send_method(
         self,
@@ -462,16 +508,28 @@ class _SSL(_SharedSocketMixin, SSLTransport):  # type: ignore[misc]
             super()._write(s)
 
 
+class _Collector:
+    """A stand-in transport: py-amqp's frame writer appends its frames here."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+
+    def write(self, data: Any) -> None:
+        self.chunks.append(bytes(data))
+
+
 def _locked_frame_writer(connection: "SupervisedConnection", transport: Any) -> Callable[..., None]:
     inner = _frame_writer(connection, transport)
     lock = connection._carrot_write_lock
     connection._carrot_raw_writer = inner
+    collector = _Collector()
+    encode = _frame_writer(connection, collector)  # same framing, into memory
 
-    def write_frame(type_: int, channel: int, method_sig: Any, args: Any, content: Any) -> None:
+    def guarded(write: Callable[[], None]) -> None:
         with lock:
             connection._carrot_writing_since = monotonic()
             try:
-                inner(type_, channel, method_sig, args, content)
+                write()
             except BaseException as exc:
                 # Part of a frame may be on the wire: the stream cannot be resumed.
                 if connection._carrot_threaded:
@@ -481,6 +539,20 @@ def _locked_frame_writer(connection: "SupervisedConnection", transport: Any) -> 
                 connection._carrot_writing_since = None
         connection._carrot_last_tx = monotonic()
 
+    def write_frame(type_: int, channel: int, method_sig: Any, args: Any, content: Any) -> None:
+        guarded(lambda: inner(type_, channel, method_sig, args, content))
+
+    def write_many(methods: list[tuple[int, Any, Any, Any]]) -> None:
+        """Several methods (with content) in one socket write, none interleaved."""
+        def write() -> None:
+            collector.chunks = []
+            for channel, method_sig, args, content in methods:
+                encode(1, channel, method_sig, args, content)
+            transport.write(b"".join(collector.chunks))
+
+        guarded(write)
+
+    connection._carrot_write_many = write_many
     return write_frame
 
 
@@ -507,6 +579,7 @@ class SupervisedConnection(_ThreadedWaitMixin, pyamqp.Connection):  # type: igno
         self._carrot_drained = threading.Condition()
         self._carrot_drain_waiting = 0
         self._carrot_raw_writer: Optional[Callable[..., None]] = None
+        self._carrot_write_many: Optional[Callable[[list[tuple[int, Any, Any, Any]]], None]] = None
         self._carrot_on_lost: Optional[Callable[["SupervisedConnection", BaseException], None]] = None
         self._carrot_last_rx = self._carrot_last_tx = monotonic()
         self._carrot_connected_once = False

@@ -30,6 +30,11 @@ logger = logging.getLogger("carrot_kombu")
 RETURN_HEADER = "x-carrot-kombu-publish-id"
 
 
+#: publish_many writes this many messages (or bytes) per socket write.
+_CHUNK_MESSAGES = 256
+_CHUNK_BYTES = 1 << 20
+
+
 class PublishError(CarrotKombuError):
     """A ``manager.publish`` did not end with the broker's confirm."""
 
@@ -169,10 +174,65 @@ class Publisher:
         timeout: Optional[float],
         properties: dict[str, Any],
     ) -> None:
+        self.publish_many(
+            [body], exchange=exchange, routing_key=routing_key, headers=headers, serializer=serializer,
+            mandatory=mandatory, timeout=timeout, properties=properties,
+        )
+
+    def publish_many(
+        self,
+        bodies: Any,
+        *,
+        exchange: str,
+        routing_key: str,
+        headers: Optional[dict[str, Any]],
+        serializer: Optional[str],
+        mandatory: bool,
+        timeout: Optional[float],
+        properties: dict[str, Any],
+    ) -> None:
+        """Write every message, then wait for all their confirms: one round trip in all."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        batch: list[_Pending] = []
+        try:
+            chunk: list[_Pending] = []
+            size = 0
+            for body in bodies:
+                pending = self._admit(body, exchange, routing_key, headers, serializer, mandatory, properties,
+                                      deadline, timeout)
+                batch.append(pending)
+                chunk.append(pending)
+                size += len(pending.body)
+                # Written in chunks: one socket write each, memory stays bounded.
+                if len(chunk) >= _CHUNK_MESSAGES or size >= _CHUNK_BYTES:
+                    self._write_chunk(chunk)
+                    chunk, size = [], 0
+            if chunk:
+                self._write_chunk(chunk)
+            for index, pending in enumerate(batch):
+                if not pending.done.wait(_left(deadline)):
+                    raise PublishTimeout(
+                        f"no confirm from the broker within {timeout}s"
+                        + ("; the message was written and may have been stored" if pending.written
+                           else "; the message was never sent (no connection)")
+                        + (f" (message {index} of {len(batch)})" if len(batch) > 1 else ""),
+                        outcome="unknown" if pending.written else "not_sent",
+                    )
+                _raise_for(pending, index, len(batch))
+        finally:
+            for pending in batch:
+                if pending.outcome is None:
+                    self._forget(pending)
+
+    def _admit(
+        self, body: Any, exchange: str, routing_key: str, headers: Optional[dict[str, Any]],
+        serializer: Optional[str], mandatory: bool, properties: dict[str, Any],
+        deadline: Optional[float], timeout: Optional[float],
+    ) -> _Pending:
+        """Serialize ``body`` and take a pending slot (waiting for one within the deadline)."""
         content_type, content_encoding, data = dumps(body, serializer=serializer)
         props = {"delivery_mode": 2, **properties}
-        headers = dict(headers or {})
+        merged = dict(headers or {})
         with self._cond:
             if not self._cond.wait_for(lambda: len(self._pending) < self.max_pending, _left(deadline)):
                 raise PublishTimeout(
@@ -182,41 +242,66 @@ class Publisher:
                 )
             pending = _Pending(next(self._ids), exchange, routing_key, mandatory)
             if mandatory:
-                headers[RETURN_HEADER] = pending.id
+                merged[RETURN_HEADER] = pending.id
             pending.body = data
             pending.content_type = props.pop("content_type", content_type)
             pending.content_encoding = props.pop("content_encoding", content_encoding)
-            pending.headers = headers
+            pending.headers = merged
             pending.properties = props
             self._pending[pending.id] = pending
-        try:
-            self._write(pending)
-            if not pending.done.wait(_left(deadline)):
-                raise PublishTimeout(
-                    f"no confirm from the broker within {timeout}s"
-                    + ("; the message was written and may have been stored" if pending.written
-                       else "; the message was never sent (no connection)"),
-                    outcome="unknown" if pending.written else "not_sent",
-                )
-        finally:
-            if pending.outcome is None:
-                self._forget(pending)
-        if pending.outcome == "aborted":
-            raise PublishTimeout(
-                f"{pending.detail} before the broker confirmed the message"
-                + ("; it was written and may have been stored" if pending.written else "; it was never sent"),
-                outcome="unknown" if pending.written else "not_sent",
-            )
-        if pending.outcome == "nack":
-            raise Nacked("the broker refused the message (basic.nack)")
-        if pending.outcome == "returned":
-            raise Unroutable(f"unroutable mandatory message: {pending.detail}")
+        return pending
 
     # -- writing ---------------------------------------------------------------------------
 
     def _write(self, pending: _Pending) -> None:
         with self._write_lock:
             self._write_locked(pending)
+
+    def _write_chunk(self, chunk: list[_Pending]) -> None:
+        if len(chunk) == 1:
+            self._write(chunk[0])
+            return
+        with self._write_lock:
+            with self._cond:
+                channel = self._channel
+                todo = [p for p in chunk if p.outcome is None]
+                if channel is None or not hasattr(channel, "basic_publish_many") or not todo:
+                    channel = None
+                else:
+                    first = self._next_tag
+                    self._next_tag += len(todo)
+                    for offset, pending in enumerate(todo):
+                        self._by_tag[first + offset] = pending
+            if channel is None:
+                for pending in chunk:  # no connection, or a transport without batching
+                    self._write_locked(pending)
+                return
+            try:
+                channel.basic_publish_many([
+                    (self._prepare(channel, p), p.exchange, p.routing_key, p.mandatory) for p in todo
+                ])
+                for pending in todo:
+                    pending.written = True
+            except Blocked:
+                for pending in todo:
+                    self._forget(pending)
+                raise
+            except (Disconnected, OSError, amqp.exceptions.AMQPError) as exc:
+                logger.debug("%d publishes wait for the next connection: %r", len(todo), exc)
+                with self._cond:
+                    for offset in range(len(todo)):
+                        self._by_tag.pop(first + offset, None)
+                half_written = exc.__cause__ is not None or isinstance(exc, OSError)
+                for pending in todo:
+                    pending.written = pending.written or half_written
+
+    @staticmethod
+    def _prepare(channel: Any, pending: _Pending) -> Any:
+        props = dict(pending.properties)
+        return channel.prepare_message(
+            pending.body, props.pop("priority", None), pending.content_type, pending.content_encoding,
+            pending.headers or None, props,
+        )
 
     def _write_locked(self, pending: _Pending) -> None:
         with self._cond:
@@ -227,11 +312,7 @@ class Publisher:
             self._next_tag += 1
             self._by_tag[tag] = pending
         try:
-            props = dict(pending.properties)
-            message = channel.prepare_message(
-                pending.body, props.pop("priority", None), pending.content_type, pending.content_encoding,
-                pending.headers or None, props,
-            )
+            message = self._prepare(channel, pending)
             channel.basic_publish(
                 message, exchange=pending.exchange, routing_key=pending.routing_key, mandatory=pending.mandatory,
             )
@@ -288,6 +369,20 @@ class Publisher:
             if pending is not None:
                 # The ack that follows settles it as "returned".
                 pending.detail = f"{exc} (exchange {exchange!r}, routing key {routing_key!r})"
+
+
+def _raise_for(pending: _Pending, index: int, total: int) -> None:
+    which = f" (message {index} of {total})" if total > 1 else ""
+    if pending.outcome == "aborted":
+        raise PublishTimeout(
+            f"{pending.detail} before the broker confirmed the message{which}"
+            + ("; it was written and may have been stored" if pending.written else "; it was never sent"),
+            outcome="unknown" if pending.written else "not_sent",
+        )
+    if pending.outcome == "nack":
+        raise Nacked(f"the broker refused the message (basic.nack){which}")
+    if pending.outcome == "returned":
+        raise Unroutable(f"unroutable mandatory message{which}: {pending.detail}")
 
 
 def _left(deadline: Optional[float]) -> Optional[float]:

@@ -129,6 +129,8 @@ def test_stale_ack_is_dropped_and_the_message_redelivered(rabbit, proxy):
     assert done.wait(15)
     consumer.cancel()
     assert deliveries == [False, True]
+    # consumers resubscribe before `connected`: wait for it before taking a lease
+    assert events.wait_count("connected", 2, timeout=10)
     assert events.count("disconnected") == 1  # no 406 closed the new channel or connection
     with manager.channel() as lease:
         assert lease.queue_declare(queue.name, passive=True)[1] == 0  # acked on the new connection
@@ -152,3 +154,24 @@ def test_mandatory_unroutable_and_publish_timeout_outcomes(rabbit, proxy):
         manager.publish(b"z", routing_key=unique("ck-q"), timeout=0.5)
     assert info.value.outcome == "not_sent"
     proxy.heal()
+
+
+def test_publish_many_is_confirmed_and_survives_cuts(rabbit, proxy):
+    manager, events, _ = rabbit(proxy.url(), backoff=Backoff(min=0.05, max=0.5))
+    queue = kombu.Queue(unique("ck-many"), auto_delete=False)
+    manager.declare(queue)
+    assert manager.wait_connected(10)
+    sent = []
+    for batch in range(8):
+        bodies = [b"%d-%d" % (batch, n) for n in range(500)]
+        if batch in (2, 5):
+            threading.Timer(0.005, proxy.cut).start()  # cut while the batch is in flight
+        manager.publish_many(bodies, routing_key=queue.name, timeout=30)
+        sent.extend(bodies)
+    with manager.channel() as lease:
+        got = drain(lease, queue.name, len(sent), timeout=30)
+        while (extra := lease.basic_get(queue.name, no_ack=True)) is not None:
+            got.append(extra.body)
+        lease.queue_delete(queue.name)
+    assert set(sent) <= set(got)  # every confirmed message is there (duplicates allowed)
+    assert events.count("disconnected") == 2
