@@ -175,3 +175,37 @@ def test_publish_many_is_confirmed_and_survives_cuts(rabbit, proxy):
         lease.queue_delete(queue.name)
     assert set(sent) <= set(got)  # every confirmed message is there (duplicates allowed)
     assert events.count("disconnected") == 2
+
+
+def test_broker_cancel_resubscribes_a_declared_queue(rabbit):
+    manager, events, _ = rabbit()
+    queue = kombu.Queue(unique("ck-cancel"), auto_delete=False)
+    manager.declare(queue)
+    got = []
+    cond = threading.Condition()
+
+    def on_message(body, message):
+        with cond:
+            got.append(body)
+            cond.notify_all()
+        message.ack()
+
+    consumer = manager.consume(queue, on_message)
+    assert manager.wait_connected(10)
+    manager.publish(b"before", routing_key=queue.name, timeout=10)
+    with cond:
+        assert cond.wait_for(lambda: b"before" in got, 10)
+    with manager.channel() as lease:
+        lease.queue_delete(queue.name)  # the broker cancels our consumer
+    assert events.wait_count("consumer_cancelled", 1, timeout=10)
+    assert events.args("consumer_cancelled")[0] == (queue.name,)
+    deadline = time.monotonic() + 10
+    while consumer._generation is None and time.monotonic() < deadline:  # resubscribed
+        time.sleep(0.02)
+    manager.publish(b"after", routing_key=queue.name, timeout=10)
+    with cond:
+        assert cond.wait_for(lambda: b"after" in got, 10), "not resubscribed after the broker's cancel"
+    consumer.cancel()
+    assert events.count("disconnected") == 0
+    with manager.channel() as lease:
+        lease.queue_delete(queue.name)

@@ -11,7 +11,10 @@ from carrot_kombu import ConnectionManager
 class Recorder:
     """Collects events; tests wait for them with deadlines, never sleep."""
 
-    EVENTS = ("connecting", "connected", "connect_failed", "disconnected", "blocked", "unblocked", "stopped")
+    EVENTS = (
+        "connecting", "connected", "connect_failed", "disconnected", "blocked", "unblocked", "stopped",
+        "consumer_cancelled",
+    )
 
     def __init__(self, manager: ConnectionManager, keep_args: bool = True) -> None:
         self.keep_args = keep_args
