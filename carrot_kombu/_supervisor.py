@@ -7,6 +7,7 @@ Other threads only *post* to its inbox; it only *posts* events to the bus.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import ssl
@@ -30,6 +31,11 @@ logger = logging.getLogger("carrot_kombu")
 #: Refusals a retry will not fix by itself (someone must change the broker or
 #: the configuration): retried only every ``Backoff.max`` seconds.
 FATAL_ERRORS = (AccessRefused, NotAllowed, ssl.SSLCertVerificationError)
+
+
+#: Link generations are unique in the process, across supervisors: a manager
+#: started again must never mistake a new link for one it saw before.
+_GENERATIONS = itertools.count(1)
 
 
 class Recovery(Protocol):
@@ -175,7 +181,7 @@ class Supervisor:
         endpoint = settings.endpoints[self._endpoint_index]
         self._board.update(state=ConnectionState.CONNECTING, broker=endpoint.masked_url, next_attempt_at=None)
         self._post("connecting")
-        self._generation += 1
+        self._generation = next(_GENERATIONS)
         try:
             link = open_link(self._generation, endpoint, settings)
         except Exception as exc:

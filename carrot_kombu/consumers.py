@@ -16,6 +16,7 @@ import uuid
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import kombu
+from amqp.exceptions import ChannelError
 
 if TYPE_CHECKING:
     from ._link import Link
@@ -49,7 +50,8 @@ class Consumer:
         self.no_ack = no_ack
         self.arguments = arguments
         self.active = True
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # state only: never held during I/O
+        self._subscribing = threading.Lock()  # one subscribe at a time (I/O)
         self._channel: Any = None
         self._tag: Optional[str] = None
         self._generation: Optional[int] = None
@@ -66,15 +68,22 @@ class Consumer:
     # -- subscription (supervisor or caller thread) ------------------------------------------------
 
     def subscribe(self, link: "Link") -> None:
-        """Subscribe on ``link`` unless already subscribed there (idempotent)."""
-        with self._lock:
-            if not self.active or self._generation == link.generation:
-                return
+        """Subscribe on ``link`` unless already subscribed there (idempotent).
+
+        The state lock is not held during the requests: the reader thread may
+        need it (a broker cancel) while our reply is on its way.
+        """
+        with self._subscribing:
+            with self._lock:
+                if not self.active or self._generation == link.generation:
+                    return
             channel = link.open_channel()
+            tag = f"carrot-kombu.{uuid.uuid4().hex}"
+            with self._lock:
+                self._tag = tag  # a cancel for this tag may arrive before ConsumeOk returns
             try:
                 if self.prefetch_count is not None:
                     channel.basic_qos(0, self.prefetch_count, False)
-                tag = f"carrot-kombu.{uuid.uuid4().hex}"
                 channel.basic_consume(
                     queue=self.queue.name, consumer_tag=tag, no_ack=self.no_ack,
                     callback=self._deliver, on_cancel=self._broker_cancelled, arguments=self.arguments,
@@ -82,7 +91,9 @@ class Consumer:
             except BaseException:
                 _close(channel)
                 raise
-            self._channel, self._tag, self._generation = channel, tag, link.generation
+            with self._lock:
+                if self._tag == tag:
+                    self._channel, self._generation = channel, link.generation
 
     def forget(self, generation: int) -> None:
         with self._lock:
@@ -164,10 +175,20 @@ class Consumers:
             return list(self._consumers)
 
     def restore(self, link: "Link") -> None:
+        """Subscribe every consumer on ``link``.
+
+        A consumer whose queue is gone (a channel error) is reported with
+        ``consumer_cancelled`` and tried again on the next connection; it
+        does not fail the connection.  Connection errors do.
+        """
         with self._lock:
             self._current = link
         for consumer in self.snapshot():
-            consumer.subscribe(link)
+            try:
+                consumer.subscribe(link)
+            except ChannelError as exc:
+                logger.warning("carrot_kombu could not resubscribe to %r: %s", consumer.queue.name, exc)
+                self._bus.post("consumer_cancelled", consumer.queue.name)
 
     def forget(self, link: "Link") -> None:
         with self._lock:

@@ -424,6 +424,9 @@ class ConnectionManager:
                 consumer.subscribe(link)
             except Disconnected:
                 pass  # subscribed on the next connection
+            except BaseException:
+                consumer.cancel()  # e.g. 404: the queue does not exist; nothing stays registered
+                raise
         return consumer
 
     # -- confirmed publishing -------------------------------------------------------------------

@@ -204,7 +204,7 @@ class Publisher:
                 chunk.append(pending)
                 size += len(pending.body)
                 # Written in chunks: one socket write each, memory stays bounded.
-                if len(chunk) >= _CHUNK_MESSAGES or size >= _CHUNK_BYTES:
+                if len(chunk) >= min(_CHUNK_MESSAGES, self.max_pending) or size >= _CHUNK_BYTES:
                     self._write_chunk(chunk)
                     chunk, size = [], 0
             if chunk:

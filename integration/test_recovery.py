@@ -209,3 +209,16 @@ def test_broker_cancel_resubscribes_a_declared_queue(rabbit):
     assert events.count("disconnected") == 0
     with manager.channel() as lease:
         lease.queue_delete(queue.name)
+
+
+def test_consuming_a_missing_queue_fails_now_and_leaves_nothing_behind(rabbit):
+    from amqp.exceptions import NotFound
+
+    manager, events, _ = rabbit()
+    assert manager.wait_connected(10)
+    with pytest.raises(NotFound):
+        manager.consume(unique("ck-missing"), lambda body, message: None)
+    assert manager._consumers.snapshot() == []
+    with manager.channel() as lease:  # the connection is fine
+        lease.queue_declare(unique("ck-ok"), auto_delete=True)
+    assert events.count("disconnected") == 0

@@ -116,3 +116,28 @@ def test_stop_ends_waiting_publishes_at_once(make_manager, faults):
     manager.stop()
     t.join(5)
     assert not t.is_alive() and outcome[0].outcome == "not_sent" and "stopped" in str(outcome[0])
+
+
+def test_consumers_and_publisher_come_back_after_stop_and_start(make_manager):
+    manager, _ = make_manager("memory://")
+    queue = kombu.Queue("again")
+    manager.declare(queue)
+    got = []
+    cond = threading.Condition()
+
+    def on_message(body, message):
+        with cond:
+            got.append(body)
+            cond.notify_all()
+
+    manager.consume(queue, on_message, no_ack=True)
+    assert manager.wait_connected(5)
+    manager.publish("first", routing_key="again")
+    with cond:
+        assert cond.wait_for(lambda: "first" in got, 5)
+    manager.stop()
+    manager.start()  # a new supervisor: its links must not look like the old ones
+    assert manager.wait_connected(5)
+    manager.publish("second", routing_key="again")
+    with cond:
+        assert cond.wait_for(lambda: "second" in got, 5), "consumer not resubscribed after restart"
