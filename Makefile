@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test unit integration typecheck docs clean
+.PHONY: demo test unit integration typecheck docs bench report clean
 
 $(STAMP): setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
@@ -27,6 +27,12 @@ integration: $(STAMP)
 
 typecheck: $(STAMP)
 	$(PY) -m mypy
+
+bench: $(STAMP)
+	$(PY) -m benchmarks
+
+report: $(STAMP)
+	$(PY) -m integration.report
 
 docs: $(STAMP)
 	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html

@@ -523,7 +523,7 @@ def _locked_frame_writer(connection: "SupervisedConnection", transport: Any) -> 
     lock = connection._carrot_write_lock
     connection._carrot_raw_writer = inner
     collector = _Collector()
-    encode = _frame_writer(connection, collector)  # same framing, into memory
+    encoders: list[Callable[..., None]] = []  # made on first use: it holds a frame_max buffer
 
     def guarded(write: Callable[[], None]) -> None:
         with lock:
@@ -545,6 +545,9 @@ def _locked_frame_writer(connection: "SupervisedConnection", transport: Any) -> 
     def write_many(methods: list[tuple[int, Any, Any, Any]]) -> None:
         """Several methods (with content) in one socket write, none interleaved."""
         def write() -> None:
+            if not encoders:
+                encoders.append(_frame_writer(connection, collector))  # same framing, into memory
+            encode = encoders[0]
             collector.chunks = []
             for channel, method_sig, args, content in methods:
                 encode(1, channel, method_sig, args, content)

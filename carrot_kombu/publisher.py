@@ -94,6 +94,7 @@ class Publisher:
         self._by_tag: dict[int, _Pending] = {}
         self._channel: Any = None
         self._next_tag = 1
+        self._low = 1  # no delivery tag below this one is still waiting
         self._ids = itertools.count(1)
         self._generation: Optional[int] = None
         self._confirms = True
@@ -122,6 +123,7 @@ class Publisher:
                 self._confirms = confirms
                 self._generation = generation
                 self._next_tag = 1
+                self._low = 1
                 self._by_tag = {}
                 again = [p for p in self._pending.values() if p.outcome is None]
             for pending in again:
@@ -350,7 +352,11 @@ class Publisher:
 
     def _settle(self, delivery_tag: int, multiple: bool, outcome: str) -> None:
         with self._cond:
-            tags = [t for t in self._by_tag if t <= delivery_tag] if multiple else [delivery_tag]
+            # Tags are consecutive: a multiple ack settles [low, delivery_tag]
+            # without scanning every pending message (that made batches O(n^2)).
+            tags = range(self._low, delivery_tag + 1) if multiple else (delivery_tag,)
+            if multiple or delivery_tag == self._low:
+                self._low = delivery_tag + 1
             for tag in tags:
                 pending = self._by_tag.pop(tag, None)
                 if pending is None:

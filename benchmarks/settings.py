@@ -1,0 +1,59 @@
+"""How big each benchmark is: the full run and the ``--quick`` smoke run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Iteration counts for one run of the benchmarks.
+
+    Attributes:
+        mode: ``"full"`` or ``"quick"`` (shown in the page header).
+        rounds: Alternating rounds per comparison (the median round counts).
+        lease_ops: ``open_channel()``/``release()`` pairs per round (also the
+            kombu ``ChannelPool`` pairs).
+        raw_channel_ops: Raw ``channel()``/``close()`` pairs per round.
+        publish_messages: 1 KiB messages per publish round.
+        confirm_messages: Confirmed 1 KiB messages per round.
+        sharing_messages: 1 KiB messages per sharing round, over all threads.
+        sharing_threads: Thread counts for the sharing row.
+        recovery_runs: Faults per (fault, backoff) pair.
+        dead_peer_heartbeats: Heartbeats (seconds) for dead-peer detection.
+        dead_peer_runs: Blackholes per heartbeat.
+        memory_cuts: Proxy cuts (each one a reconnect) in the memory row.
+    """
+
+    mode: str
+    rounds: int
+    lease_ops: int
+    raw_channel_ops: int
+    publish_messages: int
+    confirm_messages: int
+    sharing_messages: int
+    sharing_threads: tuple[int, ...]
+    recovery_runs: int
+    dead_peer_heartbeats: tuple[int, ...]
+    dead_peer_runs: int
+    memory_cuts: int
+
+    @classmethod
+    def full(cls) -> "Sizes":
+        """The sizes ``docs/benchmarks.rst`` is measured with."""
+        return cls(
+            mode="full", rounds=3, lease_ops=20_000, raw_channel_ops=1_000,
+            publish_messages=50_000, confirm_messages=3_000, sharing_messages=50_000,
+            sharing_threads=(1, 2, 4, 8), recovery_runs=20, dead_peer_heartbeats=(1, 2, 5),
+            dead_peer_runs=3, memory_cuts=1_000,
+        )
+
+    @classmethod
+    def quick(cls) -> "Sizes":
+        """Tiny sizes for a CI smoke run (well under a minute)."""
+        return cls(
+            mode="quick", rounds=3, lease_ops=500, raw_channel_ops=50,
+            publish_messages=1_000, confirm_messages=100, sharing_messages=1_000,
+            sharing_threads=(1, 2, 4, 8), recovery_runs=2, dead_peer_heartbeats=(1,),
+            dead_peer_runs=1, memory_cuts=20,
+        )
