@@ -8,6 +8,7 @@ from carrot_kombu import ConnectionManager
 from tests.recorder import Recorder
 
 from .broker import unique
+from .proxy import FaultProxy
 
 
 @pytest.fixture
@@ -29,3 +30,13 @@ def rabbit(amqp_url: str) -> Iterator[Callable[..., tuple[ConnectionManager, Rec
     yield make
     for manager in managers:
         manager.stop(timeout=10)
+
+
+@pytest.fixture
+def proxy(amqp_url: str) -> Iterator[FaultProxy]:
+    """A fault proxy in front of the shared broker; closed at the end of the test."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(amqp_url)
+    with FaultProxy(parsed.hostname or "127.0.0.1", parsed.port or 5672) as p:
+        yield p

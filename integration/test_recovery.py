@@ -6,7 +6,6 @@ import threading
 import time
 import uuid
 from collections import Counter
-from urllib.parse import urlparse
 
 import kombu
 import pytest
@@ -15,14 +14,7 @@ from carrot_kombu import Backoff, PublishTimeout, Unroutable
 
 from .broker import drain, unique
 from .figures import record
-from .proxy import FaultProxy
 
-
-@pytest.fixture
-def proxy(amqp_url):
-    parsed = urlparse(amqp_url)
-    with FaultProxy(parsed.hostname or "127.0.0.1", parsed.port or 5672) as p:
-        yield p
 
 
 def test_zero_loss_publishing_through_20_cuts(rabbit, proxy):

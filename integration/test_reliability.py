@@ -33,14 +33,6 @@ SOAK_CUTS = int(os.environ.get("CARROT_KOMBU_SOAK_CUTS", "1000"))
 STORM_SECONDS = float(os.environ.get("CARROT_KOMBU_STORM_SECONDS", "30"))
 
 
-@pytest.fixture
-def proxy(amqp_url):
-    from urllib.parse import urlparse
-
-    parsed = urlparse(amqp_url)
-    with FaultProxy(parsed.hostname or "127.0.0.1", parsed.port or 5672) as p:
-        yield p
-
 
 def lease_works(manager: ConnectionManager, queue: str) -> None:
     with manager.channel(timeout=10) as lease:

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlparse
 
 import kombu
 import pytest
 
 from .broker import drain, unique
-from .proxy import FaultProxy
 
-
-@pytest.fixture
-def proxy(amqp_url):
-    parsed = urlparse(amqp_url)
-    with FaultProxy(parsed.hostname or "127.0.0.1", parsed.port or 5672) as p:
-        yield p
 
 
 def test_server_named_exclusive_queue_and_binding_survive_disconnects(rabbit, proxy):
