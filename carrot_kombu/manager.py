@@ -540,6 +540,7 @@ class ConnectionManager:
         self._board = StateBoard(self._settings.endpoints[0].masked_url)
         self._bus = self._bus.fork()
         # Unconfirmed publishes and consumers belong to the parent's threads.
+        self._topology.after_fork()
         self._publisher = Publisher(self._publisher.max_pending)
         self._consumers = Consumers(self._bus, self._topology)
         self._recovery = Recovery(self._topology, self._publisher, self._consumers)

@@ -25,6 +25,10 @@ class Topology:
         self._server_named: set[int] = set()
         self._setups: list[SetupFn] = []
 
+    def after_fork(self) -> None:
+        """In a forked child: a parent thread may have held the lock at fork time."""
+        self._lock = threading.Lock()
+
     def add_entities(self, entities: tuple[Any, ...]) -> None:
         with self._lock:
             for entity in entities:
