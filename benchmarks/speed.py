@@ -131,25 +131,18 @@ def confirm_row(ctx: Context) -> list[Row]:
         lease_message = lease.prepare_message(BODY)
         raw_message = amqp.Message(BODY)
 
-        def run(chan: Any, message: Any, n: int) -> tuple[list[float], float]:
-            def op() -> None:
-                chan.basic_publish_confirm(message, exchange="", routing_key=queue)
-
+        def timed(op: Any, n: int) -> tuple[list[float], float]:
             start = perf_counter()
             samples = time_each(op, n)
             rate = n / (perf_counter() - start)
             admin.queue_purge(queue)
             return samples, rate
+
+        def run(chan: Any, message: Any, n: int) -> tuple[list[float], float]:
+            return timed(lambda: chan.basic_publish_confirm(message, exchange="", routing_key=queue), n)
 
         def run_publish(n: int) -> tuple[list[float], float]:
-            def op() -> None:
-                manager.publish(BODY, routing_key=queue)
-
-            start = perf_counter()
-            samples = time_each(op, n)
-            rate = n / (perf_counter() - start)
-            admin.queue_purge(queue)
-            return samples, rate
+            return timed(lambda: manager.publish(BODY, routing_key=queue), n)
 
         def run_threads(n: int) -> tuple[list[float], float]:
             def work() -> None:

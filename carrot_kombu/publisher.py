@@ -126,8 +126,8 @@ class Publisher:
                 self._low = 1
                 self._by_tag = {}
                 again = [p for p in self._pending.values() if p.outcome is None]
-            for pending in again:
-                self._write_locked(pending)
+            for index in range(0, len(again), _CHUNK_MESSAGES):
+                self._write_chunk_locked(again[index:index + _CHUNK_MESSAGES])
         if again:
             logger.info("carrot_kombu published %d unconfirmed message(s) again after reconnecting", len(again))
 
@@ -255,47 +255,47 @@ class Publisher:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def _write(self, pending: _Pending) -> None:
-        with self._write_lock:
-            self._write_locked(pending)
-
     def _write_chunk(self, chunk: list[_Pending]) -> None:
-        if len(chunk) == 1:
-            self._write(chunk[0])
-            return
         with self._write_lock:
-            with self._cond:
-                channel = self._channel
-                todo = [p for p in chunk if p.outcome is None]
-                if channel is None or not hasattr(channel, "basic_publish_many") or not todo:
-                    channel = None
-                else:
-                    first = self._next_tag
-                    self._next_tag += len(todo)
-                    for offset, pending in enumerate(todo):
-                        self._by_tag[first + offset] = pending
-            if channel is None:
-                for pending in chunk:  # no connection, or a transport without batching
-                    self._write_locked(pending)
-                return
-            try:
-                channel.basic_publish_many([
-                    (self._prepare(channel, p), p.exchange, p.routing_key, p.mandatory) for p in todo
-                ])
+            self._write_chunk_locked(chunk)
+
+    def _write_chunk_locked(self, chunk: list[_Pending]) -> None:
+        """Give the chunk consecutive delivery tags and write it (one socket write if possible)."""
+        with self._cond:
+            channel = self._channel
+            todo = [p for p in chunk if p.outcome is None]
+            if channel is None or not todo:
+                return  # written when the next connection is attached
+            first = self._next_tag
+            self._next_tag += len(todo)
+            for offset, pending in enumerate(todo):
+                self._by_tag[first + offset] = pending
+        try:
+            publishes = [(self._prepare(channel, p), p.exchange, p.routing_key, p.mandatory) for p in todo]
+            if len(publishes) > 1 and hasattr(channel, "basic_publish_many"):
+                channel.basic_publish_many(publishes)
                 for pending in todo:
                     pending.written = True
-            except Blocked:
-                for pending in todo:
-                    self._forget(pending)
-                raise
-            except (Disconnected, OSError, amqp.exceptions.AMQPError) as exc:
-                logger.debug("%d publishes wait for the next connection: %r", len(todo), exc)
-                with self._cond:
-                    for offset in range(len(todo)):
-                        self._by_tag.pop(first + offset, None)
-                half_written = exc.__cause__ is not None or isinstance(exc, OSError)
-                for pending in todo:
-                    pending.written = pending.written or half_written
+            else:
+                for offset, (message, exchange, routing_key, mandatory) in enumerate(publishes):
+                    channel.basic_publish(message, exchange=exchange, routing_key=routing_key, mandatory=mandatory)
+                    todo[offset].written = True
+                    if not self._confirms:
+                        self._settle(first + offset, False, "ack")
+        except Blocked:
+            for pending in todo:
+                self._forget(pending)
+            raise
+        except (Disconnected, OSError, amqp.exceptions.AMQPError) as exc:
+            # The connection is going; the next one publishes them again.
+            logger.debug("%d publish(es) wait for the next connection: %r", len(todo), exc)
+            with self._cond:
+                for offset in range(len(todo)):
+                    self._by_tag.pop(first + offset, None)
+            # A write that failed half-way may have reached the broker.
+            half_written = exc.__cause__ is not None or isinstance(exc, OSError)
+            for pending in todo:
+                pending.written = pending.written or half_written
 
     @staticmethod
     def _prepare(channel: Any, pending: _Pending) -> Any:
@@ -304,35 +304,6 @@ class Publisher:
             pending.body, props.pop("priority", None), pending.content_type, pending.content_encoding,
             pending.headers or None, props,
         )
-
-    def _write_locked(self, pending: _Pending) -> None:
-        with self._cond:
-            channel = self._channel
-            if channel is None or pending.outcome is not None:
-                return  # written when the next connection is attached
-            tag = self._next_tag
-            self._next_tag += 1
-            self._by_tag[tag] = pending
-        try:
-            message = self._prepare(channel, pending)
-            channel.basic_publish(
-                message, exchange=pending.exchange, routing_key=pending.routing_key, mandatory=pending.mandatory,
-            )
-            pending.written = True
-            if not self._confirms:
-                self._settle(tag, False, "ack")
-        except Blocked:
-            with self._cond:
-                self._by_tag.pop(tag, None)
-            self._forget(pending)
-            raise
-        except (Disconnected, OSError, amqp.exceptions.AMQPError) as exc:
-            # The connection is going; the next one publishes it again.
-            logger.debug("publish %d waits for the next connection: %r", pending.id, exc)
-            with self._cond:
-                self._by_tag.pop(tag, None)
-            # A write that failed half-way may have reached the broker.
-            pending.written = pending.written or exc.__cause__ is not None or isinstance(exc, OSError)
 
     def _forget(self, pending: _Pending) -> None:
         with self._cond:
