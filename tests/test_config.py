@@ -1,11 +1,17 @@
 from __future__ import annotations
 
+import ast
+import inspect
 import logging
+import math
+import socket
 import ssl
 
 import pytest
 
+import carrot_kombu.config as config_module
 from carrot_kombu import ConfigurationError, ConnectionManager
+from carrot_kombu.config import build_settings
 
 
 def endpoint(manager, i=0):
@@ -34,6 +40,12 @@ def endpoint(manager, i=0):
         ({"url": "amqp://h:99999//"}, "port"),
         ({"url": "amqp://h//?heartbeat=x"}, "heartbeat"),
         ({"url": "amqp://h//?bogus=1"}, "bogus"),
+        ({"url": "amqp://h//?heartbeat="}, "'heartbeat' has an empty value"),
+        ({"url": "amqp://h//?frame_max="}, "'frame_max' has an empty value"),
+        ({"url": "amqp://h//?frame_max"}, "'frame_max' has an empty value"),
+        ({"url": "amqp://h//?ssl=&heartbeat=5"}, "'ssl' has an empty value"),
+        ({"url": "amqp://h//?bogus="}, "bogus"),
+        ({"url": "memory://?heartbeat="}, "no query parameters"),
         ({"url": "amqp://h//?ssl=maybe"}, "ssl"),
         ({"url": "amqp://h//?ssl_ca_certs=/x"}, "ssl_"),
         ({"url": ""}, "url"),
@@ -41,6 +53,27 @@ def endpoint(manager, i=0):
         ({"url": "amqp://h//;memory://"}, "same transport"),
         ({"ssl_options": {"ca_certs": "/nonexistent/ca.pem"}}, "ca_certs"),
         ({"ssl_options": "yes"}, "ssl_options"),
+        ({"ssl_options": {"cafile": "/etc/hosts"}}, "'cafile'"),
+        ({"ssl_options": {"cacertfile": "/nonexistent/ca.pem"}}, "cacertfile"),
+        ({"ssl_options": {"verify": "verify_maybe"}}, "verify"),
+        ({"ssl_options": {"verify": ssl.CERT_OPTIONAL}}, "verify"),
+        ({"ssl_options": {"cert_reqs": "CERT_REQUIRED"}}, "cert_reqs"),
+        ({"ssl_options": {"server_name_indication": "disable"}}, "server_name_indication"),
+        ({"ssl_options": {"server_hostname": 42}}, "server_hostname"),
+        ({"ssl_options": {"server_side": "no"}}, "server_side"),
+        ({"ssl_options": {1: True}}, "ssl_options"),
+        ({"ssl_options": {"context": ssl.create_default_context()}}, "context"),
+        ({"ssl_options": {"context": {"ca_certs": "/etc/hosts"}}}, "'ca_certs'"),
+        ({"ssl_options": {"session": None}}, "session"),
+        ({"socket_options": {"TCP_NODELAY": "1"}}, "TCP_NODELAY"),
+        ({"socket_options": {"TCP_NODELAY": 2**40}}, "TCP_NODELAY"),
+        ({"socket_options": {"TCP_NO_DELAY": 1}}, "TCP_NO_DELAY"),
+        ({"socket_options": {"SO_RCVBUF": 65536}}, "SO_RCVBUF"),
+        ({"socket_options": {"SO_KEEPALIVE": 0}}, "SO_KEEPALIVE"),
+        ({"socket_options": {-1: 1}}, "socket_options"),
+        ({"socket_options": {1.5: 1}}, "socket_options"),
+        ({"socket_options": {True: 1}}, "socket_options"),
+        ({"socket_options": [1]}, "socket_options"),
         ({"client_properties": [1]}, "client_properties"),
         ({"transport_options": "x"}, "transport_options"),
     ],
@@ -164,3 +197,183 @@ def test_tcp_user_timeout_outlasts_heartbeats_and_blocked_timeout():
 def test_cert_none_does_not_force_a_hostname_check():
     e = ConnectionManager("amqps://h//?ssl_cert_reqs=CERT_NONE").settings.endpoints[0]
     assert "server_hostname" not in e.ssl_for_connection()
+
+
+def _build(url=None, **overrides):
+    options = dict(
+        username="guest", password="guest", virtual_host="/", host="localhost", port=5672,
+        channel_max=0, frame_max=0, heartbeat=10, connection_timeout=60.0, backoff=None,
+        ssl_options=None, client_properties=None, socket_options=None, pool_limit=10,
+        transport_options=None,
+    )
+    options.update(overrides)
+    return build_settings(url, **options)
+
+
+def test_reply_timeout_defaults_to_ten_seconds_and_is_kept():
+    assert _build().reply_timeout == 10.0
+    settings = _build(reply_timeout=2)
+    assert settings.reply_timeout == 2.0 and isinstance(settings.reply_timeout, float)
+    assert "reply_timeout=2.0" in repr(settings)
+
+
+@pytest.mark.parametrize("value", [0, -1, math.inf, math.nan, True, "10", None])
+def test_reply_timeout_must_be_a_finite_positive_number(value):
+    with pytest.raises(ConfigurationError, match="reply_timeout"):
+        _build(reply_timeout=value)
+
+
+def test_carrot_ssl_option_names_are_aliases(tmp_path, caplog):
+    paths = {name: tmp_path / f"{name}.pem" for name in ("ca", "cert", "key")}
+    for path in paths.values():
+        path.write_text("x")
+    opts = endpoint(ConnectionManager(ssl_options={
+        "cacertfile": str(paths["ca"]),
+        "certfile": str(paths["cert"]),
+        "keyfile": str(paths["key"]),
+        "verify": "verify_peer",
+        "server_name_indication": "broker.example",
+    })).ssl
+    assert opts == {
+        "ca_certs": str(paths["ca"]), "certfile": str(paths["cert"]), "keyfile": str(paths["key"]),
+        "cert_reqs": ssl.CERT_REQUIRED, "server_hostname": "broker.example",
+    }
+    assert endpoint(ConnectionManager(ssl_options={"verify": ssl.CERT_REQUIRED})).ssl == {"cert_reqs": ssl.CERT_REQUIRED}
+    with caplog.at_level(logging.WARNING, logger="carrot_kombu"):
+        e = endpoint(ConnectionManager(ssl_options={"verify": "verify_none"}))
+    assert e.ssl == {"cert_reqs": ssl.CERT_NONE} and "verification is disabled" in caplog.text
+
+
+def test_alias_and_py_amqp_name_may_repeat_a_value_but_not_contradict_it():
+    same = endpoint(ConnectionManager(ssl_options={"verify": "verify_none", "cert_reqs": ssl.CERT_NONE}))
+    assert same.ssl == {"cert_reqs": ssl.CERT_NONE}
+    with pytest.raises(ConfigurationError, match="'server_name_indication' and 'server_hostname'"):
+        ConnectionManager(ssl_options={"server_name_indication": "a", "server_hostname": "b"})
+    with pytest.raises(ConfigurationError, match="'verify' and 'cert_reqs'"):
+        ConnectionManager(ssl_options={"verify": "verify_peer", "cert_reqs": ssl.CERT_NONE})
+
+
+def test_unknown_ssl_option_is_named_with_everything_accepted():
+    with pytest.raises(ConfigurationError) as info:
+        ConnectionManager(ssl_options={"cafile": "/etc/hosts"})
+    message = str(info.value)
+    assert "ssl_options" in message and "'cafile'" in message and "inside 'context'" in message
+    for name in (
+        "ca_certs", "cert_reqs", "certfile", "ciphers", "context", "do_handshake_on_connect", "keyfile",
+        "server_hostname", "server_side", "ssl_version", "suppress_ragged_eofs",
+        "tls_maximum_version", "tls_minimum_version", "session",
+        "cacertfile", "verify", "server_name_indication",
+    ):
+        assert name in message
+
+
+def test_every_py_amqp_ssl_option_is_accepted(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    sni = {
+        "ca_certs": str(ca), "certfile": str(ca), "keyfile": str(ca), "cert_reqs": ssl.CERT_OPTIONAL,
+        "server_hostname": "h", "server_side": False, "do_handshake_on_connect": False,
+        "suppress_ragged_eofs": True, "ciphers": "ECDHE+AESGCM", "ssl_version": ssl.PROTOCOL_TLS_CLIENT,
+        "tls_minimum_version": ssl.TLSVersion.TLSv1_2, "tls_maximum_version": ssl.TLSVersion.TLSv1_3,
+    }
+    assert endpoint(ConnectionManager(ssl_options=sni)).ssl == sni
+    contextual = {
+        "context": {"cafile": str(ca), "capath": str(tmp_path), "cadata": None, "check_hostname": True,
+                    "purpose": ssl.Purpose.SERVER_AUTH},
+        "server_hostname": "h", "server_side": False, "do_handshake_on_connect": False,
+        "suppress_ragged_eofs": True, "session": None,
+    }
+    assert endpoint(ConnectionManager(ssl_options=contextual)).ssl == contextual
+
+
+def test_ssl_option_names_match_the_installed_py_amqp():
+    """The accepted names are read off py-amqp's signatures: fail loudly when they change."""
+    from amqp.transport import SSLTransport
+
+    def params(function, *skip):
+        return set(inspect.signature(function).parameters) - {"self", "sock", *skip}
+
+    assert params(SSLTransport._wrap_socket_sni) == config_module._PYAMQP_SSL_KEYS
+    assert params(SSLTransport._wrap_socket, "sslopts") == {"context"}
+    assert params(SSLTransport._wrap_context, "sslopts", "ctx_options") | params(
+        ssl.create_default_context
+    ) == config_module._PYAMQP_CONTEXT_KEYS
+    wrap_socket = params(ssl.SSLContext.wrap_socket)
+    assert config_module._PYAMQP_CONTEXT_WRAP_KEYS == wrap_socket
+
+
+def test_context_keeps_py_amqp_s_split_between_context_and_wrap_socket(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    with pytest.raises(ConfigurationError, match="cannot be combined with 'context'"):
+        ConnectionManager(ssl_options={"context": {"cafile": str(ca)}, "ca_certs": str(ca)})
+    with pytest.raises(ConfigurationError, match=r"\['context'\]\['cafile'\]"):
+        ConnectionManager(ssl_options={"context": {"cafile": str(tmp_path / "missing.pem")}})
+
+
+def test_ssl_query_parameters_still_merge_over_ssl_options(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    e = endpoint(ConnectionManager(f"amqps://h//?ssl_ca_certs={ca}", ssl_options={"verify": "verify_peer"}))
+    assert e.ssl == {"cert_reqs": ssl.CERT_REQUIRED, "ca_certs": str(ca)}
+
+
+def test_socket_option_names_resolve_to_numbers():
+    m = ConnectionManager(socket_options={
+        "TCP_NODELAY": 1, "TCP_KEEPIDLE": 30, socket.TCP_KEEPINTVL: 5, "TCP_CONGESTION": b"cubic",
+        "SO_KEEPALIVE": 1,  # py-amqp enables it on every socket: nothing to add
+    })
+    assert m.settings.socket_options == {
+        socket.TCP_NODELAY: 1, socket.TCP_KEEPIDLE: 30, socket.TCP_KEEPINTVL: 5, socket.TCP_CONGESTION: b"cubic",
+    }
+    assert ConnectionManager(socket_options={"SO_KEEPALIVE": True}).settings.socket_options is None
+    assert ConnectionManager(socket_options={"TCP_NODELAY": True}).settings.socket_options == {socket.TCP_NODELAY: 1}
+
+
+def test_socket_option_given_by_name_and_number_must_agree():
+    same = ConnectionManager(socket_options={"TCP_NODELAY": 1, socket.TCP_NODELAY: 1})
+    assert same.settings.socket_options == {socket.TCP_NODELAY: 1}
+    with pytest.raises(ConfigurationError, match="socket_options"):
+        ConnectionManager(socket_options={"TCP_NODELAY": 1, socket.TCP_NODELAY: 0})
+
+
+def test_unknown_socket_option_is_named_with_what_is_accepted():
+    with pytest.raises(ConfigurationError) as info:
+        ConnectionManager(socket_options={"TCP_NO_DELAY": 1})
+    message = str(info.value)
+    assert "'TCP_NO_DELAY'" in message and "TCP_NODELAY" in message and "TCP_KEEPIDLE" in message
+
+
+def test_socket_option_names_reach_py_amqp():
+    from carrot_kombu._link import _socket_settings
+
+    m = ConnectionManager(socket_options={"TCP_NODELAY": 1})
+    assert _socket_settings(m.settings.endpoints[0], m.settings)[socket.TCP_NODELAY] == 1
+
+
+def _complexity(function: ast.AST) -> int:
+    """McCabe complexity, counted as radon does."""
+    count = 1
+    todo = list(ast.iter_child_nodes(function))
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        if isinstance(node, (ast.If, ast.IfExp, ast.For, ast.While, ast.ExceptHandler, ast.Assert)):
+            count += 1
+        elif isinstance(node, ast.BoolOp):
+            count += len(node.values) - 1
+        elif isinstance(node, ast.comprehension):
+            count += 1 + len(node.ifs)
+        todo.extend(ast.iter_child_nodes(node))
+    return count
+
+
+def test_config_functions_stay_small():
+    tree = ast.parse(inspect.getsource(config_module))
+    complex_ = {
+        node.name: _complexity(node)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef) and _complexity(node) > 10
+    }
+    assert not complex_
