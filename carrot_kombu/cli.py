@@ -1,53 +1,179 @@
 """The ``carrot-kombu`` command (also ``python -m carrot_kombu``).
 
-* ``check [URL] [--timeout S] [--json]``: connect once, open a channel, report.
-  Exit 0 healthy, 1 unreachable or timed out, 2 refused (credentials, vhost,
-  certificate) or bad configuration.  Usable as a container healthcheck.
-* ``watch [URL]``: run a manager and print every state change; Ctrl-C stops.
+Developer notes; users read the plain-text help built by :func:`build_parser`
+and the reference page ``docs/cli.rst``.
+
+* ``check [URL] [--timeout S] [--json]``: connect once (each failover URL at
+  most once, no retry), open a channel, report.  Exit 0 healthy, 1
+  unreachable or timed out, 2 refused (credentials, vhost, certificate), bad
+  configuration or no URL at all.  Usable as a container health check.
+* ``watch [URL] [--json]``: run a manager and print one line (or one JSON
+  object) per event; Ctrl-C or SIGTERM stops the manager, prints a final
+  ``stopped`` and exits 0.  Exit 2 for a bad URL or no URL.
 * ``demo [URL]``: the main job: publish and consume through pooled leases.
 
-The URL defaults to ``$CARROT_KOMBU_URL``, then ``$CELERY_BROKER_URL``, then
-``memory://``.  Passwords are masked in all output.
+The URL comes from the argument, then ``$CARROT_KOMBU_URL``, then
+``$CELERY_BROKER_URL``.  ``check`` and ``watch`` refuse to run without one
+(exit 2): a health probe of the in-process ``memory://`` transport would
+always pass.  Only ``demo`` falls back to ``memory://``.
+
+Nothing printed contains a password.  Broker URLs are shown as the manager
+masks them (:func:`masked` before a manager exists), and every error text
+also goes through :func:`redactor`, built from the passwords written in the
+URL itself, so a message the core forgot to scrub is still clean.
+
+Signals: ``watch`` replaces the SIGINT and SIGTERM handlers (main thread
+only) with one that just sets a flag; the main loop polls it, so a signal
+never runs manager code, takes a lock or interrupts ``start()`` half-way.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import re
+import signal
 import sys
 import threading
 import time
-from typing import Any, Optional, Sequence, TextIO
+from typing import Any, Callable, Optional, Sequence, TextIO
+from urllib.parse import unquote
 
 from .config import mask_url
 from .demo import run_demo
 from .exceptions import CarrotKombuError, ConfigurationError
 from .manager import ConnectionManager
 from .retry import Backoff
-from .status import ConnectionState
+from .status import ConnectionState, Status
 
 __all__ = ("main",)
 
 EXIT_OK, EXIT_UNREACHABLE, EXIT_REFUSED = 0, 1, 2
 
+#: Where a URL comes from when the command line gives none, in order.
+URL_VARIABLES = ("CARROT_KOMBU_URL", "CELERY_BROKER_URL")
 
-def default_url() -> str:
-    return os.environ.get("CARROT_KOMBU_URL") or os.environ.get("CELERY_BROKER_URL") or "memory://"
+NO_URL = (
+    "no broker URL given: pass one (amqp://user:password@host:5672/vhost) or set "
+    "$CARROT_KOMBU_URL or $CELERY_BROKER_URL; memory:// is only used when given explicitly"
+)
+
+#: How often ``watch`` looks at its stop flag (signals only set the flag).
+_POLL_SECONDS = 0.1
+#: Most seconds ``watch`` waits for the manager to stop after a signal.
+_STOP_SECONDS = 5.0
+
+Redact = Callable[[str], str]
 
 
-def check(url: str, timeout: float, as_json: bool, out: Optional[TextIO] = None) -> int:
-    """Connect once (no retry), open a channel, print what the broker offered."""
+# -- URLs and secrets ----------------------------------------------------------------
+
+
+def url_from_environment() -> Optional[str]:
+    """The first non-empty ``$CARROT_KOMBU_URL``, ``$CELERY_BROKER_URL``; else ``None``."""
+    for name in URL_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if value:
+            return value
+    return None
+
+
+#: A ``;`` separates failover URLs only when a scheme (or nothing) follows:
+#: a generated password may contain a ``;`` of its own.
+_URL_SEPARATOR = re.compile(r";(?=\s*(?:[A-Za-z][A-Za-z0-9+.\-]*://|\Z))")
+
+
+def _parts(url: str) -> list[str]:
+    """The failover URLs in ``url``."""
+    return [part.strip() for part in _URL_SEPARATOR.split(url) if part.strip()]
+
+
+def masked(url: str) -> str:
+    """``url`` with the password of each failover URL masked, even without a scheme."""
+    shown = []
+    for part in _parts(url):
+        if "://" in part:
+            shown.append(mask_url(part))
+        else:
+            shown.append(mask_url("x://" + part)[len("x://"):])
+    return ";".join(shown)
+
+
+def _passwords(url: str) -> set[str]:
+    """Every string of ``url`` that may be a password, raw and percent-decoded.
+
+    Generous on purpose: a URL with an unencoded ``@``, ``/`` or ``;`` in its
+    password is read differently by different parsers, so each reading counts.
+    """
+    found: set[str] = set()
+    for part in {*_parts(url), *url.split(";")}:
+        rest = part.split("://", 1)[-1]
+        end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+        for text in (rest, rest[:end]):
+            if "@" not in text:
+                continue
+            for userinfo in (text.rsplit("@", 1)[0], text.split("@", 1)[0]):
+                if ":" in userinfo:
+                    password = userinfo.split(":", 1)[1]
+                    found.update((password, unquote(password)))
+    return {p for p in found if p}
+
+
+def redactor(url: str) -> Redact:
+    """A function replacing each password written in ``url`` by ``**`` (longest first)."""
+    secrets = sorted(_passwords(url), key=len, reverse=True)
+
+    def redact(text: str) -> str:
+        for secret in secrets:
+            text = text.replace(secret, "**")
+        return text
+
+    return redact
+
+
+def _error_text(error: BaseException, redact: Redact) -> str:
+    text = str(error)
+    if type(error) is not CarrotKombuError:
+        # The manager's own wrapper already starts with the original type's name.
+        text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return redact(text)
+
+
+def _seconds(value: float) -> str:
+    return f"{round(value, 2):g}"
+
+
+# -- check ---------------------------------------------------------------------------
+
+
+def check(url: Optional[str], timeout: float, as_json: bool, out: Optional[TextIO] = None) -> int:
+    """Connect once (no retry), open a channel, print what the broker offered.
+
+    ``timeout`` bounds connecting and opening the channel together; stopping
+    the manager afterwards takes at most one more second.
+    """
     out = out or sys.stdout
-    report: dict[str, Any] = {"broker": mask_url(url), "healthy": False}
+    if not url:
+        report: dict[str, Any] = {"broker": None, "healthy": False, "fatal": True, "error": NO_URL}
+        return _report(report, as_json, out, EXIT_REFUSED)
+    redact = redactor(url)
+    report = {"broker": masked(url), "healthy": False, "fatal": False}
     try:
         manager = ConnectionManager(
-            url, backoff=Backoff(min=0.1, max_tries=1), connection_timeout=timeout, pool_limit=1
+            url,
+            # Each failover URL once, and a fatal refusal must not make the
+            # next URL wait Backoff.max seconds.
+            backoff=Backoff(min=0.1, max=0.1, jitter=False, max_tries=len(_parts(url)) or 1),
+            connection_timeout=timeout,
+            pool_limit=1,
         )
     except ConfigurationError as exc:
-        report["error"] = f"configuration: {exc}"
+        report.update(fatal=True, error=f"configuration: {redact(str(exc))}")
         return _report(report, as_json, out, EXIT_REFUSED)
     started = time.perf_counter()
+    deadline = time.monotonic() + timeout
     manager.start()
     try:
         connected = manager.wait_connected(timeout)
@@ -55,14 +181,21 @@ def check(url: str, timeout: float, as_json: bool, out: Optional[TextIO] = None)
         status = manager.status()
         report["broker"] = status.broker
         if not connected:
-            report["error"] = status.last_error or f"no connection within {timeout}s"
-            return _report(report, as_json, out, EXIT_REFUSED if status.fatal else EXIT_UNREACHABLE)
+            last = redact(status.last_error) if status.last_error else None
+            if status.gave_up and last:
+                report["error"] = last
+            else:
+                report["error"] = f"no connection within {_seconds(timeout)} s" + (f"; last error: {last}" if last else "")
+            report["fatal"] = status.fatal
+            if status.fatal:
+                return _report(report, as_json, out, EXIT_REFUSED, note=" (fatal: retrying will not fix it)")
+            return _report(report, as_json, out, EXIT_UNREACHABLE)
         opened = time.perf_counter()
         try:
-            with manager.channel(timeout=timeout):
+            with manager.channel(timeout=max(0.1, deadline - time.monotonic())):
                 channel_s = time.perf_counter() - opened
         except CarrotKombuError as exc:
-            report["error"] = f"channel: {exc}"
+            report["error"] = f"channel: {_error_text(exc, redact)}"
             return _report(report, as_json, out, EXIT_UNREACHABLE)
         report.update(
             healthy=True,
@@ -78,72 +211,254 @@ def check(url: str, timeout: float, as_json: bool, out: Optional[TextIO] = None)
         manager.stop(timeout=1.0)
 
 
-def _report(report: dict[str, Any], as_json: bool, out: TextIO, code: int) -> int:
+def _report(report: dict[str, Any], as_json: bool, out: TextIO, code: int, note: str = "") -> int:
     report["exit_code"] = code
     if as_json:
-        print(json.dumps(report, sort_keys=True), file=out)
-    elif report["healthy"]:
-        server = report["server"]
-        print(
-            f"OK {report['broker']}: {server['product']} {server['version']}; heartbeat {report['heartbeat']}s, "
-            f"frame_max {report['frame_max']}, channel_max {report['channel_max']}; "
-            f"connect {report['connect_ms']} ms, channel open {report['channel_open_ms']} ms",
-            file=out,
-        )
+        print(json.dumps(report, sort_keys=True), file=out, flush=True)
+        return code
+    where = f" {report['broker']}" if report["broker"] else ""
+    if report["healthy"]:
+        facts = []
+        server = " ".join(str(v) for v in report["server"].values() if v)
+        if server:
+            facts.append(server)
+        negotiated = [
+            f"{name} {value}{unit}"
+            for name, value, unit in (
+                ("heartbeat", report["heartbeat"], "s"),
+                ("frame_max", report["frame_max"], ""),
+                ("channel_max", report["channel_max"], ""),
+            )
+            if value is not None
+        ]
+        if negotiated:
+            facts.append(", ".join(negotiated))
+        facts.append(f"connect {report['connect_ms']} ms, channel open {report['channel_open_ms']} ms")
+        print(f"OK{where}: {'; '.join(facts)}", file=out, flush=True)
     else:
-        print(f"FAILED {report['broker']}: {report['error']}", file=out)
+        print(f"FAILED{where}: {report['error']}{note}", file=out, flush=True)
     return code
 
 
-def watch(url: str, out: Optional[TextIO] = None, stop: Optional[threading.Event] = None) -> int:
-    """Print each state change with a timestamp until Ctrl-C (or ``stop``)."""
+# -- watch ---------------------------------------------------------------------------
+
+#: The state each event announces (see ``ConnectionState``); ``connect_failed``
+#: is FAILED when fatal or given up, else DISCONNECTED.
+_EVENT_STATES = {
+    "connecting": ConnectionState.CONNECTING,
+    "connected": ConnectionState.CONNECTED,
+    "disconnected": ConnectionState.DISCONNECTED,
+    "blocked": ConnectionState.CONNECTED,
+    "unblocked": ConnectionState.CONNECTED,
+    "stopped": ConnectionState.STOPPED,
+}
+
+
+def _event_record(event: str, **fields: Any) -> dict[str, Any]:
+    """One ``watch --json`` object: every key present, in a fixed order."""
+    record: dict[str, Any] = {
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
+        "event": event, "state": None, "broker": None, "error": None, "fatal": False,
+        "gave_up": False, "next_delay": None, "reason": None, "server": None,
+    }
+    record.update(fields)
+    return record
+
+
+class EventPrinter:
+    """Writes one line (or one JSON object) per manager event to one stream.
+
+    Events arrive on the manager's dispatcher thread; :meth:`finish` comes
+    from the thread running ``watch``.  The final ``stopped`` is written
+    exactly once, whichever comes first, and nothing is written after it.
+
+    Args:
+        status: Returns the manager's current status (broker, fatal, server).
+        out: Where to write; flushed after each event.
+        as_json: JSON objects instead of text lines.
+        redact: Applied to every error text and blocked reason.
+    """
+
+    def __init__(self, status: Callable[[], Status], out: TextIO, as_json: bool, redact: Redact) -> None:
+        self._status = status
+        self._out = out
+        self._as_json = as_json
+        self._redact = redact
+        self._lock = threading.Lock()
+        self._finished = False
+        self.broken = False  # the stream failed (closed pipe): watch should end
+
+    def subscribe(self, manager: ConnectionManager) -> None:
+        manager.on("connecting", lambda: self.emit("connecting"))
+        manager.on("connected", lambda: self.emit("connected"))
+        manager.on("connect_failed", self.connect_failed)
+        manager.on("disconnected", lambda error: self.emit("disconnected", error=error))
+        manager.on("blocked", lambda reason: self.emit("blocked", reason=str(reason)))
+        manager.on("unblocked", lambda: self.emit("unblocked"))
+        manager.on("stopped", self.finish)
+
+    def connect_failed(self, error: BaseException, delay: Optional[float]) -> None:
+        self.emit("connect_failed", error=error, delay=delay, gave_up=delay is None)
+
+    def finish(self) -> None:
+        """Write the final ``stopped`` (once)."""
+        self.emit("stopped")
+
+    def emit(
+        self,
+        event: str,
+        *,
+        error: Optional[BaseException] = None,
+        delay: Optional[float] = None,
+        gave_up: bool = False,
+        reason: Optional[str] = None,
+    ) -> None:
+        record = self.record(event, error=error, delay=delay, gave_up=gave_up, reason=reason)
+        with self._lock:
+            if self._finished:
+                return
+            self._finished = event == "stopped"
+            text = json.dumps(record) if self._as_json else f"{time.strftime('%H:%M:%S')} {self.line(record)}"
+            try:
+                print(text, file=self._out, flush=True)
+            except (OSError, ValueError):  # a closed pipe or stream
+                self.broken = True
+
+    def record(
+        self,
+        event: str,
+        *,
+        error: Optional[BaseException] = None,
+        delay: Optional[float] = None,
+        gave_up: bool = False,
+        reason: Optional[str] = None,
+    ) -> dict[str, Any]:
+        """The JSON object for one event (every key always present)."""
+        status = self._status()
+        fatal = event == "connect_failed" and status.fatal
+        if event == "connect_failed":
+            state = ConnectionState.FAILED if fatal or gave_up else ConnectionState.DISCONNECTED
+        else:
+            state = _EVENT_STATES[event]
+        if event == "disconnected":
+            delay = status.next_attempt_in
+        server = None
+        if event == "connected":
+            server = " ".join(v for v in (status.server_product, status.server_version) if v) or None
+        return _event_record(
+            event,
+            state=state.value,
+            broker=status.broker,
+            error=None if error is None else _error_text(error, self._redact),
+            fatal=fatal,
+            gave_up=gave_up,
+            next_delay=None if delay is None else round(delay, 3),
+            reason=None if reason is None else self._redact(reason),
+            server=server,
+        )
+
+    @staticmethod
+    def line(record: dict[str, Any]) -> str:
+        """The text line for a :meth:`record` (without the time)."""
+        event, broker, delay = record["event"], record["broker"], record["next_delay"]
+        if event == "connecting":
+            return f"connecting to {broker}"
+        if event == "connected":
+            return f"connected to {broker}" + (f" ({record['server']})" if record["server"] else "")
+        if event == "connect_failed":
+            if record["gave_up"]:
+                then = "fatal, gave up" if record["fatal"] else "gave up"
+            elif record["fatal"]:
+                then = f"fatal: retrying every {_seconds(delay)} s"
+            else:
+                then = f"next attempt in {_seconds(delay)} s"
+            return f"connect failed: {record['error']} -> {then}"
+        if event == "disconnected":
+            then = "" if delay is None else f" -> next attempt in {_seconds(delay)} s"
+            return f"disconnected from {broker}: {record['error']}{then}"
+        if event == "blocked":
+            return f"blocked by the broker: {record['reason']}"
+        return str(event)  # unblocked, stopped
+
+
+def watch(
+    url: Optional[str],
+    *,
+    as_json: bool = False,
+    out: Optional[TextIO] = None,
+    stop: Optional[threading.Event] = None,
+    backoff: Optional[Backoff] = None,
+) -> int:
+    """Print each event until Ctrl-C, SIGTERM (main thread only) or ``stop`` is set.
+
+    Always ends with one ``stopped`` line (or object) and returns 0, unless
+    the URL is missing or invalid (2, nothing started).
+    """
     stream = out or sys.stdout
+    if not url:
+        return _watch_error(stream, as_json, None, NO_URL)
+    redact = redactor(url)
     try:
-        manager = ConnectionManager(url)
+        manager = ConnectionManager(url, backoff=backoff)
     except ConfigurationError as exc:
-        print(f"configuration: {exc}", file=stream)
-        return EXIT_REFUSED
-    lock = threading.Lock()
-
-    def say(text: str) -> None:
-        with lock:
-            print(f"{time.strftime('%H:%M:%S')} {text}", file=stream, flush=True)
-
-    manager.on("connecting", lambda: say(f"connecting to {manager.status().broker}"))
-    manager.on("connected", lambda: say(f"connected to {manager.status().broker} ({_server(manager)})"))
-    manager.on("connect_failed", lambda error, delay: say(
-        f"connect failed: {type(error).__name__}: {error}"
-        + ("; giving up" if delay is None else f"; next attempt in {delay:.2f}s")))
-    manager.on("disconnected", lambda error: say(f"disconnected: {type(error).__name__}: {error}"))
-    manager.on("blocked", lambda reason: say(f"blocked by the broker: {reason}"))
-    manager.on("unblocked", lambda: say("unblocked"))
-    manager.on("stopped", lambda: say("stopped"))
+        return _watch_error(stream, as_json, masked(url), f"configuration: {redact(str(exc))}")
+    printer = EventPrinter(manager.status, stream, as_json, redact)
+    printer.subscribe(manager)
     stop = stop or threading.Event()
-    manager.start()
+    signalled: list[int] = []
+    restore = _catch_stop_signals(signalled.append)
     try:
-        while not stop.wait(1.0):
-            status = manager.status()
-            waiting = status.state in (ConnectionState.DISCONNECTED, ConnectionState.FAILED)
-            if waiting and status.next_attempt_in is not None and status.next_attempt_in >= 1:
-                say(f"  next attempt in {status.next_attempt_in:.0f}s")
-    except KeyboardInterrupt:
-        pass
+        manager.start()
+        while not stop.wait(_POLL_SECONDS):
+            if signalled or printer.broken:
+                break
     finally:
-        manager.stop(timeout=5)
+        try:
+            manager.stop(timeout=_STOP_SECONDS)
+        finally:
+            printer.finish()
+            restore()
     return EXIT_OK
 
 
-def _server(manager: ConnectionManager) -> str:
-    status = manager.status()
-    return f"{status.server_product or '?'} {status.server_version or ''}".strip()
+def _watch_error(stream: TextIO, as_json: bool, broker: Optional[str], error: str) -> int:
+    if as_json:
+        print(json.dumps(_event_record("error", broker=broker, error=error, fatal=True)), file=stream, flush=True)
+    else:
+        where = f" {broker}" if broker else ""
+        print(f"FAILED{where}: {error}", file=stream, flush=True)
+    return EXIT_REFUSED
+
+
+def _catch_stop_signals(callback: Callable[[int], Any]) -> Callable[[], None]:
+    """Route SIGINT and SIGTERM to ``callback``; returns a function restoring the old handlers.
+
+    Only the main thread may set handlers; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous: dict[int, Any] = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous[signum] = signal.signal(signum, lambda received, _frame: callback(received))
+
+    def restore() -> None:
+        for signum, handler in previous.items():
+            if handler is not None:  # None: not set from Python; leave ours
+                signal.signal(signum, handler)
+
+    return restore
+
+
+# -- demo ----------------------------------------------------------------------------
 
 
 def demo(url: str, threads: int, messages: int, out: Optional[TextIO] = None) -> int:
     out = out or sys.stdout
+    redact = redactor(url)
     try:
         summary = run_demo(url, threads=threads, messages=messages)
     except CarrotKombuError as exc:
-        print(f"carrot-kombu demo on {mask_url(url)} failed: {exc}", file=out)
+        print(f"carrot-kombu demo on {masked(url)} failed: {redact(str(exc))}", file=out, flush=True)
         return EXIT_REFUSED if isinstance(exc, ConfigurationError) else EXIT_UNREACHABLE
     ok = summary["received"] == summary["published"]
     print(
@@ -152,30 +467,144 @@ def demo(url: str, threads: int, messages: int, out: Optional[TextIO] = None) ->
         f"{summary['pool_limit']}) in {summary['publish_seconds']}s; received {summary['received']} "
         f"back; total {summary['total_seconds']}s -> {'OK' if ok else 'MISMATCH'}",
         file=out,
+        flush=True,
     )
     return EXIT_OK if ok else EXIT_UNREACHABLE
 
 
+# -- the command line ----------------------------------------------------------------
+
+_URL_HELP = "broker URL (default: $CARROT_KOMBU_URL, then $CELERY_BROKER_URL{})"
+
+_MAIN_DESCRIPTION = """\
+Check, follow or exercise a connection to an AMQP broker (RabbitMQ) through
+carrot_kombu's supervised connection manager. Also runs as
+"python -m carrot_kombu"."""
+
+_MAIN_EPILOG = """\
+broker URL:
+  amqp://user:password@host:5672/vhost (amqps:// for TLS; several URLs
+  separated by ';' for failover). Without a URL argument the URL comes from
+  $CARROT_KOMBU_URL, then $CELERY_BROKER_URL. With neither, check and watch
+  fail with exit code 2; only demo falls back to memory:// (an in-process
+  broker). Passwords are masked in all output.
+
+exit codes:
+  0  healthy (check), stopped by Ctrl-C or SIGTERM (watch), all messages
+     back (demo)
+  1  broker unreachable or timed out (demo: messages missing)
+  2  refused by the broker (credentials, vhost, certificate), invalid URL or
+     option, or no URL given
+
+Run "carrot-kombu COMMAND --help" for each command's details."""
+
+_CHECK_DESCRIPTION = """\
+Connect to the broker once, open a channel and report: server product and
+version, negotiated heartbeat, frame_max and channel_max, connect and
+channel-open times. Nothing is retried (each failover URL is tried once).
+Meant as a container health check or readiness probe."""
+
+_CHECK_EPILOG = """\
+exit codes:
+  0  healthy
+  1  unreachable or timed out: the broker may come back
+  2  refused by the broker (wrong credentials, unknown vhost, bad
+     certificate: "fatal", retrying will not fix it), invalid URL or option,
+     or no URL given
+
+With no URL argument and neither $CARROT_KOMBU_URL nor $CELERY_BROKER_URL
+set, check fails with exit code 2: it never probes memory:// unless you pass
+memory:// yourself.
+
+examples:
+  carrot-kombu check amqp://guest:guest@localhost:5672//
+  CARROT_KOMBU_URL=amqps://app:secret@rabbit/prod carrot-kombu check --json"""
+
+_WATCH_DESCRIPTION = """\
+Run a connection manager (reconnecting with backoff, as an application does)
+and print one line per state change: connecting, connected, connect failed
+(with the delay before the next attempt), disconnected, blocked, unblocked,
+stopped. A refusal that retrying alone will not fix (wrong credentials,
+unknown vhost, bad certificate) is reported as "fatal"; the manager then
+retries only every 30 s, and says "gave up" if its policy gives up.
+
+Ctrl-C or SIGTERM (docker stop, Kubernetes) stops the manager, prints a
+final "stopped" and exits 0."""
+
+_WATCH_EPILOG = """\
+--json prints one JSON object per line and event, with the keys:
+  time        ISO 8601, UTC
+  event       connecting, connected, connect_failed, disconnected, blocked,
+              unblocked, stopped ("error" for a bad or missing URL)
+  state       CONNECTING, CONNECTED, DISCONNECTED, FAILED or STOPPED
+  broker      the broker URL, password masked
+  error       the error text, or null
+  fatal       true when retrying alone will not fix the error
+  gave_up     true when the retry policy gave up
+  next_delay  seconds until the next attempt, or null
+  reason      why the broker blocked the connection (blocked), or null
+  server      server product and version (connected), or null
+
+exit codes:
+  0  stopped by Ctrl-C or SIGTERM
+  2  invalid URL or no URL given ($CARROT_KOMBU_URL, $CELERY_BROKER_URL)"""
+
+_DEMO_DESCRIPTION = """\
+Start a manager, publish a batch of messages from several threads through
+pooled channel leases, consume them back and print a summary. Without a URL
+argument or variable, runs on memory:// (an in-process broker)."""
+
+_DEMO_EPILOG = """\
+exit codes:
+  0  every message came back
+  1  broker unreachable, or messages missing
+  2  invalid URL or option"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, with plain-text help (no reStructuredText)."""
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="carrot-kombu", description=_MAIN_DESCRIPTION, epilog=_MAIN_EPILOG, formatter_class=raw
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p_check = sub.add_parser(
+        "check", help="connect once and report; a container health check",
+        description=_CHECK_DESCRIPTION, epilog=_CHECK_EPILOG, formatter_class=raw,
+    )
+    p_check.add_argument("url", nargs="?", metavar="URL", help=_URL_HELP.format(""))
+    p_check.add_argument(
+        "--timeout", type=float, default=10.0, metavar="S",
+        help="seconds allowed to connect and open a channel (default 10); closing takes at most 1 s more",
+    )
+    p_check.add_argument("--json", action="store_true", help="print one JSON object instead of a line")
+    p_watch = sub.add_parser(
+        "watch", help="print one line per state change until Ctrl-C or SIGTERM",
+        description=_WATCH_DESCRIPTION, epilog=_WATCH_EPILOG, formatter_class=raw,
+    )
+    p_watch.add_argument("url", nargs="?", metavar="URL", help=_URL_HELP.format(""))
+    p_watch.add_argument("--json", action="store_true", help="one JSON object per line and event")
+    p_demo = sub.add_parser(
+        "demo", help="publish and consume a batch through pooled leases",
+        description=_DEMO_DESCRIPTION, epilog=_DEMO_EPILOG, formatter_class=raw,
+    )
+    p_demo.add_argument("url", nargs="?", metavar="URL", help=_URL_HELP.format(", then memory://"))
+    p_demo.add_argument("--threads", type=int, default=4, metavar="N", help="publishing threads (default 4)")
+    p_demo.add_argument("--messages", type=int, default=250, metavar="M", help="messages per thread (default 250)")
+    return parser
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="carrot-kombu", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    url_help = "broker URL (default: $CARROT_KOMBU_URL, then $CELERY_BROKER_URL, then memory://)"
-    p_check = sub.add_parser("check", help="connect once and report (exit 0 ok, 1 unreachable, 2 refused)")
-    p_check.add_argument("url", nargs="?", help=url_help)
-    p_check.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
-    p_check.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    p_watch = sub.add_parser("watch", help="print every state change until Ctrl-C")
-    p_watch.add_argument("url", nargs="?", help=url_help)
-    p_demo = sub.add_parser("demo", help="publish and consume a batch through pooled leases")
-    p_demo.add_argument("url", nargs="?", help=url_help)
-    p_demo.add_argument("--threads", type=int, default=4)
-    p_demo.add_argument("--messages", type=int, default=250, help="messages per thread")
+    parser = build_parser()
     args = parser.parse_args(argv)
-    url = args.url or default_url()
+    # An empty argument (``check "$UNSET"``) counts as none.
+    url = (args.url or "").strip() or url_from_environment()
     if args.command == "check":
         if not args.timeout > 0:
             parser.error("--timeout must be > 0")
         return check(url, args.timeout, args.json)
     if args.command == "watch":
-        return watch(url)
-    return demo(url, args.threads, args.messages)
+        return watch(url, as_json=args.json)
+    if args.threads < 1 or args.messages < 1:
+        parser.error("--threads and --messages must be >= 1")
+    return demo(url or "memory://", args.threads, args.messages)

@@ -1,10 +1,9 @@
-"""Fork safety, kombu compatibility and the carrot-kombu command on the real broker."""
+"""Fork safety and kombu/Celery compatibility on the real broker."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -16,8 +15,6 @@ import kombu
 from kombu.simple import SimpleQueue
 
 from .broker import connection_pids, drain, unique
-
-CLI = shutil.which("carrot-kombu") or os.path.join(os.path.dirname(sys.executable), "carrot-kombu")
 
 
 def test_fork_child_gets_its_own_connection_and_the_parent_keeps_working(rabbit):
@@ -91,68 +88,6 @@ def test_kombu_producer_consumer_queue_and_simple_queue(rabbit):
         simple.put({"s": 1})
         assert simple.get(timeout=5).payload == {"s": 1}
         simple.close()
-
-
-def run_cli(*args, timeout=60, env=None):
-    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def test_cli_check_healthy(amqp_url):
-    result = run_cli("check", amqp_url, "--json")
-    assert result.returncode == 0, result.stdout + result.stderr
-    report = json.loads(result.stdout)
-    assert report["healthy"] and report["server"]["product"] == "RabbitMQ"
-    assert report["heartbeat"] and report["frame_max"] and report["channel_max"]
-    assert report["connect_ms"] > 0 and report["channel_open_ms"] > 0
-    assert ":**@" in report["broker"] and "guest:guest" not in result.stdout
-    plain = run_cli("check", amqp_url)
-    assert plain.returncode == 0 and plain.stdout.startswith("OK ")
-
-
-def test_cli_check_unreachable_and_refused(amqp_url):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    unreachable = run_cli("check", f"amqp://guest:guest@127.0.0.1:{port}//", "--timeout", "3")
-    assert unreachable.returncode == 1 and unreachable.stdout.startswith("FAILED")
-    secret = "not-the-password"
-    refused = run_cli("check", f"amqp://guest:{secret}@127.0.0.1:5672//", "--json")
-    assert refused.returncode == 2
-    assert "ACCESS_REFUSED" in json.loads(refused.stdout)["error"]
-    assert secret not in refused.stdout + refused.stderr
-    env = dict(os.environ, CARROT_KOMBU_URL=amqp_url)
-    assert run_cli("check", env=env).returncode == 0  # URL from the environment
-
-
-def test_cli_watch_runs_until_ctrl_c(amqp_url):
-    proc = subprocess.Popen([CLI, "watch", amqp_url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        lines = []
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            lines.append(line)
-            if "connected to" in line:
-                break
-        assert any("connected to amqp://guest:**@" in line for line in lines), lines
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=15)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err
-    assert out.rstrip().endswith("stopped")
-    assert "guest:guest" not in "".join(lines) + out
-
-
-def test_python_dash_m_is_the_same_command(amqp_url):
-    result = subprocess.run([sys.executable, "-m", "carrot_kombu", "check", amqp_url], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0 and result.stdout.startswith("OK ")
-
-
-def test_cli_demo_on_the_real_broker(amqp_url):
-    result = run_cli("demo", amqp_url, "--threads", "3", "--messages", "50")
-    assert result.returncode == 0 and "150 messages from 3 threads" in result.stdout and "-> OK" in result.stdout
 
 
 def test_celery_prefork_worker_runs_one_manager_per_child(rabbit, amqp_url):

@@ -1,13 +1,11 @@
-"""from_url / from_connection / from_celery, the Celery module, kombu on leases, the CLI (memory://)."""
+"""from_url / from_connection / from_celery, the Celery module, kombu on leases (memory://)."""
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
 import subprocess
 import sys
-import threading
 
 import kombu
 import pytest
@@ -15,7 +13,6 @@ from celery import Celery, signals
 from kombu.simple import SimpleQueue
 
 from carrot_kombu import Backoff, ConfigurationError, ConnectionManager, ConnectionState, Disconnected
-from carrot_kombu import cli
 
 
 def test_from_url_is_the_constructor():
@@ -120,45 +117,6 @@ def test_drain_events_while_disconnected_raises(make_manager, faults):
     assert events.wait_count("connect_failed", 1)
     with pytest.raises(Disconnected):
         manager.drain_events(timeout=0.1)
-
-
-def test_cli_check_exit_codes_on_memory_and_bad_config(capsys):
-    assert cli.main(["check", "memory://", "--json"]) == 0
-    assert '"healthy": true' in capsys.readouterr().out
-    assert cli.main(["check", "redis://h"]) == 2
-    assert cli.main(["check", "amqp://u:s3cret-x@h:99999//"]) == 2
-    assert "s3cret-x" not in capsys.readouterr().out
-
-
-def test_cli_url_defaults(monkeypatch):
-    monkeypatch.delenv("CARROT_KOMBU_URL", raising=False)
-    monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
-    assert cli.default_url() == "memory://"
-    monkeypatch.setenv("CELERY_BROKER_URL", "amqp://c//")
-    assert cli.default_url() == "amqp://c//"
-    monkeypatch.setenv("CARROT_KOMBU_URL", "amqp://k//")
-    assert cli.default_url() == "amqp://k//"
-
-
-def test_cli_watch_prints_state_changes_and_stops(faults):
-    faults.refuse = 1
-    out = io.StringIO()
-    stop = threading.Event()
-    result = []
-    runner = threading.Thread(target=lambda: result.append(cli.watch("faulty://", out=out, stop=stop)))
-    runner.start()
-    assert faults.wait_attempts(2)
-    import time
-
-    deadline = time.monotonic() + 5
-    while "connected to" not in out.getvalue() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    stop.set()
-    runner.join(10)
-    text = out.getvalue()
-    assert result == [0]
-    assert "connect failed: ConnectionRefusedError" in text and "next attempt in" in text
-    assert "connected to faulty://" in text and text.rstrip().endswith("stopped")
 
 
 def test_backoff_pickles_for_celery_configuration():
