@@ -4,20 +4,34 @@ from __future__ import annotations
 
 import logging
 
-from .exceptions import Blocked, CarrotKombuError, ConfigurationError, Disconnected, PoolTimeout
 from .consumers import Consumer
+from .exceptions import (
+    Blocked,
+    CarrotKombuError,
+    ChannelLimitReached,
+    ConfigurationError,
+    Disconnected,
+    Nacked,
+    PoolTimeout,
+    PublishError,
+    PublishTimeout,
+    Rejected,
+    ReplyTimeout,
+    SetupFailed,
+    Unroutable,
+)
 from .manager import ConnectionManager
-from .publisher import Nacked, PublishError, PublishTimeout, Unroutable
 from .pool import Lease
 from .retry import Backoff
 from .status import ConnectionState, Status
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = (
     "Backoff",
     "Blocked",
     "CarrotKombuError",
+    "ChannelLimitReached",
     "ConfigurationError",
     "ConnectionManager",
     "ConnectionState",
@@ -28,6 +42,9 @@ __all__ = (
     "PoolTimeout",
     "PublishError",
     "PublishTimeout",
+    "Rejected",
+    "ReplyTimeout",
+    "SetupFailed",
     "Status",
     "Unroutable",
     "__version__",

@@ -3,10 +3,14 @@
 The supervisor makes a link per successful connection attempt and throws it
 away when it dies; nothing about a link is ever reused.  Two kinds:
 
-* :class:`AmqpLink` over :class:`~carrot_kombu._amqp.SupervisedConnection`
-  (a reader thread, heartbeats, drop without handshake);
+* :class:`AmqpLink` over :class:`~carrot_kombu._pyamqp.SupervisedConnection`
+  (a service thread, heartbeats, callers that read for themselves, drop
+  without handshake);
 * :class:`VirtualLink` over kombu's in-process ``memory://`` transport (and
   its subclasses, which is how unit tests inject faults).
+
+The rest of the library asks a link about its channels (:meth:`Link.reusable`,
+:meth:`Link.verify`) instead of looking into them.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any, Callable, Optional
 import kombu
 from kombu.transport import resolve_transport
 
-from ._amqp import SupervisedConnection, SupervisedTransport
+from ._pyamqp import ConnHooks, LinkOptions, SupervisedConnection, SupervisedTransport
 from .config import Endpoint, Settings
 from .exceptions import Disconnected
 
@@ -33,7 +37,7 @@ LostCallback = Callable[["Link", BaseException], None]
 
 
 class LinkHooks:
-    """What a link reports to its supervisor (from any thread)."""
+    """What a link reports to its supervisor (from any thread; must not block)."""
 
     def __init__(
         self,
@@ -49,10 +53,8 @@ class LinkHooks:
 class Link:
     """An established connection; subclasses implement the transport specifics."""
 
-    #: Seconds between two supervisor ticks while connected.
+    #: Seconds between two supervisor checks while connected.
     tick_interval: float = 1.0
-    #: See ``ConnectionManager(blocked_timeout=...)``.
-    blocked_timeout: Optional[float] = None
 
     def __init__(self, generation: int, endpoint: Endpoint, kombu_connection: kombu.Connection, raw: Any) -> None:
         self.generation = generation
@@ -61,15 +63,19 @@ class Link:
         self.raw = raw
 
     def start(self, hooks: LinkHooks) -> None:
-        """Begin servicing the connection (reader thread, if any)."""
+        """Begin servicing the connection."""
 
     def open_channel(self) -> Any:
         """Open a new channel on this connection (I/O: call without locks)."""
         return self.kombu.transport.create_channel(self.raw)
 
     def tick(self) -> None:
-        """Heartbeats and liveness; raises when the connection is dead."""
+        """Liveness; raises when the connection is dead."""
         self.kombu.transport.heartbeat_check(self.raw)
+
+    @property
+    def dead(self) -> Optional[BaseException]:
+        return None
 
     def kill(self, exc: BaseException) -> None:
         """Drop a dead connection without any handshake; never blocks."""
@@ -86,7 +92,7 @@ class Link:
             self.kill(exc)
 
     def drain_events(self, timeout: Optional[float]) -> None:
-        """Wait until the connection dispatched something (kombu's ``drain_events``)."""
+        """Run queued kombu callbacks in this thread, waiting up to ``timeout`` for one."""
         self.kombu.drain_events(timeout=timeout)
 
     def disown(self) -> None:
@@ -98,64 +104,81 @@ class Link:
     def server(self) -> dict[str, Optional[str]]:
         return {"product": None, "version": None}
 
+    def silent_for(self) -> float:
+        """Seconds since the broker last sent anything (0 where unknown)."""
+        return 0.0
+
+    # -- questions about channels of this link -------------------------------------------
+
+    def reusable(self, chan: Any) -> bool:
+        """May ``chan`` go to another borrower as it is?"""
+        if getattr(chan, "closed", False) or not getattr(chan, "is_open", True):
+            return False
+        # Consumers would keep delivering to whoever leases the channel next.
+        return not getattr(chan, "callbacks", None)
+
+    def needs_verify(self, chan: Any) -> bool:
+        """Could a late error of what ``chan`` wrote still arrive (see :meth:`verify`)?"""
+        return False
+
+    def verify(self, chan: Any, on_done: Callable[[bool], None]) -> bool:
+        """Start checking ``chan`` without waiting; ``on_done(ok)`` follows from the reading thread."""
+        return False
+
 
 class AmqpLink(Link):
-    """A py-amqp connection serviced by a reader thread."""
+    """A py-amqp connection run by its :class:`~carrot_kombu._pyamqp.ConnState`."""
 
     raw: SupervisedConnection
 
     def __init__(self, generation: int, endpoint: Endpoint, kombu_connection: kombu.Connection, raw: Any) -> None:
         super().__init__(generation, endpoint, kombu_connection, raw)
         hb = raw.heartbeat or 0
-        # Check often enough to notice 2 missed heartbeats within ~2*hb + 0.5s.
+        # A backstop to the service thread's own check: notice 2 missed
+        # heartbeats within ~2*hb + 0.5s even if that thread were stuck.
         self.tick_interval = min(1.0, max(0.05, hb / 4)) if hb else 1.0
 
     def start(self, hooks: LinkHooks) -> None:
-        self.raw._carrot_on_blocked = lambda reason: hooks.on_blocked(self, str(reason))
-        self.raw._carrot_on_unblocked = lambda: hooks.on_unblocked(self)
-        self.raw._carrot_blocked_timeout = self.blocked_timeout
-        self.raw.start_reader(lambda _conn, exc: hooks.on_lost(self, exc))
+        self.raw.carrot.start(
+            ConnHooks(
+                on_lost=lambda exc: hooks.on_lost(self, exc),
+                on_blocked=lambda reason: hooks.on_blocked(self, str(reason)),
+                on_unblocked=lambda: hooks.on_unblocked(self),
+            ),
+            name=f"{self.endpoint.host}:{self.endpoint.port}",
+        )
 
     def open_channel(self) -> Any:
         return self.raw.channel()
 
+    @property
+    def dead(self) -> Optional[BaseException]:
+        return self.raw.carrot.dead
+
     def drain_events(self, timeout: Optional[float]) -> None:
-        self.raw.drain_events(timeout=timeout)
+        self.raw.carrot.events.drain(timeout)
 
     def disown(self) -> None:
         # A close or shutdown here would also end the parent's connection
         # (same socket); only mark it dead so that nothing writes to it.
-        self.raw._carrot_dead = Disconnected("the process forked; this connection belongs to the parent")
+        self.raw.carrot.disown(Disconnected("the process forked; this connection belongs to the parent"))
 
     def tick(self) -> None:
-        self.raw.tick()
+        self.raw.carrot.check_liveness()
 
     def kill(self, exc: BaseException) -> None:
-        self.raw.kill(exc)
-        self.raw.join_reader(1.0)
+        state = self.raw.carrot
+        state.fail(exc)
+        state.join(1.0)
+        if state.wire is not None:
+            state.wire.close()
 
     def close(self, timeout: float) -> None:
-        raw = self.raw
-        if raw._carrot_dead is not None:
-            self.kill(raw._carrot_dead)
-            return
-        done = threading.Event()
-        error: list[BaseException] = []
-
-        def _close() -> None:
-            try:
-                raw.close()
-            except Exception as exc:  # the broker may be gone; we kill below
-                error.append(exc)
-            finally:
-                done.set()
-
-        # Connection.close() waits for CloseOk without a timeout: bound it.
-        closer = threading.Thread(target=_close, name="carrot-kombu-close", daemon=True)
-        closer.start()
-        done.wait(timeout)
-        self.kill(error[0] if error else Disconnected("manager stopped"))
-        closer.join(1.0)
+        try:
+            self.raw.close(timeout=timeout)
+        except Exception as exc:  # never let a polite close keep us
+            logger.debug("ignored error while closing: %r", exc)
+        self.kill(Disconnected("manager stopped"))
 
     def negotiated(self) -> dict[str, Any]:
         return {
@@ -168,24 +191,33 @@ class AmqpLink(Link):
         props = self.raw.server_properties or {}
         return {"product": _text(props.get("product")), "version": _text(props.get("version"))}
 
+    def silent_for(self) -> float:
+        return self.raw.carrot.silent_for()
+
+    def reusable(self, chan: Any) -> bool:
+        return bool(chan.carrot.reusable())
+
+    def needs_verify(self, chan: Any) -> bool:
+        return bool(chan.carrot.unverified)
+
+    def verify(self, chan: Any, on_done: Callable[[bool], None]) -> bool:
+        return bool(chan.begin_sync(on_done))
+
 
 class VirtualLink(Link):
     """kombu's in-process transport: no socket, liveness by ``heartbeat_check``."""
 
     tick_interval = 0.05
 
-    def tick(self) -> None:
-        super().tick()
-        # No reader thread here: deliver to consumers on the supervisor's tick.
-        for _ in range(100):
-            try:
-                self.kombu.drain_events(timeout=0)
-            except (socket.timeout, TimeoutError):
-                return
+    def private_connection(self) -> kombu.Connection:
+        """A connection of the same in-process broker, for one consumer's own thread."""
+        conn = kombu.Connection(transport=type(self.kombu.transport), hostname=self.endpoint.host)
+        conn.connect()
+        return conn
 
 
-def open_link(generation: int, endpoint: Endpoint, settings: Settings) -> Link:
-    """Connect once to ``endpoint`` (blocking, bounded by its connect timeout).
+def open_link(generation: int, endpoint: Endpoint, settings: Settings, connect_timeout: Optional[float] = None) -> Link:
+    """Connect once to ``endpoint`` (blocking, bounded by ``connect_timeout``).
 
     Raises:
         Exception: Whatever the transport raised; the caller classifies it.
@@ -202,6 +234,13 @@ def open_link(generation: int, endpoint: Endpoint, settings: Settings) -> Link:
         if endpoint.frame_max:
             options["frame_max"] = endpoint.frame_max
         options["socket_settings"] = _socket_settings(endpoint, settings)
+        options["carrot_options"] = LinkOptions(
+            reply_timeout=settings.reply_timeout, blocked_timeout=settings.blocked_timeout
+        )
+        # User callbacks never run on the reading thread: the manager
+        # delivers blocked/unblocked as events instead.
+        options.pop("on_blocked", None)
+        options.pop("on_unblocked", None)
     conn = kombu.Connection(
         hostname=endpoint.host,
         port=endpoint.port,
@@ -210,7 +249,7 @@ def open_link(generation: int, endpoint: Endpoint, settings: Settings) -> Link:
         virtual_host=endpoint.virtual_host,
         ssl=endpoint.ssl_for_connection(),
         heartbeat=endpoint.heartbeat,
-        connect_timeout=endpoint.connect_timeout,
+        connect_timeout=connect_timeout or endpoint.connect_timeout,
         transport=transport_cls,
         transport_options=options,
     )
@@ -224,21 +263,21 @@ def open_link(generation: int, endpoint: Endpoint, settings: Settings) -> Link:
         except Exception:
             pass
         raise
-    link: Link = AmqpLink(generation, endpoint, conn, raw) if endpoint.is_amqp else VirtualLink(
-        generation, endpoint, conn, raw
-    )
-    link.blocked_timeout = settings.blocked_timeout
-    return link
+    if endpoint.is_amqp:
+        return AmqpLink(generation, endpoint, conn, raw)
+    return VirtualLink(generation, endpoint, conn, raw)
 
 
 _GUARDED: dict[type, type] = {}
+_GUARD_LOCK = threading.Lock()
 
 
 def _transport_for(endpoint: Endpoint) -> type:
     base: Any = SupervisedTransport if endpoint.is_amqp else resolve_transport(endpoint.scheme)
-    guarded = _GUARDED.get(base)
-    if guarded is None:
-        guarded = _GUARDED[base] = _guard(base)
+    with _GUARD_LOCK:
+        guarded = _GUARDED.get(base)
+        if guarded is None:
+            guarded = _GUARDED[base] = _guard(base)
     return guarded
 
 
@@ -279,5 +318,3 @@ def _text(value: Any) -> Optional[str]:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return str(value)
-
-

@@ -1,8 +1,22 @@
 """The supervisor: one thread that owns the manager's connection.
 
-It is one loop, easy to follow: connect (one attempt), serve (tick heartbeats,
-wait for "lost", "blocked", "stop"), drop, wait the backoff delay, repeat.
-Other threads only *post* to its inbox; it only *posts* events to the bus.
+It is one loop, easy to follow: connect (one attempt), serve (check
+liveness, retry what is degraded, wait for "lost", "blocked", "stop"),
+drop, choose the next attempt, repeat.  Other threads only *post* small
+typed messages to its inbox; it only *posts* events to the bus.
+
+Choosing the next attempt:
+
+* after a loss, with other brokers configured, the next one is tried at
+  once (a node that just failed is not retried first);
+* failed attempts rotate through the brokers without waiting; only when
+  every broker failed in a row does the backoff policy apply;
+* during a backoff wait after a network failure, a cheap TCP probe checks
+  every 0.25 s whether a broker accepts connections again, and ends the wait
+  early (at most one early AMQP attempt per backoff slot: a herd of clients
+  never hammers the broker with handshakes);
+* refusals a retry will not fix (credentials, vhost, certificate) are
+  retried only every ``Backoff.max`` seconds, and never probed.
 """
 
 from __future__ import annotations
@@ -10,21 +24,27 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
+import random
+import socket
 import ssl
 import threading
 import time
-from typing import Any, Iterator, Optional, Protocol
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Union
 
 from amqp.exceptions import AccessRefused, AMQPError, NotAllowed
 
 from ._link import Link, LinkHooks, open_link
-from .config import Settings
+from .config import Endpoint, Settings
 from .events import EventBus
-from .exceptions import CarrotKombuError
+from .exceptions import CarrotKombuError, Disconnected, SetupFailed
 from .pool import ChannelPool
+from .publisher import Publisher
+from .recovery import Degraded, Recovery
 from .status import ConnectionState, StateBoard
+from .topology import is_unavailable
 
-__all__ = ("Supervisor", "is_fatal")
+__all__ = ("Supervisor", "is_fatal", "SetupFailed")
 
 logger = logging.getLogger("carrot_kombu")
 
@@ -32,27 +52,50 @@ logger = logging.getLogger("carrot_kombu")
 #: the configuration): retried only every ``Backoff.max`` seconds.
 FATAL_ERRORS = (AccessRefused, NotAllowed, ssl.SSLCertVerificationError)
 
-
 #: Link generations are unique in the process, across supervisors: a manager
 #: started again must never mistake a new link for one it saw before.
 _GENERATIONS = itertools.count(1)
 
-
-class Recovery(Protocol):
-    """What the manager re-creates on each new connection (topology, consumers, publisher)."""
-
-    def restore(self, link: Link) -> None:
-        """Before leases and ``connected``; raising fails the attempt."""
-
-    def attached(self, link: Link) -> None:
-        """Right after leases became available (catch up with late registrations)."""
-
-    def forget(self, link: Link) -> None:
-        """The link is lost (from any thread; no I/O)."""
+#: Seconds between TCP readiness probes during a backoff wait.
+PROBE_INTERVAL = 0.25
+#: With other brokers to try, one handshake with a silent peer is bounded by this.
+ALTERNATE_ATTEMPT_TIMEOUT = 5.0
+#: After a connection lost sooner than this, the next attempt waits
+#: ``Backoff.min`` (a broker that kills every new connection must not make us spin).
+SHORT_LIVED = 1.0
 
 
-class SetupFailed(CarrotKombuError):
-    """Declaring the topology or a setup function failed on a new connection."""
+# -- the inbox --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stop:
+    pass
+
+
+@dataclass(frozen=True)
+class Lost:
+    generation: int
+    error: BaseException
+
+
+@dataclass(frozen=True)
+class BlockedNotice:
+    generation: int
+    reason: Optional[str]  # None: unblocked
+
+
+@dataclass(frozen=True)
+class ReplacePublisherChannel:
+    generation: int
+
+
+@dataclass(frozen=True)
+class Resubscribe:
+    consumer: Any
+
+
+Message = Union[Stop, Lost, BlockedNotice, ReplacePublisherChannel, Resubscribe]
 
 
 def is_fatal(exc: BaseException) -> bool:
@@ -66,30 +109,48 @@ def is_fatal(exc: BaseException) -> bool:
         # A broker answer or a lost connection may pass; a bug in a setup
         # function will not: retry that one slowly.
         return not isinstance(exc.reason, (OSError, AMQPError, CarrotKombuError))
-    return isinstance(exc, FATAL_ERRORS) or not isinstance(exc, (OSError, AMQPError))
+    return isinstance(exc, FATAL_ERRORS) or not isinstance(exc, (OSError, AMQPError, CarrotKombuError))
+
+
+class _Retry:
+    """A degraded entity or consumer and when to try it again."""
+
+    __slots__ = ("item", "due", "attempt")
+
+    def __init__(self, item: Degraded, due: float, attempt: int) -> None:
+        self.item = item
+        self.due = due
+        self.attempt = attempt
 
 
 class Supervisor:
     """Runs the connect/serve/reconnect loop on its own thread."""
 
     def __init__(
-        self, settings: Settings, pool: ChannelPool, bus: EventBus, board: StateBoard, recovery: "Recovery"
+        self,
+        settings: Settings,
+        pool: ChannelPool,
+        bus: EventBus,
+        board: StateBoard,
+        recovery: Recovery,
+        publisher: Publisher,
     ) -> None:
         self._settings = settings
         self._recovery = recovery
+        self._publisher = publisher
         self._pool = pool
         self._bus = bus
         self._board = board
-        self._inbox: "queue.SimpleQueue[tuple[Any, ...]]" = queue.SimpleQueue()
+        self._inbox: "queue.SimpleQueue[Message]" = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="carrot-kombu-supervisor", daemon=True)
-        self._generation = 0
         self._retired = False
         self._live: Optional[int] = None
         self._endpoint_index = 0
         self._stop_timeout = 5.0
         self._last_failure: BaseException = CarrotKombuError("no attempt yet")
         self._failed_url = ""
+        self._retries: dict[int, _Retry] = {}
 
     # -- called by the manager -------------------------------------------------------
 
@@ -104,32 +165,40 @@ class Supervisor:
         """
         self._retired = True
 
-    def _post(self, event: str, *args: Any) -> None:
-        if not self._retired:
-            self._bus.post(event, *args)
-
     def stop(self, timeout: Optional[float]) -> bool:
         """Ask the loop to end; True if it ended within ``timeout``."""
         if timeout is not None:
             self._stop_timeout = max(0.1, timeout / 2)
         self._stopping.set()
-        self._inbox.put(("stop",))
+        self._inbox.put(Stop())
         if self._thread is threading.current_thread():
             return False
         self._thread.join(timeout)
         return not self._thread.is_alive()
+
+    def replace_publisher_channel(self, generation: int) -> None:
+        """From the reading thread: the broker closed the confirm channel."""
+        self._inbox.put(ReplacePublisherChannel(generation))
+
+    def resubscribe(self, consumer: Any) -> None:
+        """From the reading thread: the broker cancelled a consumer."""
+        self._inbox.put(Resubscribe(consumer))
+
+    def _post(self, event: str, *args: Any) -> None:
+        if not self._retired:
+            self._bus.post(event, *args)
 
     # -- posted by link threads ------------------------------------------------------
 
     def _hooks(self) -> LinkHooks:
         return LinkHooks(
             on_lost=self._on_lost,
-            on_blocked=lambda link, reason: self._inbox.put(("blocked", link.generation, reason)),
-            on_unblocked=lambda link: self._inbox.put(("unblocked", link.generation)),
+            on_blocked=lambda link, reason: self._inbox.put(BlockedNotice(link.generation, reason)),
+            on_unblocked=lambda link: self._inbox.put(BlockedNotice(link.generation, None)),
         )
 
     def _on_lost(self, link: Link, exc: BaseException) -> None:
-        """From the reader or a writer: stop handing out leases *now*, then tell the loop.
+        """From whichever thread saw it: stop handing out leases *now*, then tell the loop.
 
         Waiting for the supervisor to take its turn would let busy threads
         spin on a dead connection that still looks connected.
@@ -137,124 +206,160 @@ class Supervisor:
         message = self._describe(exc)
         self._pool.detach("connection lost", _public(exc, message), link.generation)
         self._recovery.forget(link)
-        self._board.update_if(
-            lambda status: status.state is ConnectionState.CONNECTED and self._live == link.generation,
-            state=ConnectionState.DISCONNECTED, last_error=message,
-        )
-        self._inbox.put(("lost", link.generation, exc))
+        self._board.lost_if_live(message, lambda: self._live == link.generation)
+        self._inbox.put(Lost(link.generation, exc))
 
     # -- the loop ----------------------------------------------------------------------
 
     def _run(self) -> None:
-        settings = self._settings
-        delays: Optional[Iterator[float]] = None
         try:
-            while not self._stopping.is_set():
-                link = self._attempt()
-                if link is None:
-                    if delays is None:
-                        delays = settings.backoff.delays()
-                    if not self._after_failure(delays):
-                        return
-                    continue
-                delays = None  # the schedule restarts after a success
-                lost = self._serve(link)
-                if lost is None:
-                    return
-                # First retry after the first backoff slot: a forced close is
-                # recovered in ``Backoff.min``, and a broker that kills every
-                # new connection cannot make us spin.
-                if not self._wait(settings.backoff.min):
-                    return
+            self._loop()
         except BaseException:  # pragma: no cover - a bug; never leave users hanging
             logger.exception("carrot_kombu supervisor crashed")
-            self._board.update(state=ConnectionState.FAILED, last_error="supervisor crashed", next_attempt_at=None)
+            self._board.crashed()
             self._pool.set_down("supervisor crashed", None)
+            self._publisher.fail_waiting("the carrot_kombu supervisor crashed")
         finally:
             if self._stopping.is_set():
                 self._pool.detach("manager stopped", None)
-                self._board.update(state=ConnectionState.STOPPED, next_attempt_at=None, blocked=False, blocked_reason=None)
+                self._board.stopped()
                 self._post("stopped")
 
-    def _attempt(self) -> Optional[Link]:
+    def _loop(self) -> None:
+        settings = self._settings
+        endpoints = len(settings.endpoints)
+        delays: Optional[Iterator[float]] = None
+        failed_in_row = 0
+        while not self._stopping.is_set():
+            link = self._attempt(alternates=endpoints > 1)
+            if link is None:
+                if self._stopping.is_set():
+                    return
+                failed_in_row += 1
+                fatal = is_fatal(self._last_failure)
+                if failed_in_row % endpoints and not fatal:
+                    continue  # another broker is still untried in this round: no wait
+                if delays is None:
+                    delays = settings.backoff.delays()
+                if not self._after_failure(delays):
+                    return
+                continue
+            started = time.monotonic()
+            lost = self._serve(link)
+            if lost is None:
+                return
+            short = time.monotonic() - started < SHORT_LIVED
+            delays, failed_in_row = None, 0  # the schedule restarts after a success
+            if endpoints > 1:
+                # Rotate away from the node that just failed: try the next one at once.
+                self._endpoint_index = (self._endpoint_index + 1) % endpoints
+            elif short and not self._wait(settings.backoff.min):
+                return
+
+    def _attempt(self, alternates: bool) -> Optional[Link]:
         settings = self._settings
         endpoint = settings.endpoints[self._endpoint_index]
-        self._board.update(state=ConnectionState.CONNECTING, broker=endpoint.masked_url, next_attempt_at=None)
+        self._board.connecting(endpoint.masked_url)
         self._post("connecting")
-        self._generation = next(_GENERATIONS)
+        generation = next(_GENERATIONS)
+        timeout = endpoint.connect_timeout
+        if alternates:
+            timeout = min(timeout, max(ALTERNATE_ATTEMPT_TIMEOUT, float(endpoint.heartbeat)))
         try:
-            link = open_link(self._generation, endpoint, settings)
+            link = open_link(generation, endpoint, settings, connect_timeout=timeout)
         except Exception as exc:
-            self._last_failure = exc
-            self._failed_url = endpoint.masked_url
-            self._endpoint_index = (self._endpoint_index + 1) % len(settings.endpoints)
+            self._failed(endpoint, exc)
             return None
         if self._stopping.is_set():
             link.close(self._stop_timeout)
             return None
-        # The reader must own the socket before anything else uses it.
+        # The connection's own thread must own the socket before anything else uses it.
         self._live = link.generation
         link.start(self._hooks())
         try:
-            self._recovery.restore(link)
+            degraded = self._recovery.restore(link)
         except Exception as exc:
             # Never report connected half-recovered: this attempt failed.
-            self._last_failure = SetupFailed(f"setup failed on {endpoint.masked_url}: {self._describe(exc)}", exc)
-            self._failed_url = endpoint.masked_url
-            self._endpoint_index = (self._endpoint_index + 1) % len(settings.endpoints)
+            self._failed(endpoint, SetupFailed(f"setup failed on {endpoint.masked_url}: {self._describe(exc)}", exc))
             link.kill(exc)
             return None
+        self._retries = {}
+        self._degrade(degraded)
         return link
 
+    def _failed(self, endpoint: Endpoint, exc: BaseException) -> None:
+        self._last_failure = exc
+        self._failed_url = endpoint.masked_url
+        self._endpoint_index = (self._endpoint_index + 1) % len(self._settings.endpoints)
 
     def _after_failure(self, delays: Iterator[float]) -> bool:
         """Report the failed attempt and wait; False when the loop must end."""
         exc = self._last_failure
         fatal = is_fatal(exc)
         message = self._describe(exc)
-        attempts = self._board.current.attempts + 1
+        public = _public(exc, message)
         delay = next(delays, None)
         if delay is not None and fatal:
             delay = max(delay, self._settings.backoff.max)
+        if self._stopping.is_set():
+            return False  # stop() was called during the attempt: nothing more to report
         if delay is None:
-            logger.error("carrot_kombu gave up connecting after %d attempt(s): %s", attempts, message)
-            self._board.update(
-                state=ConnectionState.FAILED, last_error=message, fatal=fatal,
-                gave_up=True, attempts=attempts, next_attempt_at=None,
-            )
-            self._pool.set_down(f"gave up connecting to {self._failed_url}", _public(exc, message))
-            self._post("connect_failed", _public(exc, message), None)
+            logger.error("carrot_kombu gave up connecting after %d attempt(s): %s",
+                         self._board.current.attempts + 1, message)
+            self._board.gave_up(message, fatal)
+            self._pool.set_down(f"gave up connecting to {self._failed_url}", public)
+            self._publisher.fail_waiting(f"the manager gave up connecting ({message})", public)
+            self._post("connect_failed", public, None)
             self._stopping.wait()  # stay FAILED until stop()
             return False
         log = logger.error if fatal else logger.warning
         log("carrot_kombu connection attempt failed (%s); next attempt in %.2fs", message, delay)
-        self._board.update(
-            state=ConnectionState.FAILED if fatal else ConnectionState.DISCONNECTED,
-            last_error=message, fatal=fatal, attempts=attempts,
-            next_attempt_at=time.monotonic() + delay,
-        )
-        self._pool.set_down(f"not connected to {self._failed_url}", _public(exc, message))
-        self._post("connect_failed", _public(exc, message), delay)
-        return self._wait(delay)
+        self._board.attempt_failed(message, fatal, delay)
+        self._pool.set_down(f"not connected to {self._failed_url}", public)
+        if fatal:
+            self._publisher.fail_waiting(f"the broker refused the connection ({message})", public)
+        self._post("connect_failed", public, delay)
+        if fatal:
+            return self._wait(delay)
+        return self._wait_probing(delay)
+
+    def _wait_probing(self, delay: float) -> bool:
+        """Wait ``delay``, ending early when a broker accepts TCP connections again."""
+        deadline = time.monotonic() + delay
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return True
+            step = min(remaining, PROBE_INTERVAL * random.uniform(0.8, 1.2))
+            if self._stopping.wait(step):
+                return False
+            if deadline - time.monotonic() <= 0:
+                return True
+            index = self._probe()
+            if index is not None:
+                self._endpoint_index = index
+                return not self._stopping.is_set()
+
+    def _probe(self) -> Optional[int]:
+        """The first broker (from the next one to try) whose port accepts a TCP connection."""
+        endpoints = self._settings.endpoints
+        for offset in range(len(endpoints)):
+            index = (self._endpoint_index + offset) % len(endpoints)
+            endpoint = endpoints[index]
+            if not endpoint.is_amqp:
+                return index
+            try:
+                with socket.create_connection((endpoint.host, endpoint.port), timeout=0.5):
+                    return index
+            except OSError:
+                continue
+        return None
 
     def _serve(self, link: Link) -> Optional[BaseException]:
         """Run a live link until it is lost (returns why) or stop (returns None)."""
-        board = self._board
-        negotiated = link.negotiated()
-        server = link.server()
-        self._pool.attach(link, negotiated.get("channel_max"))
-        self._recovery.attached(link)
-        previous = board.current.connected_since
-        board.update(
-            state=ConnectionState.CONNECTED,
-            connected_since=time.time(),
-            reconnects=board.current.reconnects + (1 if previous is not None else 0),
-            broker=link.endpoint.masked_url, fatal=False, gave_up=False, attempts=0, next_attempt_at=None,
-            blocked=False, blocked_reason=None,
-            heartbeat=negotiated.get("heartbeat"), frame_max=negotiated.get("frame_max"),
-            channel_max=negotiated.get("channel_max"),
-            server_product=server["product"], server_version=server["version"],
-        )
+        self._pool.attach(link, link.negotiated().get("channel_max"))
+        self._degrade(self._recovery.attached(link))
+        self._board.connected(link.endpoint.masked_url, link.negotiated(), link.server())
         logger.info("carrot_kombu connected to %s", link.endpoint.masked_url)
         self._post("connected")
         lost = self._pump(link)
@@ -266,10 +371,7 @@ class Supervisor:
         self._pool.detach("connection lost", _public(lost, message))
         link.kill(lost)
         logger.warning("carrot_kombu lost its connection to %s: %s", link.endpoint.masked_url, message)
-        board.update(
-            state=ConnectionState.DISCONNECTED, last_error=message, blocked=False, blocked_reason=None,
-            next_attempt_at=time.monotonic() + self._settings.backoff.min,
-        )
+        self._board.lost(message, None)
         self._post("disconnected", _public(lost, message))
         return lost
 
@@ -277,32 +379,97 @@ class Supervisor:
         interval = link.tick_interval
         next_tick = time.monotonic() + interval
         while True:
+            wake = min([next_tick] + [r.due for r in self._retries.values()])
             try:
-                msg = self._inbox.get(timeout=max(0.0, next_tick - time.monotonic()))
+                msg: Optional[Message] = self._inbox.get(timeout=max(0.0, wake - time.monotonic()))
             except queue.Empty:
                 msg = None
-            if msg is not None:
-                kind = msg[0]
-                if kind == "stop":
-                    return None
-                if len(msg) > 1 and msg[1] != link.generation:
-                    continue  # news about an earlier connection
-                if kind == "lost":
-                    return msg[2]  # type: ignore[no-any-return]
-                if kind == "blocked":
-                    self._board.update(blocked=True, blocked_reason=msg[2])
-                    logger.warning("carrot_kombu connection blocked by the broker: %s", msg[2])
-                    self._post("blocked", msg[2])
-                elif kind == "unblocked":
-                    self._board.update(blocked=False, blocked_reason=None)
-                    logger.info("carrot_kombu connection unblocked")
-                    self._post("unblocked")
-            if time.monotonic() >= next_tick:
-                next_tick = time.monotonic() + interval
+            if isinstance(msg, Stop):
+                return None
+            if isinstance(msg, Lost) and msg.generation == link.generation:
+                return msg.error
+            if isinstance(msg, BlockedNotice) and msg.generation == link.generation:
+                self._blocked(msg.reason)
+            elif isinstance(msg, ReplacePublisherChannel) and msg.generation == link.generation:
+                self._guarded(link, self._recovery.ensure_publisher)
+            elif isinstance(msg, Resubscribe):
+                self._degrade([Degraded("consumer", msg.consumer, msg.consumer.name,
+                                        CarrotKombuError("cancelled by the broker"))], immediate=True)
+            now = time.monotonic()
+            if now >= next_tick:
+                next_tick = now + interval
+                self._pool.reap()
                 try:
                     link.tick()
                 except Exception as exc:
                     return exc
+            self._run_retries(link)
+
+    def _blocked(self, reason: Optional[str]) -> None:
+        self._board.blocked_by_broker(reason)
+        if reason is None:
+            logger.info("carrot_kombu connection unblocked")
+            self._post("unblocked")
+        else:
+            logger.warning("carrot_kombu connection blocked by the broker: %s", reason)
+            self._post("blocked", reason)
+
+    def _guarded(self, link: Link, action: Any) -> None:
+        try:
+            action(link)
+        except Disconnected:
+            pass  # the link is going; the next one restores everything
+        except Exception:
+            logger.warning("carrot_kombu recovery step failed", exc_info=True)
+
+    # -- degraded entities and consumers -------------------------------------------------------
+
+    def _degrade(self, items: list[Degraded], immediate: bool = False) -> None:
+        now = time.monotonic()
+        for item in items:
+            key = id(item.target)
+            known = self._retries.get(key)
+            if known is None:
+                logger.warning("carrot_kombu: %s is degraded: %s", item.what, self._describe(item.error))
+                self._post("degraded", item.what, self._describe(item.error))
+            attempt = 0 if known is None else known.attempt
+            delay = 0.0 if immediate else self._retry_delay(item.error, attempt)
+            self._retries[key] = _Retry(item, now + delay, attempt)
+        self._publish_degraded()
+
+    def _retry_delay(self, error: BaseException, attempt: int) -> float:
+        backoff = self._settings.backoff
+        if not is_unavailable(error) and not isinstance(error, CarrotKombuError):
+            return backoff.max  # refused: someone has to change something
+        # Unavailable (its node is down...): look again soon, so it comes
+        # back within about a second of the broker serving it again.
+        return min(min(backoff.min, 0.5) * 2.0 ** attempt, 1.0)
+
+    def _run_retries(self, link: Link) -> None:
+        now = time.monotonic()
+        for key, retry in list(self._retries.items()):
+            if retry.due > now or self._stopping.is_set():
+                continue
+            try:
+                error = self._recovery.retry(link, retry.item)
+            except Exception as exc:
+                logger.debug("retry of %s failed at the connection level: %r", retry.item.what, exc)
+                retry.due = time.monotonic() + 1.0
+                continue
+            if error is None:
+                del self._retries[key]
+                logger.info("carrot_kombu: %s is back", retry.item.what)
+                self._post("recovered", retry.item.what)
+            else:
+                retry.item.error = error
+                retry.attempt += 1
+                retry.due = time.monotonic() + self._retry_delay(error, retry.attempt)
+        self._publish_degraded()
+
+    def _publish_degraded(self) -> None:
+        items = {r.item.what: self._describe(r.item.error) for r in self._retries.values()}
+        if dict(self._board.current.degraded) != items:
+            self._board.set_degraded(items)
 
     def _wait(self, delay: float) -> bool:
         """Sleep ``delay`` unless stopped first; True if the loop may go on."""

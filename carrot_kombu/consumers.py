@@ -1,27 +1,35 @@
 """Consumers that survive reconnects: ``manager.consume``.
 
-Each consumer has its own channel and its own worker thread.  The reader
-thread only queues deliveries; the callback runs on the worker, so a slow
-callback never stalls heartbeats or other channels.  After a reconnect every
-live consumer subscribes again, with its QoS.  Acks for deliveries of a lost
-connection are dropped (they cannot be sent anywhere valid).
+Each consumer has its own channel and its own worker thread.  The thread
+that reads the connection only queues deliveries; the callback runs on the
+worker, so a slow callback never stalls heartbeats or other channels.
+
+* The queue is declared on every connection before subscribing (kombu's
+  ``Consumer`` does the same), unless ``declare=False``.
+* After a reconnect every live consumer subscribes again, with its QoS.
+* A consumer the broker cancels (queue deleted, its node down) is reported
+  once (``consumer_cancelled``), shown as degraded in ``status()`` and
+  subscribed again by the supervisor, with backoff, until the queue is back.
+* ``cancel()`` writes nothing on the channel after its close: an ack the
+  callback sends late is dropped (the broker requeues that delivery), never
+  a connection error.
 """
 
 from __future__ import annotations
 
 import logging
 import queue as _queue
+import socket
 import threading
-import uuid
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import kombu
-from amqp.exceptions import ChannelError
+
+from .topology import declare_entity, is_server_named
 
 if TYPE_CHECKING:
     from ._link import Link
     from .events import EventBus
-    from .topology import Topology
 
 __all__ = ("Consumer", "Consumers")
 
@@ -42,6 +50,7 @@ class Consumer:
         prefetch_count: Optional[int],
         no_ack: bool,
         arguments: Optional[dict[str, Any]],
+        declare: bool = True,
     ) -> None:
         self._owner = owner
         self.queue = queue
@@ -49,10 +58,15 @@ class Consumer:
         self.prefetch_count = prefetch_count
         self.no_ack = no_ack
         self.arguments = arguments
+        self.declare = declare
+        self.server_named = is_server_named(queue)
         self.active = True
+        #: Why the consumer is not subscribed right now (``None`` while it is).
+        self.degraded: Optional[str] = None
         self._lock = threading.Lock()  # state only: never held during I/O
         self._subscribing = threading.Lock()  # one subscribe at a time (I/O)
         self._channel: Any = None
+        self._private: Any = None  # in-process transports: our own connection
         self._tag: Optional[str] = None
         self._generation: Optional[int] = None
         self._deliveries: "_queue.SimpleQueue[Any]" = _queue.SimpleQueue()
@@ -62,74 +76,113 @@ class Consumer:
         self._worker.start()
 
     def __repr__(self) -> str:
-        state = "active" if self.active else "cancelled"
+        state = "cancelled" if not self.active else ("degraded" if self.degraded else "active")
         return f"<Consumer queue={self.queue.name!r} {state} generation={self._generation}>"
+
+    @property
+    def name(self) -> str:
+        return f"consumer of queue {self.queue.name!r}"
 
     # -- subscription (supervisor or caller thread) ------------------------------------------------
 
     def subscribe(self, link: "Link") -> None:
-        """Subscribe on ``link`` unless already subscribed there (idempotent).
+        """Declare the queue (unless told not to) and subscribe on ``link``; idempotent per link.
 
-        The state lock is not held during the requests: the reader thread may
-        need it (a broker cancel) while our reply is on its way.
+        Raises:
+            Exception: What the broker answered (the consumer stays registered).
         """
         with self._subscribing:
             with self._lock:
                 if not self.active or self._generation == link.generation:
                     return
-            channel = link.open_channel()
-            tag = f"carrot-kombu.{uuid.uuid4().hex}"
-            with self._lock:
-                self._tag = tag  # a cancel for this tag may arrive before ConsumeOk returns
+            private = getattr(link, "private_connection", None)
+            conn = private() if private is not None else None
+            channel = conn.channel() if conn is not None else link.open_channel()
             try:
+                if self.declare:
+                    declare_entity(channel, self.queue, self.server_named)
                 if self.prefetch_count is not None:
                     channel.basic_qos(0, self.prefetch_count, False)
-                channel.basic_consume(
-                    queue=self.queue.name, consumer_tag=tag, no_ack=self.no_ack,
-                    callback=self._deliver, on_cancel=self._broker_cancelled, arguments=self.arguments,
-                )
+                if conn is not None:
+                    tag = channel.basic_consume(queue=self.queue.name, no_ack=self.no_ack, callback=self._deliver,
+                                                consumer_tag=f"carrot-kombu.{id(self):x}", arguments=self.arguments)
+                else:
+                    tag = channel.consume_internal(self.queue.name, self._deliver, self._broker_cancelled,
+                                                   no_ack=self.no_ack, arguments=self.arguments)
             except BaseException:
                 _close(channel)
+                _release(conn)
                 raise
             with self._lock:
-                if self._tag == tag:
-                    self._channel, self._generation = channel, link.generation
+                keep = self._still_active()
+                if keep:
+                    self._channel, self._tag, self._generation, self._private = channel, tag, link.generation, conn
+                    self.degraded = None
+            if not keep:
+                _close(channel)  # cancelled meanwhile
+                _release(conn)
+            elif conn is not None:
+                threading.Thread(target=self._pump, args=(conn, link.generation),
+                                 name=f"carrot-kombu-pump-{self.queue.name}", daemon=True).start()
+
+    def _still_active(self) -> bool:
+        return self.active  # not cancelled while we were subscribing
 
     def forget(self, generation: int) -> None:
         with self._lock:
-            if self._generation == generation:
-                self._channel = self._tag = self._generation = None
+            if self._generation != generation:
+                return
+            self._channel = self._tag = self._generation = None
+            private, self._private = self._private, None
+        _release(private)
 
     def cancel(self) -> None:
-        """Stop consuming; deliveries already queued are still handed to the callback."""
+        """Stop consuming.
+
+        Deliveries already received but not yet handed to the callback are
+        dropped (the broker redelivers them), except with ``no_ack`` where the
+        broker already considers them delivered.
+        """
         with self._lock:
             if not self.active:
                 return
             self.active = False
-            channel, tag = self._channel, self._tag
-            self._channel = self._tag = self._generation = None
-        self._owner._remove(self)
+            channel, tag, private = self._channel, self._tag, self._private
+            self._channel = self._tag = self._generation = self._private = None
+        self._owner.remove(self)
         if channel is not None:
             try:
                 channel.basic_cancel(tag)
             except Exception:
                 logger.debug("ignored error cancelling a consumer", exc_info=True)
-            _close(channel)  # unacked deliveries go back to the queue
+            _close(channel)  # nothing is written after this; unacked deliveries go back to the queue
+        _release(private)
         self._deliveries.put(_STOP)
 
-    # -- the reader thread's side --------------------------------------------------------------
+    # -- the reading thread's side (our code: only queues) -------------------------------------
 
     def _deliver(self, raw: Any) -> None:
         self._deliveries.put(raw)
 
     def _broker_cancelled(self, tag: str) -> None:
-        """The broker cancelled us (queue deleted): resubscribe if we declare the queue."""
         with self._lock:
             if tag != self._tag:
                 return
             channel = self._channel
             self._channel = self._tag = self._generation = None
-        self._owner._broker_cancelled(self, channel)
+            self.degraded = "cancelled by the broker"
+        self._owner.broker_cancelled(self, channel)
+
+    def _pump(self, conn: Any, generation: int) -> None:
+        """In-process transports: deliver from our own connection (only our callback runs here)."""
+        while self.active and self._generation == generation:
+            try:
+                conn.drain_events(timeout=0.05)
+            except (socket.timeout, TimeoutError):
+                continue
+            except Exception:
+                logger.debug("consumer pump of %r ended", self.queue.name, exc_info=True)
+                return
 
     # -- the worker --------------------------------------------------------------------------------
 
@@ -138,6 +191,8 @@ class Consumer:
             raw = self._deliveries.get()
             if raw is _STOP:
                 return
+            if not self.no_ack and (not self.active or _lost(raw)):
+                continue  # its ack could go nowhere: the broker delivers it again
             try:
                 # py-amqp hands raw messages; kombu's virtual transports, kombu messages
                 message = raw if hasattr(raw, "decode") else raw.channel.message_to_python(raw)
@@ -152,20 +207,24 @@ class Consumer:
 
 
 class Consumers:
-    """The consumers of one manager."""
+    """The consumers of one manager.
 
-    def __init__(self, bus: "EventBus", topology: "Topology") -> None:
+    Args:
+        bus: Where ``consumer_cancelled`` is posted.
+        resubscribe: Asks the supervisor to subscribe a consumer again (must not block).
+    """
+
+    def __init__(self, bus: "EventBus", resubscribe: Optional[Callable[[Consumer], None]] = None) -> None:
         self._lock = threading.Lock()
         self._consumers: list[Consumer] = []
         self._bus = bus
-        self._topology = topology
-        self._current: Optional["Link"] = None
+        self._resubscribe = resubscribe
 
     def add(self, consumer: Consumer) -> None:
         with self._lock:
             self._consumers.append(consumer)
 
-    def _remove(self, consumer: Consumer) -> None:
+    def remove(self, consumer: Consumer) -> None:
         with self._lock:
             if consumer in self._consumers:
                 self._consumers.remove(consumer)
@@ -174,64 +233,69 @@ class Consumers:
         with self._lock:
             return list(self._consumers)
 
-    def restore(self, link: "Link") -> None:
+    def shutdown(self) -> None:
+        """End every worker thread without any I/O (the manager was abandoned)."""
+        for consumer in self.snapshot():
+            consumer.active = False
+            consumer._deliveries.put(_STOP)
+
+    def degraded(self) -> dict[str, str]:
+        return {c.name: c.degraded for c in self.snapshot() if c.degraded}
+
+    def restore(self, link: "Link") -> list[tuple[Consumer, BaseException]]:
         """Subscribe every consumer on ``link``.
 
-        A consumer whose queue is gone (a channel error) is reported with
-        ``consumer_cancelled`` and tried again on the next connection; it
-        does not fail the connection.  Connection errors do.
+        Returns:
+            The consumers that could not subscribe (a channel error: the queue
+            is gone or its node is down); they are retried by the supervisor.
+
+        Raises:
+            Exception: A connection error (the attempt fails).
         """
-        with self._lock:
-            self._current = link
+        from amqp.exceptions import ChannelError
+
+        from .exceptions import ReplyTimeout
+
+        failed = []
         for consumer in self.snapshot():
             try:
                 consumer.subscribe(link)
-            except ChannelError as exc:
-                logger.warning("carrot_kombu could not resubscribe to %r: %s", consumer.queue.name, exc)
-                self._bus.post("consumer_cancelled", consumer.queue.name)
+            except (ChannelError, ReplyTimeout) as exc:
+                consumer.degraded = f"{type(exc).__name__}: {exc}"
+                failed.append((consumer, exc))
+        return failed
 
     def forget(self, link: "Link") -> None:
-        with self._lock:
-            if self._current is link:
-                self._current = None
         for consumer in self.snapshot():
             consumer.forget(link.generation)
 
-    def current(self) -> Optional["Link"]:
-        with self._lock:
-            return self._current
-
-    def _broker_cancelled(self, consumer: Consumer, channel: Any) -> None:
+    def broker_cancelled(self, consumer: Consumer, channel: Any) -> None:
+        """On the reading thread: report once, drop the channel, ask for a new subscription."""
         self._bus.post("consumer_cancelled", consumer.queue.name)
-        # Off the reader thread: resubscribing needs replies only the reader reads.
-        threading.Thread(
-            target=self._resubscribe, args=(consumer, channel), name="carrot-kombu-resubscribe", daemon=True
-        ).start()
-
-    def _resubscribe(self, consumer: Consumer, channel: Any) -> None:
         _close(channel)
-        link = self.current()
-        if link is None or not consumer.active:
-            return  # the next connection subscribes it
-        if not self._topology.declares(consumer.queue):
-            logger.warning("carrot_kombu consumer of %r cancelled by the broker; not declared by the "
-                           "manager, so not resubscribed", consumer.queue.name)
-            return
-        try:
-            setup = link.open_channel()
-            try:
-                self._topology.apply(setup, (consumer.queue,))
-            finally:
-                _close(setup)
-            consumer.subscribe(link)
-        except Exception:
-            logger.warning("carrot_kombu could not resubscribe to %r", consumer.queue.name, exc_info=True)
+        if self._resubscribe is not None:
+            self._resubscribe(consumer)
+
+
+def _lost(raw: Any) -> bool:
+    state = getattr(getattr(raw, "channel", None), "carrot", None)
+    return state is not None and state.conn.dead is not None
 
 
 def _close(channel: Any) -> None:
     if channel is None:
         return
     try:
-        channel.close()
+        close = getattr(channel, "close_nowait", None) or channel.close
+        close()
     except Exception:
         logger.debug("ignored error while closing a consumer channel", exc_info=True)
+
+
+def _release(conn: Any) -> None:
+    if conn is None:
+        return
+    try:
+        conn.release()
+    except Exception:
+        logger.debug("ignored error while closing a consumer connection", exc_info=True)

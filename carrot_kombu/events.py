@@ -23,6 +23,8 @@ EVENTS = {
     "unblocked": (),
     "stopped": (),
     "consumer_cancelled": ("queue",),
+    "degraded": ("what", "error"),
+    "recovered": ("what",),
 }
 
 Callback = Callable[..., Any]

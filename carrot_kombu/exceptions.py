@@ -1,12 +1,14 @@
-"""Exceptions raised by carrot_kombu.
+"""Every exception carrot_kombu raises, in one place.
 
 All of them derive from :class:`CarrotKombuError`.  Some also derive from the
 exception a kombu or Celery user already catches, so adopting carrot_kombu does
 not break existing ``except`` clauses:
 
-* :class:`Disconnected` and :class:`Blocked` are
-  :class:`kombu.exceptions.OperationalError`.
-* :class:`ConfigurationError` is a :class:`ValueError`.
+* :class:`Disconnected`, :class:`Blocked` and :class:`ReplyTimeout` are
+  :class:`kombu.exceptions.OperationalError` (kombu's connection error, so
+  kombu's and Celery's retry logic handles them);
+* :class:`ReplyTimeout` and :class:`PublishTimeout` are also ``TimeoutError``;
+* :class:`ConfigurationError` is a ``ValueError``.
 
 Every error keeps what caused it (``raise ... from``, and the picklable
 :attr:`CarrotKombuError.reason`) and never contains a password: messages are
@@ -15,6 +17,7 @@ built from masked URLs only.
 
 from __future__ import annotations
 
+import pickle
 from typing import Any, Optional
 
 from kombu.exceptions import OperationalError
@@ -22,9 +25,17 @@ from kombu.exceptions import OperationalError
 __all__ = (
     "Blocked",
     "CarrotKombuError",
+    "ChannelLimitReached",
     "ConfigurationError",
     "Disconnected",
+    "Nacked",
     "PoolTimeout",
+    "PublishError",
+    "PublishTimeout",
+    "Rejected",
+    "ReplyTimeout",
+    "SetupFailed",
+    "Unroutable",
 )
 
 
@@ -51,14 +62,23 @@ class CarrotKombuError(Exception):
         return self.message
 
 
+# -- connection ----------------------------------------------------------------------
+
+
 class Disconnected(CarrotKombuError, OperationalError):  # type: ignore[misc]
     """The manager has no usable connection right now.
 
     Raised at once by :meth:`~carrot_kombu.ConnectionManager.open_channel`
-    while the manager is connecting, waiting for its next attempt, failed or
-    stopped, and by any use of a lease whose connection was lost.
-    :attr:`reason` (and ``__cause__``) is the last connection error.
+    (and by ``publish`` when waiting cannot help) while the manager is
+    connecting, waiting for its next attempt, failed or stopped, and by any
+    use of a lease whose connection was lost.  :attr:`reason` (and
+    ``__cause__``) is the last connection error, or a
+    :class:`CarrotKombuError` saying why there is none yet; it is never
+    ``None``.
     """
+
+    def __init__(self, message: str, reason: Optional[BaseException] = None) -> None:
+        super().__init__(message, reason if reason is not None else CarrotKombuError(message))
 
 
 class Blocked(CarrotKombuError, OperationalError):  # type: ignore[misc]
@@ -71,12 +91,90 @@ class Blocked(CarrotKombuError, OperationalError):  # type: ignore[misc]
     """
 
 
-class PoolTimeout(CarrotKombuError):
-    """Every channel of the bounded pool stayed leased for the whole timeout."""
+class ReplyTimeout(CarrotKombuError, OperationalError, TimeoutError):  # type: ignore[misc]
+    """The broker did not answer a request within ``reply_timeout``.
+
+    The channel the request was made on is discarded (its reply may still
+    come); the connection is kept: a dead peer is the heartbeat's to detect.
+    """
+
+
+class SetupFailed(CarrotKombuError):
+    """Declaring the topology or a setup function failed on a new connection."""
 
 
 class ConfigurationError(CarrotKombuError, ValueError):
     """An option or URL is invalid; the message names the option."""
+
+
+# -- channels -----------------------------------------------------------------------------
+
+
+class PoolTimeout(CarrotKombuError):
+    """No channel could be leased within the timeout.
+
+    Either every channel of the bounded pool stayed leased, or the broker's
+    ``channel_max`` was reached; the message says which, and whether the
+    connection looked dead meanwhile.
+    """
+
+
+class ChannelLimitReached(CarrotKombuError):
+    """The connection has no free channel id (the negotiated ``channel_max``).
+
+    Raised while connected: the connection is fine, but every channel the
+    broker allows is in use (leases, the publisher, consumers).
+    """
+
+
+# -- confirmed publishing -------------------------------------------------------------------
+
+
+class PublishError(CarrotKombuError):
+    """A ``manager.publish`` did not end with the broker's confirm."""
+
+
+class Nacked(PublishError):
+    """The broker refused the message (``basic.nack``): it was not stored."""
+
+
+class Unroutable(PublishError):
+    """A ``mandatory`` message matched no queue; the broker returned it."""
+
+
+class Rejected(PublishError):
+    """The broker closed the confirm channel because of this message.
+
+    Typically 404 (the exchange does not exist), 403 (no write permission)
+    or 406 (the message exceeds the broker's maximum size).  The message was
+    not stored.  ``reply_code`` and ``reply_text`` are the broker's.
+    """
+
+    def __init__(
+        self, message: str, reason: Optional[BaseException] = None, reply_code: int = 0, reply_text: str = ""
+    ) -> None:
+        super().__init__(message, reason)
+        self.reply_code = reply_code
+        self.reply_text = reply_text
+
+    def __reduce__(self) -> Any:
+        return (type(self), (self.message, _picklable(self.reason), self.reply_code, self.reply_text))
+
+
+class PublishTimeout(PublishError, TimeoutError):
+    """No confirm within the timeout.
+
+    ``outcome`` tells what is known: ``"unknown"`` when the message was
+    written and may have been stored (publish it again only if duplicates are
+    acceptable), ``"not_sent"`` when it never left this process.
+    """
+
+    def __init__(self, message: str, reason: Optional[BaseException] = None, outcome: str = "unknown") -> None:
+        super().__init__(message, reason)
+        self.outcome = outcome
+
+    def __reduce__(self) -> Any:
+        return (type(self), (self.message, _picklable(self.reason), self.outcome))
 
 
 def _picklable(exc: Optional[BaseException]) -> Optional[BaseException]:
@@ -86,8 +184,6 @@ def _picklable(exc: Optional[BaseException]) -> Optional[BaseException]:
     third-party class with a strict ``__init__``) must not make our own error
     unpicklable.
     """
-    import pickle
-
     if exc is None:
         return None
     try:

@@ -6,21 +6,19 @@ import logging
 import os
 import random
 import threading
+import time
 import weakref
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
-from ._supervisor import Supervisor
+from ._core import Core, abandon
 from .config import Settings, build_settings
-from .events import EventBus
+from .consumers import Consumer
 from .exceptions import ConfigurationError, Disconnected
-from .pool import ChannelPool, Lease
+from .pool import Lease
 from .retry import Backoff
-from .status import ConnectionState, StateBoard, Status
-from .consumers import Consumer, Consumers
-from .publisher import Publisher
-from .recovery import Recovery
-from .topology import Topology
+from .status import ConnectionState, Status
+from .topology import declare_entity
 
 if TYPE_CHECKING:
     import kombu
@@ -37,15 +35,17 @@ class ConnectionManager:
     """One supervised AMQP connection shared by any number of threads.
 
     A background supervisor thread owns the connection: it connects with
-    exponential backoff, services heartbeats whatever the application is
-    doing, notices loss and reconnects.  Threads borrow channels from a
-    bounded pool with :meth:`open_channel`, which returns a :class:`Lease`
-    or raises :class:`~carrot_kombu.Disconnected` at once while there is no
-    connection (Carrot's ``{:error, :disconnected}``).
+    exponential backoff, notices loss and reconnects; the connection's own
+    service thread sends heartbeats whatever the application is doing.
+    Threads borrow channels from a bounded pool with :meth:`open_channel`,
+    which returns a :class:`Lease` or raises
+    :class:`~carrot_kombu.Disconnected` at once while there is no connection
+    (Carrot's ``{:error, :disconnected}``).
 
     Args:
         url: kombu broker URL (``amqp://``, ``amqps://``; ``memory://`` for
-            tests), several separated by ``;`` or given as a list for
+            tests), several separated by ``;`` (before the next ``scheme://``,
+            so a ``;`` inside a password is fine) or given as a list, for
             failover.  A URL overrides every option it expresses (host, port,
             credentials, vhost, query parameters ``heartbeat``,
             ``connect_timeout``, ``channel_max``, ``frame_max``, ``ssl``,
@@ -56,19 +56,26 @@ class ConnectionManager:
         host: Broker host, unless the URL names one.
         port: Broker port, unless the URL names one.
         channel_max: Channels per connection to ask for (0: the broker's).
-        frame_max: Largest frame to ask for in bytes (0: the broker's).
+            The smaller of this and the broker's is used.
+        frame_max: Largest frame to ask for in bytes (0: the broker's).  The
+            smaller of this and the broker's is used.
         heartbeat: Heartbeat interval in seconds (0 disables; rounded up to
             whole seconds).
         connection_timeout: Seconds for one connection attempt (TCP, TLS and
-            AMQP handshake).  Carrot's ``60000`` ms is ``60.0``.
+            AMQP handshake).  Carrot's ``60000`` ms is ``60.0``.  With
+            several brokers, one attempt is bounded by at most 5 s (or the
+            heartbeat, if longer) so that a frozen node is left quickly.
         backoff: :class:`Backoff`, or a mapping of its fields.
         ssl_options: ``True`` or a mapping of py-amqp ssl options
             (``ca_certs``, ``certfile``, ``keyfile``, ``cert_reqs``,
-            ``server_hostname``...); certificates are verified by default.
+            ``server_hostname``...) or Carrot's names (``cacertfile``,
+            ``certfile``, ``keyfile``, ``verify``,
+            ``server_name_indication``); certificates are verified by default.
         client_properties: Extra AMQP client properties (e.g.
             ``connection_name``).
-        socket_options: TCP socket options (py-amqp ``socket_settings``).
-        pool_limit: Most channels open at the broker at once.
+        socket_options: TCP socket options (py-amqp ``socket_settings``),
+            keyed by number or by name (``"TCP_NODELAY"``).
+        pool_limit: Most channels leased at once.
         transport_options: Extra keyword arguments for the py-amqp connection.
         blocked_timeout: While the broker blocks the connection (resource
             alarm), a publish waits at most this many seconds for it to
@@ -77,6 +84,10 @@ class ConnectionManager:
             half-way for that long drops the connection.
         max_pending: Most messages :meth:`publish` keeps waiting for their
             confirms at once (from all threads); more wait for a slot.
+        reply_timeout: Most seconds any request waits for the broker's reply
+            (``queue_declare``, ``basic_get``, opening a channel...).  Then it
+            raises :class:`~carrot_kombu.ReplyTimeout` and the channel is
+            discarded; the connection itself is judged by its heartbeats.
 
     Raises:
         ConfigurationError: If an option or URL is invalid (nothing is
@@ -99,11 +110,12 @@ class ConnectionManager:
         backoff: Union[Backoff, Mapping[str, Any], None] = None,
         ssl_options: Union[bool, Mapping[str, Any], None] = None,
         client_properties: Optional[Mapping[str, Any]] = None,
-        socket_options: Optional[Mapping[int, Any]] = None,
+        socket_options: Optional[Mapping[Union[int, str], Any]] = None,
         pool_limit: int = 10,
         transport_options: Optional[Mapping[str, Any]] = None,
         blocked_timeout: Optional[float] = 30.0,
         max_pending: int = 1000,
+        reply_timeout: float = 10.0,
     ) -> None:
         self._settings: Settings = build_settings(
             url,
@@ -113,21 +125,22 @@ class ConnectionManager:
             backoff=backoff, ssl_options=ssl_options,
             client_properties=client_properties, socket_options=socket_options,
             pool_limit=pool_limit, transport_options=transport_options,
-            blocked_timeout=blocked_timeout,
+            blocked_timeout=blocked_timeout, reply_timeout=reply_timeout,
         )
-        self._lock = threading.Lock()
-        self._board = StateBoard(self._settings.endpoints[0].masked_url)
-        self._pool = ChannelPool(self._settings.pool_limit)
-        self._bus = EventBus()
-        self._supervisor: Optional[Supervisor] = None
-        self._started_once = False
         if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
             raise ConfigurationError(f"max_pending must be an integer >= 1, got {max_pending!r}")
-        self._topology = Topology()
-        self._publisher = Publisher(max_pending)
-        self._consumers = Consumers(self._bus, self._topology)
-        self._recovery = Recovery(self._topology, self._publisher, self._consumers)
+        self._max_pending = max_pending
+        self._lock = threading.Lock()
+        # The finalizer holds this list (never the manager): it always sees
+        # the current core, across restarts and forks.
+        self._cores: list[Core] = [Core.build(self._settings, max_pending)]
+        self._started_once = False
+        weakref.finalize(self, _abandon, self._cores)
         _MANAGERS.add(self)
+
+    @property
+    def _core(self) -> Core:
+        return self._cores[0]
 
     # -- construction from what users already have -------------------------------
 
@@ -210,46 +223,66 @@ class ConnectionManager:
 
     # -- lifecycle -----------------------------------------------------------------
 
-    def start(self) -> "ConnectionManager":
-        """Start connecting in the background and return at once (idempotent)."""
+    def start(self, wait: Optional[float] = None) -> "ConnectionManager":
+        """Start connecting in the background (idempotent).
+
+        Args:
+            wait: Also wait up to this many seconds for the first connection
+                (``None``: return at once).
+
+        Returns:
+            The manager (``manager = ConnectionManager(url).start(wait=5)``).
+
+        Raises:
+            Disconnected: Not connected within ``wait`` seconds; the manager
+                keeps trying in the background.  ``reason`` says why.
+        """
         with self._lock:
-            if self._supervisor is not None:
-                return self
-            if self._started_once:
-                # A fresh pool and state for this run: a previous supervisor that
-                # did not stop in time still holds the old ones.
-                self._pool = ChannelPool(self._settings.pool_limit)
-                self._board = StateBoard(self._settings.endpoints[0].masked_url)
-            self._started_once = True
-            self._bus.start()
-            self._board.update(state=ConnectionState.CONNECTING)
-            self._supervisor = Supervisor(self._settings, self._pool, self._bus, self._board, self._recovery)
-            self._supervisor.start()
+            core = self._core
+            if core.supervisor is None:
+                if self._started_once:
+                    # A fresh pool and board for this run: a supervisor that
+                    # did not stop in time still holds the old ones.
+                    core = Core.build(self._settings, self._max_pending, previous=core)
+                    self._cores[0] = core
+                self._started_once = True
+                core.start()
+        if wait is not None and not self.wait_connected(wait):
+            status = self.status()
+            raise Disconnected(
+                f"not connected within {wait}s ({status.state.value}"
+                + (f": {status.last_error})" if status.last_error else ")"),
+                core.pool._down_error().reason,
+            )
         return self
 
     def stop(self, timeout: Optional[float] = None) -> None:
         """Close the connection, its channels and every lease (idempotent).
 
-        Leases still held raise :class:`~carrot_kombu.Disconnected` on use.
-        The ``stopped`` event is delivered before this returns.
+        Leases still held raise :class:`~carrot_kombu.Disconnected` on use;
+        publishes still waiting raise it at once.  The ``stopped`` event is
+        delivered before this returns (within ``timeout``).
 
         Args:
-            timeout: Most seconds to wait (``None``: until done; an attempt in
-                progress ends within its ``connection_timeout``).
+            timeout: Most seconds this call takes, whatever the network does
+                (``None``: until done; a polite close is bounded by
+                ``reply_timeout``, an attempt in progress by its timeout).
         """
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            supervisor, self._supervisor = self._supervisor, None
+            core = self._core
+            supervisor = core.take_supervisor()
         if supervisor is None:
             return
-        self._publisher.abort("the manager stopped")
+        core.publisher.abort("the manager stopped")
         if not supervisor.stop(timeout):
-            # Typically stuck in a connection attempt (bounded by connection_timeout).
+            # Typically stuck in a connection attempt (bounded by its timeout).
             logger.warning("carrot_kombu supervisor did not stop within %ss; it will exit on its own", timeout)
             supervisor.retire()
-            self._pool.detach("manager stopped", None)
-            self._board.update(state=ConnectionState.STOPPED, next_attempt_at=None)
-            self._bus.post("stopped")
-        self._bus.close(timeout)
+            core.pool.detach("manager stopped", None)
+            core.board.stopped()
+            core.bus.post("stopped")
+        core.bus.close(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def __enter__(self) -> "ConnectionManager":
         return self.start()
@@ -262,27 +295,29 @@ class ConnectionManager:
         def settled(status: Status) -> bool:
             return status.state is ConnectionState.CONNECTED or status.state is ConnectionState.STOPPED or status.gave_up
 
-        self._board.wait_for(settled, timeout)
-        return self._board.state is ConnectionState.CONNECTED
+        board = self._core.board
+        board.wait_for(settled, timeout)
+        return board.state is ConnectionState.CONNECTED
 
     # -- state -----------------------------------------------------------------------
 
     @property
     def state(self) -> ConnectionState:
-        return self._board.state
+        return self._core.board.state
 
     @property
     def connected(self) -> bool:
-        return self._board.state is ConnectionState.CONNECTED
+        return self._core.board.state is ConnectionState.CONNECTED
 
     @property
     def blocked(self) -> bool:
         """True while the broker has blocked publishing (resource alarm)."""
-        return self._board.current.blocked
+        return self._core.board.current.blocked
 
     def status(self) -> Status:
         """A consistent snapshot; ``status().as_dict()`` is JSON-ready."""
-        return self._board.snapshot(self._pool.counts())
+        core = self._core
+        return core.board.snapshot(core.pool.counts())
 
     # -- channels ----------------------------------------------------------------------
 
@@ -296,11 +331,14 @@ class ConnectionManager:
         Raises:
             Disconnected: At once while not connected; its ``reason`` (and
                 ``__cause__``) is the last connection error.
-            PoolTimeout: No channel was released within ``timeout``.
+            PoolTimeout: No channel was released within ``timeout`` (the
+                message says whether the pool or the broker's
+                ``channel_max`` is the limit, and if the connection looks dead).
         """
-        if self._supervisor is None:
-            raise Disconnected("manager is not started")
-        return self._pool.acquire(timeout)
+        core = self._core
+        if core.supervisor is None:
+            raise Disconnected("manager is not started" if not self._started_once else "manager is stopped")
+        return core.pool.acquire(timeout)
 
     def release(self, lease: Lease) -> None:
         """Give a lease back; same as ``lease.release()``."""
@@ -311,24 +349,28 @@ class ConnectionManager:
         """``with manager.channel() as ch:`` leases a channel for the block.
 
         The channel goes back to the pool on exit, or is discarded if the
-        block failed with a channel or connection error.
+        block failed with a channel or connection error or was interrupted.
         """
         with self.open_channel(timeout) as lease:
             yield lease
 
     def drain_events(self, timeout: Optional[float] = None) -> None:
-        """Wait until the connection has dispatched a frame (kombu's ``drain_events``).
+        """Run callbacks of kombu consumers on leases in this thread (kombu's ``drain_events``).
 
-        Frames are read and dispatched by the connection's reader thread, so
-        ``kombu.Consumer`` callbacks on leases run there; this only waits for it.
+        The thread that reads the connection never runs user code: it queues
+        deliveries (and ``on_return`` callbacks...) for the consumers
+        registered on leases (``kombu.Consumer(lease, callbacks=[...])``);
+        this runs them here, one at a time, in arrival order, after waiting
+        up to ``timeout`` seconds for the first.
 
         Raises:
-            Disconnected: While not connected.
-            socket.timeout: Nothing was dispatched within ``timeout``.
+            Disconnected: While not connected (or lost meanwhile).
+            socket.timeout: Nothing arrived within ``timeout``.
         """
-        link = self._pool.current_link()
+        pool = self._core.pool
+        link = pool.current_link()
         if link is None:
-            raise self._pool._down_error()
+            raise pool._down_error()
         link.drain_events(timeout)
 
     # -- topology recovery ----------------------------------------------------------------
@@ -336,45 +378,62 @@ class ConnectionManager:
     def declare(self, *entities: Any) -> None:
         """Declare kombu ``Exchange``/``Queue`` entities now and on every new connection.
 
-        A ``Queue`` brings its exchange and bindings.  On a reconnect they are
-        declared again *before* the manager reports ``connected`` and before
-        any lease is handed out.  While disconnected they are only registered.
+        A ``Queue`` brings its exchange and bindings; ``Queue("")`` (a
+        server-named queue) is declared exclusive, so it ends with its
+        connection, and its new name is written back on every connection.
+        On a reconnect the entities are declared again *before* the manager
+        reports ``connected``; one that fails then is reported as degraded
+        and retried, without keeping the rest from working.  While
+        disconnected they are only registered.
 
         Raises:
             Exception: What the broker answered now (e.g. ``PreconditionFailed``
                 for an exchange declared before with other arguments); the
-                entities stay registered.
+                refused entities are *not* registered.
         """
-        self._topology.add_entities(entities)
+        topology = self._core.topology
+        added = topology.add_entities(entities)
         try:
             lease = self.open_channel()
         except Disconnected:
             return  # declared on connect
-        with lease:
-            self._topology.apply(lease.channel, entities)
+        try:
+            with lease:
+                for entity in entities:
+                    declare_entity(lease.channel, entity, topology.server_named(entity))
+        except BaseException:
+            topology.remove_entities(added)
+            raise
 
     def add_setup(self, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
         """Run ``fn(channel)`` on every new connection (and now, if connected).
 
         For what :meth:`declare` cannot express (``basic_qos`` defaults,
         queues with computed arguments...).  Setup runs after the declared
-        entities, in the order added.  If it raises, the connection attempt
-        counts as failed: ``connect_failed`` carries the error, the manager
-        does not report ``connected`` and retries with its backoff.  Returns
-        ``fn`` (usable as a decorator).
+        entities, in the order added.  If it raises on a new connection, the
+        attempt counts as failed: ``connect_failed`` carries the error, the
+        manager does not report ``connected`` and retries with its backoff.
+        If it raises now, it is not registered and the error propagates.
+        Returns ``fn`` (usable as a decorator).
         """
-        self._topology.add_setup(fn)
+        topology = self._core.topology
+        added = topology.add_setup(fn)
         try:
             lease = self.open_channel()
         except Disconnected:
             return fn
-        with lease:
-            fn(lease.channel)
+        try:
+            with lease:
+                fn(lease.channel)
+        except BaseException:
+            if added:
+                topology.remove_setup(fn)
+            raise
         return fn
 
     def remove_setup(self, fn: Callable[[Any], Any]) -> None:
         """Stop running ``fn`` on new connections (no error if absent)."""
-        self._topology.remove_setup(fn)
+        self._core.topology.remove_setup(fn)
 
     # -- consumers that survive reconnects ----------------------------------------------------
 
@@ -386,27 +445,35 @@ class ConnectionManager:
         prefetch_count: Optional[int] = None,
         no_ack: bool = False,
         arguments: Optional[Mapping[str, Any]] = None,
+        declare: bool = True,
     ) -> Consumer:
         """Consume ``queue`` now (if connected) and after every reconnect.
 
         ``callback(body, message)`` runs on the consumer's own worker thread,
         never on the thread that reads the connection; ``message.ack()``,
         ``reject()`` and ``requeue()`` are safe there.  An ack for a delivery
-        of a lost connection is dropped (the broker redelivers the message).
-        A consumer the broker cancels (its queue was deleted) emits
-        ``consumer_cancelled(queue)`` and subscribes again at once if the
-        manager declares that queue (:meth:`declare`).
+        of a lost connection (or sent after :meth:`Consumer.cancel`) is
+        dropped: the broker redelivers the message.  A consumer the broker
+        cancels (its queue was deleted, its node went down) emits
+        ``consumer_cancelled(queue)`` once, shows in ``status().degraded`` and
+        is subscribed again, with backoff, until the queue is back.
 
         Args:
-            queue: A kombu ``Queue`` (declared by you or with :meth:`declare`)
-                or a queue name.
+            queue: A kombu ``Queue`` or a queue name (``kombu.Queue(name)``).
             callback: ``callback(body, message)``, kombu message semantics.
             prefetch_count: ``basic_qos`` prefetch for the consumer's channel.
             no_ack: Automatic acknowledgement.
             arguments: ``basic.consume`` arguments.
+            declare: Declare the queue (with its exchange and bindings) on
+                every connection before subscribing, as kombu's ``Consumer``
+                does; ``False`` for a queue someone else declares.
 
         Returns:
             The consumer; ``consumer.cancel()`` ends it.
+
+        Raises:
+            Exception: What the broker answered now (e.g. 404 for a queue that
+                does not exist with ``declare=False``); nothing stays registered.
         """
         import kombu
 
@@ -414,11 +481,15 @@ class ConnectionManager:
             queue = kombu.Queue(queue)
         if not callable(callback):
             raise ConfigurationError("consume: callback must be callable")
-        if prefetch_count is not None and (not isinstance(prefetch_count, int) or not 0 <= prefetch_count <= 65535):
+        if prefetch_count is not None and (
+            isinstance(prefetch_count, bool) or not isinstance(prefetch_count, int) or not 0 <= prefetch_count <= 65535
+        ):
             raise ConfigurationError(f"consume: prefetch_count must be 0-65535, got {prefetch_count!r}")
-        consumer = Consumer(self._consumers, queue, callback, prefetch_count, no_ack, dict(arguments or {}) or None)
-        self._consumers.add(consumer)
-        link = self._pool.current_link()
+        core = self._core
+        consumer = Consumer(core.consumers, queue, callback, prefetch_count, no_ack,
+                            dict(arguments or {}) or None, declare=declare)
+        core.consumers.add(consumer)
+        link = core.pool.current_link()
         if link is not None:
             try:
                 consumer.subscribe(link)
@@ -459,15 +530,24 @@ class ConnectionManager:
             routing_key: Routing key.
             headers: Message headers.
             serializer: kombu serializer name.
-            mandatory: Fail with :class:`~carrot_kombu.publisher.Unroutable` if no queue gets it.
+            mandatory: Fail with :class:`~carrot_kombu.Unroutable` if no queue gets it.
             timeout: Seconds to wait for the confirm (also while disconnected).
             **properties: AMQP properties (``delivery_mode`` defaults to 2,
-                persistent; ``priority``, ``expiration``, ``message_id``...).
+                persistent; ``priority``, ``expiration`` (a str of
+                milliseconds), ``message_id``...).
 
         Raises:
+            TypeError, ValueError: The message cannot be sent as given (the
+                error names the field); nothing was sent.
+            Disconnected: At once when waiting cannot help: the manager is
+                stopped (or not started), the broker refused the connection
+                for a reason retrying will not fix, or the policy gave up.
             PublishTimeout: No confirm in time; ``outcome`` is ``"unknown"`` if
                 the message was written (it may be stored), ``"not_sent"`` if not.
             Nacked: The broker refused it.
+            Rejected: The broker refused it and closed the channel (404 no
+                such exchange, 406 too large...); ``reply_code`` and
+                ``reply_text`` say why.
             Unroutable: ``mandatory`` and no queue matched.
             Blocked: The broker blocked the connection longer than ``blocked_timeout``.
         """
@@ -490,24 +570,36 @@ class ConnectionManager:
     ) -> None:
         """Publish a batch and return once the broker confirmed every message.
 
-        All messages are written, then all confirms awaited: one round trip
-        for the batch instead of one per message.  Same options and errors as
-        :meth:`publish`; the error names the first message that failed, after
-        every message of the batch was settled or ``timeout`` passed.
+        Every message is checked first (nothing is sent if one cannot be),
+        then all are written and their confirms awaited together: one round
+        trip for the batch instead of one per message.  Same options and
+        errors as :meth:`publish`; the error names the first message that
+        failed, after every message of the batch was settled or ``timeout``
+        passed.
         """
-        name = getattr(exchange, "name", exchange)
-        publisher = self._publisher
+        core = self._core
+        self._check_can_publish(core)
+        publisher = core.publisher
         publisher.used = True
-        link = self._pool.current_link()
+        link = core.pool.current_link()
         if link is not None and publisher.needs(link.generation):
             try:
-                self._recovery.ensure_publisher(link)
+                core.recovery.ensure_publisher(link)
             except Disconnected:
                 pass  # the next connection attaches it
+        name = getattr(exchange, "name", exchange)
         publisher.publish_many(
             bodies, exchange=name, routing_key=routing_key, headers=dict(headers or {}),
             serializer=serializer, mandatory=mandatory, timeout=timeout, properties=properties,
         )
+
+    def _check_can_publish(self, core: Core) -> None:
+        """Fail at once when waiting for a connection cannot help."""
+        if core.supervisor is None:
+            raise Disconnected("manager is not started" if not self._started_once else "manager is stopped")
+        status = core.board.current
+        if status.state is ConnectionState.FAILED and (status.fatal or status.gave_up):
+            raise core.pool._down_error()
 
     # -- events --------------------------------------------------------------------------
 
@@ -516,34 +608,31 @@ class ConnectionManager:
 
         Events: ``connecting()``, ``connected()``, ``connect_failed(error,
         delay)`` (``delay`` is ``None`` when giving up), ``disconnected(error)``,
-        ``blocked(reason)``, ``unblocked()``, ``stopped()``.  Callbacks run in
-        order on one dispatcher thread, never under an internal lock; an
-        exception in a callback is logged and ignored.
+        ``blocked(reason)``, ``unblocked()``, ``stopped()``,
+        ``consumer_cancelled(queue)``, ``degraded(what, error)`` (a declared
+        entity or a consumer the broker cannot serve right now) and
+        ``recovered(what)``.  Callbacks run in order on one dispatcher
+        thread, never under an internal lock; an exception in a callback is
+        logged and ignored.
         """
-        return self._bus.on(event, callback)
+        return self._core.bus.on(event, callback)
 
     def off(self, event: str, callback: Callable[..., Any]) -> None:
         """Unsubscribe ``callback`` from ``event`` (no error if absent)."""
-        self._bus.off(event, callback)
+        self._core.bus.off(event, callback)
 
     # -- fork safety -------------------------------------------------------------------------
 
     def _after_fork_in_child(self) -> None:
         """Start afresh in a forked child; the parent's connection is never touched."""
-        link = self._pool.forget_after_fork()
+        old = self._core
+        link = old.pool.forget_after_fork()
         if link is not None:
             link.disown()
-        was_started = self._supervisor is not None
+        was_started = old.supervisor is not None
+        old.handle.supervisor = None  # the parent's thread: not in this process
         self._lock = threading.Lock()
-        self._supervisor = None
-        self._pool = ChannelPool(self._settings.pool_limit)
-        self._board = StateBoard(self._settings.endpoints[0].masked_url)
-        self._bus = self._bus.fork()
-        # Unconfirmed publishes and consumers belong to the parent's threads.
-        self._topology.after_fork()
-        self._publisher = Publisher(self._publisher.max_pending)
-        self._consumers = Consumers(self._bus, self._topology)
-        self._recovery = Recovery(self._topology, self._publisher, self._consumers)
+        self._cores[0] = Core.build(self._settings, self._max_pending, previous=old, forked=True)
         if was_started:
             self.start()
 
@@ -567,6 +656,10 @@ def kombu_failover(name: str) -> Any:
     from kombu.connection import failover_strategies
 
     return failover_strategies.get(name)
+
+
+def _abandon(cores: list[Core]) -> None:
+    abandon(cores[0])
 
 
 def _after_fork_in_child() -> None:

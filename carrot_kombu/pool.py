@@ -1,8 +1,18 @@
-"""The bounded channel pool and the leases it hands out."""
+"""The bounded channel pool and the leases it hands out.
+
+A lease is one borrower's: nothing a borrower did may reach the next one.
+So a channel goes back to the pool only if it is healthy (no error, no
+request abandoned half-way, no consumer), and a channel that wrote something
+the broker may still refuse later (a publish to a missing exchange, an ack
+with a wrong tag) is verified first: on release the pool sends
+``channel.flow(active=True)`` without waiting, and the channel becomes idle
+when the broker answers (or is dropped if the late error comes instead).
+"""
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Optional
@@ -10,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from amqp.exceptions import ChannelError
 from amqp.exceptions import ConnectionError as AMQPConnectionError
 
-from .exceptions import CarrotKombuError, Disconnected, PoolTimeout
+from .exceptions import CarrotKombuError, ChannelLimitReached, Disconnected, PoolTimeout
 from .status import PoolStatus
 
 if TYPE_CHECKING:
@@ -30,7 +40,9 @@ class Lease:
     Use it wherever kombu takes a channel (``Producer(lease)``,
     ``Queue(...)(lease).declare()``) or call channel methods on it directly
     (``lease.basic_publish(...)``); :attr:`channel` is the raw channel.
-    Give it back with :meth:`release` or by leaving its ``with`` block.
+    Give it back with :meth:`release` or by leaving its ``with`` block; a
+    lease dropped without either is reclaimed when it is garbage collected
+    (with a warning in the log).
 
     Every use checks that the connection the lease was taken on is still the
     live one: after a loss, and after a reconnect, it raises
@@ -38,12 +50,13 @@ class Lease:
     or into the new connection.  A lease is meant for one thread at a time.
     """
 
-    __slots__ = ("_pool", "_channel", "generation", "_released", "__weakref__")
+    __slots__ = ("_pool", "_channel", "generation", "_released", "_token", "__weakref__")
 
-    def __init__(self, pool: "ChannelPool", channel: Any, generation: int) -> None:
+    def __init__(self, pool: "ChannelPool", channel: Any, generation: int, token: int) -> None:
         self._pool = pool
         self._channel = channel
         self.generation = generation
+        self._token = token
         self._released = False
 
     @property
@@ -73,13 +86,21 @@ class Lease:
         if self._released:
             return
         self._released = True
-        self._pool._give_back(self, discard)
+        self._pool._give_back(self._token, discard)
 
     def __enter__(self) -> "Lease":
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        self.release(discard=isinstance(exc, _SPOILING))
+        # A channel error, a lost connection, or an interruption (not an
+        # Exception: KeyboardInterrupt, a signal handler's error) may have left
+        # the channel mid-request: never hand it to someone else.
+        self.release(discard=exc is not None and (isinstance(exc, _SPOILING) or not isinstance(exc, Exception)))
+
+    def __del__(self) -> None:
+        if not self._released:
+            # Only a queue put: this may run on any thread, inside any lock.
+            self._pool._reclaimed.put(self._token)
 
     def __repr__(self) -> str:
         state = "released" if self._released else ("valid" if self.valid else "stale")
@@ -103,10 +124,15 @@ class ChannelPool:
         self._link: Optional["Link"] = None
         self._live_generation: Optional[int] = None
         self._idle: list[Any] = []
-        self._leased: set[Lease] = set()
+        self._leased: dict[int, Any] = {}
+        self._verifying: set[Any] = set()
         self._opening = 0
+        self._tokens = 0
+        self._at_channel_max = False
         self._down: Optional[BaseException] = None
         self._down_message = "not connected yet"
+        #: Tokens of leases collected without release() (filled by Lease.__del__).
+        self._reclaimed: "queue.SimpleQueue[int]" = queue.SimpleQueue()
 
     # -- supervisor side ----------------------------------------------------------
 
@@ -122,11 +148,16 @@ class ChannelPool:
             self._link = link
             self._live_generation = link.generation
             self._limit = limit
-            self._idle = []
-            self._leased = set()
-            self._opening = 0
+            self._reset()
             self._down = None
             self._cond.notify_all()
+
+    def _reset(self) -> None:
+        self._idle = []
+        self._leased = {}
+        self._verifying = set()
+        self._opening = 0
+        self._at_channel_max = False
 
     def detach(self, message: str, reason: Optional[BaseException], generation: Optional[int] = None) -> None:
         """Stop serving the current link; every lease on it becomes stale.
@@ -140,17 +171,18 @@ class ChannelPool:
                 return
             self._link = None
             self._live_generation = None
-            self._idle = []
-            self._leased = set()
-            self._opening = 0
-            self.set_down(message, reason)
+            self._reset()
+            self._set_down(message, reason)
 
     def set_down(self, message: str, reason: Optional[BaseException]) -> None:
         with self._cond:
             if self._link is None:
-                self._down_message = message
-                self._down = reason
-                self._cond.notify_all()
+                self._set_down(message, reason)
+
+    def _set_down(self, message: str, reason: Optional[BaseException]) -> None:
+        self._down_message = message
+        self._down = reason
+        self._cond.notify_all()
 
     def forget_after_fork(self) -> Optional["Link"]:
         """In a forked child: every lease is stale, nothing touches the parent's socket.
@@ -161,44 +193,99 @@ class ChannelPool:
         link = self._link
         self._link = None
         self._live_generation = None
-        self._idle = []
-        self._leased = set()
+        self._reset()
         self._down_message = "the process forked; this connection belongs to the parent"
         return link
+
+    def reap(self) -> None:
+        """Take back the channels of leases collected without ``release()`` (any thread)."""
+        while True:
+            try:
+                token = self._reclaimed.get_nowait()
+            except queue.Empty:
+                return
+            with self._cond:
+                known = token in self._leased
+            if known:
+                logger.warning(
+                    "carrot_kombu: a lease was garbage-collected without release(); its channel "
+                    "went back to the pool (use `with manager.channel() as lease:`)"
+                )
+                self._give_back(token, discard=False)
 
     # -- user side -------------------------------------------------------------------
 
     def acquire(self, timeout: Optional[float]) -> Lease:
+        self.reap()
+        with self._cond:
+            # Each call tries to open a channel at least once, even after
+            # another call found the broker's channel_max reached.
+            self._at_channel_max = False
         deadline = None if timeout is None else time.monotonic() + timeout
-        spoiled: list[Any] = []
-        try:
-            with self._cond:
-                while True:
-                    link = self._link
-                    if link is None:
-                        raise self._down_error()
-                    while self._idle:
-                        chan = self._idle.pop()
-                        if _usable(chan):
-                            return self._lease(chan, link.generation)
-                        spoiled.append(chan)
-                    if len(self._leased) + self._opening < self._limit:
+        while True:
+            spoiled: list[Any] = []
+            try:
+                with self._cond:
+                    link = self._wait_for_slot(deadline, timeout, spoiled)
+                    if not isinstance(link, Lease):
                         self._opening += 1
-                        break
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining <= 0:
-                        raise PoolTimeout(
-                            f"all {self._limit} channels stayed leased for {timeout}s "
-                            "(raise pool_limit or release leases sooner)"
-                        )
-                    self._cond.wait(remaining)
-        finally:
-            _close_quietly(spoiled)
-        return self._open(link)
+            finally:
+                for chan in spoiled:
+                    _close_nowait(chan)
+            if isinstance(link, Lease):
+                return link
+            lease = self._open(link)
+            if lease is not None:
+                return lease
 
-    def _open(self, link: "Link") -> Lease:
+    def _wait_for_slot(self, deadline: Optional[float], timeout: Optional[float], spoiled: list[Any]) -> Any:
+        """Under the lock: an idle channel's lease, or the link to open a new channel on."""
+        while True:
+            link = self._link
+            if link is None:
+                raise self._down_error()
+            while self._idle:
+                chan = self._idle.pop()
+                if link.reusable(chan):
+                    return self._lease(chan, link.generation)
+                spoiled.append(chan)
+            held = len(self._leased) + self._opening + len(self._verifying)
+            if held < self._limit and not self._at_channel_max:
+                return link
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise PoolTimeout(self._timeout_message(link, timeout))
+            self._cond.wait(remaining)
+
+    def _timeout_message(self, link: "Link", timeout: Optional[float]) -> str:
+        if self._at_channel_max:
+            text = (
+                f"the broker's channel_max ({link.negotiated().get('channel_max')}) is reached: "
+                f"{len(self._leased)} leased, {len(self._verifying)} being verified; the rest are used "
+                "by the publisher and consumers"
+            )
+        else:
+            text = (
+                f"all {self._limit} channels stayed leased for {timeout}s "
+                "(raise pool_limit or release leases sooner)"
+            )
+        silent = link.silent_for()
+        hb = link.negotiated().get("heartbeat") or 0
+        if hb and silent > hb:
+            text += f"; the connection looks dead: no frame from the broker for {silent:.1f}s"
+        return text
+
+    def _open(self, link: "Link") -> Optional[Lease]:
         try:
             chan = link.open_channel()
+        except ChannelLimitReached:
+            with self._cond:
+                if self._link is link:
+                    self._opening -= 1
+                    # Wait for one of ours to come back (or time out saying why).
+                    self._at_channel_max = True
+                    self._cond.notify_all()
+            return None
         except BaseException as exc:
             with self._cond:
                 if self._link is link:
@@ -211,27 +298,57 @@ class ChannelPool:
             if self._link is link:
                 self._opening -= 1
                 return self._lease(chan, link.generation)
+        _close_nowait(chan)
         raise self._stale_error()
 
     def _lease(self, chan: Any, generation: int) -> Lease:
-        lease = Lease(self, chan, generation)
-        self._leased.add(lease)
-        return lease
+        self._tokens += 1
+        self._leased[self._tokens] = chan
+        return Lease(self, chan, generation, self._tokens)
 
-    def _give_back(self, lease: Lease, discard: bool) -> None:
+    def _give_back(self, token: int, discard: bool) -> None:
+        to_close = to_verify = None
+        with self._cond:
+            chan = self._leased.pop(token, None)
+            link = self._link
+            if chan is None or link is None:
+                return  # stale: its connection is gone, and with it the channel
+            self._at_channel_max = False
+            if discard or not link.reusable(chan):
+                to_close = chan
+            elif link.needs_verify(chan):
+                self._verifying.add(chan)
+                to_verify = chan
+            else:
+                self._idle.append(chan)
+            self._cond.notify()
+        if to_verify is not None:
+            generation = link.generation
+            if not link.verify(to_verify, lambda ok: self._verified(to_verify, generation, ok)):
+                self._verified(to_verify, generation, False)
+        if to_close is not None:
+            _close_nowait(to_close)
+
+    def _verified(self, chan: Any, generation: int, ok: bool) -> None:
+        """On the reading thread: a released channel's verification came back."""
         to_close = None
         with self._cond:
-            if lease not in self._leased:
-                return  # stale: its connection is gone, and with it the channel
-            self._leased.discard(lease)
-            chan = lease._channel
-            if not discard and _usable(chan):
+            if chan not in self._verifying:
+                return
+            self._verifying.discard(chan)
+            link = self._link
+            if ok and link is not None and link.generation == generation and link.reusable(chan):
                 self._idle.append(chan)
             else:
+                if not ok:
+                    logger.warning(
+                        "carrot_kombu discarded a channel after its borrower left: %s",
+                        getattr(getattr(chan, "carrot", None), "error", None) or "verification failed",
+                    )
                 to_close = chan
             self._cond.notify()
         if to_close is not None:
-            _close_quietly([to_close])
+            _close_nowait(to_close)
 
     # -- views ------------------------------------------------------------------------
 
@@ -241,7 +358,9 @@ class ChannelPool:
 
     def counts(self) -> PoolStatus:
         with self._cond:
-            return PoolStatus(leased=len(self._leased), idle=len(self._idle), limit=self._limit)
+            return PoolStatus(
+                leased=len(self._leased), idle=len(self._idle), limit=self._limit, verifying=len(self._verifying)
+            )
 
     def _down_error(self) -> Disconnected:
         reason = self._down
@@ -256,21 +375,13 @@ class ChannelPool:
         return Disconnected("the connection this lease was taken on is gone; take a new lease", reason)
 
 
-def _usable(chan: Any) -> bool:
-    """A channel may be handed out again: open, not closed by the broker, no consumers."""
-    if getattr(chan, "_carrot_error", None) is not None:
-        return False
-    if getattr(chan, "connection", True) is None:
-        return False
-    if not getattr(chan, "is_open", True) or getattr(chan, "closed", False):
-        return False
-    # Consumers would keep delivering to whoever leases the channel next.
-    return not getattr(chan, "callbacks", None)
-
-
-def _close_quietly(channels: list[Any]) -> None:
-    for chan in channels:
-        try:
+def _close_nowait(chan: Any) -> None:
+    """Write the channel's close and go on: its answer is handled by the reading thread."""
+    close = getattr(chan, "close_nowait", None)
+    try:
+        if close is not None:
+            close()
+        else:
             chan.close()
-        except Exception:
-            logger.debug("ignored error while closing a discarded channel", exc_info=True)
+    except Exception:
+        logger.debug("ignored error while closing a discarded channel", exc_info=True)

@@ -2,102 +2,118 @@
 
 One confirm-mode channel per connection carries every ``publish`` from every
 thread, pipelined: a caller writes its message and waits for the broker's
-``basic.ack`` for that delivery tag, while other callers keep writing.  Until
-then the message stays in the pending table; after a reconnect every pending
-message that was not confirmed is published again, in order (at-least-once:
-the broker may have stored it before the connection died).
+``basic.ack`` for that delivery tag, while other callers keep writing.
+
+What this module guarantees (``docs/guarantees.rst``):
+
+* A message is encoded and checked *before* it is admitted: one that cannot
+  be sent fails in its caller (``TypeError``/``ValueError`` naming the
+  field), takes no delivery tag and is never published again later.
+* Delivery tags are assigned atomically with the write, so confirms always
+  settle the message they belong to.
+* When the broker closes the confirm channel because of a message (404 no
+  such exchange, 406 too large...), that message's caller gets
+  :class:`~carrot_kombu.Rejected` with the broker's code and text; the
+  channel is replaced at once and other callers' messages in flight are
+  published again on the new one (at-least-once).
+* Until confirmed, a message stays in the pending table; after a reconnect
+  every pending message is published again, in order.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import re
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional
 
-import amqp
+from amqp import spec
+from amqp.exceptions import AMQPError
 from kombu.serialization import dumps
 
-from .exceptions import Blocked, CarrotKombuError, Disconnected
+from ._pyamqp.frames import encode_content, encode_method, encode_properties, encode_publish_args, body_bytes
+from ._pyamqp.state import Waiter
+from .exceptions import (
+    Blocked,
+    Disconnected,
+    Nacked,
+    PublishError,
+    PublishTimeout,
+    Rejected,
+    Unroutable,
+)
 
-__all__ = ("Publisher", "PublishError", "Nacked", "Unroutable", "PublishTimeout")
+__all__ = ("Publisher", "PublishError", "Nacked", "Unroutable", "PublishTimeout", "Rejected")
 
 logger = logging.getLogger("carrot_kombu")
 
 #: Header that lets a returned mandatory message find its caller.
 RETURN_HEADER = "x-carrot-kombu-publish-id"
 
-
 #: publish_many writes this many messages (or bytes) per socket write.
 _CHUNK_MESSAGES = 256
 _CHUNK_BYTES = 1 << 20
 
-
-class PublishError(CarrotKombuError):
-    """A ``manager.publish`` did not end with the broker's confirm."""
-
-
-class Nacked(PublishError):
-    """The broker refused the message (``basic.nack``): it was not stored."""
+_NO_EXCHANGE = re.compile(r"exchange '((?:[^'\\]|\\.)*)' in vhost")
+_TOO_LARGE = re.compile(r"message size (\d+) is larger than configured max size (\d+)")
+_USER_ID = re.compile(r"user_id property set to '((?:[^'\\]|\\.)*)'")
 
 
-class Unroutable(PublishError):
-    """A ``mandatory`` message matched no queue; the broker returned it."""
+class _Pending(Waiter):
+    """One message between admission and its confirm; encoded once, framed per channel."""
 
+    __slots__ = ("id", "args", "props", "body", "exchange", "routing_key", "user_id", "outcome", "detail",
+                 "error", "written", "tag")
 
-class PublishTimeout(PublishError):
-    """No confirm within the timeout.
-
-    ``outcome`` tells what is known: ``"unknown"`` when the message was
-    written and may have been stored (publish it again only if duplicates are
-    acceptable), ``"not_sent"`` when it never left this process.
-    """
-
-    def __init__(self, message: str, reason: Optional[BaseException] = None, outcome: str = "unknown") -> None:
-        super().__init__(message, reason)
-        self.outcome = outcome
-
-    def __reduce__(self) -> Any:
-        return (type(self), (self.message, self.reason, self.outcome))
-
-
-class _Pending:
-    __slots__ = ("id", "body", "content_type", "content_encoding", "headers", "properties",
-                 "exchange", "routing_key", "mandatory", "done", "outcome", "detail", "written")
-
-    def __init__(self, pid: int, exchange: str, routing_key: str, mandatory: bool) -> None:
+    def __init__(self, pid: int, exchange: str, routing_key: str, args: bytes, props: bytes, body: bytes,
+                 user_id: Optional[str]) -> None:
+        super().__init__()
         self.id = pid
-        self.body: Any = None
-        self.content_type: Optional[str] = None
-        self.content_encoding: Optional[str] = None
-        self.headers: dict[str, Any] = {}
-        self.properties: dict[str, Any] = {}
+        self.args = args
+        self.props = props
+        self.body = body
         self.exchange = exchange
         self.routing_key = routing_key
-        self.mandatory = mandatory
-        self.done = threading.Event()
-        self.outcome: Optional[str] = None  # "ack", "nack", "returned"
+        self.user_id = user_id
+        self.outcome: Optional[str] = None  # "ack", "nack", "returned", "rejected", "aborted", "failed"
         self.detail = ""
+        self.error: Optional[BaseException] = None
         self.written = False
+        self.tag = 0
+
+    def ready(self) -> bool:
+        return self.outcome is not None
+
+    def frames(self, channel_id: int, frame_max: int) -> list[Any]:
+        out: list[Any] = [encode_method(channel_id, spec.Basic.Publish, self.args)]
+        out += encode_content(channel_id, spec.Basic.CLASS_ID, self.props, self.body, frame_max)
+        return out
 
 
 class Publisher:
-    """The pending table and the confirm channel of one manager."""
+    """The pending table and the confirm channel of one manager.
 
-    def __init__(self, max_pending: int) -> None:
+    Args:
+        max_pending: Most messages waiting for confirms at once (all threads).
+        need_channel: Called (from any thread, must not block) when the
+            confirm channel was closed by the broker and must be replaced.
+    """
+
+    def __init__(self, max_pending: int, need_channel: Optional[Callable[[int], None]] = None) -> None:
         self.max_pending = max_pending
+        self._need_channel = need_channel
         self._cond = threading.Condition()
-        self._write_lock = threading.Lock()  # delivery tags follow write order
         self._pending: "OrderedDict[int, _Pending]" = OrderedDict()
         self._by_tag: dict[int, _Pending] = {}
         self._channel: Any = None
-        self._next_tag = 1
         self._low = 1  # no delivery tag below this one is still waiting
         self._ids = itertools.count(1)
         self._generation: Optional[int] = None
         self._confirms = True
+        self._closed: Optional[str] = None
         self.used = False  # no confirm channel is opened until the first publish
 
     # -- supervisor side -------------------------------------------------------------
@@ -105,35 +121,45 @@ class Publisher:
     def needs(self, generation: int) -> bool:
         """Whether a confirm channel must be attached for this connection."""
         with self._cond:
-            return self.used and self._generation != generation
+            return self.used and self._closed is None and (self._generation != generation or self._channel is None)
 
     def attach(self, channel: Any, generation: int) -> None:
         """Put ``channel`` in confirm mode and publish again what is unconfirmed."""
         # kombu's in-process transports have no confirms: a publish there is
         # stored when basic_publish returns, so it is settled right away.
-        confirms = hasattr(channel, "confirm_select")
+        confirms = hasattr(channel, "carrot")
         if confirms:
-            channel.events["basic_ack"].add(self._on_ack)
-            channel.events["basic_nack"].add(self._on_nack)
-            channel.events["basic_return"].add(self._on_return)
+            state = channel.carrot
+            state.on_confirm = self._on_confirm
+            state.on_return = self._on_return
+            state.on_closed = lambda error, method: self._on_channel_closed(channel, error, method)
             channel.confirm_select()
-        with self._write_lock:
-            with self._cond:
-                self._channel = channel
-                self._confirms = confirms
-                self._generation = generation
-                self._next_tag = 1
-                self._low = 1
-                self._by_tag = {}
-                again = [p for p in self._pending.values() if p.outcome is None]
-            for index in range(0, len(again), _CHUNK_MESSAGES):
-                self._write_chunk_locked(again[index:index + _CHUNK_MESSAGES])
+        with self._cond:
+            self._channel = channel
+            self._confirms = confirms
+            self._generation = generation
+            self._low = 1
+            self._by_tag = {}
+            again = [p for p in self._pending.values() if p.outcome is None]
+            for p in self._pending.values():
+                p.wake()  # waiters re-read which connection to wait on
+        for index in range(0, len(again), _CHUNK_MESSAGES):
+            try:
+                self._write(again[index:index + _CHUNK_MESSAGES])
+            except (Blocked, Disconnected, OSError, AMQPError):
+                break  # this channel is going too; the next one publishes them
         if again:
-            logger.info("carrot_kombu published %d unconfirmed message(s) again after reconnecting", len(again))
+            logger.info("carrot_kombu published %d unconfirmed message(s) again", len(again))
 
     def abort(self, why: str) -> None:
-        """End every waiting publish now (the manager stops): they raise PublishTimeout."""
+        """The manager stops: every waiting publish ends now, new ones fail at once."""
+        self.fail_waiting(why, closed=True)
+
+    def fail_waiting(self, why: str, reason: Optional[BaseException] = None, closed: bool = False) -> None:
+        """End every waiting publish with ``why`` (stopped, failed, gave up)."""
         with self._cond:
+            if closed:
+                self._closed = why
             pending = list(self._pending.values())
             self._pending.clear()
             self._by_tag = {}
@@ -141,8 +167,14 @@ class Publisher:
                 if p.outcome is None:
                     p.outcome = "aborted"
                     p.detail = why
-                p.done.set()
+                    p.error = reason
+                p.wake()
             self._cond.notify_all()
+
+    def reopen(self) -> None:
+        """After ``start()`` again: publishing is allowed again."""
+        with self._cond:
+            self._closed = None
 
     def detach(self, generation: Optional[int] = None) -> None:
         with self._cond:
@@ -151,6 +183,8 @@ class Publisher:
             self._channel = None
             self._generation = None
             self._by_tag = {}
+            for p in self._pending.values():
+                p.wake()
             self._cond.notify_all()
 
     @property
@@ -164,26 +198,9 @@ class Publisher:
 
     # -- callers -------------------------------------------------------------------------
 
-    def publish(
-        self,
-        body: Any,
-        *,
-        exchange: str,
-        routing_key: str,
-        headers: Optional[dict[str, Any]],
-        serializer: Optional[str],
-        mandatory: bool,
-        timeout: Optional[float],
-        properties: dict[str, Any],
-    ) -> None:
-        self.publish_many(
-            [body], exchange=exchange, routing_key=routing_key, headers=headers, serializer=serializer,
-            mandatory=mandatory, timeout=timeout, properties=properties,
-        )
-
     def publish_many(
         self,
-        bodies: Any,
+        bodies: Iterable[Any],
         *,
         exchange: str,
         routing_key: str,
@@ -193,153 +210,200 @@ class Publisher:
         timeout: Optional[float],
         properties: dict[str, Any],
     ) -> None:
-        """Write every message, then wait for all their confirms: one round trip in all."""
+        """Check and encode every message, write them, then wait for all their confirms."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        encoded = [self._encode(body, exchange, routing_key, headers, serializer, mandatory, properties)
+                   for body in bodies]
         batch: list[_Pending] = []
         try:
             chunk: list[_Pending] = []
             size = 0
-            for body in bodies:
-                pending = self._admit(body, exchange, routing_key, headers, serializer, mandatory, properties,
-                                      deadline, timeout)
+            for pending in encoded:
+                if not self._admit(pending, deadline, timeout, wait=not chunk):
+                    # No slot: write what this batch holds first, so that every
+                    # slot in use belongs to a written message (no deadlock).
+                    self._write(chunk)
+                    chunk, size = [], 0
+                    self._admit(pending, deadline, timeout)
                 batch.append(pending)
                 chunk.append(pending)
                 size += len(pending.body)
-                # Written in chunks: one socket write each, memory stays bounded.
-                if len(chunk) >= min(_CHUNK_MESSAGES, self.max_pending) or size >= _CHUNK_BYTES:
-                    self._write_chunk(chunk)
+                if len(chunk) >= _CHUNK_MESSAGES or size >= _CHUNK_BYTES:
+                    self._write(chunk)
                     chunk, size = [], 0
-            if chunk:
-                self._write_chunk(chunk)
+            self._write(chunk)
             for index, pending in enumerate(batch):
-                if not pending.done.wait(_left(deadline)):
-                    raise PublishTimeout(
-                        f"no confirm from the broker within {timeout}s"
-                        + ("; the message was written and may have been stored" if pending.written
-                           else "; the message was never sent (no connection)")
-                        + (f" (message {index} of {len(batch)})" if len(batch) > 1 else ""),
-                        outcome="unknown" if pending.written else "not_sent",
-                    )
+                self._wait(pending, deadline, timeout, index, len(batch))
                 _raise_for(pending, index, len(batch))
         finally:
             for pending in batch:
                 if pending.outcome is None:
                     self._forget(pending)
 
-    def _admit(
+    def _encode(
         self, body: Any, exchange: str, routing_key: str, headers: Optional[dict[str, Any]],
         serializer: Optional[str], mandatory: bool, properties: dict[str, Any],
-        deadline: Optional[float], timeout: Optional[float],
     ) -> _Pending:
-        """Serialize ``body`` and take a pending slot (waiting for one within the deadline)."""
+        """Serialize and check one message; raises in the caller, nothing is admitted."""
         content_type, content_encoding, data = dumps(body, serializer=serializer)
         props = {"delivery_mode": 2, **properties}
+        props.setdefault("content_type", content_type)
+        props.setdefault("content_encoding", content_encoding)
         merged = dict(headers or {})
+        pid = next(self._ids)
+        if mandatory:
+            merged[RETURN_HEADER] = pid
+        if merged:
+            props["application_headers"] = merged
+        raw = body_bytes(data, props)
+        args = encode_publish_args(exchange, routing_key, mandatory, False)
+        encoded = encode_properties(props)
+        return _Pending(pid, exchange, routing_key, args, encoded, raw, props.get("user_id"))
+
+    def _admit(self, pending: _Pending, deadline: Optional[float], timeout: Optional[float], wait: bool = True) -> bool:
+        """Take a pending slot; False if none is free and ``wait`` is False.
+
+        Raises:
+            PublishTimeout: No slot within the deadline (``not_sent``).
+            Disconnected: The manager stopped.
+        """
         with self._cond:
-            if not self._cond.wait_for(lambda: len(self._pending) < self.max_pending, _left(deadline)):
+            while True:
+                if self._closed is not None:
+                    raise Disconnected(f"{self._closed}; the message was not sent")
+                if len(self._pending) < self.max_pending:
+                    self._pending[pending.id] = pending
+                    return True
+                if not wait:
+                    return False
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise PublishTimeout(
+                        f"{self.max_pending} messages were already waiting for confirms for {timeout}s; "
+                        "this one was not sent",
+                        outcome="not_sent",
+                    )
+                self._cond.wait(remaining)
+
+    def _wait(self, pending: _Pending, deadline: Optional[float], timeout: Optional[float], index: int,
+              total: int) -> None:
+        """Wait for ``pending``'s outcome, reading the connection in this thread when nobody else does."""
+        while not pending.ready():
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
                 raise PublishTimeout(
-                    f"{self.max_pending} messages were already waiting for confirms for {timeout}s; "
-                    "this one was not sent",
-                    outcome="not_sent",
+                    f"no confirm from the broker within {timeout}s"
+                    + ("; the message was written and may have been stored" if pending.written
+                       else "; the message was never sent (no connection)")
+                    + (f" (message {index} of {total})" if total > 1 else ""),
+                    outcome="unknown" if pending.written else "not_sent",
                 )
-            pending = _Pending(next(self._ids), exchange, routing_key, mandatory)
-            if mandatory:
-                merged[RETURN_HEADER] = pending.id
-            pending.body = data
-            pending.content_type = props.pop("content_type", content_type)
-            pending.content_encoding = props.pop("content_encoding", content_encoding)
-            pending.headers = merged
-            pending.properties = props
-            self._pending[pending.id] = pending
-        return pending
+            with self._cond:
+                channel = self._channel
+                pending.event.clear()
+            state = getattr(channel, "carrot", None)
+            if state is None or pending.ready():
+                pending.event.wait(remaining)
+                continue
+            try:
+                state.conn.wait_for(pending, deadline)
+            except Disconnected:
+                # Lost meanwhile: the next connection publishes it again.
+                pending.event.wait(None if remaining is None else min(remaining, 0.05))
 
     # -- writing ---------------------------------------------------------------------------
 
-    def _write_chunk(self, chunk: list[_Pending]) -> None:
-        with self._write_lock:
-            self._write_chunk_locked(chunk)
+    def _write(self, chunk: list[_Pending]) -> None:
+        """Write ``chunk`` on the confirm channel with consecutive delivery tags (one socket write).
 
-    def _write_chunk_locked(self, chunk: list[_Pending]) -> None:
-        """Give the chunk consecutive delivery tags and write it (one socket write if possible)."""
+        Raises:
+            Blocked: The broker blocked the connection (nothing was sent).
+        """
         with self._cond:
             channel = self._channel
+            confirms = self._confirms
             todo = [p for p in chunk if p.outcome is None]
-            if channel is None or not todo:
-                return  # written when the next connection is attached
-            first = self._next_tag
-            self._next_tag += len(todo)
-            for offset, pending in enumerate(todo):
-                self._by_tag[first + offset] = pending
-        try:
-            publishes = [(self._prepare(channel, p), p.exchange, p.routing_key, p.mandatory) for p in todo]
-            if len(publishes) > 1 and hasattr(channel, "basic_publish_many"):
-                channel.basic_publish_many(publishes)
-                for pending in todo:
-                    pending.written = True
-            else:
-                for offset, (message, exchange, routing_key, mandatory) in enumerate(publishes):
-                    channel.basic_publish(message, exchange=exchange, routing_key=routing_key, mandatory=mandatory)
-                    todo[offset].written = True
-                    if not self._confirms:
-                        self._settle(first + offset, False, "ack")
-        except Blocked:
-            for pending in todo:
-                self._forget(pending)
-            raise
-        except (Disconnected, OSError, amqp.exceptions.AMQPError) as exc:
-            # The connection is going; the next one publishes them again.
-            logger.debug("%d publish(es) wait for the next connection: %r", len(todo), exc)
-            with self._cond:
-                for offset in range(len(todo)):
-                    self._by_tag.pop(first + offset, None)
-            # A write that failed half-way may have reached the broker.
-            half_written = exc.__cause__ is not None or isinstance(exc, OSError)
-            for pending in todo:
-                pending.written = pending.written or half_written
+        if channel is None or not todo:
+            return  # written when the next connection is attached
+        if not confirms:
+            self._write_virtual(channel, todo)
+            return
+        frame_max = channel.carrot.conn.conn.frame_max
+        frames: list[Any] = []
+        for p in todo:
+            frames += p.frames(channel.channel_id, frame_max)
 
-    @staticmethod
-    def _prepare(channel: Any, pending: _Pending) -> Any:
-        props = dict(pending.properties)
-        return channel.prepare_message(
-            pending.body, props.pop("priority", None), pending.content_type, pending.content_encoding,
-            pending.headers or None, props,
-        )
+        def queued(first: int) -> None:
+            # Runs under the channel's lock, before any confirm can be read.
+            with self._cond:
+                for offset, p in enumerate(todo):
+                    p.tag = first + offset
+                    p.written = True
+                    if self._channel is channel:
+                        self._by_tag[p.tag] = p
+
+        try:
+            channel.write_publishes(frames, len(todo), on_queued=queued)
+        except Blocked:
+            for p in todo:
+                self._forget(p)
+            raise
+        except (Disconnected, OSError, AMQPError) as exc:
+            # The connection or the channel is going; the next channel publishes them again.
+            logger.debug("%d publish(es) wait for the next confirm channel: %r", len(todo), exc)
+
+    def _write_virtual(self, channel: Any, todo: list[_Pending]) -> None:
+        """kombu's in-process transports: stored when basic_publish returns."""
+        from amqp.serialization import decode_properties_basic
+
+        for p in todo:
+            props, _ = decode_properties_basic(p.props, 0)
+            headers = props.pop("application_headers", None)
+            message = channel.prepare_message(
+                p.body, props.pop("priority", None), props.pop("content_type", None),
+                props.pop("content_encoding", None), headers, props,
+            )
+            try:
+                channel.basic_publish(message, exchange=p.exchange, routing_key=p.routing_key)
+            except Exception as exc:
+                logger.debug("publish waits for the next connection: %r", exc)
+                return
+            with self._cond:
+                p.written = True
+                self._settle_one(p, "ack")
+                self._cond.notify_all()
 
     def _forget(self, pending: _Pending) -> None:
         with self._cond:
             self._pending.pop(pending.id, None)
-            for tag, p in list(self._by_tag.items()):
-                if p is pending:
-                    del self._by_tag[tag]
+            if pending.tag and self._by_tag.get(pending.tag) is pending:
+                del self._by_tag[pending.tag]
             self._cond.notify_all()
 
-    # -- the reader thread's side -------------------------------------------------------
+    # -- the reading thread's side (our hooks: never block, never user code) ---------------------
 
-    def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
-        self._settle(delivery_tag, multiple, "ack")
-
-    def _on_nack(self, delivery_tag: int, multiple: bool) -> None:
-        self._settle(delivery_tag, multiple, "nack")
-
-    def _settle(self, delivery_tag: int, multiple: bool, outcome: str) -> None:
+    def _on_confirm(self, delivery_tag: int, multiple: bool, ack: bool) -> None:
+        outcome = "ack" if ack else "nack"
         with self._cond:
             # Tags are consecutive: a multiple ack settles [low, delivery_tag]
-            # without scanning every pending message (that made batches O(n^2)).
+            # without scanning every pending message.
             tags = range(self._low, delivery_tag + 1) if multiple else (delivery_tag,)
             if multiple or delivery_tag == self._low:
                 self._low = delivery_tag + 1
             for tag in tags:
                 pending = self._by_tag.pop(tag, None)
-                if pending is None:
-                    continue
-                if pending.outcome is None:
-                    pending.outcome = "returned" if pending.detail else outcome
-                self._pending.pop(pending.id, None)
-                pending.done.set()
+                if pending is not None:
+                    self._settle_one(pending, "returned" if pending.detail else outcome)
             self._cond.notify_all()
 
+    def _settle_one(self, pending: _Pending, outcome: str) -> None:
+        if pending.outcome is None:
+            pending.outcome = outcome
+        self._pending.pop(pending.id, None)
+        pending.wake()
+
     def _on_return(self, exc: BaseException, exchange: str, routing_key: str, message: Any) -> None:
-        headers = getattr(message, "headers", None) or message.properties.get("application_headers") or {}
+        headers = getattr(message, "properties", {}).get("application_headers") or {}
         pid = headers.get(RETURN_HEADER)
         with self._cond:
             pending = self._pending.get(pid) if pid is not None else None
@@ -347,21 +411,66 @@ class Publisher:
                 # The ack that follows settles it as "returned".
                 pending.detail = f"{exc} (exchange {exchange!r}, routing key {routing_key!r})"
 
+    def _on_channel_closed(self, channel: Any, error: BaseException, method: Any) -> None:
+        """The broker closed the confirm channel: the culprit gets the error, the rest go again."""
+        with self._cond:
+            if channel is not self._channel:
+                return
+            generation = self._generation
+            self._channel = None
+            unsettled = sorted(self._by_tag.values(), key=lambda p: p.tag)
+            self._by_tag = {}
+            culprits = _culprits(error, unsettled) if tuple(method) == spec.Basic.Publish else []
+            for p in culprits:
+                p.outcome = "rejected"
+                p.error = error
+                self._pending.pop(p.id, None)
+            for p in self._pending.values():
+                p.wake()
+            self._cond.notify_all()
+        if culprits:
+            logger.warning("carrot_kombu: the broker refused a publish (%s); the confirm channel is replaced", error)
+        if generation is not None and self._need_channel is not None and self._closed is None:
+            self._need_channel(generation)
+
+
+def _culprits(error: BaseException, unsettled: list[_Pending]) -> list[_Pending]:
+    """Which in-flight messages the broker's channel error is about.
+
+    The broker processes a channel's publishes in order and names what it
+    refused: an exchange (404, 403), a size (406), a user_id (403).  When
+    the text names nothing we recognise, the earliest unconfirmed message is
+    the one (everything after it on the channel was never processed).
+    """
+    if not unsettled:
+        return []
+    text = str(getattr(error, "reply_text", "") or error)
+    found = _NO_EXCHANGE.search(text)
+    if found:
+        name = found.group(1).replace("\\'", "'")
+        return [p for p in unsettled if p.exchange == name]
+    found = _TOO_LARGE.search(text)
+    if found:
+        limit = int(found.group(2))
+        return [p for p in unsettled if len(p.body) > limit]
+    found = _USER_ID.search(text)
+    if found:
+        return [p for p in unsettled if p.user_id == found.group(1)]
+    return unsettled[:1]
+
 
 def _raise_for(pending: _Pending, index: int, total: int) -> None:
     which = f" (message {index} of {total})" if total > 1 else ""
     if pending.outcome == "aborted":
-        raise PublishTimeout(
-            f"{pending.detail} before the broker confirmed the message{which}"
-            + ("; it was written and may have been stored" if pending.written else "; it was never sent"),
-            outcome="unknown" if pending.written else "not_sent",
-        )
+        written = "; it was written and may have been stored" if pending.written else "; it was never sent"
+        raise Disconnected(f"{pending.detail} before the broker confirmed the message{which}{written}",
+                           pending.error)
     if pending.outcome == "nack":
         raise Nacked(f"the broker refused the message (basic.nack){which}")
     if pending.outcome == "returned":
         raise Unroutable(f"unroutable mandatory message{which}: {pending.detail}")
-
-
-def _left(deadline: Optional[float]) -> Optional[float]:
-    return None if deadline is None else max(0.0, deadline - time.monotonic())
-
+    if pending.outcome == "rejected":
+        error = pending.error
+        code = int(getattr(error, "reply_code", 0) or 0)
+        text = str(getattr(error, "reply_text", "") or error)
+        raise Rejected(f"the broker refused the message{which}: ({code}) {text}", error, code, text)

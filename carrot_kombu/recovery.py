@@ -1,29 +1,48 @@
 """What a manager re-creates on every new connection, in order.
 
-1. the topology (declared entities, then setup functions) on one channel;
-2. the consumers, each on its own channel;
-3. the confirm channel of ``publish``, which publishes again what is unconfirmed.
+1. the declared entities, each on its own (one the broker refuses or cannot
+   serve is *degraded*, not fatal: the supervisor retries it);
+2. the setup functions (code: one that fails fails the attempt);
+3. the consumers, each on its own channel (degraded the same way);
+4. the confirm channel of ``publish``, which publishes again what is unconfirmed.
 
 All of it runs before the manager reports ``connected`` and before any lease
 is handed out; what registers while that happens is caught up right after.
+Every request is bounded by ``reply_timeout``, and heartbeats go on meanwhile
+(the connection's own service thread sends them).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
+from amqp.exceptions import ChannelError
+
+from .exceptions import ReplyTimeout
 from .publisher import Publisher
-from .topology import Topology
+from .topology import Topology, declare_all, describe
 
 if TYPE_CHECKING:
     from ._link import Link
-    from .consumers import Consumers
+    from .consumers import Consumer, Consumers
 
-__all__ = ("Recovery",)
+__all__ = ("Recovery", "Degraded")
 
 logger = logging.getLogger("carrot_kombu")
+
+
+class Degraded:
+    """Something registered that the broker cannot serve on this connection."""
+
+    __slots__ = ("kind", "target", "what", "error")
+
+    def __init__(self, kind: str, target: Any, what: str, error: BaseException) -> None:
+        self.kind = kind  # "entity" or "consumer"
+        self.target = target
+        self.what = what
+        self.error = error
 
 
 class Recovery:
@@ -33,25 +52,41 @@ class Recovery:
         self.consumers = consumers
         self._lock = threading.Lock()
 
-    def restore(self, link: "Link") -> None:
-        """On the supervisor, before leases; an exception fails the attempt."""
-        if self.topology:
+    def restore(self, link: "Link") -> list[Degraded]:
+        """On the supervisor, before leases; an exception fails the attempt.
+
+        Returns:
+            What could not be restored on this connection (retried later).
+        """
+        degraded = [
+            Degraded("entity", entity, describe(entity), exc)
+            for entity, exc in declare_all(link.open_channel, self.topology.entities(), self.topology.server_named)
+        ]
+        setups = self.topology.setups()
+        if setups:
             channel = link.open_channel()
             try:
-                self.topology.apply(channel)
+                for fn in setups:
+                    fn(channel)
             finally:
                 _close(channel)
-        self.consumers.restore(link)
+        degraded += self._consumers(link)
         self.ensure_publisher(link)
+        return degraded
 
-    def attached(self, link: "Link") -> None:
+    def attached(self, link: "Link") -> list[Degraded]:
         """Catch up with consumers and publishes registered during :meth:`restore`."""
         try:
-            self.consumers.restore(link)
+            degraded = self._consumers(link)
             self.ensure_publisher(link)
+            return degraded
         except Exception:
-            # The link is probably dying: the supervisor learns it from the reader.
+            # The link is probably dying: the supervisor learns it from the link.
             logger.warning("carrot_kombu could not finish recovering a new connection", exc_info=True)
+            return []
+
+    def _consumers(self, link: "Link") -> list[Degraded]:
+        return [Degraded("consumer", c, c.name, exc) for c, exc in self.consumers.restore(link)]
 
     def forget(self, link: "Link") -> None:
         self.publisher.detach(link.generation)
@@ -62,9 +97,30 @@ class Recovery:
             if self.publisher.needs(link.generation):
                 self.publisher.attach(link.open_channel(), link.generation)
 
+    def retry(self, link: "Link", item: Degraded) -> Optional[BaseException]:
+        """Try a degraded entity or consumer again; its error, or None once it works.
+
+        Raises:
+            Exception: A connection-level failure.
+        """
+        if item.kind == "entity":
+            if not self.topology.declares(item.target):
+                return None  # no longer registered
+            failed = declare_all(link.open_channel, [item.target], self.topology.server_named)
+            return failed[0][1] if failed else None
+        consumer: "Consumer" = item.target
+        if not consumer.active:
+            return None
+        try:
+            consumer.subscribe(link)
+        except (ChannelError, ReplyTimeout) as exc:
+            return exc
+        return None
+
 
 def _close(channel: Any) -> None:
     try:
-        channel.close()
+        close = getattr(channel, "close_nowait", None) or channel.close
+        close()
     except Exception:
         logger.debug("ignored error while closing a setup channel", exc_info=True)

@@ -38,9 +38,14 @@ class ConnectionState(str, enum.Enum):
 
 @dataclass(frozen=True)
 class PoolStatus:
+    """Channels of the pool: ``leased`` to borrowers, ``idle``, ``verifying``
+    (released after a write the broker could still refuse; idle once it
+    answered), at most ``limit``."""
+
     leased: int = 0
     idle: int = 0
     limit: int = 0
+    verifying: int = 0
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,9 @@ class Status:
     channel_max: Optional[int] = None
     server_product: Optional[str] = None
     server_version: Optional[str] = None
+    #: What is declared or consumed but cannot be served right now, and why
+    #: (``{"queue 'jobs'": "NotFound: ... home node ... is down"}``).
+    degraded: tuple[tuple[str, str], ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -84,20 +92,86 @@ class Status:
             "next_attempt_in": self.next_attempt_in,
             "blocked": self.blocked,
             "blocked_reason": self.blocked_reason,
-            "pool": {"leased": self.pool.leased, "idle": self.pool.idle, "limit": self.pool.limit},
+            "pool": {
+                "leased": self.pool.leased, "idle": self.pool.idle, "verifying": self.pool.verifying,
+                "limit": self.pool.limit,
+            },
             "heartbeat": self.heartbeat,
             "frame_max": self.frame_max,
             "channel_max": self.channel_max,
             "server": {"product": self.server_product, "version": self.server_version},
+            "degraded": dict(self.degraded),
         }
 
 
 class StateBoard:
     """The one mutable record of a manager's state, behind one condition.
 
-    Writers (the supervisor) call :meth:`update`; readers take
-    :meth:`snapshot` or wait for a state with :meth:`wait_for`.
+    The supervisor changes it only through the transition methods below
+    (one per thing that can happen); readers take :meth:`snapshot` or wait
+    for a state with :meth:`wait_for`.
     """
+
+    # -- transitions -------------------------------------------------------------------
+
+    def starting(self) -> None:
+        self.update(state=ConnectionState.CONNECTING, next_attempt_at=None)
+
+    def connecting(self, broker: str) -> None:
+        self.update(state=ConnectionState.CONNECTING, broker=broker, next_attempt_at=None)
+
+    def connected(self, broker: str, negotiated: dict[str, Any], server: dict[str, Optional[str]]) -> None:
+        current = self.current
+        self.update(
+            state=ConnectionState.CONNECTED,
+            connected_since=time.time(),
+            reconnects=current.reconnects + (1 if current.connected_since is not None else 0),
+            broker=broker, fatal=False, gave_up=False, attempts=0, next_attempt_at=None,
+            blocked=False, blocked_reason=None,
+            heartbeat=negotiated.get("heartbeat"), frame_max=negotiated.get("frame_max"),
+            channel_max=negotiated.get("channel_max"),
+            server_product=server["product"], server_version=server["version"],
+        )
+
+    def attempt_failed(self, message: str, fatal: bool, delay: float) -> None:
+        self.update(
+            state=ConnectionState.FAILED if fatal else ConnectionState.DISCONNECTED,
+            last_error=message, fatal=fatal, attempts=self.current.attempts + 1,
+            next_attempt_at=time.monotonic() + delay,
+        )
+
+    def gave_up(self, message: str, fatal: bool) -> None:
+        self.update(
+            state=ConnectionState.FAILED, last_error=message, fatal=fatal,
+            gave_up=True, attempts=self.current.attempts + 1, next_attempt_at=None,
+        )
+
+    def lost(self, message: str, next_attempt_in: Optional[float]) -> None:
+        self.update(
+            state=ConnectionState.DISCONNECTED, last_error=message, blocked=False, blocked_reason=None,
+            next_attempt_at=None if next_attempt_in is None else time.monotonic() + next_attempt_in,
+        )
+
+    def lost_if_live(self, message: str, live: Any) -> bool:
+        """From any thread: DISCONNECTED now, if still CONNECTED and ``live()`` holds."""
+        return self.update_if(
+            lambda status: status.state is ConnectionState.CONNECTED and live(),
+            state=ConnectionState.DISCONNECTED, last_error=message,
+        )
+
+    def blocked_by_broker(self, reason: Optional[str]) -> None:
+        self.update(blocked=reason is not None, blocked_reason=reason)
+
+    def set_degraded(self, items: dict[str, str]) -> None:
+        self.update(degraded=tuple(sorted(items.items())))
+
+    def stopped(self) -> None:
+        self.update(state=ConnectionState.STOPPED, next_attempt_at=None, blocked=False, blocked_reason=None)
+
+    def crashed(self) -> None:
+        self.update(state=ConnectionState.FAILED, last_error="supervisor crashed", next_attempt_at=None)
+
+    # -- plumbing ------------------------------------------------------------------------
 
     def __init__(self, broker: str) -> None:
         self._cond = threading.Condition()

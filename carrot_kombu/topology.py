@@ -1,23 +1,53 @@
-"""What the manager re-creates on every new connection: declared entities and setup functions."""
+"""What the manager re-creates on every new connection: declared entities and setup functions.
+
+Rules (``docs/guarantees.rst``):
+
+* ``declare()`` while connected declares at once; an entity the broker
+  refuses is *not* registered (it would fail every reconnect).
+* On a new connection every registered entity is declared again.  One that
+  fails there no longer blocks the connection: the manager connects, serves
+  everything else and reports the entity as *degraded* (``status()``, the
+  ``degraded`` event) and retries it in the background (soon when the broker
+  says it is unavailable, e.g. a classic queue whose node is down; every
+  ``Backoff.max`` when it is refused, e.g. redeclared elsewhere with other
+  arguments).  Setup functions are code: one that fails fails the attempt.
+* A server-named queue (``Queue("")``) is declared exclusive, so it never
+  outlives the connection that declared it; its new name is written back to
+  the user's ``Queue`` object on every connection.
+"""
 
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
-__all__ = ("Topology",)
+from amqp.exceptions import AMQPError, NotFound, ResourceLocked
+
+from .exceptions import ReplyTimeout
+
+__all__ = ("Topology", "declare_all", "declare_entity", "describe", "is_server_named", "is_unavailable")
 
 SetupFn = Callable[[Any], Any]
 
 
-class Topology:
-    """Exchanges, queues (with their bindings) and setup functions, in order.
+def describe(entity: Any) -> str:
+    """``"queue 'jobs'"``, ``"exchange 'events'"`` (for status and logs)."""
+    kind = "queue" if hasattr(entity, "queue_arguments") else "exchange"
+    return f"{kind} {getattr(entity, 'name', '')!r}"
 
-    Thread-safe registry; :meth:`apply` runs everything on one channel.  A
-    server-named queue (``Queue("")``) is declared anew with an empty name on
-    every connection: the name the broker gave it last time died with the
-    connection (and ``amq.*`` names cannot be declared by clients).
-    """
+
+def is_unavailable(exc: BaseException) -> bool:
+    """The broker cannot serve the entity right now (vs. refuses it for good)."""
+    if isinstance(exc, (ReplyTimeout, ResourceLocked)):
+        return True
+    if isinstance(exc, NotFound):
+        text = str(exc).lower()
+        return "down" in text or "not available" in text or "unavailable" in text
+    return False
+
+
+class Topology:
+    """Exchanges, queues (with their bindings) and setup functions, in order; thread-safe."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -29,18 +59,33 @@ class Topology:
         """In a forked child: a parent thread may have held the lock at fork time."""
         self._lock = threading.Lock()
 
-    def add_entities(self, entities: tuple[Any, ...]) -> None:
+    def add_entities(self, entities: tuple[Any, ...]) -> list[Any]:
+        """Register; returns those that were not registered before."""
+        added = []
         with self._lock:
             for entity in entities:
                 if not any(e is entity for e in self._entities):
                     self._entities.append(entity)
-                    if getattr(entity, "name", None) == "" and hasattr(entity, "queue_arguments"):
+                    added.append(entity)
+                    if is_server_named(entity):
                         self._server_named.add(id(entity))
+        return added
 
-    def add_setup(self, fn: SetupFn) -> None:
+    def server_named(self, entity: Any) -> bool:
         with self._lock:
-            if fn not in self._setups:
-                self._setups.append(fn)
+            return id(entity) in self._server_named
+
+    def remove_entities(self, entities: list[Any]) -> None:
+        with self._lock:
+            self._entities = [e for e in self._entities if not any(e is x for x in entities)]
+            self._server_named -= {id(e) for e in entities}
+
+    def add_setup(self, fn: SetupFn) -> bool:
+        with self._lock:
+            if fn in self._setups:
+                return False
+            self._setups.append(fn)
+            return True
 
     def remove_setup(self, fn: SetupFn) -> None:
         with self._lock:
@@ -51,26 +96,87 @@ class Topology:
         with self._lock:
             return any(e is entity for e in self._entities)
 
+    def entities(self) -> list[Any]:
+        with self._lock:
+            return list(self._entities)
+
+    def setups(self) -> list[SetupFn]:
+        with self._lock:
+            return list(self._setups)
+
     def __bool__(self) -> bool:
         with self._lock:
             return bool(self._entities or self._setups)
 
-    def apply(self, channel: Any, entities: tuple[Any, ...] = ()) -> None:
-        """Declare ``entities`` (default: all) and run the setup functions (all, in order).
 
-        Raises:
-            Exception: The first failure, as raised by kombu or the setup function.
-        """
-        with self._lock:
-            todo = list(entities) if entities else list(self._entities)
-            setups = [] if entities else list(self._setups)
-            fresh = set(self._server_named)
-        for entity in todo:
-            if id(entity) in fresh:
-                entity.name = ""
-            bound = entity.bind(channel)  # kombu binds a copy
-            bound.declare()
-            if id(entity) in fresh:
-                entity.name = bound.name  # users read the broker-given name from their object
-        for fn in setups:
-            fn(channel)
+def is_server_named(entity: Any) -> bool:
+    """A queue whose name the broker chooses (``Queue("")``)."""
+    return hasattr(entity, "queue_arguments") and not getattr(entity, "name", None)
+
+
+def declare_entity(channel: Any, entity: Any, server_named: bool = False) -> None:
+    """Declare one entity on ``channel`` (a queue brings its exchange and bindings).
+
+    Args:
+        server_named: Declare it anew with an empty name (the name the broker
+            gave it last time died with that connection).
+
+    Raises:
+        Exception: What the broker answered (the channel is then closed).
+    """
+    bound = entity.bind(channel)  # kombu binds a copy
+    if server_named:
+        # Its name dies with the connection, and so must the queue: an
+        # orphan amq.gen-* queue would collect messages nobody reads.
+        bound.name = ""
+        bound.exclusive = True
+        bound.durable = False
+        bound.auto_delete = True
+    bound.declare()
+    if server_named:
+        entity.name = bound.name  # users read the broker-given name from their object
+
+
+def declare_all(
+    open_channel: Callable[[], Any], entities: list[Any], server_named: Callable[[Any], bool]
+) -> list[tuple[Any, BaseException]]:
+    """Declare each entity; a refusal closes only its channel, the others go on.
+
+    Returns:
+        The entities that failed, with the broker's error.
+
+    Raises:
+        Exception: A connection-level failure (nothing more can be declared).
+    """
+    failed: list[tuple[Any, BaseException]] = []
+    channel: Optional[Any] = None
+    try:
+        for entity in entities:
+            if channel is None:
+                channel = open_channel()
+            try:
+                declare_entity(channel, entity, server_named(entity))
+            except (AMQPError, ReplyTimeout) as exc:
+                if not _channel_level(exc):
+                    raise
+                failed.append((entity, exc))
+                _close(channel)
+                channel = None
+    finally:
+        if channel is not None:
+            _close(channel)
+    return failed
+
+
+def _channel_level(exc: BaseException) -> bool:
+    from amqp.exceptions import ChannelError
+
+    return isinstance(exc, (ChannelError, ReplyTimeout))
+
+
+def _close(channel: Any) -> None:
+    try:
+        close = getattr(channel, "close_nowait", None) or channel.close
+        close()
+    except Exception:
+        pass

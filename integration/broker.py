@@ -49,3 +49,22 @@ def drain(lease: Any, queue: str, expected: int, timeout: float = 10.0) -> list[
             continue
         bodies.append(message.body)
     return bodies
+
+
+def drain_until(manager, done, timeout: float = 10.0, swallow: tuple = ()) -> bool:
+    """Run kombu callbacks of leases in this thread (``manager.drain_events``) until ``done()``."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not done():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        try:
+            manager.drain_events(timeout=min(remaining, 0.5))
+        except socket.timeout:
+            pass
+        except swallow:
+            pass
+    return True

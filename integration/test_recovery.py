@@ -209,8 +209,8 @@ def test_consuming_a_missing_queue_fails_now_and_leaves_nothing_behind(rabbit):
     manager, events, _ = rabbit()
     assert manager.wait_connected(10)
     with pytest.raises(NotFound):
-        manager.consume(unique("ck-missing"), lambda body, message: None)
-    assert manager._consumers.snapshot() == []
+        manager.consume(unique("ck-missing"), lambda body, message: None, declare=False)
+    assert manager._core.consumers.snapshot() == []
     with manager.channel() as lease:  # the connection is fine
         lease.queue_declare(unique("ck-ok"), auto_delete=True)
     assert events.count("disconnected") == 0

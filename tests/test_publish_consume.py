@@ -9,7 +9,7 @@ import time
 import kombu
 import pytest
 
-from carrot_kombu import ConfigurationError, ConnectionManager, PublishTimeout
+from carrot_kombu import ConfigurationError, ConnectionManager, Disconnected, PublishTimeout
 
 
 def test_publish_and_consume_roundtrip(make_manager):
@@ -58,16 +58,16 @@ def test_pending_bound_makes_publishers_wait_then_time_out(make_manager, faults)
     for t in waiting:
         t.start()
     deadline = time.monotonic() + 2
-    while manager._publisher.pending_count() < 2 and time.monotonic() < deadline:
+    while manager._core.publisher.pending_count() < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert manager._publisher.pending_count() == 2
+    assert manager._core.publisher.pending_count() == 2
     with pytest.raises(PublishTimeout, match="already waiting") as info:
         manager.publish(b"third", routing_key="q", timeout=0.1)
     assert info.value.outcome == "not_sent"
     faults.refuse = 0  # the broker comes back: the two pending ones go out and are settled
     for t in waiting:
         t.join(5)
-    assert manager._publisher.pending_count() == 0
+    assert manager._core.publisher.pending_count() == 0
 
 
 def test_publish_waits_for_the_connection_and_then_succeeds(make_manager, faults):
@@ -105,17 +105,19 @@ def test_stop_ends_waiting_publishes_at_once(make_manager, faults):
     def publish():
         try:
             manager.publish(b"x", routing_key="q", timeout=30)
-        except PublishTimeout as exc:
+        except Disconnected as exc:
             outcome.append(exc)
 
     t = threading.Thread(target=publish)
     t.start()
     deadline = time.monotonic() + 2
-    while manager._publisher.pending_count() < 1 and time.monotonic() < deadline:
+    while manager._core.publisher.pending_count() < 1 and time.monotonic() < deadline:
         time.sleep(0.01)
     manager.stop()
     t.join(5)
-    assert not t.is_alive() and outcome[0].outcome == "not_sent" and "stopped" in str(outcome[0])
+    assert not t.is_alive() and "never sent" in str(outcome[0]) and "stopped" in str(outcome[0])
+    with pytest.raises(Disconnected, match="stopped"):
+        manager.publish(b"y", routing_key="q", timeout=30)  # at once, not after 30 s
 
 
 def test_consumers_and_publisher_come_back_after_stop_and_start(make_manager):

@@ -1,0 +1,148 @@
+"""A manager's object graph, built in one place.
+
+Construction, ``start()`` after ``stop()``, and the after-fork hook all go
+through :meth:`Core.build`, so no piece (or lock) can be forgotten in one of
+them.  Nothing here references the :class:`~carrot_kombu.ConnectionManager`
+facade: a manager dropped without ``stop()`` can be garbage collected, and
+its finalizer stops what this graph runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+from ._supervisor import Supervisor
+from .config import Settings
+from .consumers import Consumers
+from .events import EventBus
+from .pool import ChannelPool
+from .publisher import Publisher
+from .recovery import Recovery
+from .status import StateBoard
+from .topology import Topology
+
+__all__ = ("Core",)
+
+logger = logging.getLogger("carrot_kombu")
+
+
+class _SupervisorHandle:
+    """Late binding from long-lived parts (publisher, consumers) to the running supervisor."""
+
+    def __init__(self) -> None:
+        self.supervisor: Optional[Supervisor] = None
+
+    def replace_publisher_channel(self, generation: int) -> None:
+        supervisor = self.supervisor
+        if supervisor is not None:
+            supervisor.replace_publisher_channel(generation)
+
+    def resubscribe(self, consumer: Any) -> None:
+        supervisor = self.supervisor
+        if supervisor is not None:
+            supervisor.resubscribe(consumer)
+
+
+class Core:
+    """Everything a manager runs; see the module docstring."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        bus: EventBus,
+        topology: Topology,
+        publisher: Publisher,
+        consumers: Consumers,
+        handle: _SupervisorHandle,
+    ) -> None:
+        self.settings = settings
+        self.bus = bus
+        self.topology = topology
+        self.publisher = publisher
+        self.consumers = consumers
+        self.handle = handle
+        self.board = StateBoard(settings.endpoints[0].masked_url)
+        self.pool = ChannelPool(settings.pool_limit)
+        self.recovery = Recovery(topology, publisher, consumers)
+
+    @classmethod
+    def build(cls, settings: Settings, max_pending: int, previous: Optional["Core"] = None,
+              forked: bool = False) -> "Core":
+        """A new graph.
+
+        Args:
+            previous: The graph of an earlier run: its registrations (topology,
+                consumers, unconfirmed publishes, event subscribers) carry over;
+                its pool and state board (which a supervisor that did not stop
+                in time may still hold) do not.
+            forked: ``previous`` belongs to the parent process: keep only what
+                the user registered (topology, subscribers), with fresh locks;
+                unconfirmed publishes and consumers belong to the parent's threads.
+        """
+        if previous is None:
+            handle = _SupervisorHandle()
+            bus = EventBus()
+            _subscribe_transport_callbacks(bus, settings)
+            topology = Topology()
+            publisher = Publisher(max_pending, need_channel=handle.replace_publisher_channel)
+            consumers = Consumers(bus, resubscribe=handle.resubscribe)
+        elif forked:
+            handle = _SupervisorHandle()
+            bus = previous.bus.fork()
+            topology = previous.topology
+            topology.after_fork()
+            publisher = Publisher(max_pending, need_channel=handle.replace_publisher_channel)
+            consumers = Consumers(bus, resubscribe=handle.resubscribe)
+        else:
+            handle, bus, topology = previous.handle, previous.bus, previous.topology
+            publisher, consumers = previous.publisher, previous.consumers
+            publisher.reopen()
+        return cls(settings, bus=bus, topology=topology, publisher=publisher, consumers=consumers, handle=handle)
+
+    @property
+    def supervisor(self) -> Optional[Supervisor]:
+        return self.handle.supervisor
+
+    def start(self) -> None:
+        self.bus.start()
+        self.board.starting()
+        supervisor = Supervisor(self.settings, self.pool, self.bus, self.board, self.recovery, self.publisher)
+        self.handle.supervisor = supervisor
+        supervisor.start()
+
+    def take_supervisor(self) -> Optional[Supervisor]:
+        supervisor, self.handle.supervisor = self.handle.supervisor, None
+        return supervisor
+
+
+def _subscribe_transport_callbacks(bus: EventBus, settings: Settings) -> None:
+    """py-amqp's ``on_blocked``/``on_unblocked`` options, as events.
+
+    py-amqp calls them on the thread that reads the socket; here they run on
+    the event thread, where a publish waiting for the unblock cannot keep
+    the unblock from being read.
+    """
+    options = settings.transport_options
+    for option, event in (("on_blocked", "blocked"), ("on_unblocked", "unblocked")):
+        callback = options.get(option)
+        if callback is not None:
+            bus.on(event, callback)
+
+
+def abandon(core: Core) -> None:
+    """Finalizer of a manager dropped without ``stop()``: stop what it runs, never block.
+
+    May run on any thread (wherever the garbage collector ran), so it only
+    flags and posts: the supervisor closes the connection on its own thread.
+    """
+    supervisor = core.handle.supervisor
+    if supervisor is None:
+        return
+    logger.warning("carrot_kombu: a ConnectionManager was garbage-collected without stop(); stopping it")
+    core.handle.supervisor = None
+    core.publisher.fail_waiting("the manager was garbage-collected", closed=True)
+    core.consumers.shutdown()
+    supervisor.stop(timeout=0)
+    core.bus.close(timeout=0)

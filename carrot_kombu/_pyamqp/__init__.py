@@ -1,0 +1,29 @@
+"""The fenced py-amqp layer: the only code that touches py-amqp's private API.
+
+Everything carrot_kombu adds to py-amqp objects lives in one object of ours
+per py-amqp object (``conn.carrot``, ``channel.carrot``).  At import, every
+private py-amqp name this package relies on is checked (``_compat``); a
+py-amqp release that renamed one fails here, with the installed version in
+the message, instead of deep inside a connection.
+"""
+
+from ._compat import check_pyamqp
+
+check_pyamqp()
+
+from .channel import SafeMessage, SupervisedChannel  # noqa: E402
+from .connection import LinkOptions, SupervisedConnection, SupervisedTransport  # noqa: E402
+from .state import ChanState, ConnHooks, ConnState, EventQueue  # noqa: E402
+
+__all__ = (
+    "ChanState",
+    "ConnHooks",
+    "ConnState",
+    "EventQueue",
+    "LinkOptions",
+    "SafeMessage",
+    "SupervisedChannel",
+    "SupervisedConnection",
+    "SupervisedTransport",
+    "check_pyamqp",
+)

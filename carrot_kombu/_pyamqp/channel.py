@@ -1,0 +1,680 @@
+"""A kombu py-amqp channel that is safe beside other threads' channels on one connection.
+
+Every method is encoded (and checked) in the calling thread before the
+connection sees it, written atomically with the channel's state (a channel
+that is closing writes nothing but its close), and its reply awaited for at
+most ``reply_timeout``.  What the broker sends is handled by
+:meth:`SupervisedChannel.dispatch_method` on the reading thread: replies
+are handed over, confirms settled, deliveries queued; user callbacks run in
+``drain_events`` callers, never there.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import uuid
+from typing import Any, Callable, Optional
+
+from amqp import spec
+from amqp.exceptions import (
+    AMQPNotImplementedError,
+    ChannelError,
+    ConsumerCancelled,
+    MessageNacked,
+    error_for_code,
+)
+from amqp.serialization import loads
+from kombu.transport import pyamqp
+
+from ..exceptions import Disconnected
+from .frames import (
+    encode_args,
+    encode_content,
+    encode_message,
+    encode_method,
+    encode_publish_args,
+    method_name,
+)
+from .state import ChanState, ConnState, Reply
+
+__all__ = ("SupervisedChannel", "SafeMessage")
+
+logger = logging.getLogger("carrot_kombu.amqp")
+
+#: Requests the broker answers: on a blocked connection (the broker stops
+#: reading) they wait for the unblock, bounded by ``blocked_timeout``.
+_SYNC_REQUESTS = frozenset(
+    {
+        spec.Channel.Open, spec.Channel.Flow,
+        spec.Exchange.Declare, spec.Exchange.Delete, spec.Exchange.Bind, spec.Exchange.Unbind,
+        spec.Queue.Declare, spec.Queue.Bind, spec.Queue.Purge, spec.Queue.Delete, spec.Queue.Unbind,
+        spec.Basic.Qos, spec.Basic.Consume, spec.Basic.Cancel, spec.Basic.Get, spec.Basic.Recover,
+        spec.Confirm.Select, spec.Tx.Select, spec.Tx.Commit, spec.Tx.Rollback,
+    }
+)
+#: Settling a delivery: on a channel that is closing these are dropped
+#: (the broker requeues what was not settled), never an error.
+_SETTLE = frozenset({spec.Basic.Ack, spec.Basic.Reject, (60, 120), spec.Basic.RecoverAsync})
+_CLOSE_METHODS = (spec.Channel.Close, spec.Channel.CloseOk)
+
+
+class SafeMessage(pyamqp.Message):  # type: ignore[misc]
+    """A kombu message whose ack/reject of a lost connection's delivery is dropped.
+
+    The delivery tag belongs to a dead channel: sending it anywhere would be
+    wrong (on a new channel the broker answers 406 and closes it).  The broker
+    redelivers the message on its own.
+    """
+
+    def _settle(self, how: str, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Disconnected:
+            logger.debug("dropped %s of delivery %s: its connection is gone", how, self.delivery_tag)
+
+    def ack(self, multiple: bool = False) -> None:
+        self._settle("ack", super().ack, multiple)
+
+    def reject(self, requeue: bool = False) -> None:
+        self._settle("reject", super().reject, requeue)
+
+    def requeue(self) -> None:
+        self._settle("requeue", super().requeue)
+
+
+class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
+    """kombu's py-amqp channel, with its I/O and dispatch owned by :class:`ChanState`."""
+
+    Message = SafeMessage
+
+    def __init__(self, connection: Any, channel_id: Any = None, auto_decode: bool = True, on_open: Any = None) -> None:
+        self.carrot = ChanState(self, connection.carrot)
+        super().__init__(connection, channel_id, auto_decode=auto_decode, on_open=on_open)
+
+    def __repr__(self) -> str:
+        state = self.carrot
+        flags = [
+            name for name, on in (
+                ("open", getattr(self, "is_open", False)), ("closing", state.closing), ("closed", state.closed),
+                ("confirm", state.confirm_mode), ("unverified", state.unverified),
+            ) if on
+        ]
+        if state.error is not None:
+            flags.append(f"error={type(state.error).__name__}")
+        if state.spoiled:
+            flags.append("spoiled")
+        return f"<SupervisedChannel {self.channel_id} {' '.join(flags)}>"
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def send_method(
+        self,
+        sig: Any,
+        format: Any = None,
+        args: Any = None,
+        content: Any = None,
+        wait: Any = None,
+        callback: Any = None,
+        returns_tuple: bool = False,
+    ) -> Any:
+        state: ChanState = self.carrot
+        frames = self._frames(sig, encode_args(sig, format, args or ()), content)
+        reply = state.expect(wait if isinstance(wait, list) else [wait]) if wait else None
+        written = False
+        try:
+            self._write(sig, frames, content is not None, reply is not None)
+            written = True
+            if callback:
+                callback()
+            if reply is None:
+                return None
+            result = state.conn.await_reply(reply, None, method_name(sig))
+        except BaseException as exc:
+            if written and reply is not None and not reply.ready() and not isinstance(exc, Disconnected):
+                # Its reply may still come: nobody else may get it as theirs.
+                state.spoil(f"a {method_name(sig)} was abandoned ({type(exc).__name__})")
+            raise
+        finally:
+            if reply is not None:
+                state.forget(reply)
+        values = result[1:]
+        return values if returns_tuple else (values and values[0])
+
+    def _frames(self, sig: Any, payload: bytes, content: Any) -> list[Any]:
+        frames: list[Any] = [encode_method(self.channel_id or 0, sig, payload)]
+        if content is not None:
+            props, body = encode_message(content)
+            frames += encode_content(self.channel_id or 0, sig[0], props, body, self.carrot.conn.conn.frame_max)
+        return frames
+
+    def _write(
+        self,
+        sig: Any,
+        frames: list[Any],
+        has_content: bool,
+        expects_reply: bool,
+        *,
+        publishes: int = 0,
+        confirm_reply: Optional[Reply] = None,
+        on_queued: Optional[Callable[[int], None]] = None,
+    ) -> int:
+        """Queue ``frames`` atomically with this channel's state; returns the first delivery tag.
+
+        Raises:
+            Disconnected: The connection is lost (nothing was written).
+            Blocked: The broker blocked the connection for ``blocked_timeout``.
+            ChannelError: The broker closed this channel (its error).
+        """
+        state: ChanState = self.carrot
+        conn: ConnState = state.conn
+        if sig in _SETTLE and (state.closing or state.closed or state.error is not None) and conn.dead is None:
+            logger.debug("dropped %s on channel %s: it is closing (the broker requeues)", method_name(sig), self.channel_id)
+            return 0
+        failure = state.failure()
+        if failure is not None:
+            raise failure
+        if conn.blocked is not None and (has_content or sig in _SYNC_REQUESTS):
+            conn.wait_unblocked()
+        wire = conn.wire
+        assert wire is not None
+        wire.wait_room()
+        with state.lock:
+            if sig in _SETTLE and (state.closing or state.closed or state.error is not None) and conn.dead is None:
+                return 0
+            failure = state.failure()
+            if failure is not None:
+                raise failure
+            try:
+                must_flush = wire.enqueue(frames, wait_room=False)
+            except OSError as exc:
+                raise conn.disconnected() if conn.dead is not None else exc
+            first = state.next_tag
+            if state.confirm_mode and publishes:
+                state.next_tag += publishes
+                if confirm_reply is not None:
+                    state.confirm_waiters[first + publishes - 1] = confirm_reply
+            if sig == spec.Confirm.Select:
+                state.confirm_mode = True
+            if not expects_reply:
+                state.unverified = True
+            if on_queued is not None:
+                # Before the lock is released: no confirm for these tags can
+                # be dispatched before their owner knows them.
+                on_queued(first)
+        if must_flush:
+            try:
+                wire.flush()
+            except OSError as exc:
+                raise conn.disconnected() if conn.dead is not None else exc
+            except BaseException:
+                # Interrupted while sending: the rest goes out with the next
+                # writer, and a reply to it would come to nobody.
+                if expects_reply:
+                    state.spoil("a request was interrupted while being sent")
+                raise
+        return first
+
+    def _send_nowait(self, sig: Any, fmt: str = "", args: tuple[Any, ...] = ()) -> None:
+        """A reply of the reading thread itself (close-ok, flow-ok, reject): never waits."""
+        wire = self.carrot.conn.wire
+        if wire is None or self.carrot.conn.dead is not None:
+            return
+        frame = encode_method(self.channel_id or 0, sig, encode_args(sig, fmt, args))
+        try:
+            wire.send_nowait([frame])
+        except OSError:
+            pass  # the connection died; its owner hears about it from the wire
+
+    def wait(self, method: Any, callback: Any = None, timeout: Optional[float] = None,
+             returns_tuple: bool = False) -> Any:
+        """py-amqp's wait, for code that writes and then waits: bounded, never reads out of turn.
+
+        A reply that arrived before this call registered is not seen (our
+        own requests register before writing, see :meth:`send_method`).
+        """
+        state: ChanState = self.carrot
+        reply = state.expect(method if isinstance(method, list) else [method])
+        try:
+            result = state.conn.await_reply(reply, timeout, method_name(reply.methods[0]))
+        except BaseException as exc:
+            if not reply.ready() and not isinstance(exc, Disconnected):
+                state.spoil(f"a wait for {method_name(reply.methods[0])} was abandoned ({type(exc).__name__})")
+            raise
+        finally:
+            state.forget(reply)
+        if callback is not None:
+            callback(*result)
+        values = result[1:]
+        return values if returns_tuple else (values and values[0])
+
+    def queue_declare(self, queue: str = "", passive: bool = False, durable: bool = False,
+                      exclusive: bool = False, auto_delete: bool = True, nowait: bool = False,
+                      arguments: Any = None, argsig: str = "BsbbbbbF") -> Any:
+        """py-amqp's queue_declare, with its reply registered before the request is written."""
+        from amqp.protocol import queue_declare_ok_t
+
+        result = self.send_method(
+            spec.Queue.Declare, argsig, (0, queue, passive, durable, exclusive, auto_delete, nowait, arguments),
+            wait=None if nowait else spec.Queue.DeclareOk, returns_tuple=True,
+        )
+        return None if nowait else queue_declare_ok_t(*result)
+
+    # -- publishing -----------------------------------------------------------------------------
+
+    def encode_publish(self, msg: Any, exchange: Any = "", routing_key: Any = "", mandatory: bool = False,
+                       immediate: bool = False) -> list[Any]:
+        """The frames of one ``basic.publish``, checked (nothing is written).
+
+        Raises:
+            TypeError, ValueError: Naming the field that cannot be sent.
+        """
+        props, body = encode_message(msg)
+        args = encode_publish_args(exchange, routing_key, mandatory, immediate)
+        channel_id = self.channel_id or 0
+        frames = [encode_method(channel_id, spec.Basic.Publish, args)]
+        frames += encode_content(channel_id, spec.Basic.CLASS_ID, props, body, self.carrot.conn.conn.frame_max)
+        return frames
+
+    def write_publishes(self, frames: list[Any], count: int,
+                        on_queued: Optional[Callable[[int], None]] = None) -> int:
+        """Write ``count`` already encoded publishes at once; returns the first delivery tag.
+
+        ``on_queued(first_tag)`` runs while the channel is locked, right after
+        the frames were queued: the place to record which tag is whose.
+        """
+        return self._write(spec.Basic.Publish, frames, True, False, publishes=count, on_queued=on_queued)
+
+    def _basic_publish(
+        self,
+        msg: Any,
+        exchange: Any = "",
+        routing_key: Any = "",
+        mandatory: bool = False,
+        immediate: bool = False,
+        timeout: Optional[float] = None,
+        confirm_timeout: Optional[float] = None,
+        argsig: str = "Bssbb",
+    ) -> None:
+        """py-amqp's publish: checked before writing, atomic with the channel's state.
+
+        ``timeout`` is ignored: a stuck write is the connection's to detect
+        (the shared socket's timeout is never changed).
+        """
+        self.write_publishes(self.encode_publish(msg, exchange, routing_key, mandatory, immediate), 1)
+
+    basic_publish = _basic_publish
+
+    def basic_publish_confirm(self, *args: Any, **kwargs: Any) -> None:
+        """Publish and wait for the broker's confirm of *this* message (by delivery tag).
+
+        Raises:
+            MessageNacked: The broker refused it.
+        """
+        confirm_timeout = kwargs.pop("confirm_timeout", None)
+        timeout = confirm_timeout or kwargs.pop("timeout", None)
+        kwargs.pop("argsig", None)
+        if not self.carrot.confirm_mode:
+            self.confirm_select()
+        frames = self.encode_publish(*args, **kwargs)
+        reply = Reply(["confirm"])
+        state: ChanState = self.carrot
+        try:
+            self._write(spec.Basic.Publish, frames, True, False, publishes=1, confirm_reply=reply)
+            result = state.conn.await_reply(reply, timeout, "the confirm of Basic.Publish")
+        finally:
+            with state.lock:
+                for tag, waiter in list(state.confirm_waiters.items()):
+                    if waiter is reply:
+                        del state.confirm_waiters[tag]
+        if result[0] == "nack":
+            raise MessageNacked()
+
+    # -- consuming -------------------------------------------------------------------------------
+
+    def basic_consume(
+        self,
+        queue: str = "",
+        consumer_tag: str = "",
+        no_local: bool = False,
+        no_ack: bool = False,
+        exclusive: bool = False,
+        nowait: bool = False,
+        callback: Any = None,
+        arguments: Any = None,
+        on_cancel: Any = None,
+        argsig: str = "BssbbbbF",
+    ) -> Any:
+        """Subscribe with the callback registered *before* the broker can deliver.
+
+        py-amqp registers it after ConsumeOk; deliveries arriving in between
+        would be rejected (or, with ``no_ack``, lost).  So the tag is chosen
+        here when none is given.
+        """
+        tag = consumer_tag or f"carrot-kombu.{uuid.uuid4().hex}"
+        self.callbacks[tag] = callback
+        if on_cancel:
+            self.cancel_callbacks[tag] = on_cancel
+        if no_ack:
+            self.no_ack_consumers.add(tag)
+        try:
+            self.send_method(
+                spec.Basic.Consume, argsig,
+                (0, queue, tag, no_local, no_ack, exclusive, nowait, arguments),
+                wait=None if nowait else spec.Basic.ConsumeOk,
+            )
+        except BaseException:
+            self.callbacks.pop(tag, None)
+            self.cancel_callbacks.pop(tag, None)
+            self.no_ack_consumers.discard(tag)
+            raise
+        return tag
+
+    def consume_internal(
+        self,
+        queue: str,
+        sink: Callable[[Any], None],
+        on_cancel: Callable[[str], None],
+        *,
+        no_ack: bool = False,
+        arguments: Any = None,
+    ) -> str:
+        """Subscribe carrot_kombu's own consumer: deliveries go to ``sink`` on the reading thread.
+
+        ``sink`` and ``on_cancel`` are our code (they only queue); never user code.
+        """
+        tag = f"carrot-kombu.{uuid.uuid4().hex}"
+        state: ChanState = self.carrot
+        state.sinks[tag] = sink
+        state.cancel_sinks[tag] = on_cancel
+        try:
+            return self.basic_consume(queue, tag, no_ack=no_ack, callback=sink, arguments=arguments)  # type: ignore[no-any-return]
+        except BaseException:
+            state.sinks.pop(tag, None)
+            state.cancel_sinks.pop(tag, None)
+            raise
+
+    # -- closing ----------------------------------------------------------------------------------
+
+    def close(
+        self, reply_code: int = 0, reply_text: str = "", method_sig: Any = (0, 0), argsig: str = "BsBB"
+    ) -> None:
+        """Close the channel: nothing is written on it after the close (late acks are dropped)."""
+        state: ChanState = self.carrot
+        conn = state.conn
+        if conn.wire is None:
+            return
+        frame = encode_method(
+            self.channel_id or 0, spec.Channel.Close,
+            encode_args(spec.Channel.Close, argsig, (reply_code, reply_text, method_sig[0], method_sig[1])),
+        )
+        reply = Reply([spec.Channel.CloseOk])
+        with state.lock:
+            if state.closing or state.closed or self.connection is None:
+                return
+            state.closing = True
+            self.is_closing = True
+            gone = conn.dead is not None or state.error is not None
+            if not gone:
+                state.replies[spec.Channel.CloseOk] = reply
+                try:
+                    must_flush = conn.wire.enqueue([frame], wait_room=False)
+                except OSError:
+                    gone = True
+        if gone:
+            self._collect_locally()
+            return
+        try:
+            if must_flush:
+                conn.wire.flush()
+            conn.await_reply(reply, None, "Channel.Close")
+        except (OSError, Disconnected):
+            pass  # the connection is gone, and the channel with it
+        except Exception as exc:
+            # No CloseOk in time: the id stays taken (a late CloseOk must not
+            # close a newer channel with the same id).
+            state.spoil(f"no CloseOk ({type(exc).__name__})")
+            logger.debug("channel %s: %s", self.channel_id, exc)
+        finally:
+            state.forget(reply)
+            self.is_closing = False
+
+    def close_nowait(self) -> None:
+        """Start closing without waiting for the broker's answer (discarding a channel).
+
+        Nothing is written on the channel after its close; its id is freed
+        when the close-ok arrives.
+        """
+        state: ChanState = self.carrot
+        conn = state.conn
+        wire = conn.wire
+        if wire is None:
+            return
+        frame = encode_method(self.channel_id or 0, spec.Channel.Close,
+                              encode_args(spec.Channel.Close, "BsBB", (0, "", 0, 0)))
+        must_flush = False
+        with state.lock:
+            if state.closing or state.closed or self.connection is None:
+                return
+            state.closing = True
+            self.is_closing = True
+            gone = conn.dead is not None or state.error is not None
+            if not gone:
+                try:
+                    must_flush = wire.enqueue([frame], wait_room=False)
+                except OSError:
+                    gone = True
+        if gone:
+            self._collect_locally()
+        elif must_flush:
+            try:
+                wire.flush(block=False)
+            except OSError:
+                pass
+
+    def _collect_locally(self) -> None:
+        state: ChanState = self.carrot
+        state.closed = True
+        self.is_open = False
+        with state.conn.id_lock:
+            super().collect()
+
+    def collect(self) -> None:
+        state: ChanState = self.carrot
+        state.closed = True
+        with state.conn.id_lock:
+            super().collect()
+
+    # -- the reading thread ---------------------------------------------------------------------
+
+    def dispatch_method(self, method_sig: Any, payload: Any, content: Any) -> None:
+        """Runs on the reading thread: internal handling only; user code is queued."""
+        state: ChanState = self.carrot
+        if (state.closing or state.closed) and method_sig not in _CLOSE_METHODS:
+            return  # after our close, only its answer counts (AMQP); deliveries are requeued
+        amqp_method = self._METHODS.get(method_sig)
+        if amqp_method is None:
+            raise AMQPNotImplementedError(f"Unknown AMQP method {method_sig!r}")
+        if content is not None and self.auto_decode and hasattr(content, "content_encoding"):
+            try:
+                content.body = content.body.decode(content.content_encoding)
+            except Exception:
+                pass
+        args: list[Any] = []
+        if amqp_method.args:
+            args, _ = loads(amqp_method.args, payload, 4)
+        if amqp_method.content:
+            args.append(content)
+        handler = _HANDLERS.get(method_sig)
+        if handler is not None:
+            handler(self, *args)
+        elif not state.resolve(method_sig, tuple(args)):
+            logger.debug("channel %s: %s arrived with nobody waiting", self.channel_id, method_name(method_sig))
+
+    def _on_open_ok(self) -> None:
+        self.is_open = True
+        self.carrot.resolve(spec.Channel.OpenOk, ())
+
+    def _on_close_ok(self) -> None:
+        self.collect()
+        self.carrot.resolve(spec.Channel.CloseOk, ())
+
+    def _on_close(self, reply_code: int, reply_text: str, class_id: int, method_id: int) -> None:
+        """The broker closed this channel (404, 406...): answer, discard it, never revive it.
+
+        The error goes to whoever waits on (or next uses) this channel, and to
+        the internal owner's ``on_closed`` hook.
+        """
+        state: ChanState = self.carrot
+        error = error_for_code(reply_code, reply_text, (class_id, method_id), ChannelError)
+        frame = encode_method(self.channel_id or 0, spec.Channel.CloseOk, b"")
+        wire = state.conn.wire
+        must_flush = False
+        with state.lock:
+            state.error = error
+            state.closing = True
+            if wire is not None and state.conn.dead is None:
+                try:
+                    # Queued before any later Channel.Open that may reuse the id.
+                    must_flush = wire.enqueue([frame], wait_room=False)
+                except OSError:
+                    pass
+        if must_flush and wire is not None:
+            try:
+                wire.flush(block=False)
+            except OSError:
+                pass
+        self.collect()
+        state.fail_all(error)
+        hook = state.on_closed
+        if hook is not None:
+            hook(error, (class_id, method_id))
+        logger.debug("channel %s closed by the broker: %s", self.channel_id, error)
+
+    def _on_flow(self, active: bool) -> None:
+        self.active = active
+        self._send_nowait(spec.Channel.FlowOk, "b", (active,))
+
+    def _on_basic_deliver(
+        self, consumer_tag: str, delivery_tag: int, redelivered: bool, exchange: str, routing_key: str, msg: Any
+    ) -> None:
+        msg.channel = self
+        msg.delivery_info = {
+            "consumer_tag": consumer_tag,
+            "delivery_tag": delivery_tag,
+            "redelivered": redelivered,
+            "exchange": exchange,
+            "routing_key": routing_key,
+        }
+        state: ChanState = self.carrot
+        sink = state.sinks.get(consumer_tag)
+        if sink is not None:
+            sink(msg)
+            return
+        callback = self.callbacks.get(consumer_tag)
+        if callback is not None:
+            state.events.post(callback, msg)
+            return
+        if consumer_tag not in self.no_ack_consumers:
+            logger.debug("rejected delivery %s for unknown consumer %s (requeued)", delivery_tag, consumer_tag)
+            self._send_nowait(spec.Basic.Reject, "Lb", (delivery_tag, True))
+
+    def _on_basic_return(self, reply_code: int, reply_text: str, exchange: str, routing_key: str, message: Any) -> None:
+        state: ChanState = self.carrot
+        exc = error_for_code(reply_code, reply_text, spec.Basic.Return, ChannelError)
+        if state.on_return is not None:
+            state.on_return(exc, exchange, routing_key, message)
+        for handler in list(self.events.get("basic_return", ())):
+            state.events.post(handler, exc, exchange, routing_key, message)
+
+    def _on_basic_ack(self, delivery_tag: int, multiple: bool) -> None:
+        self.carrot.confirmed(delivery_tag, multiple, True)
+        for handler in list(self.events.get("basic_ack", ())):
+            self.carrot.events.post(handler, delivery_tag, multiple)
+
+    def _on_basic_nack(self, delivery_tag: int, multiple: bool) -> None:
+        self.carrot.confirmed(delivery_tag, multiple, False)
+        for handler in list(self.events.get("basic_nack", ())):
+            self.carrot.events.post(handler, delivery_tag, multiple)
+
+    def _on_basic_cancel(self, consumer_tag: str) -> None:
+        """The broker cancelled a consumer (its queue was deleted, its node went down)."""
+        state: ChanState = self.carrot
+        self.no_ack_consumers.discard(consumer_tag)
+        self.callbacks.pop(consumer_tag, None)
+        state.sinks.pop(consumer_tag, None)
+        sink = state.cancel_sinks.pop(consumer_tag, None)
+        user = self.cancel_callbacks.pop(consumer_tag, None)
+        if sink is not None:
+            sink(consumer_tag)
+        elif user is not None:
+            state.events.post(user, consumer_tag)
+        else:
+            # py-amqp raises this from drain_events; so do we, in the drainer.
+            state.events.post(_raise, ConsumerCancelled(consumer_tag, spec.Basic.Cancel))
+
+    def _on_basic_cancel_ok(self, consumer_tag: str) -> None:
+        state: ChanState = self.carrot
+        self.no_ack_consumers.discard(consumer_tag)
+        self.callbacks.pop(consumer_tag, None)
+        self.cancel_callbacks.pop(consumer_tag, None)
+        state.sinks.pop(consumer_tag, None)
+        state.cancel_sinks.pop(consumer_tag, None)
+        state.resolve(spec.Basic.CancelOk, (consumer_tag,))
+
+    # -- release-time verification -----------------------------------------------------------------
+
+    def begin_sync(self, on_done: Callable[[bool], None]) -> bool:
+        """Write ``channel.flow(active=True)`` and return without waiting.
+
+        ``on_done(True)`` runs on the reading thread when the broker answers,
+        ``on_done(False)`` if the channel closes first (a late error of an
+        earlier publish or ack).  False if the request could not be written.
+        """
+        state: ChanState = self.carrot
+        conn = state.conn
+        wire = conn.wire
+        if wire is None or conn.dead is not None:
+            return False
+
+        def arrived(reply: Reply) -> None:
+            state.forget(reply)
+            if reply.error is None:
+                state.unverified = False
+            on_done(reply.error is None)
+
+        frame = encode_method(self.channel_id or 0, spec.Channel.Flow, encode_args(spec.Channel.Flow, "b", (True,)))
+        reply = Reply([spec.Channel.FlowOk], on_arrival=arrived)
+        with state.lock:
+            if state.failure() is not None or spec.Channel.FlowOk in state.replies:
+                return False
+            state.replies[spec.Channel.FlowOk] = reply
+            try:
+                must_flush = wire.enqueue([frame], wait_room=False)
+            except OSError:
+                del state.replies[spec.Channel.FlowOk]
+                return False
+        if must_flush:
+            try:
+                wire.flush(block=False)
+            except OSError:
+                return False
+        return True
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
+
+
+_HANDLERS: dict[Any, Callable[..., None]] = {
+    spec.Channel.Close: SupervisedChannel._on_close,
+    spec.Channel.CloseOk: SupervisedChannel._on_close_ok,
+    spec.Channel.OpenOk: SupervisedChannel._on_open_ok,
+    spec.Channel.Flow: SupervisedChannel._on_flow,
+    spec.Basic.Deliver: SupervisedChannel._on_basic_deliver,
+    spec.Basic.Return: SupervisedChannel._on_basic_return,
+    spec.Basic.Ack: SupervisedChannel._on_basic_ack,
+    spec.Basic.Nack: SupervisedChannel._on_basic_nack,
+    spec.Basic.Cancel: SupervisedChannel._on_basic_cancel,
+    spec.Basic.CancelOk: SupervisedChannel._on_basic_cancel_ok,
+}

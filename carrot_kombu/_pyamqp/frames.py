@@ -1,0 +1,319 @@
+"""AMQP frames: encode before any byte is written, parse what the socket delivers.
+
+Everything a caller asks to send is turned into bytes here, on the caller's
+thread and outside every lock, *before* the connection sees it.  A value the
+protocol cannot carry (a header integer of 2**64, a ``set``, a routing key of
+300 bytes, an ``int`` expiration) therefore fails in the caller with a
+``TypeError``/``ValueError`` naming the field, and the connection never
+carries half a frame.  py-amqp's own encoder is used for the work; the
+checks here only run when it fails, to name the culprit.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+from struct import pack, unpack_from
+from typing import Any, Mapping, Optional, Sequence
+
+from amqp import spec
+from amqp.basic_message import Message
+from amqp.exceptions import UnexpectedFrame
+from amqp.serialization import dumps
+
+__all__ = (
+    "HEARTBEAT",
+    "FrameParser",
+    "encode_method",
+    "encode_publish_args",
+    "encode_properties",
+    "encode_content",
+    "method_name",
+)
+
+FRAME_METHOD, FRAME_HEADER, FRAME_BODY, FRAME_HEARTBEAT = 1, 2, 3, 8
+FRAME_END = 0xCE
+_FRAME_END = b"\xce"
+#: A heartbeat frame: type 8, channel 0, empty payload.
+HEARTBEAT = pack(">BHIB", FRAME_HEARTBEAT, 0, 0, FRAME_END)
+
+_I64 = (-(2**63), 2**63 - 1)
+_U64 = (0, 2**64 - 1)
+
+#: Basic properties and their AMQP types (py-amqp's ``Message.PROPERTIES``).
+_PROPERTY_TYPES = dict(Message.PROPERTIES)
+
+
+def method_name(sig: Any) -> str:
+    """``(60, 40)`` -> ``'Basic.Publish'`` (for messages meant for people)."""
+    for cls in (spec.Connection, spec.Channel, spec.Exchange, spec.Queue, spec.Basic, spec.Confirm, spec.Tx):
+        for name, value in vars(cls).items():
+            if value == sig and not name.startswith("_"):
+                return f"{cls.__name__}.{name}"
+    return repr(sig)
+
+
+# -- encoding ---------------------------------------------------------------------------
+
+
+def encode_method(channel_id: int, sig: Any, args: bytes) -> bytes:
+    """One method frame."""
+    payload = pack(">HH", sig[0], sig[1]) + args
+    return pack(">BHI", FRAME_METHOD, channel_id, len(payload)) + payload + _FRAME_END
+
+
+def encode_args(sig: Any, fmt: Optional[str], values: Sequence[Any]) -> bytes:
+    """py-amqp's argument encoding; a value it cannot encode is named in the error.
+
+    Raises:
+        TypeError: A value of the wrong type.
+        ValueError: A value out of range (e.g. a name over 255 bytes).
+    """
+    if not fmt:
+        return b""
+    try:
+        return bytes(dumps(fmt, values))
+    except Exception:  # py-amqp raises struct.error, TypeError, FrameSyntaxError...
+        failure = _diagnose_args(sig, fmt, values)
+        raise failure from None
+
+
+def encode_publish_args(exchange: Any, routing_key: Any, mandatory: bool, immediate: bool) -> bytes:
+    """``basic.publish`` arguments, checked: ``exchange`` and ``routing_key`` are short strings."""
+    _shortstr("exchange", exchange)
+    _shortstr("routing_key", routing_key)
+    return bytes(dumps("Bssbb", (0, exchange, routing_key, mandatory, immediate)))
+
+
+def encode_properties(properties: Mapping[str, Any]) -> bytes:
+    """The property flags and list of a content header.
+
+    Raises:
+        TypeError, ValueError: Naming the property (and header key) that
+            cannot be encoded.
+    """
+    message = Message()
+    message.properties = dict(properties)
+    try:
+        return bytes(message._serialize_properties())
+    except Exception:
+        failure = _diagnose_properties(properties)
+        raise failure from None
+
+
+def body_bytes(body: Any, properties: dict[str, Any]) -> bytes:
+    """The body as bytes; a ``str`` is encoded with (and records) its content encoding."""
+    if isinstance(body, str):
+        encoding = properties.setdefault("content_encoding", "utf-8")
+        try:
+            return body.encode(encoding)
+        except LookupError:
+            raise ValueError(f"content_encoding: unknown encoding {encoding!r}") from None
+    if isinstance(body, (bytes, bytearray, memoryview)):
+        return bytes(body) if not isinstance(body, bytes) else body
+    if body is None:
+        return b""
+    raise TypeError(f"body must be bytes or str, got {type(body).__name__}")
+
+
+def encode_content(
+    channel_id: int, class_id: int, properties: bytes, body: bytes, frame_max: int
+) -> list[bytes]:
+    """The header frame and the body frames of one message, split at ``frame_max``."""
+    header = pack(">HHQ", class_id, 0, len(body)) + properties
+    out = [pack(">BHI", FRAME_HEADER, channel_id, len(header)) + header + _FRAME_END]
+    chunk = frame_max - 8
+    if len(body) <= chunk:
+        if body:
+            out.append(pack(">BHI", FRAME_BODY, channel_id, len(body)) + body + _FRAME_END)
+        return out
+    view = memoryview(body)
+    for start in range(0, len(body), chunk):
+        part = view[start:start + chunk]
+        out.append(pack(">BHI", FRAME_BODY, channel_id, len(part)))
+        out.append(bytes(part))
+        out.append(_FRAME_END)
+    return out
+
+
+def encode_message(message: Any) -> tuple[bytes, bytes]:
+    """A py-amqp ``Message``'s encoded properties and body (``str`` bodies encoded)."""
+    props = message.properties
+    body = body_bytes(message.body, props)
+    return encode_properties(props), body
+
+
+# -- checks that name the culprit -------------------------------------------------------
+
+
+def _shortstr(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, str):
+        size = len(value.encode("utf-8", "surrogatepass"))
+    elif isinstance(value, (bytes, bytearray)):
+        size = len(value)
+    else:
+        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    if size > 255:
+        raise ValueError(f"{name} is {size} bytes long; AMQP allows at most 255")
+
+
+def _diagnose_args(sig: Any, fmt: str, values: Sequence[Any]) -> Exception:
+    where = method_name(sig)
+    for index, (kind, value) in enumerate(zip(fmt, values)):
+        name = f"{where} argument {index + 1}"
+        try:
+            _check_value(name, kind, value)
+        except (TypeError, ValueError) as exc:
+            return exc
+    return ValueError(f"{where}: arguments cannot be encoded")
+
+
+def _diagnose_properties(properties: Mapping[str, Any]) -> Exception:
+    for key, value in properties.items():
+        if value is None:
+            continue
+        kind = _PROPERTY_TYPES.get(key)
+        if kind is None:
+            continue  # py-amqp ignores unknown keys
+        try:
+            _check_value(key, kind, value)
+        except (TypeError, ValueError) as exc:
+            return exc
+    return ValueError("message properties cannot be encoded")
+
+
+def _check_value(name: str, kind: str, value: Any) -> None:
+    if kind == "s":
+        if name == "expiration" and not isinstance(value, str):
+            raise TypeError(
+                f"expiration must be a str of milliseconds (e.g. '60000'), got {type(value).__name__}"
+            )
+        _shortstr(name, value)
+    elif kind in ("S", "x"):
+        if value is not None and not isinstance(value, (str, bytes, bytearray)):
+            raise TypeError(f"{name} must be a str or bytes, got {type(value).__name__}")
+    elif kind == "o":
+        _integer(name, value, 0, 255)
+    elif kind == "B":
+        _integer(name, value, 0, 65535)
+    elif kind == "l":
+        _integer(name, value, 0, 2**32 - 1)
+    elif kind == "L":
+        _integer(name, value, *_U64)
+    elif kind == "F":
+        if value is not None and not isinstance(value, Mapping):
+            raise TypeError(f"{name} must be a mapping, got {type(value).__name__}")
+        _check_table(name, value or {})
+    elif kind == "A":
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{name} must be a list, got {type(value).__name__}")
+        _check_array(name, value)
+
+
+def _integer(name: str, value: Any, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be between {lo} and {hi}, got {value}")
+
+
+def _check_table(name: str, table: Mapping[Any, Any]) -> None:
+    for key, value in table.items():
+        if not isinstance(key, (str, bytes)):
+            raise TypeError(f"{name}: keys must be str, got {type(key).__name__} {key!r}")
+        _shortstr(f"{name} key {key!r}", key)
+        _check_item(f"{name}[{key!r}]", value)
+
+
+def _check_array(name: str, items: Sequence[Any]) -> None:
+    for index, value in enumerate(items):
+        _check_item(f"{name}[{index}]", value)
+
+
+def _check_item(name: str, value: Any) -> None:
+    if value is None or isinstance(value, (str, bytes, bool, float, decimal.Decimal)):
+        if isinstance(value, decimal.Decimal):
+            _check_decimal(name, value)
+        return
+    if isinstance(value, int):
+        if not _I64[0] <= value <= _I64[1]:
+            raise ValueError(f"{name}: {value} does not fit a signed 64-bit integer (AMQP field tables)")
+        return
+    if isinstance(value, datetime.datetime):
+        return
+    if isinstance(value, Mapping):
+        _check_table(name, value)
+        return
+    if isinstance(value, (list, tuple)):
+        _check_array(name, value)
+        return
+    raise TypeError(
+        f"{name}: {type(value).__name__} is not an AMQP field value "
+        "(use str, bytes, bool, int, float, Decimal, datetime, dict, list or None)"
+    )
+
+
+def _check_decimal(name: str, value: decimal.Decimal) -> None:
+    sign, digits, exponent = value.as_tuple()
+    if not isinstance(exponent, int) or not 0 <= -exponent <= 255:
+        raise ValueError(f"{name}: Decimal {value} has a scale AMQP cannot carry (0-255 decimal places)")
+    unscaled = int("".join(map(str, digits)) or "0")
+    if unscaled > 2**31 - 1:
+        raise ValueError(f"{name}: Decimal {value} does not fit AMQP's 32-bit decimal")
+
+
+# -- parsing ----------------------------------------------------------------------------
+
+
+class FrameParser:
+    """Cuts a byte stream into ``(type, channel, payload)`` frames.
+
+    Owned by whichever thread currently reads the socket (one at a time).
+    """
+
+    __slots__ = ("_buf", "_pos", "max_size")
+
+    def __init__(self, initial: bytes = b"", max_size: int = 131072) -> None:
+        self._buf = bytearray(initial)
+        self._pos = 0
+        #: Largest payload accepted; anything bigger is a broken stream.
+        self.max_size = max_size
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def frames(self) -> list[tuple[int, int, bytes]]:
+        """Every complete frame buffered so far, in order.
+
+        Raises:
+            UnexpectedFrame: The stream is not AMQP (bad frame end, absurd size).
+        """
+        buf = self._buf
+        pos = self._pos
+        end_of_data = len(buf)
+        out: list[tuple[int, int, bytes]] = []
+        while end_of_data - pos >= 8:
+            frame_type, channel, size = unpack_from(">BHI", buf, pos)
+            if size > self.max_size:
+                raise UnexpectedFrame(f"received a frame of {size} bytes; frame_max is {self.max_size}")
+            end = pos + 7 + size
+            if end >= end_of_data:
+                break
+            if buf[end] != FRAME_END:
+                raise UnexpectedFrame(f"Received frame_end {buf[end]:#04x} while expecting 0xce")
+            out.append((frame_type, channel, bytes(buf[pos + 7:end])))
+            pos = end + 1
+        if pos == end_of_data:
+            buf.clear()
+            pos = 0
+        elif pos > 1 << 16:
+            del buf[:pos]
+            pos = 0
+        self._pos = pos
+        return out
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf) - self._pos

@@ -1,0 +1,710 @@
+"""What carrot_kombu adds to a py-amqp connection and its channels, owned in one place.
+
+A py-amqp ``Connection`` gets exactly one attribute of ours, ``carrot`` (a
+:class:`ConnState`); each channel one, ``carrot`` (a :class:`ChanState`).
+Nothing outside this package touches py-amqp objects' private state; it asks
+these objects.
+
+Reading: at any moment exactly one thread reads the socket and dispatches
+what arrives (it holds ``_read_lock``).  A thread that waits for a reply
+reads *itself* when nobody else does (leader/follower): its own reply then
+reaches it without a thread hand-off.  When no caller is waiting, the
+connection's *service thread* reads, sends heartbeats and checks liveness.
+The reading thread only dispatches: it completes replies, settles confirms
+and queues deliveries; it never runs user code (kombu callbacks go to an
+:class:`EventQueue` that ``drain_events`` callers run in their own thread).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections import deque
+from time import monotonic
+from typing import Any, Callable, Iterable, Optional
+
+from amqp.exceptions import ConnectionForced, FrameError, FrameSyntaxError, RecoverableConnectionError, UnexpectedFrame
+
+from ..exceptions import Blocked, CarrotKombuError, Disconnected, ReplyTimeout
+from .frames import HEARTBEAT
+from .wire import Wire
+
+__all__ = ("ConnState", "ChanState", "EventQueue", "Reply", "ConnHooks")
+
+logger = logging.getLogger("carrot_kombu.amqp")
+
+#: Frame errors after which the stream cannot be trusted (raised by py-amqp's frame handler).
+_FATAL_FRAME_ERRORS: tuple[type[BaseException], ...] = (OSError, UnexpectedFrame, FrameError, FrameSyntaxError)
+
+#: After a caller stopped reading, the service thread waits this long before
+#: it reads again: a caller that comes straight back keeps reading itself.
+GRACE = 0.005
+
+
+class Waiter:
+    """Something a thread waits for; :meth:`wake` may be called from any thread."""
+
+    __slots__ = ("event",)
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def wake(self) -> None:
+        self.event.set()
+
+
+class Reply(Waiter):
+    """One expected reply: registered before its request is written."""
+
+    __slots__ = ("methods", "args", "error", "on_arrival")
+
+    def __init__(self, methods: Iterable[Any], on_arrival: Optional[Callable[["Reply"], None]] = None) -> None:
+        super().__init__()
+        self.methods = tuple(methods)
+        self.args: Optional[tuple[Any, ...]] = None
+        self.error: Optional[BaseException] = None
+        #: Internal continuation run by the reading thread (never user code).
+        self.on_arrival = on_arrival
+
+    def ready(self) -> bool:
+        return self.args is not None or self.error is not None
+
+    def resolve(self, args: tuple[Any, ...]) -> None:
+        self.args = args
+        self.event.set()
+        if self.on_arrival is not None:
+            self.on_arrival(self)
+
+    def fail(self, error: BaseException) -> None:
+        if self.ready():
+            return
+        self.error = error
+        self.event.set()
+        if self.on_arrival is not None:
+            self.on_arrival(self)
+
+
+class ConnHooks:
+    """What a connection reports to its owner (the link); called from any thread, must not block."""
+
+    def __init__(
+        self,
+        on_lost: Callable[[BaseException], None],
+        on_blocked: Callable[[str], None],
+        on_unblocked: Callable[[], None],
+    ) -> None:
+        self.on_lost = on_lost
+        self.on_blocked = on_blocked
+        self.on_unblocked = on_unblocked
+
+
+class EventQueue:
+    """Callbacks of user code (kombu consumers, on_return...), run by ``drain()`` callers.
+
+    The reading thread only appends; :meth:`drain` runs the callbacks in the
+    calling thread, one at a time, in arrival order (kombu's contract for
+    ``Connection.drain_events``).
+    """
+
+    def __init__(self, conn: "ConnState") -> None:
+        self._conn = conn
+        self._items: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
+        self._lock = threading.Lock()
+        self._waiters: list[Waiter] = []
+        # One drainer at a time keeps callbacks in order; reentrant for a
+        # callback that drains again (py-amqp allows it).
+        self._drain_lock = threading.RLock()
+
+    def post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Queue ``fn(*args)`` (from the reading thread)."""
+        with self._lock:
+            self._items.append((fn, args))
+            waiters = list(self._waiters)
+        for waiter in waiters:
+            waiter.wake()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def wake_all(self) -> None:
+        with self._lock:
+            waiters = list(self._waiters)
+        for waiter in waiters:
+            waiter.wake()
+
+    def drain(self, timeout: Optional[float]) -> int:
+        """Run queued callbacks, waiting up to ``timeout`` for the first one.
+
+        Returns:
+            How many callbacks ran (at least one).
+
+        Raises:
+            socket.timeout: Nothing arrived within ``timeout``.
+            Disconnected: The connection is lost.
+            Exception: Whatever a callback raised (the rest stay queued).
+        """
+        deadline = None if timeout is None else monotonic() + timeout
+        if not self._drain_lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            raise socket.timeout()
+        try:
+            # After a loss kombu must see the loss (Celery then forgets what it
+            # reserved); deliveries still queued come again from the broker.
+            self._conn.check_alive()
+            if not self._items:
+                self._wait(deadline)
+            count = 0
+            while True:
+                with self._lock:
+                    if not self._items:
+                        return count
+                    fn, args = self._items.popleft()
+                count += 1
+                fn(*args)
+        finally:
+            self._drain_lock.release()
+
+    def _wait(self, deadline: Optional[float]) -> None:
+        waiter = _QueueWaiter(self)
+        with self._lock:
+            self._waiters.append(waiter)
+        try:
+            if not self._conn.wait_for(waiter, deadline):
+                raise socket.timeout()
+        finally:
+            with self._lock:
+                self._waiters.remove(waiter)
+
+
+class _QueueWaiter(Waiter):
+    __slots__ = ("queue",)
+
+    def __init__(self, queue: EventQueue) -> None:
+        super().__init__()
+        self.queue = queue
+
+    def ready(self) -> bool:
+        return bool(self.queue._items)
+
+
+class ConnState:
+    """The thread state of one supervised connection; the only owner of its socket after the handshake.
+
+    Args:
+        conn: The py-amqp connection.
+        reply_timeout: Most seconds any request waits for the broker's reply.
+        blocked_timeout: Most seconds a publish waits while the broker blocks us
+            (``None``: as long as it takes).
+    """
+
+    def __init__(self, conn: Any, *, reply_timeout: float, blocked_timeout: Optional[float]) -> None:
+        self.conn = conn
+        self.reply_timeout = reply_timeout
+        self.blocked_timeout = blocked_timeout
+        self.wire: Optional[Wire] = None
+        self.dead: Optional[BaseException] = None
+        self.hooks: Optional[ConnHooks] = None
+        #: Guards channel ids and ``conn.channels`` (py-amqp has no lock for them).
+        self.id_lock = threading.Lock()
+        self.events = EventQueue(self)
+        self._fail_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        self._waiters_lock = threading.Lock()
+        self._waiters: dict[Waiter, None] = {}
+        self._service: Optional[threading.Thread] = None
+        self._service_reading = False
+        self._last_caller = 0.0
+        self._event_queues: "list[EventQueue]" = [self.events]
+        # blocked by the broker (resource alarm)
+        self.blocked: Optional[str] = None
+        self.blocked_at = 0.0
+        self._unblocked = threading.Event()
+        self._unblocked.set()
+        self.heartbeat = 0.0
+        #: channel_max and frame_max we asked for (0: no preference).
+        self.requested = (0, 0)
+        self.connected_once = False
+        self.handshake_deadline = 0.0
+        self._conn_replies: dict[Any, Reply] = {}
+
+    # -- life ------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self.wire is not None
+
+    def take_over(self, sock: Any, leftover: bytes, frame_max: int, heartbeat: float) -> None:
+        """After the handshake: from now on only this object does I/O on ``sock``."""
+        self.heartbeat = float(heartbeat or 0)
+        self.wire = Wire(sock, initial=leftover, max_frame=frame_max, on_failed=self.fail)
+
+    def start(self, hooks: ConnHooks, name: str) -> None:
+        """Start the service thread (heartbeats, liveness, reading while no caller does)."""
+        self.hooks = hooks
+        self._service = threading.Thread(target=self._service_loop, name=f"carrot-kombu-io-{name}", daemon=True)
+        self._service.start()
+
+    def join(self, timeout: float) -> None:
+        service = self._service
+        if service is not None and service is not threading.current_thread():
+            service.join(timeout)
+
+    def add_event_queue(self, queue: EventQueue) -> None:
+        self._event_queues.append(queue)
+
+    def remove_event_queue(self, queue: EventQueue) -> None:
+        if queue in self._event_queues:
+            self._event_queues.remove(queue)
+
+    # -- failure ------------------------------------------------------------------------------
+
+    def fail(self, exc: BaseException) -> None:
+        """The connection is lost (from whichever thread saw it): wake everyone, tell the owner.
+
+        Never blocks; only the first cause is kept and reported.
+        """
+        with self._fail_lock:
+            if self.dead is not None:
+                return
+            self.dead = exc
+        wire = self.wire
+        if wire is not None:
+            wire.kill(exc)
+        transport = getattr(self.conn, "_transport", None)
+        if transport is not None:
+            transport.connected = False  # kombu's verify_connection reads it
+        self._unblocked.set()
+        for reply in list(self._conn_replies.values()):
+            reply.fail(self.disconnected())
+        self.wake_all()
+        hooks = self.hooks
+        if hooks is not None:
+            try:
+                hooks.on_lost(exc)
+            except Exception:  # pragma: no cover - a bug in our own hook
+                logger.exception("carrot_kombu: error while reporting a lost connection")
+
+    def disown(self, exc: BaseException) -> None:
+        """In a forked child: dead without any I/O (the parent still uses the socket)."""
+        self.dead = exc
+        if self.wire is not None:
+            self.wire.disown(exc)
+
+    def wake_all(self) -> None:
+        with self._waiters_lock:
+            waiters = list(self._waiters)
+        for waiter in waiters:
+            waiter.wake()
+        for queue in list(self._event_queues):
+            queue.wake_all()
+
+    def disconnected(self) -> Disconnected:
+        """The error every user of a lost connection gets (a fresh instance per raise)."""
+        dead = self.dead
+        return Disconnected(f"connection lost: {type(dead).__name__}: {dead}", dead)
+
+    def check_alive(self) -> None:
+        if self.dead is not None:
+            raise self.disconnected()
+
+    # -- waiting: leader / follower ------------------------------------------------------------
+
+    def wait_for(self, waiter: Waiter, deadline: Optional[float]) -> bool:
+        """Block until ``waiter.ready()`` (True) or ``deadline`` (False).
+
+        Reads the socket in this thread whenever nobody else does.
+
+        Raises:
+            Disconnected: The connection was lost meanwhile.
+        """
+        if waiter.ready():
+            return True
+        with self._waiters_lock:
+            self._waiters[waiter] = None
+        try:
+            while True:
+                if waiter.ready():
+                    return True
+                if self.dead is not None:
+                    raise self.disconnected()
+                remaining = None if deadline is None else deadline - monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                if self._read_lock.acquire(False):
+                    try:
+                        self._lead(waiter, deadline)
+                    finally:
+                        self._release_lead()
+                    continue
+                if self._service_reading and self.wire is not None:
+                    self.wire.wake_reader()  # the service thread yields to callers
+                waiter.event.clear()
+                # Checked again after clear(): a wake-up from now on stays set.
+                if waiter.ready() or self.dead is not None or not self._read_lock.locked():
+                    continue
+                waiter.event.wait(remaining)
+        finally:
+            with self._waiters_lock:
+                self._waiters.pop(waiter, None)
+            self._last_caller = monotonic()
+            if not self._read_lock.locked():
+                # We may have been promoted just as our own reply arrived: pass it on.
+                self._promote()
+
+    def _lead(self, waiter: Waiter, deadline: Optional[float]) -> None:
+        wire = self.wire
+        assert wire is not None
+        self._last_caller = monotonic()
+        while not waiter.ready() and self.dead is None:
+            remaining = 1.0 if deadline is None else min(1.0, deadline - monotonic())
+            if remaining <= 0:
+                return
+            try:
+                frames = wire.read(remaining)
+            except Exception as exc:
+                self.fail(exc)
+                return
+            if frames:
+                self._dispatch(frames)
+
+    def _release_lead(self) -> None:
+        self._last_caller = monotonic()
+        self._read_lock.release()
+        self._promote()
+
+    def _promote(self) -> None:
+        """Wake one waiter that still needs a reader (leader/follower)."""
+        with self._waiters_lock:
+            waiters = list(self._waiters)
+        for waiter in waiters:
+            if not waiter.ready():
+                waiter.wake()
+                return
+
+    def _dispatch(self, frames: list[tuple[int, int, bytes]]) -> None:
+        handle = self.conn.on_inbound_frame
+        for frame in frames:
+            try:
+                handle(frame)
+            except _FATAL_FRAME_ERRORS as exc:
+                self.fail(exc)
+                return
+            except Exception:
+                logger.exception("carrot_kombu: internal error while dispatching a frame; connection kept")
+
+    # -- the service thread ----------------------------------------------------------------------
+
+    def _service_loop(self) -> None:
+        wire = self.wire
+        assert wire is not None
+        while self.dead is None:
+            try:
+                interval = self.housekeeping()
+            except Exception as exc:
+                self.fail(exc)
+                return
+            idle = monotonic() - self._last_caller
+            if idle < GRACE:
+                # Callers are reading for themselves: stay out of their way.
+                self._sleep(min(interval, GRACE - idle))
+                continue
+            if not self._read_lock.acquire(False):
+                self._sleep(min(interval, GRACE))
+                continue
+            self._service_reading = True
+            try:
+                frames = wire.read(interval)
+                if frames:
+                    self._dispatch(frames)
+            except Exception as exc:
+                self.fail(exc)
+            finally:
+                self._service_reading = False
+                last = self._last_caller
+                self._release_lead()
+                # _release_lead marks caller activity, but the service thread is
+                # no caller; a caller that asked us to yield is (it waits).
+                self._last_caller = monotonic() if self._waiters else last
+
+    def _sleep(self, seconds: float) -> None:
+        # Only time passes here; kill() ends the loop through self.dead.
+        threading.Event().wait(seconds)
+
+    def housekeeping(self) -> float:
+        """Heartbeat, liveness, leftover output; returns seconds until it is due again.
+
+        Raises:
+            ConnectionForced: No frame from the broker for two heartbeat intervals.
+            Blocked: A write stayed stuck longer than ``blocked_timeout`` while blocked.
+        """
+        self.check_liveness()
+        wire = self.wire
+        assert wire is not None
+        hb = self.heartbeat
+        if hb and monotonic() - wire.last_tx >= hb / 2 and not wire.pending_output:
+            wire.send_nowait([HEARTBEAT])
+        wire.flush_pending()
+        return min(1.0, max(0.05, hb / 4)) if hb else 1.0
+
+    def check_liveness(self) -> None:
+        """Raise if the connection must be considered dead (lock-free: safe from any thread)."""
+        if self.dead is not None:
+            raise self.disconnected()
+        wire = self.wire
+        if wire is None:
+            return
+        now = monotonic()
+        stalled = wire.stalled_since
+        limit = self.blocked_timeout
+        if self.blocked is not None and stalled is not None and limit is not None and now - stalled > limit:
+            # A frame half-written to a broker that stopped reading: the stream
+            # cannot be resumed cleanly, the connection has to go.
+            raise Blocked(
+                f"a write stayed stuck for {now - stalled:.1f}s on a connection blocked by "
+                f"the broker ({self.blocked}); blocked_timeout is {limit}s"
+            )
+        hb = self.heartbeat
+        # RabbitMQ sends no heartbeats to a connection it blocks (it reads
+        # nothing from it either): silence is expected then.
+        if hb and self.blocked is None and now - wire.last_rx > 2 * hb:
+            raise ConnectionForced(
+                f"Too many heartbeats missed: no frame from the broker for {now - wire.last_rx:.1f}s "
+                f"(heartbeat {hb:g}s)"
+            )
+
+    def silent_for(self) -> float:
+        """Seconds since the last byte from the broker."""
+        wire = self.wire
+        return 0.0 if wire is None else monotonic() - wire.last_rx
+
+    # -- blocked by the broker ------------------------------------------------------------------
+
+    def on_blocked(self, reason: str) -> None:
+        """From the reading thread: flag first, so publishers stop before the event is out."""
+        self.blocked_at = monotonic()
+        self.blocked = reason
+        self._unblocked.clear()
+        self.wake_all()
+        if self.hooks is not None:
+            self.hooks.on_blocked(reason)
+
+    def on_unblocked(self) -> None:
+        self.blocked = None
+        self._unblocked.set()
+        if self.hooks is not None:
+            self.hooks.on_unblocked()
+
+    def wait_unblocked(self) -> None:
+        """Hold a publish while the broker blocks us, at most ``blocked_timeout``.
+
+        Raises:
+            Blocked: Still blocked after ``blocked_timeout`` (nothing was sent).
+            Disconnected: The connection was lost meanwhile.
+        """
+        if self.blocked is None:
+            return
+        if self._unblocked.wait(self.blocked_timeout):
+            self.check_alive()
+            return
+        raise self.blocked_error("nothing was sent")
+
+    def blocked_error(self, outcome: str) -> Blocked:
+        return Blocked(
+            f"the broker has blocked this connection ({self.blocked}) for longer than "
+            f"blocked_timeout={self.blocked_timeout}s; {outcome}"
+        )
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def expect_conn_reply(self, sig: Any) -> Reply:
+        """Register a reply on channel 0 (connection.close-ok)."""
+        reply = Reply([sig])
+        self._conn_replies[sig] = reply
+        return reply
+
+    def conn_reply(self, sig: Any) -> None:
+        reply = self._conn_replies.pop(sig, None)
+        if reply is not None:
+            reply.resolve((sig,))
+
+    def await_reply(self, reply: Reply, timeout: Optional[float], what: str) -> tuple[Any, ...]:
+        """Wait for ``reply`` at most ``min(timeout, reply_timeout)`` (and ``blocked_timeout`` while blocked).
+
+        Raises:
+            socket.timeout: The caller's own ``timeout`` passed first.
+            ReplyTimeout: ``reply_timeout`` passed.
+            Blocked: The broker blocked the connection for ``blocked_timeout``.
+            Disconnected: The connection was lost.
+            Exception: The channel error the broker answered with.
+        """
+        start = monotonic()
+        limit = self.reply_timeout if timeout is None else min(timeout, self.reply_timeout)
+        deadline = start + limit
+        while True:
+            if self.blocked is not None and self.blocked_timeout is not None:
+                blocked_deadline = self.blocked_at + self.blocked_timeout
+                if monotonic() >= blocked_deadline:
+                    raise self.blocked_error(f"no reply to {what}")
+                ready = self.wait_for(reply, min(deadline, blocked_deadline))
+            else:
+                ready = self.wait_for(reply, deadline)
+            if ready:
+                break
+            if monotonic() >= deadline:
+                if timeout is not None and timeout < self.reply_timeout:
+                    raise socket.timeout()
+                raise ReplyTimeout(
+                    f"no reply to {what} within reply_timeout={self.reply_timeout:g}s "
+                    f"(last frame from the broker {self.silent_for():.1f}s ago)"
+                )
+        if reply.error is not None:
+            raise reply.error
+        assert reply.args is not None
+        return reply.args
+
+
+class ChanState:
+    """What carrot_kombu tracks about one channel; its writes are atomic with its state.
+
+    ``lock`` is held only for bookkeeping and a non-blocking enqueue, never
+    while waiting, so the reading thread may take it too.
+    """
+
+    def __init__(self, chan: Any, conn: ConnState) -> None:
+        self.chan = chan
+        self.conn = conn
+        self.lock = threading.Lock()
+        self.replies: dict[Any, Reply] = {}
+        #: The broker closed the channel with this error.
+        self.error: Optional[BaseException] = None
+        self.closing = False
+        self.closed = False
+        #: Why the channel must not be reused (an abandoned request...).
+        self.spoiled: Optional[str] = None
+        #: Written without a reply since the last sync point: a late channel
+        #: error may still come (a publish to a missing exchange, an ack with a
+        #: bad tag), so the channel is verified before another borrower gets it.
+        self.unverified = False
+        self.confirm_mode = False
+        self.next_tag = 1
+        self.confirm_waiters: dict[int, Reply] = {}
+        # -- internal hooks (our code; run on the reading thread; must not block) --
+        self.on_confirm: Optional[Callable[[int, bool, bool], None]] = None
+        self.on_return: Optional[Callable[[BaseException, str, str, Any], None]] = None
+        self.on_closed: Optional[Callable[[BaseException, Any], None]] = None
+        self.sinks: dict[str, Callable[[Any], None]] = {}
+        self.cancel_sinks: dict[str, Callable[[str], None]] = {}
+        self.events: EventQueue = conn.events
+
+    # -- questions ------------------------------------------------------------------------
+
+    def reusable(self) -> bool:
+        """May be handed to another borrower: open, healthy, no consumers, nothing in flight."""
+        chan = self.chan
+        return (
+            self.error is None
+            and self.spoiled is None
+            and not self.closing
+            and not self.closed
+            and self.conn.dead is None
+            and getattr(chan, "is_open", False)
+            and not chan.callbacks
+            and not self.replies
+            and not self.confirm_waiters
+        )
+
+    def failure(self) -> Optional[BaseException]:
+        """Why a request on this channel cannot proceed (None: it can)."""
+        if self.conn.dead is not None:
+            return self.conn.disconnected()
+        if self.error is not None:
+            return _copy_error(self.error)
+        if self.spoiled is not None:
+            return CarrotKombuError(f"this channel can no longer be used: {self.spoiled}; take a new lease")
+        if self.closed or self.closing:
+            closed: BaseException = RecoverableConnectionError("channel is closed")
+            return closed
+        return None
+
+    # -- requests -------------------------------------------------------------------------
+
+    def expect(self, methods: Iterable[Any], on_arrival: Optional[Callable[[Reply], None]] = None) -> Reply:
+        """Register the reply to a request about to be written.
+
+        Raises:
+            CarrotKombuError: Another request on this channel waits for the
+                same reply (two threads on one lease).
+        """
+        reply = Reply(methods, on_arrival)
+        with self.lock:
+            for sig in reply.methods:
+                if sig in self.replies:
+                    raise CarrotKombuError(
+                        "another request on this channel is waiting for its reply: a channel (lease) "
+                        "is for one thread at a time"
+                    )
+            for sig in reply.methods:
+                self.replies[sig] = reply
+        return reply
+
+    def forget(self, reply: Reply) -> None:
+        with self.lock:
+            for sig in reply.methods:
+                if self.replies.get(sig) is reply:
+                    del self.replies[sig]
+
+    def spoil(self, why: str) -> None:
+        self.spoiled = self.spoiled or why
+
+    def resolve(self, sig: Any, args: tuple[Any, ...]) -> bool:
+        """On the reading thread: hand a reply to its waiter; False if nobody waits."""
+        with self.lock:
+            reply = self.replies.get(sig)
+            if reply is None:
+                return False
+            for m in reply.methods:
+                self.replies.pop(m, None)
+        reply.resolve((sig, *args))
+        return True
+
+    def fail_all(self, error: BaseException) -> None:
+        """The channel is gone: every waiter on it gets ``error``."""
+        with self.lock:
+            replies = set(self.replies.values()) | set(self.confirm_waiters.values())
+            self.replies.clear()
+            self.confirm_waiters.clear()
+        for reply in replies:
+            reply.fail(_copy_error(error))
+
+    # -- confirms (reading thread) -------------------------------------------------------------
+
+    def confirmed(self, tag: int, multiple: bool, ack: bool) -> None:
+        hook = self.on_confirm
+        if hook is not None:
+            hook(tag, multiple, ack)
+        if not self.confirm_waiters:
+            return
+        with self.lock:
+            if multiple:
+                done = [t for t in self.confirm_waiters if t <= tag]
+            else:
+                done = [tag] if tag in self.confirm_waiters else []
+            replies = [self.confirm_waiters.pop(t) for t in done]
+        for reply in replies:
+            reply.resolve(("ack" if ack else "nack",))
+
+
+def _copy_error(error: BaseException) -> BaseException:
+    """A fresh instance of a stored error, so that each raise has its own traceback."""
+    try:
+        args = getattr(error, "args", ())
+        copy: BaseException = type(error)(*args)
+        for attr in ("reply_code", "reply_text", "method_sig", "method_name"):
+            if hasattr(error, attr):
+                setattr(copy, attr, getattr(error, attr))
+        return copy
+    except Exception:
+        return error

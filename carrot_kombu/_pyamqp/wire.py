@@ -1,0 +1,423 @@
+"""The socket of one connection, shared by one reader at a time and any number of writers.
+
+After the handshake the socket is switched to non-blocking mode and never
+changes mode again.  Nobody ever blocks *inside* a socket (or TLS) call:
+threads wait in ``poll()`` outside every lock and then make one
+non-blocking call.  Three consequences the rest of the library relies on:
+
+* a TLS record that arrives half and then stops can never hold the TLS lock
+  (OpenSSL forbids concurrent reads and writes on one SSL object, so all of
+  them take that lock, but only for a call that cannot block);
+* :meth:`Wire.kill` (``shutdown()`` of the socket) wakes every waiter at
+  once, whatever the peer does;
+* writes are *group-committed*: a writer appends its bytes to one outgoing
+  buffer; if another thread is already sending, it returns at once and that
+  thread sends everything in as few system calls as possible.  Bytes leave
+  the buffer only once the kernel took them, so an exception in a writer
+  (``KeyboardInterrupt``) never leaves half a frame behind: the next writer
+  (or the connection's service thread) carries on where it stopped.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+import ssl
+import threading
+from collections import deque
+from time import monotonic
+from typing import Any, Callable, Optional, Union
+
+from .frames import FrameParser
+
+__all__ = ("Wire",)
+
+Chunk = Union[bytes, memoryview]
+
+#: Bytes read per system call.
+_RECV_SIZE = 256 * 1024
+#: Most bytes (and buffers) handed to the kernel in one ``sendmsg``.
+_SEND_BYTES = 1 << 20
+_SEND_BUFFERS = 512
+#: Writers wait for the buffer to drain below this before adding more.
+HIGH_WATER = 4 << 20
+#: Longest single ``poll()``: waits are re-checked at least this often.
+_POLL_SLICE = 1.0
+
+_POLLIN = select.POLLIN | select.POLLPRI
+_POLLOUT = select.POLLOUT
+_POLL_ERR = select.POLLERR | select.POLLHUP | select.POLLNVAL
+
+
+class Wire:
+    """Non-blocking frame I/O on a connected (possibly TLS) socket.
+
+    Args:
+        sock: The connected socket (``ssl.SSLSocket`` for TLS); from now on owned here.
+        initial: Bytes the handshake had already read past its last frame.
+        max_frame: Largest frame payload accepted from the peer.
+        on_failed: Called once, from the thread that saw it, when the socket fails.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        initial: bytes = b"",
+        max_frame: int = 131072,
+        on_failed: Optional[Callable[[BaseException], None]] = None,
+    ) -> None:
+        self._sock = sock
+        self._tls = isinstance(sock, ssl.SSLSocket)
+        # OpenSSL's SSL object is not thread-safe: every call on it holds this
+        # lock, and every such call is non-blocking, so it is held for microseconds.
+        self._tls_lock = threading.Lock()
+        sock.setblocking(False)
+        self._fd = sock.fileno()
+        self._parser = FrameParser(initial, max_frame + 8)
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._rpoll = select.poll()
+        self._rpoll.register(self._fd, _POLLIN)
+        self._rpoll.register(self._wake_r, _POLLIN)
+        self._wpoll = select.poll()
+        self._wpoll.register(self._fd, _POLLOUT)
+        self._on_failed = on_failed
+        # -- writer state, behind _wcond --
+        self._wcond = threading.Condition(threading.Lock())
+        self._out: deque[Chunk] = deque()
+        self._out_bytes = 0
+        self._flushing = False
+        self._tls_inflight: Optional[bytes] = None
+        self._dead: Optional[BaseException] = None
+        #: monotonic() of the last byte received / sent.
+        self.last_rx = self.last_tx = monotonic()
+        #: Since when the current flush has been unable to make progress.
+        self.stalled_since: Optional[float] = None
+        self.closed = False
+
+    # -- state ----------------------------------------------------------------------------
+
+    @property
+    def dead(self) -> Optional[BaseException]:
+        return self._dead
+
+    def set_max_frame(self, size: int) -> None:
+        self._parser.max_size = size + 8
+
+    @property
+    def pending_output(self) -> int:
+        """Bytes accepted from writers that the kernel has not taken yet."""
+        return self._out_bytes
+
+    # -- reading (one thread at a time: the connection's current reader) --------------------
+
+    def read(self, timeout: Optional[float]) -> list[tuple[int, int, bytes]]:
+        """Frames that arrived, waiting at most ``timeout`` seconds for some.
+
+        Returns early with no frames when :meth:`wake_reader` is called.
+
+        Raises:
+            OSError: The socket failed or the peer closed it.
+            UnexpectedFrame: The stream is not AMQP.
+        """
+        parser = self._parser
+        frames = parser.frames()
+        if frames:
+            return frames
+        deadline = None if timeout is None else monotonic() + timeout
+        while True:
+            if self._dead is not None:
+                raise _as_oserror(self._dead)
+            data = self._recv()
+            if data:
+                self.last_rx = monotonic()
+                parser.feed(data)
+                frames = parser.frames()
+                if frames:
+                    return frames
+                continue
+            remaining = _POLL_SLICE if deadline is None else min(_POLL_SLICE, deadline - monotonic())
+            if remaining <= 0:
+                return []
+            try:
+                events = self._rpoll.poll(max(1, int(remaining * 1000 + 0.999)))
+            except InterruptedError:  # pragma: no cover - PEP 475 retries poll itself
+                continue
+            woken = False
+            for fd, _ in events:
+                if fd == self._wake_r:
+                    self._drain_wake()
+                    woken = True
+            if woken:
+                return []
+
+    def wake_reader(self) -> None:
+        """Make a reader waiting in :meth:`read` return now."""
+        try:
+            os.write(self._wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # the pipe is full (a wake-up is pending anyway) or closed
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _recv(self) -> bytes:
+        """Whatever the socket has now (``b""`` if nothing); raises on EOF or error."""
+        sock = self._sock
+        if not self._tls:
+            try:
+                data = sock.recv(_RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return b""
+            if not data:
+                raise OSError(errno.ECONNRESET, "Server unexpectedly closed connection")
+            return data
+        parts: list[bytes] = []
+        with self._tls_lock:
+            while True:
+                try:
+                    data = sock.recv(_RECV_SIZE)
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                    break
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    data = b""
+                if not data:
+                    if parts:
+                        break
+                    raise OSError(errno.ECONNRESET, "Server unexpectedly closed connection")
+                parts.append(data)
+                if not sock.pending():  # type: ignore[attr-defined]
+                    # One more recv would only say "want read": save the call.
+                    break
+        return b"".join(parts)
+
+    # -- writing (any thread) -----------------------------------------------------------------
+
+    def enqueue(self, chunks: list[Chunk], *, wait_room: bool = True) -> bool:
+        """Accept ``chunks`` for sending, in order, whole.
+
+        Returns True when the calling thread must now call :meth:`flush`
+        (nobody else is sending).  With ``wait_room`` the caller first waits
+        while more than ``HIGH_WATER`` bytes are queued (back-pressure from
+        a slow peer); the connection's own replies never wait.
+
+        Raises:
+            OSError: The connection is dead (nothing was queued).
+        """
+        size = 0
+        for chunk in chunks:
+            size += len(chunk)
+        with self._wcond:
+            if wait_room:
+                while self._out_bytes > HIGH_WATER and self._flushing and self._dead is None:
+                    self._wcond.wait(_POLL_SLICE)
+            if self._dead is not None:
+                raise _as_oserror(self._dead)
+            self._out.extend(chunks)
+            self._out_bytes += size
+            if self._flushing:
+                return False
+            self._flushing = True
+            return True
+
+    def wait_room(self) -> None:
+        """Wait while the outgoing buffer is over ``HIGH_WATER`` (back-pressure), until it drains or dies."""
+        if self._out_bytes <= HIGH_WATER:
+            return
+        with self._wcond:
+            while self._out_bytes > HIGH_WATER and self._flushing and self._dead is None:
+                self._wcond.wait(_POLL_SLICE)
+
+    def send(self, chunks: list[Chunk]) -> None:
+        """Queue ``chunks`` and make sure they are being sent."""
+        if self.enqueue(chunks):
+            self.flush()
+
+    def send_nowait(self, chunks: list[Chunk]) -> None:
+        """Queue ``chunks`` without ever blocking (for the reading thread's own replies).
+
+        What the socket does not take at once is sent by the next writer or
+        by the connection's service thread (:meth:`flush_pending`).
+        """
+        if self.enqueue(chunks, wait_room=False):
+            self.flush(block=False)
+
+    def flush_pending(self, block: bool = False) -> None:
+        """Send what earlier writers left behind, if nobody is sending now."""
+        with self._wcond:
+            if self._flushing or not self._out or self._dead is not None:
+                return
+            self._flushing = True
+        self.flush(block=block)
+
+    def flush(self, block: bool = True) -> None:
+        """Send the buffer until it is empty (the thread elected by :meth:`enqueue`).
+
+        With ``block=False`` stop at the first would-block and leave the rest.
+
+        Raises:
+            OSError: The socket failed (the connection is then dead).
+        """
+        try:
+            while True:
+                with self._wcond:
+                    if self._dead is not None:
+                        raise _as_oserror(self._dead)
+                    if not self._out:
+                        # In the same critical section as the check: a writer
+                        # that queues after this sees nobody flushing and flushes.
+                        self._flushing = False
+                        self._wcond.notify_all()
+                        return
+                    batch = self._batch()
+                sent = self._send(batch, block)
+                with self._wcond:
+                    self._consume(sent)
+                    if not sent and not block:
+                        self._flushing = False
+                    self._wcond.notify_all()
+                if not sent and not block:
+                    return
+        except BaseException as exc:
+            with self._wcond:
+                self._flushing = False
+                self._wcond.notify_all()
+            if isinstance(exc, OSError):
+                self._failed(exc)
+            raise
+
+    def _batch(self) -> list[Chunk]:
+        if self._tls and self._tls_inflight is not None:
+            return [self._tls_inflight]
+        batch: list[Chunk] = []
+        total = 0
+        for chunk in self._out:
+            batch.append(chunk)
+            total += len(chunk)
+            if total >= _SEND_BYTES or len(batch) >= _SEND_BUFFERS:
+                break
+        if self._tls:
+            # OpenSSL must be retried with the very same bytes after "want write".
+            self._tls_inflight = b"".join(batch)
+            return [self._tls_inflight]
+        return batch
+
+    def _consume(self, sent: int) -> None:
+        if not sent:
+            return
+        self._out_bytes -= sent
+        out = self._out
+        while sent:
+            head = out[0]
+            if len(head) <= sent:
+                sent -= len(head)
+                out.popleft()
+            else:
+                out[0] = memoryview(head)[sent:]
+                sent = 0
+        if self._tls_inflight is not None:
+            self._tls_inflight = None
+
+    def _send(self, batch: list[Chunk], block: bool) -> int:
+        """Bytes the kernel took (all of an in-flight TLS buffer, or 0)."""
+        sock = self._sock
+        while True:
+            if self._dead is not None:
+                raise _as_oserror(self._dead)
+            try:
+                if self._tls:
+                    with self._tls_lock:
+                        sent = sock.send(batch[0])
+                elif len(batch) == 1:
+                    sent = sock.send(batch[0])
+                else:
+                    sent = sock.sendmsg(batch)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                sent = 0
+            if sent:
+                self.last_tx = monotonic()
+                self.stalled_since = None
+                return sent
+            if self.stalled_since is None:
+                self.stalled_since = monotonic()
+            if not block:
+                return 0
+            self._wpoll.poll(int(_POLL_SLICE * 1000))
+
+    # -- teardown ---------------------------------------------------------------------------
+
+    def _failed(self, exc: BaseException) -> None:
+        first = False
+        with self._wcond:
+            if self._dead is None:
+                self._dead = exc
+                first = True
+            self._wcond.notify_all()
+        if first:
+            self._shutdown()
+            if self._on_failed is not None:
+                self._on_failed(exc)
+
+    def fail(self, exc: BaseException) -> None:
+        """Declare the connection dead from outside (a missed heartbeat...)."""
+        self._failed(exc)
+
+    def kill(self, exc: BaseException) -> None:
+        """Dead from now on: wakes every waiter at once; no handshake, never blocks.
+
+        ``on_failed`` is not called (the caller already knows).
+        """
+        with self._wcond:
+            if self._dead is None:
+                self._dead = exc
+            self._wcond.notify_all()
+        self._shutdown()
+
+    def disown(self, exc: BaseException) -> None:
+        """In a forked child: dead, without touching the socket the parent still uses."""
+        self._dead = exc
+
+    def _shutdown(self) -> None:
+        try:
+            # On the raw socket, under no lock: a TLS shutdown would need the SSL object.
+            socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
+        except (OSError, ValueError):
+            pass
+        self.wake_reader()
+
+    def close(self) -> None:
+        """Release the socket and the wake-up pipe (after :meth:`kill`)."""
+        if self.closed:
+            return
+        self.closed = True
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        try:
+            socket.socket.close(self._sock)
+        except OSError:
+            pass
+
+
+def _as_oserror(exc: BaseException) -> OSError:
+    """A fresh error for each raise (one instance raised in many threads mixes tracebacks)."""
+    error = ConnectionAbortedError(errno.ECONNABORTED, f"connection is dead: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
+
+
+def poll_readable(sock: Any, timeout: float) -> bool:
+    """True when ``sock`` has something to read within ``timeout`` (tests, probes)."""
+    p = select.poll()
+    p.register(sock.fileno(), _POLLIN)
+    return bool(p.poll(int(timeout * 1000)))
