@@ -7,6 +7,7 @@ import logging
 from .consumers import Consumer
 from .exceptions import (
     Blocked,
+    BrokerUnavailable,
     CarrotKombuError,
     ChannelLimitReached,
     ConfigurationError,
@@ -30,6 +31,7 @@ __version__ = "0.2.0"
 __all__ = (
     "Backoff",
     "Blocked",
+    "BrokerUnavailable",
     "CarrotKombuError",
     "ChannelLimitReached",
     "ConfigurationError",
@@ -51,3 +53,15 @@ __all__ = (
 )
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+
+def _register_transport_alias() -> None:
+    """``carrot+amqp://`` URLs in kombu and Celery (kombu's transport alias ``carrot``)."""
+    from kombu.transport import TRANSPORT_ALIASES
+
+    for alias in ("carrot", "carrot+amqp", "carrot+amqps"):
+        # kombu's failover re-parses "carrot+amqp://..." alternates by their whole scheme.
+        TRANSPORT_ALIASES.setdefault(alias, "carrot_kombu.transport:Transport")
+
+
+_register_transport_alias()

@@ -24,6 +24,7 @@ from kombu.exceptions import OperationalError
 
 __all__ = (
     "Blocked",
+    "BrokerUnavailable",
     "CarrotKombuError",
     "ChannelLimitReached",
     "ConfigurationError",
@@ -96,6 +97,15 @@ class ReplyTimeout(CarrotKombuError, OperationalError, TimeoutError):  # type: i
 
     The channel the request was made on is discarded (its reply may still
     come); the connection is kept: a dead peer is the heartbeat's to detect.
+    """
+
+
+class BrokerUnavailable(CarrotKombuError, ConnectionError):
+    """The kombu transport could not hand out a connection: the manager is not connected.
+
+    An ``OSError`` like py-amqp's "connection refused", so that kombu's and
+    Celery's retry policies count it exactly as they count plain py-amqp's.
+    ``reason`` is the manager's :class:`Disconnected`.
     """
 
 

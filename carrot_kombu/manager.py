@@ -135,6 +135,9 @@ class ConnectionManager:
         # the current core, across restarts and forks.
         self._cores: list[Core] = [Core.build(self._settings, max_pending)]
         self._started_once = False
+        #: In a forked child, start only when first used (the kombu transport's
+        #: managers: a prefork child connects when it first needs the broker).
+        self._lazy_after_fork = False
         weakref.finalize(self, _abandon, self._cores)
         _MANAGERS.add(self)
 
@@ -633,7 +636,7 @@ class ConnectionManager:
         old.handle.supervisor = None  # the parent's thread: not in this process
         self._lock = threading.Lock()
         self._cores[0] = Core.build(self._settings, self._max_pending, previous=old, forked=True)
-        if was_started:
+        if was_started and not self._lazy_after_fork:
             self.start()
 
     # -- introspection -----------------------------------------------------------------------

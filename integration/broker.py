@@ -51,7 +51,7 @@ def drain(lease: Any, queue: str, expected: int, timeout: float = 10.0) -> list[
     return bodies
 
 
-def drain_until(manager, done, timeout: float = 10.0, swallow: tuple = ()) -> bool:
+def drain_until(manager: Any, done: Any, timeout: float = 10.0, swallow: tuple[type[BaseException], ...] = ()) -> bool:
     """Run kombu callbacks of leases in this thread (``manager.drain_events``) until ``done()``."""
     import socket
     import time

@@ -370,6 +370,18 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
             raise
         return tag
 
+    def basic_cancel(self, consumer_tag: str, nowait: bool = False, argsig: str = "sb") -> Any:
+        """Cancel a consumer; deliveries that reached it before the cancel run now, in this thread.
+
+        py-amqp dispatches them to the callback while it waits for cancel-ok;
+        here they were queued for ``drain_events``, so they are run here
+        instead (the same deliveries, in the same order, in the caller).
+        """
+        result = super().basic_cancel(consumer_tag, nowait, argsig)
+        for fn, args in self.carrot.events.take(lambda fn, args: _consumer_tag(args) == consumer_tag):
+            fn(*args)
+        return result
+
     def consume_internal(
         self,
         queue: str,
@@ -421,6 +433,7 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
                     must_flush = conn.wire.enqueue([frame], wait_room=False)
                 except OSError:
                     gone = True
+        state.gone()
         if gone:
             self._collect_locally()
             return
@@ -464,6 +477,7 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
                     must_flush = wire.enqueue([frame], wait_room=False)
                 except OSError:
                     gone = True
+        state.gone()
         if gone:
             self._collect_locally()
         elif must_flush:
@@ -484,6 +498,7 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         state.closed = True
         with state.conn.id_lock:
             super().collect()
+        state.gone()
 
     # -- the reading thread ---------------------------------------------------------------------
 
@@ -664,6 +679,11 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
 
 def _raise(exc: BaseException) -> None:
     raise exc
+
+
+def _consumer_tag(args: tuple[Any, ...]) -> Optional[str]:
+    info = getattr(args[0], "delivery_info", None) if args else None
+    return info.get("consumer_tag") if isinstance(info, dict) else None
 
 
 _HANDLERS: dict[Any, Callable[..., None]] = {

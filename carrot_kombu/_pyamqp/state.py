@@ -18,6 +18,7 @@ and queues deliveries; it never runs user code (kombu callbacks go to an
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 from collections import deque
@@ -110,7 +111,7 @@ class EventQueue:
     ``Connection.drain_events``).
     """
 
-    def __init__(self, conn: "ConnState") -> None:
+    def __init__(self, conn: "ConnState", notify: bool = False) -> None:
         self._conn = conn
         self._items: deque[tuple[Callable[..., Any], tuple[Any, ...]]] = deque()
         self._lock = threading.Lock()
@@ -118,12 +119,22 @@ class EventQueue:
         # One drainer at a time keeps callbacks in order; reentrant for a
         # callback that drains again (py-amqp allows it).
         self._drain_lock = threading.RLock()
+        # For event loops (Celery's hub): a pipe readable while callbacks are
+        # queued or the connection died.
+        self._pipe: Optional[tuple[int, int]] = None
+        self._armed = False
+        if notify:
+            r, w = os.pipe()
+            os.set_blocking(r, False)
+            os.set_blocking(w, False)
+            self._pipe = (r, w)
 
     def post(self, fn: Callable[..., Any], *args: Any) -> None:
         """Queue ``fn(*args)`` (from the reading thread)."""
         with self._lock:
             self._items.append((fn, args))
             waiters = list(self._waiters)
+            self._arm()
         for waiter in waiters:
             waiter.wake()
 
@@ -133,14 +144,61 @@ class EventQueue:
     def wake_all(self) -> None:
         with self._lock:
             waiters = list(self._waiters)
+            self._arm()
         for waiter in waiters:
             waiter.wake()
 
+    def fileno(self) -> int:
+        """The read end of the notification pipe (``notify=True`` only)."""
+        if self._pipe is None:
+            raise ValueError("this event queue has no file descriptor (notify=False)")
+        return self._pipe[0]
+
+    def _arm(self) -> None:
+        """Under ``_lock``: make the pipe readable (once until disarmed)."""
+        if self._pipe is not None and not self._armed:
+            self._armed = True
+            try:
+                os.write(self._pipe[1], b"\0")
+            except OSError:
+                pass
+
+    def _disarm(self) -> None:
+        """Under ``_lock``, with nothing queued: the pipe stops being readable."""
+        if self._pipe is not None and self._armed and not self._items:
+            self._armed = False
+            try:
+                while os.read(self._pipe[0], 4096):
+                    pass
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            pipe, self._pipe = self._pipe, None
+        if pipe is not None:
+            for fd in pipe:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    def take(self, match: Callable[[Callable[..., Any], tuple[Any, ...]], bool]) -> list[tuple[Callable[..., Any], tuple[Any, ...]]]:
+        """Remove and return the queued callbacks ``match`` selects (in order)."""
+        with self._lock:
+            taken = [item for item in self._items if match(*item)]
+            if taken:
+                self._items = deque(item for item in self._items if not match(*item))
+                self._disarm()
+        return taken
+
     def drain(self, timeout: Optional[float]) -> int:
-        """Run queued callbacks, waiting up to ``timeout`` for the first one.
+        """Run the next queued callback, waiting up to ``timeout`` for one.
+
+        One per call, like py-amqp's ``drain_events`` (one method per call).
 
         Returns:
-            How many callbacks ran (at least one).
+            1.
 
         Raises:
             socket.timeout: Nothing arrived within ``timeout``.
@@ -155,15 +213,19 @@ class EventQueue:
             # reserved); deliveries still queued come again from the broker.
             self._conn.check_alive()
             if not self._items:
+                if timeout is not None and timeout <= 0:
+                    with self._lock:
+                        self._disarm()
+                    raise socket.timeout()
                 self._wait(deadline)
-            count = 0
-            while True:
-                with self._lock:
-                    if not self._items:
-                        return count
-                    fn, args = self._items.popleft()
-                count += 1
-                fn(*args)
+            with self._lock:
+                if not self._items:  # taken by a consumer's cancel meanwhile
+                    self._disarm()
+                    raise socket.timeout()
+                fn, args = self._items.popleft()
+                self._disarm()
+            fn(*args)
+            return 1
         finally:
             self._drain_lock.release()
 
@@ -598,6 +660,21 @@ class ChanState:
         self.sinks: dict[str, Callable[[Any], None]] = {}
         self.cancel_sinks: dict[str, Callable[[str], None]] = {}
         self.events: EventQueue = conn.events
+        #: Called once when the channel closes or is collected (the transport
+        #: gives its lease back); must not block.
+        self.on_gone: list[Callable[[Any], None]] = []
+        self._gone = False
+
+    def gone(self) -> None:
+        """The channel is closing or closed: tell whoever holds it (once)."""
+        if self._gone:
+            return
+        self._gone = True
+        for hook in self.on_gone:
+            try:
+                hook(self.chan)
+            except Exception:  # pragma: no cover - our own hooks
+                logger.exception("carrot_kombu: error in a channel-gone hook")
 
     # -- questions ------------------------------------------------------------------------
 

@@ -1,0 +1,429 @@
+"""A kombu transport over the process's supervised managers: ``carrot+amqp://``.
+
+A Celery or kombu project switches carrot_kombu on by its broker URL::
+
+    broker_url = "carrot+amqp://user:pass@host:5672/vhost"      # Celery
+    kombu.Connection("carrot+amqp://user:pass@host:5672/vhost")  # kombu
+
+(``import carrot_kombu`` registers the ``carrot`` alias; without the import,
+``broker_transport = "carrot_kombu.transport:Transport"`` with a plain
+``amqp://`` URL does the same.)
+
+Every kombu connection of the process with the same broker settings is a
+*view* (:class:`VirtualConnection`) of one supervised
+:class:`~carrot_kombu.ConnectionManager`: one AMQP connection per process,
+with its heartbeats, backoff, fail-fast ``Disconnected`` (a kombu connection
+error, so kombu's and Celery's own retry logic applies) and fork safety.
+
+* Establishing a kombu connection never makes an AMQP connection: it takes
+  the manager's current one, waiting only while an attempt is in progress
+  (at most ``connect_timeout``).  A wrong password therefore never makes
+  kombu's retry loops hammer the broker with logins.
+* kombu channels are channels of that connection, leased from the manager
+  and fenced by it: after a loss every use raises ``Disconnected``.
+* Deliveries reach kombu callbacks only in the thread that drains the view
+  (``drain_events``, or Celery's event loop through :meth:`VirtualConnection.fileno`),
+  never on the thread that reads the socket.
+* A view belongs to one AMQP connection: after a loss it stays dead, so
+  kombu and Celery see the loss (Celery clears its reserved requests and
+  QoS) and establish again; nothing is resubscribed underneath them.
+* ``transport_options={"confirm_publish": True}`` (as kombu's pyamqp
+  transport): every publish of that connection waits for its confirm.
+* In a forked child (prefork pool) the manager connects when the child
+  first needs the broker, not at fork.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any, Optional
+
+import amqp
+from kombu.transport import base
+
+from ._pyamqp import EventQueue
+from .config import mask_url
+from amqp.exceptions import AccessRefused, NotAllowed
+
+from .exceptions import Blocked, BrokerUnavailable, ChannelLimitReached, Disconnected, PoolTimeout, ReplyTimeout
+from .manager import ConnectionManager
+from .status import ConnectionState
+
+__all__ = ("Transport", "VirtualConnection", "manager_for_connection")
+
+logger = logging.getLogger("carrot_kombu")
+
+#: Transport options that configure the process's manager (not py-amqp).
+MANAGER_OPTIONS = ("pool_limit", "backoff", "blocked_timeout", "max_pending", "reply_timeout", "heartbeat")
+#: Transport options that belong to one kombu connection.
+CONNECTION_OPTIONS = ("confirm_publish", "confirm_timeout")
+#: Default pool size of a transport's manager: Celery keeps a channel per
+#: pooled producer connection, plus the worker's consumers, pidbox, results.
+DEFAULT_POOL_LIMIT = 256
+
+_registry_lock = threading.Lock()
+_registry: dict[tuple[Any, ...], ConnectionManager] = {}
+
+
+def _urls(client: Any) -> list[str]:
+    """The broker URLs of a kombu connection, without the ``carrot+`` prefix."""
+    raw = [u for u in (client.alt or []) if isinstance(u, str)] or [client.hostname or "localhost"]
+    urls = []
+    for url in raw:
+        if url.startswith("carrot+"):
+            url = url[len("carrot+"):]
+        if "://" not in url:
+            host = url or "localhost"
+            user = client.userid or "guest"
+            password = client.password or "guest"
+            port = client.port or (5671 if client.ssl else 5672)
+            vhost = client.virtual_host or "/"
+            from urllib.parse import quote
+
+            url = (f"{'amqps' if client.ssl else 'amqp'}://{quote(user, safe='')}:{quote(password, safe='')}"
+                   f"@{host}:{port}/{quote(vhost, safe='')}")
+        urls.append(url)
+    return urls
+
+
+def _key(client: Any) -> tuple[Any, ...]:
+    ssl = client.ssl
+    ssl_key = tuple(sorted((k, repr(v)) for k, v in ssl.items())) if isinstance(ssl, dict) else bool(ssl)
+    options = client.transport_options or {}
+    managed = tuple(sorted((k, repr(options[k])) for k in MANAGER_OPTIONS if k in options))
+    return (os.getpid(), tuple(_urls(client)), ssl_key, managed)
+
+
+def manager_for_connection(client: Any) -> ConnectionManager:
+    """The process's manager for a kombu connection's broker settings (made on first use).
+
+    Raises:
+        ConfigurationError: The settings are invalid (the message names the option).
+    """
+    key = _key(client)
+    with _registry_lock:
+        manager = _registry.get(key)
+        if manager is None:
+            manager = _registry[key] = _build(client)
+    return manager
+
+
+def _build(client: Any) -> ConnectionManager:
+    options = dict(client.transport_options or {})
+    managed = {k: options.pop(k) for k in MANAGER_OPTIONS if k in options}
+    for key in CONNECTION_OPTIONS:
+        options.pop(key, None)
+    # kombu/Celery retry settings are not py-amqp arguments.
+    for key in ("max_retries", "interval_start", "interval_step", "interval_max", "retry_policy"):
+        options.pop(key, None)
+    ssl = client.ssl
+    heartbeat = managed.pop("heartbeat", None) or client.heartbeat or 10
+    manager = ConnectionManager(
+        _urls(client),
+        ssl_options=(dict(ssl) if isinstance(ssl, dict) else True) if ssl else None,
+        heartbeat=heartbeat,
+        connection_timeout=float(client.connect_timeout or 5.0),
+        transport_options=options or None,
+        pool_limit=managed.pop("pool_limit", DEFAULT_POOL_LIMIT),
+        **managed,
+    )
+    # In a forked child the manager starts when the child first needs it.
+    manager._lazy_after_fork = True
+    return manager
+
+
+class VirtualConnection:
+    """What kombu calls a connection: one kombu connection's view of a manager's live AMQP connection.
+
+    Bound to the manager's connection at the time it was established; once
+    that connection is lost the view stays dead (kombu then establishes a
+    new one).
+    """
+
+    def __init__(self, kombu_transport: "Transport", manager: ConnectionManager, link: Any) -> None:
+        self.client = kombu_transport.client
+        self.manager = manager
+        self._link = link
+        self._raw = link.raw
+        state = self._raw.carrot
+        self._state = state
+        self.events = EventQueue(state, notify=True)
+        state.add_event_queue(self.events)
+        self._leases: dict[int, Any] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        options = self.client.transport_options or {}
+        self.confirm_publish = bool(options.get("confirm_publish"))
+        self.confirm_timeout = options.get("confirm_timeout")
+
+    # -- what kombu and Celery read --------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return not self._closed and self._state.dead is None
+
+    @property
+    def server_properties(self) -> dict[str, Any]:
+        return dict(self._raw.server_properties or {})
+
+    @property
+    def heartbeat(self) -> Any:
+        return self._raw.heartbeat
+
+    @property
+    def channel_max(self) -> Any:
+        return self._raw.channel_max
+
+    @property
+    def frame_max(self) -> Any:
+        return self._raw.frame_max
+
+    @property
+    def transport(self) -> Any:
+        """py-amqp's transport object (``.sock``), as on a py-amqp connection."""
+        return self._raw._transport
+
+    @property
+    def sock(self) -> Any:
+        return self._raw._transport.sock
+
+    def fileno(self) -> int:
+        """Readable while callbacks are queued for this connection (or it died): for event loops."""
+        return self.events.fileno()
+
+    def __repr__(self) -> str:
+        state = "connected" if self.connected else "dead"
+        return f"<carrot_kombu VirtualConnection {state} generation={self._link.generation} leases={len(self._leases)}>"
+
+    # -- channels --------------------------------------------------------------------------
+
+    def channel(self) -> Any:
+        """A kombu channel of this connection (leased from the manager, never reused by others).
+
+        Raises:
+            Disconnected: This connection is lost.
+        """
+        self.check()
+        lease = self.manager.open_channel(timeout=float(self.client.connect_timeout or 5.0))
+        if lease.generation != self._link.generation:
+            lease.release()
+            raise Disconnected("the connection this kombu connection was established on is gone")
+        chan = lease.channel
+        chan.carrot.events = self.events
+        # kombu reads channel.connection.client (declared-entity cache,
+        # SimpleQueue, Producer.connection): it must be *this* kombu connection.
+        chan.connection = _ConnectionView(chan.connection, self.client)
+        if self.confirm_publish:
+            chan.basic_publish = chan.basic_publish_confirm
+        with self._lock:
+            self._leases[id(chan)] = lease
+        chan.carrot.on_gone.append(self._channel_gone)
+        return chan
+
+    def _channel_gone(self, chan: Any) -> None:
+        with self._lock:
+            lease = self._leases.pop(id(chan), None)
+        if lease is not None:
+            lease.release(discard=True)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def check(self) -> None:
+        if self._closed:
+            raise Disconnected("this kombu connection was closed")
+        self._state.check_alive()
+
+    def drain_events(self, timeout: Optional[float] = None) -> None:
+        """Run this connection's queued callbacks here; ``socket.timeout`` if none within ``timeout``.
+
+        Raises:
+            Disconnected: The connection is lost (kombu/Celery re-establish).
+        """
+        self.check()
+        self.events.drain(timeout)
+
+    # -- closing -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close this kombu connection's channels; the shared AMQP connection stays."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            leases, self._leases = list(self._leases.values()), {}
+        for lease in leases:
+            lease.release(discard=True)
+        self._state.remove_event_queue(self.events)
+        self.events.close()
+
+    collect = close
+
+
+def _establish_error(down: Disconnected, status: Any) -> BaseException:
+    """What kombu should see when no connection can be handed out.
+
+    A refusal retrying will not fix keeps py-amqp's own error class (kombu
+    does not retry it); anything else is :class:`BrokerUnavailable`, an
+    ``OSError`` that kombu's retry policies count like py-amqp's refused
+    connection.
+    """
+    reason = down.reason
+    if status.fatal and isinstance(reason, (AccessRefused, NotAllowed)):
+        error: BaseException = type(reason)(str(down), getattr(reason, "method_sig", None), reason.reply_code)
+    else:
+        error = BrokerUnavailable(str(down), down)
+    error.__cause__ = down
+    return error
+
+
+def _mirror_endpoint(client: Any, endpoint: Any) -> None:
+    """Show on the kombu connection which broker it is on (kombu's failover would have switched to it)."""
+    if client.hostname == endpoint.host and client.port == endpoint.port:
+        return
+    from urllib.parse import urlparse
+
+    for url in client.alt or []:
+        parsed = urlparse(url) if isinstance(url, str) and "://" in url else None
+        if parsed is not None and parsed.hostname in (endpoint.host, "localhost" if endpoint.host == "127.0.0.1" else None) \
+                and (parsed.port or 5672) == endpoint.port:
+            client.hostname, client.port = parsed.hostname, parsed.port or endpoint.port
+            if "+" in parsed.scheme:
+                client.transport_cls = parsed.scheme
+            return
+
+
+class _ConnectionView:
+    """A channel's ``connection`` as kombu expects it: the AMQP connection, with this ``client``."""
+
+    __slots__ = ("_raw", "client")
+
+    def __init__(self, raw: Any, client: Any) -> None:
+        object.__setattr__(self, "_raw", raw)
+        object.__setattr__(self, "client", client)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._raw, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._raw, name, value)
+
+
+class Transport(base.Transport):  # type: ignore[misc]
+    """kombu transport ``carrot`` (``carrot+amqp://``, ``carrot+amqps://``)."""
+
+    Connection = VirtualConnection
+    can_parse_url = True
+    default_port = 5672
+    default_ssl_port = 5671
+    driver_type = "amqp"
+    driver_name = "carrot_kombu"
+
+    connection_errors = (Disconnected, BrokerUnavailable, ReplyTimeout, Blocked) + tuple(
+        amqp.Connection.connection_errors
+    )
+    channel_errors = tuple(amqp.Connection.channel_errors) + (ChannelLimitReached, PoolTimeout)
+    recoverable_connection_errors = (Disconnected, ReplyTimeout) + tuple(amqp.Connection.recoverable_connection_errors)
+    recoverable_channel_errors = tuple(amqp.Connection.recoverable_channel_errors)
+
+    implements = base.Transport.implements.extend(asynchronous=True, heartbeats=True)
+
+    def __init__(self, client: Any, **kwargs: Any) -> None:
+        super().__init__(client, **kwargs)
+
+    def driver_version(self) -> str:
+        from . import __version__
+
+        return str(__version__)
+
+    def establish_connection(self) -> VirtualConnection:
+        """A view of the manager's live connection; waits only while an attempt is in progress.
+
+        Raises:
+            Disconnected: Not connected (at once, unless the first attempt
+                is still running: then after at most ``connect_timeout``).
+        """
+        manager = manager_for_connection(self.client)
+        manager.start()
+        timeout = float(self.client.connect_timeout or 5.0)
+        deadline = time.monotonic() + timeout
+        core = manager._core
+        while True:
+            link = core.pool.current_link()
+            if link is not None and link.dead is None:
+                _mirror_endpoint(self.client, link.endpoint)
+                return VirtualConnection(self, manager, link)
+            status = manager.status()
+            if status.state is not ConnectionState.CONNECTING or time.monotonic() >= deadline:
+                raise _establish_error(core.pool._down_error(), status)
+            core.board.wait_for(lambda s: s.state is not ConnectionState.CONNECTING,
+                                max(0.0, deadline - time.monotonic()))
+
+    def create_channel(self, connection: VirtualConnection) -> Any:
+        return connection.channel()
+
+    def close_connection(self, connection: VirtualConnection) -> None:
+        connection.close()
+
+    def _collect(self, connection: Optional[VirtualConnection]) -> None:
+        if connection is not None:
+            connection.close()
+
+    def drain_events(self, connection: VirtualConnection, timeout: Optional[float] = None, **kwargs: Any) -> None:
+        connection.drain_events(timeout=timeout)
+
+    def verify_connection(self, connection: VirtualConnection) -> bool:
+        return connection.connected
+
+    def heartbeat_check(self, connection: VirtualConnection, rate: int = 2) -> None:
+        # The manager's own thread sends heartbeats and judges liveness; a
+        # loss shows here so that Celery's event loop restarts its consumer.
+        connection.check()
+
+    def get_heartbeat_interval(self, connection: VirtualConnection) -> Any:
+        return connection.heartbeat
+
+    def register_with_event_loop(self, connection: VirtualConnection, loop: Any) -> None:
+        loop.add_reader(connection.fileno(), self.on_readable, connection, loop)
+
+    def unregister_from_event_loop(self, connection: VirtualConnection, loop: Any) -> None:
+        try:
+            loop.remove(connection.fileno())
+        except Exception:
+            pass
+
+    def on_readable(self, connection: VirtualConnection, loop: Any) -> None:
+        """Celery's event loop: run what is queued for this connection, on the loop's thread."""
+        try:
+            connection.drain_events(timeout=0)
+        except socket.timeout:
+            pass
+
+    def qos_semantics_matches_spec(self, connection: VirtualConnection) -> bool:
+        props = connection.server_properties
+        if props.get("product") == "RabbitMQ":
+            from kombu.utils.text import version_string_as_tuple
+
+            version = props.get("version")
+            if not version:
+                return True
+            parsed = version_string_as_tuple(version.decode() if isinstance(version, bytes) else version)
+            return bool(parsed < (3, 3) or parsed >= (4, 0))
+        return True
+
+    def as_uri(self, uri: str, include_password: bool = False, mask: str = "**") -> str:
+        shown = uri if include_password else mask_url(uri)
+        return shown if shown.startswith("carrot+") else f"carrot+{shown}"
+
+    @property
+    def default_connection_params(self) -> dict[str, Any]:
+        return {
+            "userid": "guest",
+            "password": "guest",
+            "port": self.default_ssl_port if self.client.ssl else self.default_port,
+            "hostname": "localhost",
+            "login_method": "PLAIN",
+        }
