@@ -31,7 +31,7 @@ from typing import Any, Optional
 
 from celery import signals
 
-from .manager import ConnectionManager
+from .manager import ConnectionManager, _is_carrot_transport
 
 __all__ = ("install", "manager_for", "uninstall")
 
@@ -42,7 +42,15 @@ _installed: dict[int, "_Installation"] = {}
 class _Installation:
     def __init__(self, app: Any, options: dict[str, Any]) -> None:
         self.app = app
-        self.manager = ConnectionManager.from_celery(app, **options)
+        connection = app.connection_for_write()
+        if not options and _is_carrot_transport(connection.transport_cls):
+            # broker_url = "carrot+amqp://...": share the manager that carries
+            # Celery's own connections in this process (one AMQP connection).
+            from .transport import manager_for_connection
+
+            self.manager = manager_for_connection(connection)
+        else:
+            self.manager = ConnectionManager.from_celery(app, **options)
 
     # signal receivers (Celery passes keyword arguments)
 
@@ -106,3 +114,31 @@ def uninstall(app: Any) -> None:
     signals.worker_process_shutdown.disconnect(inst.on_shutdown)
     signals.worker_shutdown.disconnect(inst.on_shutdown)
     inst.manager.stop(timeout=10)
+
+
+def _command() -> Any:
+    """``celery carrot-kombu``: check the app's broker through carrot_kombu.
+
+    Registered as a ``celery.commands`` entry point, so the ``celery`` command
+    imports carrot_kombu at start: ``broker_url = "carrot+amqp://..."`` then
+    works in ``celery worker`` even if the app module never imports it.
+    """
+    import click
+
+    @click.command("carrot-kombu", help="Connect once to the app's broker through carrot_kombu and report.")
+    @click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait.")
+    @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+    @click.pass_context
+    def carrot_kombu(ctx: Any, timeout: float, as_json: bool) -> None:
+        from .cli import check
+
+        app = ctx.obj.app
+        url = app.conf.broker_write_url or app.conf.broker_url
+        if isinstance(url, str) and url.startswith("carrot+"):
+            url = url[len("carrot+"):]
+        ctx.exit(check(url, timeout, as_json))
+
+    return carrot_kombu
+
+
+carrot_kombu_command = _command()

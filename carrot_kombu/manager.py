@@ -168,8 +168,18 @@ class ConnectionManager:
         transport = connection.transport_cls
         scheme = transport if isinstance(transport, str) else getattr(transport, "driver_type", "")
         derived: dict[str, Any] = {}
-        if scheme == "memory":
-            url: Union[str, list[str], None] = "memory://"
+        if _is_carrot_transport(transport):
+            from .transport import _urls
+
+            url: Union[str, list[str], None] = _urls(connection)
+            if connection.ssl:
+                derived["ssl_options"] = dict(connection.ssl) if isinstance(connection.ssl, Mapping) else True
+            if connection.heartbeat:
+                derived["heartbeat"] = connection.heartbeat
+            if connection.connect_timeout:
+                derived["connection_timeout"] = float(connection.connect_timeout)
+        elif scheme == "memory":
+            url = "memory://"
         elif scheme in ("amqp", "amqps", "pyamqp"):
             alternates = [u for u in connection.alt if u]
             url = alternates or None
@@ -199,30 +209,29 @@ class ConnectionManager:
         return cls(url, **derived)
 
     @classmethod
-    def from_celery(cls, app: Any, **overrides: Any) -> "ConnectionManager":
+    def from_celery(cls, app: Any, url: Optional[str] = None, **overrides: Any) -> "ConnectionManager":
         """Build a manager from a Celery app's broker settings.
 
-        Uses ``broker_write_url`` (else ``broker_url``), ``broker_use_ssl``,
-        ``broker_transport_options`` and ``broker_failover_strategy`` through
-        ``app.connection_for_write()``, plus ``broker_heartbeat`` →
-        ``heartbeat``, ``broker_connection_timeout`` → ``connection_timeout``,
-        ``broker_pool_limit`` → ``pool_limit`` (0/None keep the default) and
-        ``broker_connection_max_retries`` → ``Backoff.max_tries`` (0/None:
-        forever).  ``overrides`` win over all of them.
+        Uses ``url`` (else ``broker_write_url``, else ``broker_url``),
+        ``broker_use_ssl``, ``broker_transport_options`` and
+        ``broker_failover_strategy`` through ``app.connection_for_write()``.
+        Then, in this order of precedence: ``overrides``; the URL's own
+        query parameters (``heartbeat``, ``connect_timeout``), as Celery
+        honours them; the Celery settings you changed: ``broker_heartbeat``
+        → ``heartbeat``, ``broker_connection_timeout`` →
+        ``connection_timeout``, ``broker_pool_limit`` → ``pool_limit``,
+        ``broker_connection_max_retries`` → ``Backoff.max_tries``.
+
+        Celery's *default* values of ``broker_heartbeat`` (120 s) and
+        ``broker_connection_max_retries`` (100, which would make the manager
+        give up for good after about 25 minutes) are not taken: carrot_kombu's
+        own defaults apply (10 s, retry for ever), and a log line says so.
         """
-        conf = app.conf
-        options: dict[str, Any] = {}
-        if conf.get("broker_heartbeat") is not None:
-            options["heartbeat"] = conf.get("broker_heartbeat")
-        if conf.get("broker_connection_timeout"):
-            options["connection_timeout"] = float(conf.get("broker_connection_timeout"))
-        if conf.get("broker_pool_limit"):
-            options["pool_limit"] = int(conf.get("broker_pool_limit"))
-        retries = conf.get("broker_connection_max_retries")
-        if retries:
-            options["backoff"] = Backoff(max_tries=int(retries))
+        from ._celery_settings import celery_options
+
+        connection, options = celery_options(app, url)
         options.update(overrides)
-        return cls.from_connection(app.connection_for_write(), **options)
+        return cls.from_connection(connection, **options)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -653,6 +662,12 @@ class ConnectionManager:
             f"<ConnectionManager [{status.state.value} {status.broker} | "
             f"Pool: {pool.leased} leased, {pool.idle} idle, limit {pool.limit}]>"
         )
+
+
+def _is_carrot_transport(transport: Any) -> bool:
+    if isinstance(transport, str):
+        return transport.split("+", 1)[0] == "carrot" or transport == "carrot_kombu.transport:Transport"
+    return getattr(transport, "driver_name", None) == "carrot_kombu"
 
 
 def kombu_failover(name: str) -> Any:

@@ -65,7 +65,23 @@ def test_from_celery_maps_the_broker_settings():
     forever.conf.broker_pool_limit = None
     m = ConnectionManager.from_celery(forever)
     assert m.settings.backoff.max_tries is None and m.settings.pool_limit == 10
-    assert m.settings.endpoints[0].heartbeat == 120  # Celery's default broker_heartbeat
+    defaults = Celery("t3", broker="amqp://h//", set_as_current=False)
+    m = ConnectionManager.from_celery(defaults)
+    # Celery's defaults (heartbeat 120 s, 100 retries then give up) are not taken
+    assert m.settings.endpoints[0].heartbeat == 10 and m.settings.backoff.max_tries is None
+    assert m.settings.endpoints[0].connect_timeout == 4.0  # Celery's broker_connection_timeout
+
+
+def test_from_celery_honours_the_url_and_takes_url_keyword():
+    app = Celery("u", broker="amqp://u:pw@broker:5679/vh?heartbeat=30&connect_timeout=3", set_as_current=False)
+    app.conf.broker_heartbeat = 60
+    e = ConnectionManager.from_celery(app).settings.endpoints[0]
+    assert e.heartbeat == 30 and e.connect_timeout == 3.0  # the URL's own values win, as in Celery
+    e = ConnectionManager.from_celery(app, url="amqp://x:y@other:5690//").settings.endpoints[0]
+    assert (e.host, e.port, e.heartbeat) == ("other", 5690, 60)
+    carrot = Celery("c", broker="carrot+amqp://u:pw@broker:5679/vh", set_as_current=False)
+    e = ConnectionManager.from_celery(carrot).settings.endpoints[0]
+    assert (e.host, e.port, e.userid, e.virtual_host) == ("broker", 5679, "u", "vh")
 
 
 def test_celery_worker_signals_start_and_stop_one_manager_per_process():
