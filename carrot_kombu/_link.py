@@ -77,6 +77,9 @@ class Link:
     def dead(self) -> Optional[BaseException]:
         return None
 
+    def abort(self, exc: BaseException) -> None:
+        """From any thread: the connection is dead now; wakes every waiter, never blocks."""
+
     def kill(self, exc: BaseException) -> None:
         """Drop a dead connection without any handshake; never blocks."""
         try:
@@ -166,6 +169,9 @@ class AmqpLink(Link):
     def tick(self) -> None:
         self.raw.carrot.check_liveness()
 
+    def abort(self, exc: BaseException) -> None:
+        self.raw.carrot.fail(exc)
+
     def kill(self, exc: BaseException) -> None:
         state = self.raw.carrot
         state.fail(exc)
@@ -216,7 +222,13 @@ class VirtualLink(Link):
         return conn
 
 
-def open_link(generation: int, endpoint: Endpoint, settings: Settings, connect_timeout: Optional[float] = None) -> Link:
+def open_link(
+    generation: int,
+    endpoint: Endpoint,
+    settings: Settings,
+    connect_timeout: Optional[float] = None,
+    on_created: Optional[Callable[[Any], None]] = None,
+) -> Link:
     """Connect once to ``endpoint`` (blocking, bounded by ``connect_timeout``).
 
     Raises:
@@ -235,7 +247,7 @@ def open_link(generation: int, endpoint: Endpoint, settings: Settings, connect_t
             options["frame_max"] = endpoint.frame_max
         options["socket_settings"] = _socket_settings(endpoint, settings)
         options["carrot_options"] = LinkOptions(
-            reply_timeout=settings.reply_timeout, blocked_timeout=settings.blocked_timeout
+            reply_timeout=settings.reply_timeout, blocked_timeout=settings.blocked_timeout, on_created=on_created
         )
         # User callbacks never run on the reading thread: the manager
         # delivers blocked/unblocked as events instead.

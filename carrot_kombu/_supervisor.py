@@ -151,6 +151,9 @@ class Supervisor:
         self._last_failure: BaseException = CarrotKombuError("no attempt yet")
         self._failed_url = ""
         self._retries: dict[int, _Retry] = {}
+        #: The connection of the attempt in progress / the live link (for abort()).
+        self._attempting: Any = None
+        self._link: Optional[Link] = None
 
     # -- called by the manager -------------------------------------------------------
 
@@ -175,6 +178,19 @@ class Supervisor:
             return False
         self._thread.join(timeout)
         return not self._thread.is_alive()
+
+    def abort(self, why: BaseException) -> None:
+        """From stop(), when the loop did not end in time: make it end soon, never block.
+
+        The live connection dies at once (writers and waiters wake up); a
+        handshake in progress is cut.  The thread then exits on its own.
+        """
+        link = self._link
+        if link is not None:
+            link.abort(why)
+        attempting = self._attempting
+        if attempting is not None:
+            attempting.abort_handshake()
 
     def replace_publisher_channel(self, generation: int) -> None:
         """From the reading thread: the broker closed the confirm channel."""
@@ -266,10 +282,13 @@ class Supervisor:
         if alternates:
             timeout = min(timeout, max(ALTERNATE_ATTEMPT_TIMEOUT, float(endpoint.heartbeat)))
         try:
-            link = open_link(generation, endpoint, settings, connect_timeout=timeout)
+            link = open_link(generation, endpoint, settings, connect_timeout=timeout,
+                             on_created=self._set_attempting)
         except Exception as exc:
             self._failed(endpoint, exc)
             return None
+        finally:
+            self._attempting = None
         if self._stopping.is_set():
             link.close(self._stop_timeout)
             return None
@@ -286,6 +305,11 @@ class Supervisor:
         self._retries = {}
         self._degrade(degraded)
         return link
+
+    def _set_attempting(self, connection: Any) -> None:
+        self._attempting = connection
+        if self._stopping.is_set():
+            connection.abort_handshake()
 
     def _failed(self, endpoint: Endpoint, exc: BaseException) -> None:
         self._last_failure = exc
@@ -357,6 +381,13 @@ class Supervisor:
 
     def _serve(self, link: Link) -> Optional[BaseException]:
         """Run a live link until it is lost (returns why) or stop (returns None)."""
+        self._link = link
+        try:
+            return self._serve_link(link)
+        finally:
+            self._link = None
+
+    def _serve_link(self, link: Link) -> Optional[BaseException]:
         self._pool.attach(link, link.negotiated().get("channel_max"))
         self._degrade(self._recovery.attached(link))
         self._board.connected(link.endpoint.masked_url, link.negotiated(), link.server())

@@ -259,7 +259,7 @@ class ConnectionManager:
                     self._cores[0] = core
                 self._started_once = True
                 core.start()
-        if wait is not None and not self.wait_connected(wait):
+        if wait is not None and not self._wait_settled(wait):
             status = self.status()
             raise Disconnected(
                 f"not connected within {wait}s ({status.state.value}"
@@ -287,10 +287,14 @@ class ConnectionManager:
         if supervisor is None:
             return
         core.publisher.abort("the manager stopped")
-        if not supervisor.stop(timeout):
-            # Typically stuck in a connection attempt (bounded by its timeout).
+        # Keep a slice of the time for delivering "stopped" on the event thread.
+        reserve = 0.0 if timeout is None else min(0.25, timeout / 4)
+        if not supervisor.stop(None if timeout is None else timeout - reserve):
+            # Stuck writing to a silent peer, or in a connection attempt: cut
+            # it now, so nobody stays blocked, and let the thread end alone.
             logger.warning("carrot_kombu supervisor did not stop within %ss; it will exit on its own", timeout)
             supervisor.retire()
+            supervisor.abort(Disconnected("the manager stopped"))
             core.pool.detach("manager stopped", None)
             core.board.stopped()
             core.bus.post("stopped")
@@ -301,6 +305,16 @@ class ConnectionManager:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.stop()
+
+    def _wait_settled(self, timeout: float) -> bool:
+        """Like :meth:`wait_connected`, but also returns early on a refusal retrying will not fix."""
+        def settled(status: Status) -> bool:
+            return (status.state is ConnectionState.CONNECTED or status.state is ConnectionState.STOPPED
+                    or status.gave_up or (status.state is ConnectionState.FAILED and status.fatal))
+
+        board = self._core.board
+        board.wait_for(settled, timeout)
+        return board.state is ConnectionState.CONNECTED
 
     def wait_connected(self, timeout: Optional[float] = None) -> bool:
         """Block until connected; False on timeout, or if stopped or given up."""

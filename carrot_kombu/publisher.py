@@ -114,6 +114,9 @@ class Publisher:
         self._generation: Optional[int] = None
         self._confirms = True
         self._closed: Optional[str] = None
+        #: The broker refused the connection for a reason retrying will not
+        #: fix: new publishes fail at once until a connection works again.
+        self._refused: Optional[tuple[str, Optional[BaseException]]] = None
         self.used = False  # no confirm channel is opened until the first publish
 
     # -- supervisor side -------------------------------------------------------------
@@ -138,6 +141,7 @@ class Publisher:
             self._channel = channel
             self._confirms = confirms
             self._generation = generation
+            self._refused = None
             self._low = 1
             self._by_tag = {}
             again = [p for p in self._pending.values() if p.outcome is None]
@@ -160,6 +164,8 @@ class Publisher:
         with self._cond:
             if closed:
                 self._closed = why
+            else:
+                self._refused = (why, reason)
             pending = list(self._pending.values())
             self._pending.clear()
             self._by_tag = {}
@@ -175,6 +181,7 @@ class Publisher:
         """After ``start()`` again: publishing is allowed again."""
         with self._cond:
             self._closed = None
+            self._refused = None
 
     def detach(self, generation: Optional[int] = None) -> None:
         with self._cond:
@@ -271,6 +278,8 @@ class Publisher:
             while True:
                 if self._closed is not None:
                     raise Disconnected(f"{self._closed}; the message was not sent")
+                if self._refused is not None:
+                    raise Disconnected(f"{self._refused[0]}; the message was not sent", self._refused[1])
                 if len(self._pending) < self.max_pending:
                     self._pending[pending.id] = pending
                     return True

@@ -8,6 +8,9 @@ Controls, each taking effect at once:
 * :meth:`FaultProxy.refuse` makes new connections fail (the listening socket
   is closed, so connects get ``ECONNREFUSED``);
 * :meth:`FaultProxy.latency` delays every forwarded chunk;
+* :meth:`FaultProxy.blackhole_after` forwards exactly N more bytes from the
+  broker, then black-holes: a stream cut in the middle of a frame (or of a
+  TLS record), the half record of ../shared/BROKER.md;
 * :meth:`FaultProxy.heal` undoes blackhole, refuse and latency.
 """
 
@@ -28,6 +31,9 @@ class FaultProxy:
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
         self._blackholed = threading.Event()
         self._latency = 0.0
+        self._budget: Optional[int] = None  # bytes still forwarded downstream before blackhole_after trips
+        self.tripped = threading.Event()
+        self.tripped_at: Optional[float] = None
         self._closed = threading.Event()
         self._pumps: list[threading.Thread] = []
         self._listener: Optional[socket.socket] = None
@@ -69,10 +75,27 @@ class FaultProxy:
     def latency(self, seconds: float) -> None:
         self._latency = seconds
 
+    def blackhole_after(self, nbytes: int) -> threading.Event:
+        """Forward ``nbytes`` more bytes from the broker to the client, then black-hole both ways.
+
+        The cut falls at that exact offset of the broker's stream, whatever
+        it carries (half a frame, half a TLS record).  Returns :attr:`tripped`,
+        set once the black hole is in place (:attr:`tripped_at` is its
+        ``time.monotonic()``).
+        """
+        if nbytes < 0:
+            raise ValueError("nbytes must be >= 0")
+        with self._lock:
+            self.tripped.clear()
+            self.tripped_at = None
+            self._budget = nbytes
+        return self.tripped
+
     def heal(self) -> None:
         self._blackholed.clear()
         self._latency = 0.0
         with self._lock:
+            self._budget = None
             refused = self._listener is None
         if refused and not self._closed.is_set():
             self._listen()
@@ -168,9 +191,16 @@ class FaultProxy:
                     data = src.recv(65536)
                     if not data:
                         return
+                    tripped = False
+                    if src is upstream:
+                        data, tripped = self._spend(data)
                     if self._latency:
                         time.sleep(self._latency)
                     peer[src].sendall(data)
+                    if tripped:
+                        self.tripped_at = time.monotonic()
+                        self.tripped.set()
+                        break
                 if not self._alive(client):
                     return
         except (OSError, ValueError):
@@ -185,6 +215,19 @@ class FaultProxy:
                     sock.close()
                 except OSError:
                     pass
+
+    def _spend(self, data: bytes) -> tuple[bytes, bool]:
+        """What of ``data`` (broker to client) still goes out under :meth:`blackhole_after`; True when it trips."""
+        with self._lock:
+            budget = self._budget
+            if budget is None:
+                return data, False
+            if len(data) < budget:
+                self._budget = budget - len(data)
+                return data, False
+            self._budget = None
+            self._blackholed.set()  # every pump stops before this one sends the last piece
+            return data[:budget], True
 
     def _alive(self, client: socket.socket) -> bool:
         with self._lock:

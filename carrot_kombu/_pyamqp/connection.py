@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import socket
 from time import monotonic
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from amqp import spec
 from amqp.exceptions import (
@@ -38,9 +38,16 @@ logger = logging.getLogger("carrot_kombu.amqp")
 class LinkOptions:
     """What a supervised connection needs beyond py-amqp's own arguments."""
 
-    def __init__(self, reply_timeout: float = 10.0, blocked_timeout: Optional[float] = 30.0) -> None:
+    def __init__(
+        self,
+        reply_timeout: float = 10.0,
+        blocked_timeout: Optional[float] = 30.0,
+        on_created: Optional[Callable[["SupervisedConnection"], None]] = None,
+    ) -> None:
         self.reply_timeout = reply_timeout
         self.blocked_timeout = blocked_timeout
+        #: Told about the connection before its handshake (to abort it on stop()).
+        self.on_created = on_created
 
 
 class SupervisedConnection(pyamqp.Connection):  # type: ignore[misc]
@@ -61,6 +68,22 @@ class SupervisedConnection(pyamqp.Connection):  # type: ignore[misc]
         # values over ours; the negotiation in _on_tune needs what we asked for.
         self.carrot.requested = (int(kwargs.get("channel_max") or 0), int(kwargs.get("frame_max") or 0))
         super().__init__(*args, **kwargs)
+        if options.on_created is not None:
+            options.on_created(self)
+
+    def abort_handshake(self) -> None:
+        """From another thread: end a handshake in progress now (stop() during an attempt).
+
+        The handshake then fails with an ``OSError``; a TCP connect not yet
+        answered still ends only with its own timeout.
+        """
+        transport = self._transport
+        sock = getattr(transport, "sock", None)
+        if sock is not None and not self.carrot.running:
+            try:
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+            except (OSError, ValueError):
+                pass
 
     # -- the handshake ---------------------------------------------------------------------
 
@@ -202,7 +225,8 @@ class SupervisedConnection(pyamqp.Connection):  # type: ignore[misc]
             frame = encode_method(0, spec.Connection.Close, encode_args(
                 spec.Connection.Close, argsig, (reply_code, reply_text, method_sig[0], method_sig[1])))
             try:
-                state.wire.send([frame])  # type: ignore[union-attr]
+                # Never wait for room in the buffer: timeout bounds the whole close.
+                state.wire.send_nowait([frame])  # type: ignore[union-attr]
                 state.await_reply(reply, timeout, "Connection.Close")
             except Exception as exc:
                 logger.debug("no close-ok from the broker: %r", exc)
