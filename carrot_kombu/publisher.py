@@ -310,8 +310,11 @@ class Publisher:
             with self._cond:
                 channel = self._channel
                 pending.event.clear()
+            # Checked again after clear(): a settle from now on stays visible.
+            if pending.ready():
+                continue
             state = getattr(channel, "carrot", None)
-            if state is None or pending.ready():
+            if state is None:
                 pending.event.wait(remaining)
                 continue
             try:
@@ -342,14 +345,20 @@ class Publisher:
         for p in todo:
             frames += p.frames(channel.channel_id, frame_max)
 
-        def queued(first: int) -> None:
-            # Runs under the channel's lock, before any confirm can be read.
+        def queued(first: int, ok: bool) -> None:
+            # Runs under the channel's lock, before any confirm can be read;
+            # ok=False undoes it (the frames could not be queued).
             with self._cond:
                 for offset, p in enumerate(todo):
-                    p.tag = first + offset
-                    p.written = True
-                    if self._channel is channel:
-                        self._by_tag[p.tag] = p
+                    tag = first + offset
+                    if ok:
+                        p.tag, p.written = tag, True
+                        if self._channel is channel:
+                            self._by_tag[tag] = p
+                    else:
+                        p.tag, p.written = 0, False
+                        if self._by_tag.get(tag) is p:
+                            del self._by_tag[tag]
 
         try:
             channel.write_publishes(frames, len(todo), on_queued=queued)
@@ -434,6 +443,7 @@ class Publisher:
                 p.outcome = "rejected"
                 p.error = error
                 self._pending.pop(p.id, None)
+                p.wake()
             for p in self._pending.values():
                 p.wake()
             self._cond.notify_all()

@@ -157,7 +157,7 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         *,
         publishes: int = 0,
         confirm_reply: Optional[Reply] = None,
-        on_queued: Optional[Callable[[int], None]] = None,
+        on_queued: Optional[Callable[[int, bool], None]] = None,
     ) -> int:
         """Queue ``frames`` atomically with this channel's state; returns the first delivery tag.
 
@@ -185,23 +185,37 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
             failure = state.failure()
             if failure is not None:
                 raise failure
-            try:
-                must_flush = wire.enqueue(frames, wait_room=False)
-            except OSError as exc:
-                raise conn.disconnected() if conn.dead is not None else exc
+            # Delivery tags are booked *before* the frames are queued and
+            # unbooked only if they were not: whatever interrupts this thread,
+            # tags always match what the broker receives.  Confirms are
+            # dispatched under this lock too, so none can precede the booking.
             first = state.next_tag
-            if state.confirm_mode and publishes:
+            numbered = state.confirm_mode and publishes > 0
+            if numbered:
                 state.next_tag += publishes
                 if confirm_reply is not None:
                     state.confirm_waiters[first + publishes - 1] = confirm_reply
+                if on_queued is not None:
+                    on_queued(first, True)
+            try:
+                must_flush = wire.enqueue(frames, wait_room=False)
+            except BaseException as exc:
+                if not wire.holds(frames):
+                    if numbered:
+                        state.next_tag = first
+                        state.confirm_waiters.pop(first + publishes - 1, None)
+                        if on_queued is not None:
+                            on_queued(first, False)
+                    if isinstance(exc, OSError):
+                        raise conn.disconnected() if conn.dead is not None else exc
+                    raise
+                must_flush = False  # queued, then interrupted: the next writer sends it
+                if not isinstance(exc, OSError):
+                    raise
             if sig == spec.Confirm.Select:
                 state.confirm_mode = True
             if not expects_reply:
                 state.unverified = True
-            if on_queued is not None:
-                # Before the lock is released: no confirm for these tags can
-                # be dispatched before their owner knows them.
-                on_queued(first)
         if must_flush:
             try:
                 wire.flush()
@@ -277,11 +291,12 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         return frames
 
     def write_publishes(self, frames: list[Any], count: int,
-                        on_queued: Optional[Callable[[int], None]] = None) -> int:
+                        on_queued: Optional[Callable[[int, bool], None]] = None) -> int:
         """Write ``count`` already encoded publishes at once; returns the first delivery tag.
 
-        ``on_queued(first_tag)`` runs while the channel is locked, right after
-        the frames were queued: the place to record which tag is whose.
+        ``on_queued(first_tag, True)`` runs while the channel is locked, just
+        before the frames are queued: the place to record which tag is whose;
+        ``on_queued(first_tag, False)`` undoes it if they could not be queued.
         """
         return self._write(spec.Basic.Publish, frames, True, False, publishes=count, on_queued=on_queued)
 

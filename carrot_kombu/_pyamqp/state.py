@@ -398,6 +398,11 @@ class ConnState:
                 if self._read_lock.acquire(False):
                     try:
                         self._lead(waiter, deadline)
+                    except OSError as exc:
+                        # The wire failed (and marked the connection dead).
+                        if self.dead is not None:
+                            raise self.disconnected() from exc
+                        raise
                     finally:
                         self._release_lead()
                     continue
@@ -420,17 +425,13 @@ class ConnState:
         wire = self.wire
         assert wire is not None
         self._last_caller = monotonic()
+        # An exception raised into this thread while it waits (Ctrl-C, a
+        # signal handler) just propagates: the connection is not harmed.
         while not waiter.ready() and self.dead is None:
             remaining = 1.0 if deadline is None else min(1.0, deadline - monotonic())
             if remaining <= 0:
                 return
-            try:
-                frames = wire.read(remaining)
-            except Exception as exc:
-                self.fail(exc)
-                return
-            if frames:
-                self._dispatch(frames)
+            wire.read(remaining, self._dispatch)
 
     def _release_lead(self) -> None:
         self._last_caller = monotonic()
@@ -478,9 +479,7 @@ class ConnState:
                 continue
             self._service_reading = True
             try:
-                frames = wire.read(interval)
-                if frames:
-                    self._dispatch(frames)
+                wire.read(interval, self._dispatch)
             except Exception as exc:
                 self.fail(exc)
             finally:
@@ -759,12 +758,14 @@ class ChanState:
     # -- confirms (reading thread) -------------------------------------------------------------
 
     def confirmed(self, tag: int, multiple: bool, ack: bool) -> None:
-        hook = self.on_confirm
-        if hook is not None:
-            hook(tag, multiple, ack)
-        if not self.confirm_waiters:
-            return
+        # Under the writers' lock: a confirm is never handled between a
+        # writer's booking of its tags and the end of its write.
         with self.lock:
+            hook = self.on_confirm
+            if hook is not None:
+                hook(tag, multiple, ack)
+            if not self.confirm_waiters:
+                return
             if multiple:
                 done = [t for t in self.confirm_waiters if t <= tag]
             else:

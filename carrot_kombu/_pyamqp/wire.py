@@ -30,6 +30,8 @@ from collections import deque
 from time import monotonic
 from typing import Any, Callable, Optional, Union
 
+from amqp.exceptions import UnexpectedFrame
+
 from .frames import FrameParser
 
 __all__ = ("Wire",)
@@ -98,6 +100,8 @@ class Wire:
         #: Since when the current flush has been unable to make progress.
         self.stalled_since: Optional[float] = None
         self.closed = False
+        #: Bytes the kernel took are not yet accounted for (the flusher only).
+        self._send_critical = False
 
     # -- state ----------------------------------------------------------------------------
 
@@ -115,45 +119,77 @@ class Wire:
 
     # -- reading (one thread at a time: the connection's current reader) --------------------
 
-    def read(self, timeout: Optional[float]) -> list[tuple[int, int, bytes]]:
-        """Frames that arrived, waiting at most ``timeout`` seconds for some.
+    def read(self, timeout: Optional[float], dispatch: Callable[[list[tuple[int, int, bytes]]], None]) -> bool:
+        """Hand what arrives to ``dispatch``, waiting at most ``timeout`` seconds for something.
 
-        Returns early with no frames when :meth:`wake_reader` is called.
+        Returns:
+            True if frames were dispatched; False on timeout or when
+            :meth:`wake_reader` was called.
 
         Raises:
             OSError: The socket failed or the peer closed it.
             UnexpectedFrame: The stream is not AMQP.
+            BaseException: Whatever interrupted this thread (a signal
+                handler's exception); the connection is dropped only if that
+                happened while bytes were in flight (see :meth:`pump`).
         """
-        parser = self._parser
-        frames = parser.frames()
-        if frames:
-            return frames
         deadline = None if timeout is None else monotonic() + timeout
         while True:
             if self._dead is not None:
                 raise _as_oserror(self._dead)
-            data = self._recv()
-            if data:
-                self.last_rx = monotonic()
-                parser.feed(data)
-                frames = parser.frames()
-                if frames:
-                    return frames
-                continue
+            if self.pump(dispatch):
+                return True
             remaining = _POLL_SLICE if deadline is None else min(_POLL_SLICE, deadline - monotonic())
             if remaining <= 0:
-                return []
-            try:
-                events = self._rpoll.poll(max(1, int(remaining * 1000 + 0.999)))
-            except InterruptedError:  # pragma: no cover - PEP 475 retries poll itself
-                continue
-            woken = False
-            for fd, _ in events:
-                if fd == self._wake_r:
-                    self._drain_wake()
-                    woken = True
-            if woken:
-                return []
+                return False
+            # Waiting: an exception here (Ctrl-C, a signal handler) loses nothing.
+            if self.wait_readable(remaining):
+                return False
+
+    def wait_readable(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for data; True if :meth:`wake_reader` ended the wait."""
+        try:
+            events = self._rpoll.poll(max(1, int(timeout * 1000 + 0.999)))
+        except InterruptedError:  # pragma: no cover - PEP 475 retries poll itself
+            return False
+        woken = False
+        for fd, _ in events:
+            if fd == self._wake_r:
+                self._drain_wake()
+                woken = True
+        return woken
+
+    def pump(self, dispatch: Callable[[list[tuple[int, int, bytes]]], None]) -> bool:
+        """Take what the socket has now (never waits) and dispatch its complete frames.
+
+        From the moment bytes leave the kernel until their frames are
+        dispatched, an exception raised into this thread (only the main
+        thread gets signal handlers' exceptions) could lose them: if one
+        does, the stream cannot be trusted and the connection is dropped.
+        Waiting (:meth:`wait_readable`) has no such window.
+
+        Returns:
+            True if at least one frame was dispatched.
+        """
+        parser = self._parser
+        done = False
+        try:
+            if self._recv_into(parser):
+                self.last_rx = monotonic()
+            frames = parser.frames()
+            if frames:
+                dispatch(frames)
+                done = True
+        except BaseException as exc:
+            if isinstance(exc, (OSError, UnexpectedFrame)):
+                self._failed(exc)
+            else:
+                # A signal handler's exception (only the main thread gets
+                # them) between the kernel and the dispatch: bytes may be lost.
+                self._failed(ConnectionAbortedError(
+                    errno.ECONNABORTED, f"{type(exc).__name__} interrupted reading: the stream may be incomplete"))
+            raise
+        return done
 
     def wake_reader(self) -> None:
         """Make a reader waiting in :meth:`read` return now."""
@@ -169,18 +205,19 @@ class Wire:
         except (BlockingIOError, OSError):
             pass
 
-    def _recv(self) -> bytes:
-        """Whatever the socket has now (``b""`` if nothing); raises on EOF or error."""
+    def _recv_into(self, parser: FrameParser) -> bool:
+        """Feed ``parser`` whatever the socket has now; False if nothing. Raises on EOF or error."""
         sock = self._sock
         if not self._tls:
             try:
                 data = sock.recv(_RECV_SIZE)
             except (BlockingIOError, InterruptedError):
-                return b""
+                return False
             if not data:
                 raise OSError(errno.ECONNRESET, "Server unexpectedly closed connection")
-            return data
-        parts: list[bytes] = []
+            parser.feed(data)
+            return True
+        got = False
         with self._tls_lock:
             while True:
                 try:
@@ -190,14 +227,15 @@ class Wire:
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                     data = b""
                 if not data:
-                    if parts:
+                    if got:
                         break
                     raise OSError(errno.ECONNRESET, "Server unexpectedly closed connection")
-                parts.append(data)
+                parser.feed(data)
+                got = True
                 if not sock.pending():  # type: ignore[attr-defined]
                     # One more recv would only say "want read": save the call.
                     break
-        return b"".join(parts)
+        return got
 
     # -- writing (any thread) -----------------------------------------------------------------
 
@@ -235,6 +273,12 @@ class Wire:
         with self._wcond:
             while self._out_bytes > HIGH_WATER and self._flushing and self._dead is None:
                 self._wcond.wait(_POLL_SLICE)
+
+    def holds(self, chunks: list[Chunk]) -> bool:
+        """Whether ``chunks`` were queued (the first one is in the outgoing buffer, or was sent)."""
+        first = chunks[0] if chunks else None
+        with self._wcond:
+            return any(item is first for item in self._out)
 
     def send(self, chunks: list[Chunk]) -> None:
         """Queue ``chunks`` and make sure they are being sent."""
@@ -281,17 +325,25 @@ class Wire:
                 sent = self._send(batch, block)
                 with self._wcond:
                     self._consume(sent)
+                    self._send_critical = False
                     if not sent and not block:
                         self._flushing = False
                     self._wcond.notify_all()
                 if not sent and not block:
                     return
         except BaseException as exc:
+            interrupted = self._send_critical
+            self._send_critical = False
             with self._wcond:
                 self._flushing = False
                 self._wcond.notify_all()
             if isinstance(exc, OSError):
                 self._failed(exc)
+            elif interrupted:
+                # The kernel may have taken bytes we did not account for: sending
+                # them again (or not) would corrupt the stream.
+                self._failed(ConnectionAbortedError(
+                    errno.ECONNABORTED, f"{type(exc).__name__} interrupted a write: the stream may be corrupt"))
             raise
 
     def _batch(self) -> list[Chunk]:
@@ -332,6 +384,8 @@ class Wire:
         while True:
             if self._dead is not None:
                 raise _as_oserror(self._dead)
+            # From the send until the bytes are accounted for (see flush()).
+            self._send_critical = True
             try:
                 if self._tls:
                     with self._tls_lock:
@@ -342,6 +396,8 @@ class Wire:
                     sent = sock.sendmsg(batch)
             except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
                 sent = 0
+            if not sent:
+                self._send_critical = False
             if sent:
                 self.last_tx = monotonic()
                 self.stalled_since = None
