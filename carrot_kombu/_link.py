@@ -27,7 +27,7 @@ from kombu.transport import resolve_transport
 
 from ._pyamqp import ConnHooks, LinkOptions, SupervisedConnection, SupervisedTransport
 from .config import Endpoint, Settings
-from .exceptions import Disconnected
+from .exceptions import ChannelLimitReached, Disconnected
 
 __all__ = ("Link", "AmqpLink", "VirtualLink", "LinkHooks", "open_link")
 
@@ -61,6 +61,8 @@ class Link:
         self.endpoint = endpoint
         self.kombu = kombu_connection
         self.raw = raw
+        #: Set by the pool: closes idle pooled channels to free channel ids.
+        self.make_room: Optional[Callable[[], bool]] = None
 
     def start(self, hooks: LinkHooks) -> None:
         """Begin servicing the connection."""
@@ -152,7 +154,13 @@ class AmqpLink(Link):
         )
 
     def open_channel(self) -> Any:
-        return self.raw.channel()
+        try:
+            return self.raw.channel()
+        except ChannelLimitReached:
+            # Idle pooled channels hold ids a consumer or the publisher needs more.
+            if self.make_room is not None and self.make_room():
+                return self.raw.channel()
+            raise
 
     @property
     def dead(self) -> Optional[BaseException]:

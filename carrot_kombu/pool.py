@@ -151,6 +151,18 @@ class ChannelPool:
             self._reset()
             self._down = None
             self._cond.notify_all()
+        link.make_room = self.shed_idle
+
+    def shed_idle(self) -> bool:
+        """Close every idle channel now (their ids are needed elsewhere); True if there was one."""
+        with self._cond:
+            idle, self._idle = self._idle, []
+        for chan in idle:
+            try:
+                chan.close()  # waits for close-ok (bounded): the id is free afterwards
+            except Exception:
+                logger.debug("ignored error while closing an idle channel", exc_info=True)
+        return bool(idle)
 
     def _reset(self) -> None:
         self._idle = []
