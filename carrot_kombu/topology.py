@@ -42,8 +42,13 @@ def is_unavailable(exc: BaseException) -> bool:
         return True
     if isinstance(exc, NotFound):
         text = str(exc).lower()
-        return "down" in text or "not available" in text or "unavailable" in text
+        return any(word in text for word in _UNAVAILABLE)
     return False
+
+
+#: How RabbitMQ says a queue exists but cannot be reached right now (its
+#: home node is down or restarting), as opposed to "no queue 'x'".
+_UNAVAILABLE = ("down", "not available", "unavailable", "stopped", "inaccessible", "home node", "not running")
 
 
 class Topology:

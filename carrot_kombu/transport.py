@@ -68,6 +68,20 @@ DEFAULT_POOL_LIMIT = 256
 _registry_lock = threading.Lock()
 _registry: dict[tuple[Any, ...], ConnectionManager] = {}
 
+#: After a worker's consuming connection was lost, establishing waits up to
+#: CONSUMER_WAIT seconds for the manager, for CONSUMER_RECONNECT_WINDOW seconds.
+CONSUMER_WAIT = 30.0
+CONSUMER_RECONNECT_WINDOW = 300.0
+_consumer_lost_at: dict[int, float] = {}
+
+
+def _consumer_lost(manager: ConnectionManager) -> None:
+    _consumer_lost_at.setdefault(id(manager), time.monotonic())
+
+
+def _consumer_back(manager: ConnectionManager) -> None:
+    _consumer_lost_at.pop(id(manager), None)
+
 
 def _urls(client: Any) -> list[str]:
     """The broker URLs of a kombu connection, without the ``carrot+`` prefix."""
@@ -121,7 +135,7 @@ def _build(client: Any) -> ConnectionManager:
     for key in ("max_retries", "interval_start", "interval_step", "interval_max", "retry_policy"):
         options.pop(key, None)
     ssl = client.ssl
-    heartbeat = managed.pop("heartbeat", None) or client.heartbeat or 10
+    heartbeat = _heartbeat(client, managed.pop("heartbeat", None))
     manager = ConnectionManager(
         _urls(client),
         ssl_options=(dict(ssl) if isinstance(ssl, dict) else True) if ssl else None,
@@ -134,6 +148,60 @@ def _build(client: Any) -> ConnectionManager:
     # In a forked child the manager starts when the child first needs it.
     manager._lazy_after_fork = True
     return manager
+
+
+def _heartbeat(client: Any, option: Any) -> float:
+    """The manager's heartbeat: what the application chose, else carrot_kombu's 10 s.
+
+    Chosen means: ``?heartbeat=`` in the URL (it wins anyway), the
+    ``heartbeat`` transport option, the Celery app's ``broker_heartbeat`` if
+    the app set it (Celery passes it only to the worker's consuming
+    connection, but the manager serves the whole process), or the kombu
+    connection's own ``heartbeat``.  Celery's default ``broker_heartbeat``
+    (120 s) is not a choice: the manager sends heartbeats on its own thread,
+    so a short one costs nothing.
+    """
+    if option:
+        return float(option)
+    chosen = _celery_heartbeat(client)
+    if chosen is not None:
+        return chosen
+    value = client.heartbeat
+    if value and not _is_celery_default_heartbeat(value):
+        return float(value)
+    return 10.0
+
+
+def _celery_heartbeat(client: Any) -> Optional[float]:
+    """``broker_heartbeat`` of the current Celery app, if the app set it."""
+    import sys
+
+    if "celery" not in sys.modules:
+        return None
+    try:
+        from celery import current_app
+        from celery.app.defaults import DEFAULTS
+
+        conf = current_app.conf
+        value = conf.get("broker_heartbeat")
+        if value and ("broker_heartbeat" in conf.changes or value != DEFAULTS.get("broker_heartbeat")):
+            return float(value)
+    except Exception:  # no app configured, or an unusual Celery
+        return None
+    return None
+
+
+def _is_celery_default_heartbeat(value: Any) -> bool:
+    import sys
+
+    if "celery" not in sys.modules:
+        return False
+    try:
+        from celery.app.defaults import DEFAULTS
+
+        return float(value) == float(DEFAULTS.get("broker_heartbeat") or 0)
+    except Exception:
+        return False
 
 
 class VirtualConnection:
@@ -156,6 +224,10 @@ class VirtualConnection:
         self._leases: dict[int, Any] = {}
         self._lock = threading.Lock()
         self._closed = False
+        #: The loss was raised to kombu once: from now on kombu may re-establish.
+        self.loss_reported = False
+        #: Registered with an event loop: this is a worker's consuming connection.
+        self.in_event_loop = False
         options = self.client.transport_options or {}
         self.confirm_publish = bool(options.get("confirm_publish"))
         self.confirm_timeout = options.get("confirm_timeout")
@@ -235,7 +307,22 @@ class VirtualConnection:
     def check(self) -> None:
         if self._closed:
             raise Disconnected("this kombu connection was closed")
-        self._state.check_alive()
+        if self._state.dead is not None:
+            self.loss_reported = True
+            if self.in_event_loop:
+                _consumer_lost(self.manager)
+            self._state.check_alive()
+
+    @property
+    def usable(self) -> bool:
+        """What kombu's verify_connection sees: alive, or dead but not yet said so.
+
+        kombu re-establishes silently when this is False; a dead connection
+        must first *raise* once (from drain_events, a channel, a heartbeat
+        check), so that kombu and Celery see the loss (Celery then forgets
+        what it reserved, the rpc:// result consumer subscribes again).
+        """
+        return not self._closed and (self._state.dead is None or not self.loss_reported)
 
     def drain_events(self, timeout: Optional[float] = None) -> None:
         """Run this connection's queued callbacks here; ``socket.timeout`` if none within ``timeout``.
@@ -349,6 +436,13 @@ class Transport(base.Transport):  # type: ignore[misc]
         manager = manager_for_connection(self.client)
         manager.start()
         timeout = float(self.client.connect_timeout or 5.0)
+        lost_at = _consumer_lost_at.get(id(manager))
+        if lost_at is not None and time.monotonic() - lost_at < CONSUMER_RECONNECT_WINDOW:
+            # A worker's consuming connection was lost: this is most likely
+            # Celery reconnecting it.  Waiting here for the manager (which
+            # reconnects on its own, ~0.3 s after the broker is back) costs
+            # the broker nothing, unlike Celery's retry schedule (2, 4, 6 s...).
+            timeout = max(timeout, CONSUMER_WAIT)
         deadline = time.monotonic() + timeout
         core = manager._core
         while True:
@@ -357,10 +451,13 @@ class Transport(base.Transport):  # type: ignore[misc]
                 _mirror_endpoint(self.client, link.endpoint)
                 return VirtualConnection(self, manager, link)
             status = manager.status()
-            if status.state is not ConnectionState.CONNECTING or time.monotonic() >= deadline:
+            waiting = status.state is ConnectionState.CONNECTING or (
+                lost_at is not None and not status.fatal and not status.gave_up)
+            if not waiting or time.monotonic() >= deadline:
                 raise _establish_error(core.pool._down_error(), status)
-            core.board.wait_for(lambda s: s.state is not ConnectionState.CONNECTING,
-                                max(0.0, deadline - time.monotonic()))
+            core.board.wait_for(lambda s: s.state is ConnectionState.CONNECTED or s.fatal or s.gave_up
+                                or (lost_at is None and s.state is not ConnectionState.CONNECTING),
+                                min(1.0, max(0.0, deadline - time.monotonic())))
 
     def create_channel(self, connection: VirtualConnection) -> Any:
         return connection.channel()
@@ -376,7 +473,7 @@ class Transport(base.Transport):  # type: ignore[misc]
         connection.drain_events(timeout=timeout)
 
     def verify_connection(self, connection: VirtualConnection) -> bool:
-        return connection.connected
+        return connection.usable
 
     def heartbeat_check(self, connection: VirtualConnection, rate: int = 2) -> None:
         # The manager's own thread sends heartbeats and judges liveness; a
@@ -387,6 +484,8 @@ class Transport(base.Transport):  # type: ignore[misc]
         return connection.heartbeat
 
     def register_with_event_loop(self, connection: VirtualConnection, loop: Any) -> None:
+        connection.in_event_loop = True
+        _consumer_back(connection.manager)
         loop.add_reader(connection.fileno(), self.on_readable, connection, loop)
 
     def unregister_from_event_loop(self, connection: VirtualConnection, loop: Any) -> None:

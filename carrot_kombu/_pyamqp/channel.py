@@ -446,6 +446,7 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
                 state.replies[spec.Channel.CloseOk] = reply
                 try:
                     must_flush = conn.wire.enqueue([frame], wait_room=False)
+                    state.close_sent = True
                 except OSError:
                     gone = True
         state.gone()
@@ -456,13 +457,12 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
             if must_flush:
                 conn.wire.flush()
             conn.await_reply(reply, None, "Channel.Close")
-        except (OSError, Disconnected):
-            pass  # the connection is gone, and the channel with it
         except Exception as exc:
-            # No CloseOk in time: the id stays taken (a late CloseOk must not
-            # close a newer channel with the same id).
-            state.spoil(f"no CloseOk ({type(exc).__name__})")
-            logger.debug("channel %s: %s", self.channel_id, exc)
+            if conn.dead is None:
+                # No CloseOk in time: the id stays taken (a late CloseOk must
+                # not close a newer channel with the same id).
+                state.spoil(f"no CloseOk ({type(exc).__name__})")
+                logger.debug("channel %s: %s", self.channel_id, exc)
         finally:
             state.forget(reply)
             self.is_closing = False
@@ -490,6 +490,7 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
             if not gone:
                 try:
                     must_flush = wire.enqueue([frame], wait_room=False)
+                    state.close_sent = True
                 except OSError:
                     gone = True
         state.gone()
@@ -544,6 +545,11 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
     def _on_open_ok(self) -> None:
         self.is_open = True
         self.carrot.resolve(spec.Channel.OpenOk, ())
+        if self.on_open is not None:
+            try:
+                self.on_open(self)  # py-amqp's channel(callback=...): ours only via kombu
+            except Exception:
+                logger.exception("carrot_kombu: channel on_open callback failed")
 
     def _on_close_ok(self) -> None:
         self.collect()
@@ -563,6 +569,7 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         with state.lock:
             state.error = error
             state.closing = True
+            crossed = state.close_sent  # our close is on its way: its close-ok frees the id
             if wire is not None and state.conn.dead is None:
                 try:
                     # Queued before any later Channel.Open that may reuse the id.
@@ -574,8 +581,13 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
                 wire.flush(block=False)
             except OSError:
                 pass
-        self.collect()
-        state.fail_all(error)
+        if crossed:
+            # The broker answers our close with close-ok too; freeing the id now
+            # would let that close-ok land on a newer channel with the same id.
+            state.fail_all(error, keep=(spec.Channel.CloseOk,))
+        else:
+            self.collect()
+            state.fail_all(error)
         hook = state.on_closed
         if hook is not None:
             hook(error, (class_id, method_id))

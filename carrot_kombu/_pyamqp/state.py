@@ -374,8 +374,9 @@ class ConnState:
 
     # -- waiting: leader / follower ------------------------------------------------------------
 
-    def wait_for(self, waiter: Waiter, deadline: Optional[float]) -> bool:
-        """Block until ``waiter.ready()`` (True) or ``deadline`` (False).
+    def wait_for(self, waiter: Waiter, deadline: Optional[float],
+                 interrupt: Optional[Callable[[], bool]] = None) -> bool:
+        """Block until ``waiter.ready()`` (True), ``deadline`` or ``interrupt()`` (False).
 
         Reads the socket in this thread whenever nobody else does.
 
@@ -395,9 +396,11 @@ class ConnState:
                 remaining = None if deadline is None else deadline - monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
+                if interrupt is not None and interrupt():
+                    return False
                 if self._read_lock.acquire(False):
                     try:
-                        self._lead(waiter, deadline)
+                        self._lead(waiter, deadline, interrupt)
                     except OSError as exc:
                         # The wire failed (and marked the connection dead).
                         if self.dead is not None:
@@ -421,13 +424,16 @@ class ConnState:
                 # We may have been promoted just as our own reply arrived: pass it on.
                 self._promote()
 
-    def _lead(self, waiter: Waiter, deadline: Optional[float]) -> None:
+    def _lead(self, waiter: Waiter, deadline: Optional[float],
+              interrupt: Optional[Callable[[], bool]] = None) -> None:
         wire = self.wire
         assert wire is not None
         self._last_caller = monotonic()
         # An exception raised into this thread while it waits (Ctrl-C, a
         # signal handler) just propagates: the connection is not harmed.
         while not waiter.ready() and self.dead is None:
+            if interrupt is not None and interrupt():
+                return
             remaining = 1.0 if deadline is None else min(1.0, deadline - monotonic())
             if remaining <= 0:
                 return
@@ -448,15 +454,23 @@ class ConnState:
                 return
 
     def _dispatch(self, frames: list[tuple[int, int, bytes]]) -> None:
+        """Hand frames to py-amqp's frame handler (our dispatch code only; no user code).
+
+        Anything escaping a frame's dispatch leaves the stream in an unknown
+        state (a frame half handled, the rest of the batch lost): the wire
+        then drops the connection and the exception goes on to the reading
+        thread's caller (it may be a signal handler's, e.g. Celery's soft
+        time limit, which belongs to that caller).
+        """
         handle = self.conn.on_inbound_frame
         for frame in frames:
             try:
                 handle(frame)
-            except _FATAL_FRAME_ERRORS as exc:
-                self.fail(exc)
-                return
+            except _FATAL_FRAME_ERRORS:
+                raise
             except Exception:
-                logger.exception("carrot_kombu: internal error while dispatching a frame; connection kept")
+                logger.exception("carrot_kombu: error while dispatching a frame; dropping the connection")
+                raise
 
     # -- the service thread ----------------------------------------------------------------------
 
@@ -572,6 +586,9 @@ class ConnState:
             return
         raise self.blocked_error("nothing was sent")
 
+    def _is_blocked(self) -> bool:
+        return self.blocked is not None and self.blocked_timeout is not None
+
     def blocked_error(self, outcome: str) -> Blocked:
         return Blocked(
             f"the broker has blocked this connection ({self.blocked}) for longer than "
@@ -611,7 +628,8 @@ class ConnState:
                     raise self.blocked_error(f"no reply to {what}")
                 ready = self.wait_for(reply, min(deadline, blocked_deadline))
             else:
-                ready = self.wait_for(reply, deadline)
+                # A block arriving meanwhile shortens the wait: look again then.
+                ready = self.wait_for(reply, deadline, self._is_blocked)
             if ready:
                 break
             if monotonic() >= deadline:
@@ -643,6 +661,9 @@ class ChanState:
         self.error: Optional[BaseException] = None
         self.closing = False
         self.closed = False
+        #: We wrote channel.close: its close-ok frees the id, even if the
+        #: broker's own close crossed ours.
+        self.close_sent = False
         #: Why the channel must not be reused (an abandoned request...).
         self.spoiled: Optional[str] = None
         #: Written without a reply since the last sync point: a late channel
@@ -746,11 +767,12 @@ class ChanState:
         reply.resolve((sig, *args))
         return True
 
-    def fail_all(self, error: BaseException) -> None:
-        """The channel is gone: every waiter on it gets ``error``."""
+    def fail_all(self, error: BaseException, keep: tuple[Any, ...] = ()) -> None:
+        """The channel is gone: every waiter on it gets ``error`` (but those for ``keep``)."""
         with self.lock:
-            replies = set(self.replies.values()) | set(self.confirm_waiters.values())
-            self.replies.clear()
+            kept = {sig: r for sig, r in self.replies.items() if sig in keep}
+            replies = {r for sig, r in self.replies.items() if sig not in keep} | set(self.confirm_waiters.values())
+            self.replies = kept
             self.confirm_waiters.clear()
         for reply in replies:
             reply.fail(_copy_error(error))

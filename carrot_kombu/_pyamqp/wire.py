@@ -242,8 +242,11 @@ class Wire:
     def enqueue(self, chunks: list[Chunk], *, wait_room: bool = True) -> bool:
         """Accept ``chunks`` for sending, in order, whole.
 
-        Returns True when the calling thread must now call :meth:`flush`
-        (nobody else is sending).  With ``wait_room`` the caller first waits
+        Returns True when the calling thread should now call :meth:`flush`
+        (nobody was sending).  The flusher role is claimed inside
+        :meth:`flush`, so a caller interrupted before it gets there leaves
+        nothing wedged: the next writer (or the service thread) sends.
+        With ``wait_room`` the caller first waits
         while more than ``HIGH_WATER`` bytes are queued (back-pressure from
         a slow peer); the connection's own replies never wait.
 
@@ -261,10 +264,7 @@ class Wire:
                 raise _as_oserror(self._dead)
             self._out.extend(chunks)
             self._out_bytes += size
-            if self._flushing:
-                return False
-            self._flushing = True
-            return True
+            return not self._flushing
 
     def wait_room(self) -> None:
         """Wait while the outgoing buffer is over ``HIGH_WATER`` (back-pressure), until it drains or dies."""
@@ -282,8 +282,8 @@ class Wire:
 
     def send(self, chunks: list[Chunk]) -> None:
         """Queue ``chunks`` and make sure they are being sent."""
-        if self.enqueue(chunks):
-            self.flush()
+        self.enqueue(chunks)
+        self.flush()
 
     def send_nowait(self, chunks: list[Chunk]) -> None:
         """Queue ``chunks`` without ever blocking (for the reading thread's own replies).
@@ -291,25 +291,26 @@ class Wire:
         What the socket does not take at once is sent by the next writer or
         by the connection's service thread (:meth:`flush_pending`).
         """
-        if self.enqueue(chunks, wait_room=False):
-            self.flush(block=False)
+        self.enqueue(chunks, wait_room=False)
+        self.flush(block=False)
 
     def flush_pending(self, block: bool = False) -> None:
         """Send what earlier writers left behind, if nobody is sending now."""
-        with self._wcond:
-            if self._flushing or not self._out or self._dead is not None:
-                return
-            self._flushing = True
-        self.flush(block=block)
+        if self._out and self._dead is None:
+            self.flush(block=block)
 
     def flush(self, block: bool = True) -> None:
-        """Send the buffer until it is empty (the thread elected by :meth:`enqueue`).
+        """Send the buffer until it is empty, unless another thread already is sending.
 
         With ``block=False`` stop at the first would-block and leave the rest.
 
         Raises:
             OSError: The socket failed (the connection is then dead).
         """
+        with self._wcond:
+            if self._flushing:
+                return  # the thread sending now sends ours too
+            self._flushing = True
         try:
             while True:
                 with self._wcond:
