@@ -228,16 +228,18 @@ class ChannelPool:
     # -- user side -------------------------------------------------------------------
 
     def acquire(self, timeout: Optional[float]) -> Lease:
-        self.reap()
-        with self._cond:
-            # Each call tries to open a channel at least once, even after
-            # another call found the broker's channel_max reached.
-            self._at_channel_max = False
+        if not self._reclaimed.empty():
+            self.reap()
         deadline = None if timeout is None else time.monotonic() + timeout
+        first = True
         while True:
             spoiled: list[Any] = []
             try:
                 with self._cond:
+                    if first:
+                        # Each call tries to open a channel at least once, even
+                        # after another call found the broker's channel_max reached.
+                        self._at_channel_max = first = False
                     link = self._wait_for_slot(deadline, timeout, spoiled)
                     if not isinstance(link, Lease):
                         self._opening += 1

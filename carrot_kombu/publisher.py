@@ -122,9 +122,12 @@ class Publisher:
     # -- supervisor side -------------------------------------------------------------
 
     def needs(self, generation: int) -> bool:
-        """Whether a confirm channel must be attached for this connection."""
-        with self._cond:
-            return self.used and self._closed is None and (self._generation != generation or self._channel is None)
+        """Whether a confirm channel must be attached for this connection.
+
+        Read without the lock (on every publish): a stale answer only makes
+        the caller ask the recovery, which decides under its own lock.
+        """
+        return self.used and self._closed is None and (self._generation != generation or self._channel is None)
 
     def attach(self, channel: Any, generation: int) -> None:
         """Put ``channel`` in confirm mode and publish again what is unconfirmed."""
@@ -307,15 +310,15 @@ class Publisher:
                     + (f" (message {index} of {total})" if total > 1 else ""),
                     outcome="unknown" if pending.written else "not_sent",
                 )
-            with self._cond:
-                channel = self._channel
-                pending.event.clear()
-            # Checked again after clear(): a settle from now on stays visible.
-            if pending.ready():
-                continue
+            channel = self._channel
             state = getattr(channel, "carrot", None)
             if state is None:
-                pending.event.wait(remaining)
+                event = pending.event
+                event.clear()
+                # Checked again after clear(): a settle or an attach from now on stays visible.
+                if pending.ready() or self._channel is not channel:
+                    continue
+                event.wait(remaining)
                 continue
             try:
                 state.conn.wait_for(pending, deadline)

@@ -78,27 +78,68 @@ def encode_args(sig: Any, fmt: Optional[str], values: Sequence[Any]) -> bytes:
         raise failure from None
 
 
+#: Most entries kept by each encoding cache (then it starts afresh).
+_CACHE_SIZE = 512
+_ARGS_CACHE: dict[tuple[Any, ...], bytes] = {}
+_PROPS_CACHE: dict[tuple[Any, ...], bytes] = {}
+
+
 def encode_publish_args(exchange: Any, routing_key: Any, mandatory: bool, immediate: bool) -> bytes:
-    """``basic.publish`` arguments, checked: ``exchange`` and ``routing_key`` are short strings."""
+    """``basic.publish`` arguments, checked: ``exchange`` and ``routing_key`` are short strings.
+
+    Cached: an application publishes to a handful of destinations.
+    """
+    key = (exchange, routing_key, bool(mandatory), bool(immediate))
+    try:
+        return _ARGS_CACHE[key]
+    except (KeyError, TypeError):  # TypeError: an unhashable (hence invalid) name
+        pass
     _shortstr("exchange", exchange)
     _shortstr("routing_key", routing_key)
-    return bytes(dumps("Bssbb", (0, exchange, routing_key, mandatory, immediate)))
+    encoded = bytes(dumps("Bssbb", (0, exchange, routing_key, mandatory, immediate)))
+    if len(_ARGS_CACHE) >= _CACHE_SIZE:
+        _ARGS_CACHE.clear()
+    _ARGS_CACHE[key] = encoded
+    return encoded
 
 
 def encode_properties(properties: Mapping[str, Any]) -> bytes:
     """The property flags and list of a content header.
 
+    Cached when no value is a container (no headers): most messages share
+    their content type, encoding and delivery mode.
+
     Raises:
         TypeError, ValueError: Naming the property (and header key) that
             cannot be encoded.
     """
+    key: Optional[tuple[Any, ...]] = None
+    if "application_headers" not in properties:
+        key = tuple(sorted(properties.items()))
+        try:
+            return _PROPS_CACHE[key]
+        except (KeyError, TypeError):
+            key = None if isinstance(key, tuple) and _unhashable(key) else key
     message = Message()
     message.properties = dict(properties)
     try:
-        return bytes(message._serialize_properties())
+        encoded = bytes(message._serialize_properties())
     except Exception:
         failure = _diagnose_properties(properties)
         raise failure from None
+    if key is not None:
+        if len(_PROPS_CACHE) >= _CACHE_SIZE:
+            _PROPS_CACHE.clear()
+        _PROPS_CACHE[key] = encoded
+    return encoded
+
+
+def _unhashable(key: tuple[Any, ...]) -> bool:
+    try:
+        hash(key)
+    except TypeError:
+        return True
+    return False
 
 
 def body_bytes(body: Any, properties: dict[str, Any]) -> bytes:

@@ -44,18 +44,32 @@ GRACE = 0.005
 
 
 class Waiter:
-    """Something a thread waits for; :meth:`wake` may be called from any thread."""
+    """Something a thread waits for; :meth:`wake` may be called from any thread.
 
-    __slots__ = ("event",)
+    The event is made only when a thread actually sleeps on it: a caller that
+    reads the socket itself (the common case) never needs one.
+    """
+
+    __slots__ = ("_event",)
 
     def __init__(self) -> None:
-        self.event = threading.Event()
+        self._event: Optional[threading.Event] = None
+
+    @property
+    def event(self) -> threading.Event:
+        event = self._event
+        if event is None:
+            # Made before the caller re-checks ready(): a wake() from now on sets it.
+            event = self._event = threading.Event()
+        return event
 
     def ready(self) -> bool:
         raise NotImplementedError
 
     def wake(self) -> None:
-        self.event.set()
+        event = self._event
+        if event is not None:
+            event.set()
 
 
 class Reply(Waiter):
@@ -76,7 +90,7 @@ class Reply(Waiter):
 
     def resolve(self, args: tuple[Any, ...]) -> None:
         self.args = args
-        self.event.set()
+        self.wake()
         if self.on_arrival is not None:
             self.on_arrival(self)
 
@@ -84,7 +98,7 @@ class Reply(Waiter):
         if self.ready():
             return
         self.error = error
-        self.event.set()
+        self.wake()
         if self.on_arrival is not None:
             self.on_arrival(self)
 
@@ -701,17 +715,10 @@ class ChanState:
     def reusable(self) -> bool:
         """May be handed to another borrower: open, healthy, no consumers, nothing in flight."""
         chan = self.chan
-        return (
-            self.error is None
-            and self.spoiled is None
-            and not self.closing
-            and not self.closed
-            and self.conn.dead is None
-            and getattr(chan, "is_open", False)
-            and not chan.callbacks
-            and not self.replies
-            and not self.confirm_waiters
-        )
+        return not (
+            self.error or self.spoiled or self.closing or self.closed or self.conn.dead
+            or chan.callbacks or self.replies or self.confirm_waiters
+        ) and chan.is_open
 
     def failure(self) -> Optional[BaseException]:
         """Why a request on this channel cannot proceed (None: it can)."""

@@ -43,6 +43,8 @@ _RECV_SIZE = 256 * 1024
 #: Most bytes (and buffers) handed to the kernel in one ``sendmsg``.
 _SEND_BYTES = 1 << 20
 _SEND_BUFFERS = 512
+#: Below this size a batch is joined into one buffer instead of gathered.
+_JOIN_BELOW = 64 * 1024
 #: Writers wait for the buffer to drain below this before adding more.
 HIGH_WATER = 4 << 20
 #: Longest single ``poll()``: waits are re-checked at least this often.
@@ -102,6 +104,7 @@ class Wire:
         self.closed = False
         #: Bytes the kernel took are not yet accounted for (the flusher only).
         self._send_critical = False
+        self._batch_bytes = 0
 
     # -- state ----------------------------------------------------------------------------
 
@@ -357,6 +360,7 @@ class Wire:
             total += len(chunk)
             if total >= _SEND_BYTES or len(batch) >= _SEND_BUFFERS:
                 break
+        self._batch_bytes = total
         if self._tls:
             # OpenSSL must be retried with the very same bytes after "want write".
             self._tls_inflight = b"".join(batch)
@@ -393,6 +397,8 @@ class Wire:
                         sent = sock.send(batch[0])
                 elif len(batch) == 1:
                     sent = sock.send(batch[0])
+                elif self._batch_bytes <= _JOIN_BELOW:
+                    sent = sock.send(b"".join(batch))  # cheaper than a gather for small writes
                 else:
                     sent = sock.sendmsg(batch)
             except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
