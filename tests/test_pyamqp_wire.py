@@ -228,7 +228,8 @@ def test_writes_of_many_threads_are_group_committed(harness, monkeypatch) -> Non
     gate.set()
     first.result()
     # one system call for the first publish, one for the seven queued meanwhile
-    assert [(kind, buffers) for kind, buffers, _ in spy.calls] == [("sendmsg", 3), ("sendmsg", 7 * 3)]
+    # (small batches are joined into one buffer, large ones gathered)
+    assert len(spy.calls) == 2, spy.calls
     peer.wait_for(lambda: len(peer.published) == 8)
     assert sorted(p.body for p in peer.published) == sorted([b"first"] + [f"m{n}".encode() for n in range(1, 8)])
     assert peer.protocol_errors == [] and hooks.lost == []
