@@ -245,15 +245,14 @@ class Supervisor:
         settings = self._settings
         endpoints = len(settings.endpoints)
         delays: Optional[Iterator[float]] = None
-        failed_in_row = 0
+        failed_in_row = short_in_row = 0
         while not self._stopping.is_set():
             link = self._attempt(alternates=endpoints > 1)
             if link is None:
                 if self._stopping.is_set():
                     return
                 failed_in_row += 1
-                fatal = is_fatal(self._last_failure)
-                if failed_in_row % endpoints and not fatal:
+                if failed_in_row % endpoints:
                     continue  # another broker is still untried in this round: no wait
                 if delays is None:
                     delays = settings.backoff.delays()
@@ -266,10 +265,13 @@ class Supervisor:
                 return
             short = time.monotonic() - started < SHORT_LIVED
             delays, failed_in_row = None, 0  # the schedule restarts after a success
+            short_in_row = short_in_row + 1 if short else 0
             if endpoints > 1:
                 # Rotate away from the node that just failed: try the next one at once.
                 self._endpoint_index = (self._endpoint_index + 1) % endpoints
-            elif short and not self._wait(settings.backoff.min):
+            # Brokers that accept and then drop every connection: once a whole
+            # round of them did, wait before the next round (no spinning).
+            if short and short_in_row % endpoints == 0 and not self._wait(settings.backoff.min):
                 return
 
     def _attempt(self, alternates: bool) -> Optional[Link]:

@@ -134,8 +134,9 @@ def _command() -> Any:
 
         app = ctx.obj.app
         url = app.conf.broker_write_url or app.conf.broker_url
-        if isinstance(url, str) and url.startswith("carrot+"):
-            url = url[len("carrot+"):]
+        if isinstance(url, str):
+            # every failover URL may carry the prefix
+            url = url.replace("carrot+", "")
         ctx.exit(check(url, timeout, as_json))
 
     return carrot_kombu

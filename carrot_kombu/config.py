@@ -28,6 +28,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from kombu.utils.url import as_url, url_to_parts
 
+from ._pyamqp._compat import ssl_option_names
 from .exceptions import ConfigurationError
 from .retry import Backoff
 
@@ -65,13 +66,10 @@ _QUERY_KEYS = frozenset(
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
-#: The keyword arguments of py-amqp's ``SSLTransport._wrap_socket_sni`` (amqp
-#: 5.x), which receives the whole ``ssl`` mapping unless it has a ``context``.
-_PYAMQP_SSL_KEYS = frozenset({
-    "ca_certs", "cert_reqs", "certfile", "ciphers", "do_handshake_on_connect", "keyfile",
-    "server_hostname", "server_side", "ssl_version", "suppress_ragged_eofs",
-    "tls_maximum_version", "tls_minimum_version",
-})
+#: The keyword arguments of the installed py-amqp's ``SSLTransport._wrap_socket_sni``
+#: (read off its signature in the fenced layer: 5.4 added the tls_*_version
+#: ones), which receives the whole ``ssl`` mapping unless it has a ``context``.
+_PYAMQP_SSL_KEYS = ssl_option_names()
 #: With a ``context``, py-amqp calls ``ssl.create_default_context(**context)``
 #: (``check_hostname`` set apart) and passes the other keys to
 #: ``SSLContext.wrap_socket``, which takes only these.
@@ -251,7 +249,8 @@ def build_settings(
     defaults = Endpoint(
         scheme="amqps" if tls else "amqp",
         host=host,
-        port=port,
+        # TLS without a port chosen: the TLS port, like kombu.
+        port=5671 if tls and port == 5672 else port,
         userid=username,
         password=password,
         virtual_host=virtual_host,
@@ -719,8 +718,8 @@ def _resolve_port(
 ) -> int:
     if parsed is not None:
         port = parsed
-    elif tls and not defaults.ssl and not explicit_port:
-        port = 5671  # amqps:// without a port: the TLS port, like kombu
+    elif tls and not explicit_port:
+        port = 5671  # amqps:// (or ssl) without a port: the TLS port, like kombu
     else:
         port = defaults.port
     _check_int(f"url {shown!r}: port", port, 1, 65535)

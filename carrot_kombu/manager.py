@@ -217,10 +217,11 @@ class ConnectionManager:
         ``broker_failover_strategy`` through ``app.connection_for_write()``.
         Then, in this order of precedence: ``overrides``; the URL's own
         query parameters (``heartbeat``, ``connect_timeout``), as Celery
-        honours them; the Celery settings you changed: ``broker_heartbeat``
-        → ``heartbeat``, ``broker_connection_timeout`` →
-        ``connection_timeout``, ``broker_pool_limit`` → ``pool_limit``,
-        ``broker_connection_max_retries`` → ``Backoff.max_tries``.
+        honours them; ``broker_connection_timeout`` → ``connection_timeout``
+        (Celery's default of 4 s included); the Celery settings you changed:
+        ``broker_heartbeat`` → ``heartbeat``, ``broker_pool_limit`` →
+        ``pool_limit``, ``broker_connection_max_retries`` →
+        ``Backoff.max_tries`` (counted in rounds through the brokers).
 
         Celery's *default* values of ``broker_heartbeat`` (120 s) and
         ``broker_connection_max_retries`` (100, which would make the manager
@@ -261,9 +262,10 @@ class ConnectionManager:
                 core.start()
         if wait is not None and not self._wait_settled(wait):
             status = self.status()
+            why = "the broker refused the connection" if status.fatal else f"not connected within {wait}s"
             raise Disconnected(
-                f"not connected within {wait}s ({status.state.value}"
-                + (f": {status.last_error})" if status.last_error else ")"),
+                f"{why} ({status.state.value}" + (f": {status.last_error})" if status.last_error else ")")
+                + "; still trying in the background",
                 core.pool._down_error().reason,
             )
         return self

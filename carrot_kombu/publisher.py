@@ -242,8 +242,11 @@ class Publisher:
                     self._write(chunk)
                     chunk, size = [], 0
             self._write(chunk)
+            # Every message settles (or the deadline passes) before the first
+            # failure is raised: the caller knows the fate of the whole batch.
             for index, pending in enumerate(batch):
                 self._wait(pending, deadline, timeout, index, len(batch))
+            for index, pending in enumerate(batch):
                 _raise_for(pending, index, len(batch))
         finally:
             for pending in batch:

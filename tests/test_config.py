@@ -260,9 +260,8 @@ def test_unknown_ssl_option_is_named_with_everything_accepted():
     assert "ssl_options" in message and "'cafile'" in message and "inside 'context'" in message
     for name in (
         "ca_certs", "cert_reqs", "certfile", "ciphers", "context", "do_handshake_on_connect", "keyfile",
-        "server_hostname", "server_side", "ssl_version", "suppress_ragged_eofs",
-        "tls_maximum_version", "tls_minimum_version", "session",
-        "cacertfile", "verify", "server_name_indication",
+        "server_hostname", "server_side", "ssl_version", "suppress_ragged_eofs", "session",
+        "cacertfile", "verify", "server_name_indication", *config_module._PYAMQP_SSL_KEYS,
     ):
         assert name in message
 
@@ -274,8 +273,9 @@ def test_every_py_amqp_ssl_option_is_accepted(tmp_path):
         "ca_certs": str(ca), "certfile": str(ca), "keyfile": str(ca), "cert_reqs": ssl.CERT_OPTIONAL,
         "server_hostname": "h", "server_side": False, "do_handshake_on_connect": False,
         "suppress_ragged_eofs": True, "ciphers": "ECDHE+AESGCM", "ssl_version": ssl.PROTOCOL_TLS_CLIENT,
-        "tls_minimum_version": ssl.TLSVersion.TLSv1_2, "tls_maximum_version": ssl.TLSVersion.TLSv1_3,
     }
+    if "tls_minimum_version" in config_module._PYAMQP_SSL_KEYS:  # amqp >= 5.4
+        sni.update(tls_minimum_version=ssl.TLSVersion.TLSv1_2, tls_maximum_version=ssl.TLSVersion.TLSv1_3)
     assert endpoint(ConnectionManager(ssl_options=sni)).ssl == sni
     contextual = {
         "context": {"cafile": str(ca), "capath": str(tmp_path), "cadata": None, "check_hostname": True,
@@ -377,3 +377,15 @@ def test_config_functions_stay_small():
         if isinstance(node, ast.FunctionDef) and _complexity(node) > 10
     }
     assert not complex_
+
+
+def test_tls_without_a_port_uses_the_tls_port(tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    tls = {"ca_certs": str(ca)}
+    assert endpoint(ConnectionManager("amqps://h//", ssl_options=tls)).port == 5671
+    assert endpoint(ConnectionManager(ssl_options=tls)).port == 5671
+    assert endpoint(ConnectionManager("amqp://h//?ssl=true", ssl_options=tls)).port == 5671
+    assert endpoint(ConnectionManager("amqps://h:5680//", ssl_options=tls)).port == 5680
+    assert endpoint(ConnectionManager("amqps://h//", port=5690, ssl_options=tls)).port == 5690
+    assert endpoint(ConnectionManager("amqp://h//")).port == 5672

@@ -69,6 +69,7 @@ def _problems() -> list[str]:
     for cls in (transport.TCPTransport, transport.SSLTransport):
         for name in ("_setup_transport", "connect", "close"):
             need(cls, name, f"amqp.transport.{cls.__name__}")
+    need(transport.SSLTransport, "_wrap_socket_sni", "amqp.transport.SSLTransport")
     need(basic_message.Message, "_serialize_properties", "amqp.basic_message.Message")
     need(basic_message.Message, "PROPERTIES", "amqp.basic_message.Message")
     for name in ("dumps", "loads"):
@@ -86,6 +87,18 @@ def _problems() -> list[str]:
                      "channel_max", "frame_max", "connect_timeout", "confirm_publish", "server_properties"):
             need(probe, name, "amqp.Connection()")
     return found
+
+
+def ssl_option_names() -> frozenset[str]:
+    """The ssl options the installed py-amqp accepts without a ``context``.
+
+    The keyword arguments of ``SSLTransport._wrap_socket_sni``, which receives
+    the whole ``ssl`` mapping (amqp 5.4 added ``tls_minimum_version`` and
+    ``tls_maximum_version``).
+    """
+    from amqp.transport import SSLTransport
+
+    return frozenset(_params(SSLTransport._wrap_socket_sni)) - {"self", "sock"}
 
 
 def check_pyamqp() -> None:

@@ -416,10 +416,13 @@ class ConnState:
                     try:
                         self._lead(waiter, deadline, interrupt)
                     except OSError as exc:
-                        # The wire failed (and marked the connection dead).
-                        if self.dead is not None:
-                            raise self.disconnected() from exc
-                        raise
+                        wire = self.wire
+                        if wire is None or wire.dead is None:
+                            raise  # not the socket: an OSError raised into this thread (a signal handler)
+                        # The wire failed: the connection is dead (the wire may
+                        # still be telling us: fail() keeps the first cause).
+                        self.fail(wire.dead)
+                        raise self.disconnected() from exc
                     finally:
                         self._release_lead()
                     continue
