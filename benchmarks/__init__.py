@@ -9,4 +9,6 @@ nothing here asserts a timing, a missed goal is reported, not raised.
 from __future__ import annotations
 
 #: Every row, in the order they run and are rendered (``--only`` takes these).
-ROW_KEYS: tuple[str, ...] = ("lease", "publish", "confirm", "sharing", "recovery", "dead_peer", "memory")
+ROW_KEYS: tuple[str, ...] = (
+    "lease", "publish", "confirm", "sharing", "celery", "recovery", "failover", "dead_peer", "memory",
+)

@@ -1,8 +1,10 @@
 """``python -m benchmarks [--quick] [--write | --no-write] [--only KEY] [--url URL]``.
 
-The full run takes several minutes and writes ``docs/benchmarks.rst``;
-``--quick`` (the CI smoke run) takes well under a minute and writes nothing
-unless ``--write`` is given.  Every row prints one ``[key] ...`` line per
+The full run takes several minutes and writes ``docs/benchmarks.rst``; it
+also starts a private RabbitMQ node (broker restarts) and a private 3-node
+cluster (failover), always stopped again.  ``--quick`` (the CI smoke run)
+takes well under a minute, starts no private node (those rows say
+"skipped") and writes nothing unless ``--write`` is given.  Every row prints one ``[key] ...`` line per
 result on stdout; progress goes to stderr.  The raw figures of every run go
 to ``build/benchmarks/<mode>[-<keys>].json``.  Exit status 1 if a row failed to run (a
 missed goal is a result, not a failure).

@@ -1,4 +1,4 @@
-"""Row 7: RSS and threads of an idle started manager, and after many reconnects.
+"""Row 9: RSS and threads of an idle started manager, and after many reconnects.
 
 Each measurement runs in a fresh child process (``python -m
 benchmarks.memory``) so that what the other rows allocated does not count;
@@ -112,7 +112,7 @@ def child(kind: str, url: str, cuts: int = 0, timeout: float = 600) -> dict[str,
 
 
 def memory_row(ctx: Context) -> list[Row]:
-    """Row 7: idle manager vs idle raw connection, and the manager after many reconnects."""
+    """Row 9: idle manager vs idle raw connection, and the manager after many reconnects."""
     cuts = ctx.sizes.memory_cuts
     raw = child("raw", ctx.url)
     ctx.log(f"memory: manager child, {cuts} proxy cuts")
@@ -126,7 +126,7 @@ def memory_row(ctx: Context) -> list[Row]:
     return [
         Row(
             key="memory",
-            label="7. Memory: an idle started manager (connected, one pooled channel)",
+            label="9. Memory: an idle started manager (connected, one pooled channel)",
             measured=(f"RSS +{idle_delta:.1f} MB ({mgr['idle']['rss_mb']} MB process); "
                       f"{len(own_idle)} threads of its own ({', '.join(own_idle)})"),
             comparison=(f"raw py-amqp connection + channel: RSS +{raw_delta:.1f} MB "
@@ -138,7 +138,7 @@ def memory_row(ctx: Context) -> list[Row]:
         ),
         Row(
             key="memory",
-            label=f"7. Memory after {cuts:,} proxy-cut reconnects (``Backoff(min=0.01)``)",
+            label=f"9. Memory after {cuts:,} proxy-cut reconnects (``Backoff(min=0.01)``)",
             measured=(f"RSS {mgr['after']['rss_mb']} MB ({growth:+.1f} MB vs idle); "
                       f"{len(own_after)} threads of its own (idle: {len(own_idle)}); "
                       f"{mgr['after']['fds']} fds (idle: {mgr['idle']['fds']}); "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .celery_tasks import celery_row
+from .failover import failover_row
 from .faults import dead_peer_row, recovery_row
 from .memory import memory_row
 from .model import RowFunction
@@ -12,7 +14,9 @@ ROWS: dict[str, tuple[str, RowFunction]] = {
     "publish": ("2. Publish throughput", publish_row),
     "confirm": ("3. Confirmed publish", confirm_row),
     "sharing": ("4. Sharing one manager between threads", sharing_row),
-    "recovery": ("5. Recovery", recovery_row),
-    "dead_peer": ("6. Dead-peer detection", dead_peer_row),
-    "memory": ("7. Memory", memory_row),
+    "celery": ("5. Celery .delay() through carrot+amqp://", celery_row),
+    "recovery": ("6. Recovery", recovery_row),
+    "failover": ("7. Failover on a 3-node cluster", failover_row),
+    "dead_peer": ("8. Dead-peer detection", dead_peer_row),
+    "memory": ("9. Memory", memory_row),
 }

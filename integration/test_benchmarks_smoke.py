@@ -24,7 +24,8 @@ def _page() -> Optional[bytes]:
 
 def test_quick_benchmarks_print_every_row(amqp_url: str) -> None:
     before = _page()
-    # The timeout only guards against a hang; the run normally takes ~15 s.
+    # The timeout only guards against a hang; the run normally takes ~25 s (it starts
+    # no private node: the failover row and the broker-restart recovery say "skipped").
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--quick", "--url", amqp_url],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
