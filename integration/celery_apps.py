@@ -104,7 +104,10 @@ class Worker:
 def celery_worker(app: AppModule, pool: str, concurrency: int, *extra: str) -> Iterator[Worker]:
     """A real ``celery worker`` consuming ``app.queue``; always terminated (whole process group)."""
     log = app.dir / f"worker-{pool}-{os.getpid()}-{time.monotonic_ns()}.log"
+    # A unique node name: two workers named alike on one broker fight over
+    # their exclusive pidbox queue (RESOURCE_LOCKED) and one of them dies.
     command = [sys.executable, "-m", "celery", "-A", app.name, "worker", f"--pool={pool}", "-c", str(concurrency),
+               "-n", f"{app.queue}@%h",
                "-Q", app.queue, "--without-mingle", "--without-gossip", "-l", "warning", *extra]
     with open(log, "wb") as out:
         proc = subprocess.Popen(command, cwd=app.dir, env=app.env, stdin=subprocess.DEVNULL, stdout=out,

@@ -18,6 +18,10 @@ from .cluster import Cluster, NodeState, NodeTimeout, cluster  # noqa: F401  (cl
 from .figures import record
 from .kombu_failover import declare_quorum_queue, measure_kombu_failover
 
+# The harness is exercised by test_cluster.py in every run; proving each of its
+# faults on its own costs a second cluster boot: `pytest -m slow` runs it.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def healthy(cluster: Cluster) -> Iterator[Cluster]:  # noqa: F811

@@ -100,6 +100,7 @@ def test_celery_prefork_worker_runs_one_manager_per_child(rabbit, amqp_url):
     task_queue = unique("ck-celery-tasks")
     worker = subprocess.Popen(
         [celery_bin, "-A", "examples.celery_app", "worker", "--pool=prefork", "-c", "2", "-Q", task_queue,
+         "-n", f"{task_queue}@%h",
          "--without-heartbeat", "--without-gossip", "--without-mingle", "--loglevel=WARNING"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
