@@ -207,7 +207,10 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
                         if on_queued is not None:
                             on_queued(first, False)
                     if isinstance(exc, OSError):
-                        raise conn.disconnected() if conn.dead is not None else exc
+                        failure = conn.wire_failure(exc)
+                        if failure is exc:
+                            raise
+                        raise failure from exc
                     raise
                 must_flush = False  # queued, then interrupted: the next writer sends it
                 if not isinstance(exc, OSError):
@@ -220,7 +223,10 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
             try:
                 wire.flush()
             except OSError as exc:
-                raise conn.disconnected() if conn.dead is not None else exc
+                failure = conn.wire_failure(exc)
+                if failure is exc:
+                    raise
+                raise failure from exc
             except BaseException:
                 # Interrupted while sending: the rest goes out with the next
                 # writer, and a reply to it would come to nobody.

@@ -382,6 +382,21 @@ class ConnState:
         dead = self.dead
         return Disconnected(f"connection lost: {type(dead).__name__}: {dead}", dead)
 
+    def wire_failure(self, exc: OSError) -> BaseException:
+        """What a user gets for an ``OSError`` out of the wire: ``Disconnected`` if the socket failed.
+
+        The wire marks itself dead before it tells us; a thread that saw it
+        first must not show users a raw socket error (``fail`` keeps the first
+        cause).  An ``OSError`` that is not the socket's (a signal handler's
+        ``TimeoutError``) is returned as it is.
+        """
+        wire = self.wire
+        if self.dead is None and (wire is None or wire.dead is None):
+            return exc
+        if wire is not None and wire.dead is not None:
+            self.fail(wire.dead)
+        return self.disconnected()
+
     def check_alive(self) -> None:
         if self.dead is not None:
             raise self.disconnected()
@@ -416,13 +431,10 @@ class ConnState:
                     try:
                         self._lead(waiter, deadline, interrupt)
                     except OSError as exc:
-                        wire = self.wire
-                        if wire is None or wire.dead is None:
-                            raise  # not the socket: an OSError raised into this thread (a signal handler)
-                        # The wire failed: the connection is dead (the wire may
-                        # still be telling us: fail() keeps the first cause).
-                        self.fail(wire.dead)
-                        raise self.disconnected() from exc
+                        failure = self.wire_failure(exc)
+                        if failure is exc:
+                            raise
+                        raise failure from exc
                     finally:
                         self._release_lead()
                     continue
