@@ -612,7 +612,7 @@ class ConnectionManager:
         link = core.pool.current_link()
         if link is not None and publisher.needs(link.generation):
             try:
-                core.recovery.ensure_publisher(link)
+                core.recovery.ensure_publisher(link, wait=False)
             except Disconnected:
                 pass  # the next connection attaches it
         name = getattr(exchange, "name", exchange)

@@ -57,9 +57,11 @@ RETURN_HEADER = "x-carrot-kombu-publish-id"
 _CHUNK_MESSAGES = 256
 _CHUNK_BYTES = 1 << 20
 
-_NO_EXCHANGE = re.compile(r"exchange '((?:[^'\\]|\\.)*)' in vhost")
+# RabbitMQ quotes names without escaping them: the greedy match takes the
+# last "' in vhost '", and a name it cannot pin down falls to the careful path.
+_NO_EXCHANGE = re.compile(r"exchange '(.*)' in vhost '")
 _TOO_LARGE = re.compile(r"message size (\d+) is larger than configured max size (\d+)")
-_USER_ID = re.compile(r"user_id property set to '((?:[^'\\]|\\.)*)'")
+_USER_ID = re.compile(r"user_id property set to '(.*)' but authenticated user")
 
 
 class _Pending(Waiter):
@@ -114,6 +116,11 @@ class Publisher:
         self._generation: Optional[int] = None
         self._confirms = True
         self._closed: Optional[str] = None
+        #: Ids of messages in flight when the broker refused one it did not
+        #: name: published again one at a time, waiting for each outcome.
+        self._careful: set[int] = set()
+        #: True while those go one at a time: nobody else writes meanwhile.
+        self._one_at_a_time = False
         #: The broker refused the connection for a reason retrying will not
         #: fix: new publishes fail at once until a connection works again.
         self._refused: Optional[tuple[str, Optional[BaseException]]] = None
@@ -141,12 +148,20 @@ class Publisher:
             state.on_closed = lambda error, method: self._on_channel_closed(channel, error, method)
             channel.confirm_select()
         with self._cond:
-            self._channel = channel
+            careful = [p for p in self._pending.values() if p.id in self._careful and p.outcome is None]
+            self._careful.clear()
             self._confirms = confirms
             self._generation = generation
             self._refused = None
             self._low = 1
             self._by_tag = {}
+        if careful and confirms:
+            # New publishes wait unwritten meanwhile (no channel yet).
+            self._one_by_one(channel, careful)
+            if channel.carrot.failure() is not None:
+                return  # closed again by the culprit: the replacement carries the rest
+        with self._cond:
+            self._channel = channel
             again = [p for p in self._pending.values() if p.outcome is None]
             for p in self._pending.values():
                 p.wake()  # waiters re-read which connection to wait on
@@ -157,6 +172,41 @@ class Publisher:
                 break  # this channel is going too; the next one publishes them
         if again:
             logger.info("carrot_kombu published %d unconfirmed message(s) again", len(again))
+
+    def _one_by_one(self, channel: Any, careful: list[_Pending]) -> None:
+        """Publish ``careful`` one at a time, each confirmed before the next.
+
+        If the broker closes the channel again, the message alone in flight is
+        the one it refused (``_culprits`` with one message); the others, not
+        yet sent, go to the replacement channel.  Runs on the supervisor.
+        """
+        state = channel.carrot
+        with self._cond:
+            self._one_at_a_time = True
+        try:
+            for index, pending in enumerate(careful):
+                if pending.outcome is not None:
+                    continue
+                with self._cond:
+                    self._channel = channel  # so that _write and the confirm hooks accept it
+                self._write([pending], alone=True)
+                try:
+                    # The confirm wakes ``pending``; so does the channel's close
+                    # (_on_channel_closed wakes every pending message).
+                    state.conn.wait_for(pending, time.monotonic() + state.conn.reply_timeout,
+                                        interrupt=lambda: state.failure() is not None)
+                except Disconnected:
+                    pass
+                with self._cond:
+                    if self._channel is channel:
+                        self._channel = None
+                if state.failure() is not None:
+                    with self._cond:
+                        self._careful.update(p.id for p in careful[index + 1:] if p.outcome is None)
+                    return
+        finally:
+            with self._cond:
+                self._one_at_a_time = False
 
     def abort(self, why: str) -> None:
         """The manager stops: every waiting publish ends now, new ones fail at once."""
@@ -331,13 +381,20 @@ class Publisher:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def _write(self, chunk: list[_Pending]) -> None:
+    def _write(self, chunk: list[_Pending], alone: bool = False) -> None:
         """Write ``chunk`` on the confirm channel with consecutive delivery tags (one socket write).
+
+        Args:
+            chunk: The messages.
+            alone: The careful path's single message; other writers stay out
+                until it settles (see :meth:`_one_by_one`).
 
         Raises:
             Blocked: The broker blocked the connection (nothing was sent).
         """
         with self._cond:
+            if self._one_at_a_time and not alone:
+                return  # written when the channel is attached after the careful ones
             channel = self._channel
             confirms = self._confirms
             todo = [p for p in chunk if p.outcome is None]
@@ -450,6 +507,9 @@ class Publisher:
                 p.error = error
                 self._pending.pop(p.id, None)
                 p.wake()
+            if not culprits and tuple(method) == spec.Basic.Publish:
+                # Unattributed: publish these again one at a time.
+                self._careful.update(p.id for p in unsettled)
             for p in self._pending.values():
                 p.wake()
             self._cond.notify_all()
@@ -464,15 +524,20 @@ def _culprits(error: BaseException, unsettled: list[_Pending]) -> list[_Pending]
 
     The broker processes a channel's publishes in order and names what it
     refused: an exchange (404, 403), a size (406), a user_id (403).  When
-    the text names nothing we recognise, the earliest unconfirmed message is
-    the one (everything after it on the channel was never processed).
+    the text names nothing we recognise (or nothing in flight matches it),
+    nobody is blamed here: the messages are published again one at a time
+    (see :meth:`Publisher.attach`), so that the refusal, if it comes again,
+    falls on exactly one.
     """
     if not unsettled:
         return []
+    if len(unsettled) == 1:
+        return unsettled  # alone on the channel: it is the one
     text = str(getattr(error, "reply_text", "") or error)
     found = _NO_EXCHANGE.search(text)
     if found:
-        name = found.group(1).replace("\\'", "'")
+        name = found.group(1)
+        name = "" if name == "amq.default" else name  # how RabbitMQ names the default exchange
         return [p for p in unsettled if p.exchange == name]
     found = _TOO_LARGE.search(text)
     if found:
@@ -481,7 +546,7 @@ def _culprits(error: BaseException, unsettled: list[_Pending]) -> list[_Pending]
     found = _USER_ID.search(text)
     if found:
         return [p for p in unsettled if p.user_id == found.group(1)]
-    return unsettled[:1]
+    return []
 
 
 def _raise_for(pending: _Pending, index: int, total: int) -> None:

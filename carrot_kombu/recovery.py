@@ -92,10 +92,23 @@ class Recovery:
         self.publisher.detach(link.generation)
         self.consumers.forget(link)
 
-    def ensure_publisher(self, link: "Link") -> None:
-        with self._lock:
+    def ensure_publisher(self, link: "Link", wait: bool = True) -> None:
+        """Attach a confirm channel to ``link`` if the publisher has none there.
+
+        Args:
+            link: The current connection.
+            wait: False for a publishing caller: if another thread is already
+                attaching (which may take a while when refused messages are
+                published again one at a time), return at once; the caller's
+                message waits for that channel within its own timeout.
+        """
+        if not self._lock.acquire(blocking=wait):
+            return
+        try:
             if self.publisher.needs(link.generation):
                 self.publisher.attach(link.open_channel(), link.generation)
+        finally:
+            self._lock.release()
 
     def retry(self, link: "Link", item: Degraded) -> Optional[BaseException]:
         """Try a degraded entity or consumer again; its error, or None once it works.

@@ -146,9 +146,18 @@ def test_publishes_failing_before_the_wire_do_not_shift_confirm_numbering(rabbit
 # -- 2. one refused publish fails alone --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fault", ["missing_exchange", "too_large"])
-def test_a_publish_the_broker_refuses_fails_only_its_caller(rabbit, request, fault):
-    """404 (no such exchange) or 406 (over max_message_size): Rejected at once, in that call only."""
+@pytest.mark.parametrize("fault", ["missing_exchange", "too_large", "unattributed"])
+def test_a_publish_the_broker_refuses_fails_only_its_caller(rabbit, request, monkeypatch, fault):
+    """404 (no such exchange) or 406 (over max_message_size): Rejected at once, in that call only.
+
+    ``unattributed``: as if the broker's text named nothing we recognise.  The
+    messages in flight are published again one at a time, so the refusal
+    still falls on the one caller that caused it.
+    """
+    if fault == "unattributed":
+        import carrot_kombu.publisher as publisher_module
+
+        monkeypatch.setattr(publisher_module, "_culprits", lambda error, unsettled: unsettled if len(unsettled) == 1 else [])
     if fault == "too_large":
         manager, events, _ = rabbit(request.getfixturevalue("small_node").url)
         code, named = 406, str(MAX_MESSAGE_SIZE)
@@ -225,6 +234,13 @@ def test_an_unencodable_message_fails_in_its_caller_and_is_never_sent(rabbit):
         ("an int expiration", dict(expiration=60000), TypeError, "expiration"),
         ("a routing key of 256 bytes", dict(routing_key="r" * 256), ValueError, "routing_key"),
         ("an exchange name of 256 bytes", dict(exchange="e" * 256), ValueError, "exchange"),
+        ("a NaN header", dict(headers={"ratio": float("nan")}), ValueError, "ratio"),
+        ("an infinite nested header", dict(headers={"deep": [{"x": float("inf")}]}), ValueError, "deep"),
+        ("an expiration that is not digits", dict(expiration="-5"), ValueError, "expiration"),
+        ("delivery_mode 3", dict(delivery_mode=3), ValueError, "delivery_mode"),
+        ("an unknown property", dict(priorty=5), TypeError, "priorty"),
+        ("a bytes exchange", dict(exchange=b"amq.direct"), TypeError, "exchange"),
+        ("headers larger than a frame", dict(headers={"big": "h" * 200_000}), ValueError, "frame_max"),
     ]
     for what, kwargs, kind, field in cases:
         kwargs.setdefault("routing_key", queue)

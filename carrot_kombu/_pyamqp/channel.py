@@ -24,11 +24,11 @@ from amqp.exceptions import (
     MessageNacked,
     error_for_code,
 )
-from amqp.serialization import loads
 from kombu.transport import pyamqp
 
 from ..exceptions import Disconnected
 from .frames import (
+    decode_args,
     encode_args,
     encode_content,
     encode_message,
@@ -537,9 +537,7 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
                 content.body = content.body.decode(content.content_encoding)
             except Exception:
                 pass
-        args: list[Any] = []
-        if amqp_method.args:
-            args, _ = loads(amqp_method.args, payload, 4)
+        args: list[Any] = decode_args(amqp_method.args, payload) if amqp_method.args else []
         if amqp_method.content:
             args.append(content)
         handler = _HANDLERS.get(method_sig)

@@ -21,13 +21,12 @@ from amqp.exceptions import (
     ResourceError,
     error_for_code,
 )
-from amqp.serialization import loads
 from amqp.transport import SSLTransport, TCPTransport
 from kombu.transport import pyamqp
 
 from ..exceptions import ChannelLimitReached, Disconnected
 from .channel import SupervisedChannel
-from .frames import encode_args, encode_method
+from .frames import decode_args, encode_args, encode_method
 from .state import ConnState
 
 __all__ = ("SupervisedConnection", "SupervisedTransport", "LinkOptions")
@@ -185,9 +184,7 @@ class SupervisedConnection(pyamqp.Connection):  # type: ignore[misc]
             super().dispatch_method(method_sig, payload, content)
             return
         amqp_method = self._METHODS.get(method_sig)
-        args: list[Any] = []
-        if amqp_method is not None and amqp_method.args:
-            args, _ = loads(amqp_method.args, payload, 4)
+        args: list[Any] = decode_args(amqp_method.args, payload) if amqp_method is not None and amqp_method.args else []
         if method_sig == spec.Connection.Close:
             self._closed_by_broker(*args)
         elif method_sig == spec.Connection.CloseOk:

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import math
 from struct import pack, unpack_from
 from typing import Any, Mapping, Optional, Sequence
 
 from amqp import spec
 from amqp.basic_message import Message
 from amqp.exceptions import UnexpectedFrame
-from amqp.serialization import dumps
+from amqp.serialization import dumps, loads
 
 __all__ = (
     "HEARTBEAT",
@@ -90,12 +91,13 @@ def encode_publish_args(exchange: Any, routing_key: Any, mandatory: bool, immedi
     Cached: an application publishes to a handful of destinations.
     """
     key = (exchange, routing_key, bool(mandatory), bool(immediate))
-    try:
-        return _ARGS_CACHE[key]
-    except (KeyError, TypeError):  # TypeError: an unhashable (hence invalid) name
-        pass
-    _shortstr("exchange", exchange)
-    _shortstr("routing_key", routing_key)
+    if type(exchange) is str and type(routing_key) is str:  # noqa: E721 - exact: bytes and subclasses are checked
+        try:
+            return _ARGS_CACHE[key]
+        except KeyError:
+            pass
+    _name("exchange", exchange)
+    _name("routing_key", routing_key)
     encoded = bytes(dumps("Bssbb", (0, exchange, routing_key, mandatory, immediate)))
     if len(_ARGS_CACHE) >= _CACHE_SIZE:
         _ARGS_CACHE.clear()
@@ -120,6 +122,9 @@ def encode_properties(properties: Mapping[str, Any]) -> bytes:
             return _PROPS_CACHE[key]
         except (KeyError, TypeError):
             key = None if isinstance(key, tuple) and _unhashable(key) else key
+    # What py-amqp would encode but the broker refuses (closing the channel or
+    # the whole connection): checked here, for the caller.
+    _check_broker_rules(properties)
     message = Message()
     message.properties = dict(properties)
     try:
@@ -132,6 +137,32 @@ def encode_properties(properties: Mapping[str, Any]) -> bytes:
             _PROPS_CACHE.clear()
         _PROPS_CACHE[key] = encoded
     return encoded
+
+
+def _check_broker_rules(properties: Mapping[str, Any]) -> None:
+    """Values py-amqp encodes but RabbitMQ refuses: headers it cannot hold, rules it enforces."""
+    unknown = set(properties) - set(_PROPERTY_TYPES)
+    if unknown:
+        raise TypeError(
+            f"unknown message propert{'y' if len(unknown) == 1 else 'ies'} {sorted(unknown)}; "
+            f"AMQP basic properties are {sorted(_PROPERTY_TYPES)}"
+        )
+    headers = properties.get("application_headers")
+    if headers is not None:
+        _check_value("application_headers", "F", headers)  # NaN/inf floats: 541 for the whole connection
+    expiration = properties.get("expiration")
+    if expiration is not None:
+        if not isinstance(expiration, str):
+            raise TypeError(
+                f"expiration must be a str of milliseconds (e.g. '60000'), got {type(expiration).__name__}"
+            )
+        if not expiration.isdigit() or not expiration.isascii():
+            raise ValueError(f"expiration must be a non-negative integer in milliseconds as a str, got {expiration!r}")
+    mode = properties.get("delivery_mode")
+    if mode is not None:
+        _integer("delivery_mode", mode, 0, 255)
+        if mode not in (1, 2):
+            raise ValueError(f"delivery_mode must be 1 (transient) or 2 (persistent), got {mode!r}")
 
 
 def _unhashable(key: tuple[Any, ...]) -> bool:
@@ -151,7 +182,8 @@ def body_bytes(body: Any, properties: dict[str, Any]) -> bytes:
         except LookupError:
             raise ValueError(f"content_encoding: unknown encoding {encoding!r}") from None
     if isinstance(body, (bytes, bytearray, memoryview)):
-        return bytes(body) if not isinstance(body, bytes) else body
+        # Exactly bytes: a subclass could lie about its length.
+        return body if type(body) is bytes else bytes(body)  # noqa: E721
     if body is None:
         return b""
     raise TypeError(f"body must be bytes or str, got {type(body).__name__}")
@@ -160,7 +192,17 @@ def body_bytes(body: Any, properties: dict[str, Any]) -> bytes:
 def encode_content(
     channel_id: int, class_id: int, properties: bytes, body: bytes, frame_max: int
 ) -> list[bytes]:
-    """The header frame and the body frames of one message, split at ``frame_max``."""
+    """The header frame and the body frames of one message, split at ``frame_max``.
+
+    Raises:
+        ValueError: The properties (headers) do not fit one frame (the broker
+            would close the whole connection with a frame error).
+    """
+    if len(properties) + 12 + 8 > frame_max:
+        raise ValueError(
+            f"message properties are {len(properties)} bytes (headers included); they must fit one frame: "
+            f"the negotiated frame_max is {frame_max} bytes"
+        )
     header = pack(">HHQ", class_id, 0, len(body)) + properties
     out = [pack(">BHI", FRAME_HEADER, channel_id, len(header)) + header + _FRAME_END]
     chunk = frame_max - 8
@@ -185,6 +227,13 @@ def encode_message(message: Any) -> tuple[bytes, bytes]:
 
 
 # -- checks that name the culprit -------------------------------------------------------
+
+
+def _name(name: str, value: Any) -> None:
+    """An exchange or routing key: a ``str`` of at most 255 bytes."""
+    if type(value) is not str:  # noqa: E721 - the broker names what it refuses in str: keep them str
+        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    _shortstr(name, value)
 
 
 def _shortstr(name: str, value: Any) -> None:
@@ -277,6 +326,8 @@ def _check_item(name: str, value: Any) -> None:
     if value is None or isinstance(value, (str, bytes, bool, float, decimal.Decimal)):
         if isinstance(value, decimal.Decimal):
             _check_decimal(name, value)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{name}: {value} is not a finite number (RabbitMQ refuses NaN and infinity)")
         return
     if isinstance(value, int):
         if not _I64[0] <= value <= _I64[1]:
@@ -306,6 +357,52 @@ def _check_decimal(name: str, value: decimal.Decimal) -> None:
 
 
 # -- parsing ----------------------------------------------------------------------------
+
+
+def decode_args(fmt: str, payload: Any) -> list[Any]:
+    """py-amqp's argument decoding, tolerant of a cut UTF-8 character in short strings.
+
+    RabbitMQ cuts reply texts at 255 bytes, possibly inside a character; py-amqp
+    decodes strictly and would fail the whole connection over a log message.
+    """
+    try:
+        args, _ = loads(fmt, payload, 4)
+        return list(args)
+    except UnicodeDecodeError:
+        return _lenient(fmt, payload, 4)
+
+
+def _lenient(fmt: str, buf: Any, offset: int) -> list[Any]:
+    out: list[Any] = []
+    bits = bitcount = 0
+    for kind in fmt:
+        if kind == "b":
+            if not bitcount:
+                bits, bitcount = buf[offset], 8
+                offset += 1
+            out.append(bool(bits & 1))
+            bits >>= 1
+            bitcount -= 1
+            continue
+        bitcount = 0
+        if kind == "o":
+            out.append(buf[offset])
+            offset += 1
+        elif kind in _FIXED:
+            code, size = _FIXED[kind]
+            out.append(unpack_from(code, buf, offset)[0])
+            offset += size
+        elif kind == "s":
+            size = buf[offset]
+            offset += 1
+            out.append(bytes(buf[offset:offset + size]).decode("utf-8", "replace"))
+            offset += size
+        else:
+            raise UnicodeDecodeError("utf-8", b"", 0, 1, f"cannot decode {fmt!r} leniently")
+    return out
+
+
+_FIXED = {"B": (">H", 2), "l": (">I", 4), "L": (">Q", 8)}
 
 
 class FrameParser:

@@ -186,11 +186,21 @@ class Wire:
         except BaseException as exc:
             if isinstance(exc, (OSError, UnexpectedFrame)):
                 self._failed(exc)
-            else:
-                # A signal handler's exception (only the main thread gets
-                # them) between the kernel and the dispatch: bytes may be lost.
-                self._failed(ConnectionAbortedError(
-                    errno.ECONNABORTED, f"{type(exc).__name__} interrupted reading: the stream may be incomplete"))
+                raise
+            if _from_library(exc):
+                # Our own (or py-amqp's) dispatch failed on something the broker
+                # sent: the connection goes, and the thread reading gets
+                # Disconnected like everybody else, not our internal error.
+                failure = ConnectionAbortedError(
+                    errno.ECONNABORTED, f"could not handle what the broker sent: {type(exc).__name__}: {exc}")
+                failure.__cause__ = exc
+                self._failed(failure)
+                raise failure from exc
+            # A signal handler's exception (only the main thread gets them)
+            # between the kernel and the dispatch: bytes may be lost.  It
+            # belongs to this thread (Celery's soft time limit, a SIGALRM timeout).
+            self._failed(ConnectionAbortedError(
+                errno.ECONNABORTED, f"{type(exc).__name__} interrupted reading: the stream may be incomplete"))
             raise
         return done
 
@@ -470,6 +480,22 @@ class Wire:
             socket.socket.close(self._sock)
         except OSError:
             pass
+
+
+_LIBRARIES = tuple(
+    os.path.dirname(os.path.abspath(module.__file__ or ""))
+    for module in (__import__("amqp"), __import__("kombu"))
+) + (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),)
+
+
+def _from_library(exc: BaseException) -> bool:
+    """Raised by code of ours, py-amqp or kombu (not a signal handler of the application)."""
+    tb = exc.__traceback__
+    if tb is None:
+        return True
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_LIBRARIES)
 
 
 def _as_oserror(exc: BaseException) -> OSError:
