@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 from ._core import Core, abandon
+from ._timeouts import check_timeout
 from .config import Settings, build_settings
 from .consumers import Consumer
 from .exceptions import ConfigurationError, Disconnected
@@ -249,7 +250,9 @@ class ConnectionManager:
         Raises:
             Disconnected: Not connected within ``wait`` seconds; the manager
                 keeps trying in the background.  ``reason`` says why.
+            TypeError, ValueError: ``wait`` is not a number of seconds.
         """
+        seconds = None if wait is None else check_timeout("wait", wait)
         with self._lock:
             core = self._core
             if core.supervisor is None:
@@ -260,7 +263,7 @@ class ConnectionManager:
                     self._cores[0] = core
                 self._started_once = True
                 core.start()
-        if wait is not None and not self._wait_settled(wait):
+        if wait is not None and not self._wait_settled(seconds):
             status = self.status()
             why = "the broker refused the connection" if status.fatal else f"not connected within {wait}s"
             raise Disconnected(
@@ -282,6 +285,7 @@ class ConnectionManager:
                 (``None``: until done; a polite close is bounded by
                 ``reply_timeout``, an attempt in progress by its timeout).
         """
+        timeout = check_timeout("timeout", timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
             core = self._core
@@ -308,7 +312,7 @@ class ConnectionManager:
     def __exit__(self, *exc_info: Any) -> None:
         self.stop()
 
-    def _wait_settled(self, timeout: float) -> bool:
+    def _wait_settled(self, timeout: Optional[float]) -> bool:
         """Like :meth:`wait_connected`, but also returns early on a refusal retrying will not fix."""
         def settled(status: Status) -> bool:
             return (status.state is ConnectionState.CONNECTED or status.state is ConnectionState.STOPPED
@@ -323,6 +327,7 @@ class ConnectionManager:
         def settled(status: Status) -> bool:
             return status.state is ConnectionState.CONNECTED or status.state is ConnectionState.STOPPED or status.gave_up
 
+        timeout = check_timeout("timeout", timeout)
         board = self._core.board
         board.wait_for(settled, timeout)
         return board.state is ConnectionState.CONNECTED
@@ -363,6 +368,7 @@ class ConnectionManager:
                 message says whether the pool or the broker's
                 ``channel_max`` is the limit, and if the connection looks dead).
         """
+        timeout = check_timeout("timeout", timeout)
         core = self._core
         if core.supervisor is None:
             raise Disconnected("manager is not started" if not self._started_once else "manager is stopped")
@@ -395,6 +401,7 @@ class ConnectionManager:
             Disconnected: While not connected (or lost meanwhile).
             socket.timeout: Nothing arrived within ``timeout``.
         """
+        timeout = check_timeout("timeout", timeout)
         pool = self._core.pool
         link = pool.current_link()
         if link is None:
@@ -605,6 +612,7 @@ class ConnectionManager:
         failed, after every message of the batch was settled or ``timeout``
         passed.
         """
+        timeout = check_timeout("timeout", timeout)
         core = self._core
         self._check_can_publish(core)
         publisher = core.publisher

@@ -299,3 +299,37 @@ def test_restart_after_a_stop_that_timed_out(make_manager, faults):
         lease.queue_declare("after-restart")
     assert manager.connected
     assert events.count("stopped") == 1
+
+
+@pytest.mark.parametrize("bad, error", [("1", TypeError), (True, TypeError), (float("nan"), ValueError), (-1, ValueError)])
+def test_every_timeout_argument_is_validated_before_anything_waits(make_manager, faults, bad, error):
+    """A careless timeout gets one clear error naming the argument: never a hang, a hot loop or a raw TypeError."""
+    manager, _ = make_manager()
+    assert manager.wait_connected(5)
+    calls = {
+        "timeout": [
+            lambda: manager.wait_connected(bad),
+            lambda: manager.open_channel(timeout=bad),
+            lambda: manager.publish_many([b"x"], routing_key="q", timeout=bad),
+            lambda: manager.drain_events(timeout=bad),
+            lambda: manager.stop(timeout=bad),
+        ],
+        "wait": [lambda: manager.start(wait=bad)],
+    }
+    for name, funcs in calls.items():
+        for call in funcs:
+            start = time.monotonic()
+            with pytest.raises(error, match=name):
+                call()
+            assert time.monotonic() - start < 1
+    assert manager.status().state is ConnectionState.CONNECTED  # nothing was half-done
+
+
+def test_an_infinite_timeout_means_no_limit(make_manager, faults):
+    manager, _ = make_manager(start=False)
+    manager.start(wait=float("inf"))
+    assert manager.wait_connected(float("inf"))
+    with manager.channel(timeout=float("inf")) as lease:
+        assert lease.valid
+    manager.stop(timeout=float("inf"))
+    assert manager.status().state is ConnectionState.STOPPED

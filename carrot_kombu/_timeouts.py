@@ -1,0 +1,25 @@
+"""One rule for every ``timeout`` a caller passes (no imports from the package: the fenced layer uses it too)."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+__all__ = ("check_timeout",)
+
+
+def check_timeout(name: str, value: object) -> Optional[float]:
+    """A caller's ``timeout``-like argument as seconds; ``None`` (or infinity) waits without limit.
+
+    Raises:
+        TypeError: Not a number (a ``str``, a ``bool``...).
+        ValueError: NaN or negative.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds or None, got {type(value).__name__}")
+    seconds = float(value)
+    if math.isnan(seconds) or seconds < 0:
+        raise ValueError(f"{name} must be >= 0 seconds or None, got {value!r}")
+    return None if math.isinf(seconds) else seconds
