@@ -35,6 +35,7 @@ from typing import Any, Iterator, Optional, Union
 from amqp.exceptions import AccessRefused, AMQPError, NotAllowed
 
 from ._link import Link, LinkHooks, open_link
+from ._sync import Flag
 from .config import Endpoint, Settings
 from .events import EventBus
 from .exceptions import CarrotKombuError, Disconnected, SetupFailed
@@ -142,7 +143,7 @@ class Supervisor:
         self._bus = bus
         self._board = board
         self._inbox: "queue.SimpleQueue[Message]" = queue.SimpleQueue()
-        self._stopping = threading.Event()
+        self._stopping = Flag()  # set by stop() in any thread, maybe interrupted: see _sync
         self._thread = threading.Thread(target=self._run, name="carrot-kombu-supervisor", daemon=True)
         self._retired = False
         self._live: Optional[int] = None

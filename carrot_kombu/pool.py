@@ -12,14 +12,14 @@ when the broker answers (or is dropped if the late error comes instead).
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any, Optional
 
 from amqp.exceptions import ChannelError
 from amqp.exceptions import ConnectionError as AMQPConnectionError
 
+from ._sync import Monitor, raised_by_library
 from .exceptions import CarrotKombuError, ChannelLimitReached, Disconnected, PoolTimeout
 from .status import PoolStatus
 
@@ -75,6 +75,8 @@ class Lease:
         return not self._released and self._pool._live_generation == self.generation
 
     def __getattr__(self, name: str) -> Any:
+        if name in Lease.__slots__:
+            raise AttributeError(name)  # not set yet (an interrupted __init__): never the channel's
         return getattr(self.channel, name)
 
     def release(self, discard: bool = False) -> None:
@@ -85,8 +87,10 @@ class Lease:
         """
         if self._released:
             return
-        self._released = True
+        # Given back first: interrupted inside, the lease is still unreleased
+        # (its __del__ or a second release() gives it back; that is idempotent).
         self._pool._give_back(self._token, discard)
+        self._released = True
 
     def __enter__(self) -> "Lease":
         return self
@@ -100,7 +104,7 @@ class Lease:
     def __del__(self) -> None:
         if not self._released:
             # Only a queue put: this may run on any thread, inside any lock.
-            self._pool._reclaimed.put(self._token)
+            self._pool._reclaimed.append(self._token)
 
     def __repr__(self) -> str:
         state = "released" if self._released else ("valid" if self.valid else "stale")
@@ -118,7 +122,7 @@ class ChannelPool:
     """
 
     def __init__(self, limit: int) -> None:
-        self._cond = threading.Condition()
+        self._cond = Monitor()
         self._configured_limit = limit
         self._limit = limit
         self._link: Optional["Link"] = None
@@ -126,13 +130,13 @@ class ChannelPool:
         self._idle: list[Any] = []
         self._leased: dict[int, Any] = {}
         self._verifying: set[Any] = set()
-        self._opening = 0
+        self._opening: set[object] = set()  # one ticket per acquire() opening a channel now
         self._tokens = 0
         self._at_channel_max = False
         self._down: Optional[BaseException] = None
         self._down_message = "not connected yet"
         #: Tokens of leases collected without release() (filled by Lease.__del__).
-        self._reclaimed: "queue.SimpleQueue[int]" = queue.SimpleQueue()
+        self._reclaimed: deque[int] = deque()
 
     # -- supervisor side ----------------------------------------------------------
 
@@ -144,7 +148,7 @@ class ChannelPool:
                 limit, channel_max, channel_max,
             )
             limit = channel_max
-        with self._cond:
+        with self._cond.lock:
             self._link = link
             self._live_generation = link.generation
             self._limit = limit
@@ -155,12 +159,14 @@ class ChannelPool:
 
     def shed_idle(self) -> bool:
         """Close every idle channel now (their ids are needed elsewhere); True if there was one."""
-        with self._cond:
+        with self._cond.lock:
             idle, self._idle = self._idle, []
         for chan in idle:
             try:
                 chan.close()  # waits for close-ok (bounded): the id is free afterwards
-            except Exception:
+            except Exception as exc:
+                if not raised_by_library(exc):
+                    raise  # a signal handler's, for the caller
                 logger.debug("ignored error while closing an idle channel", exc_info=True)
         return bool(idle)
 
@@ -168,7 +174,7 @@ class ChannelPool:
         self._idle = []
         self._leased = {}
         self._verifying = set()
-        self._opening = 0
+        self._opening = set()
         self._at_channel_max = False
 
     def detach(self, message: str, reason: Optional[BaseException], generation: Optional[int] = None) -> None:
@@ -178,7 +184,7 @@ class ChannelPool:
             generation: Only detach if this is the live link's generation
                 (news about an older link changes nothing).
         """
-        with self._cond:
+        with self._cond.lock:
             if generation is not None and generation != self._live_generation:
                 return
             self._link = None
@@ -187,7 +193,7 @@ class ChannelPool:
             self._set_down(message, reason)
 
     def set_down(self, message: str, reason: Optional[BaseException]) -> None:
-        with self._cond:
+        with self._cond.lock:
             if self._link is None:
                 self._set_down(message, reason)
 
@@ -211,12 +217,12 @@ class ChannelPool:
 
     def reap(self) -> None:
         """Take back the channels of leases collected without ``release()`` (any thread)."""
-        while True:
-            try:
-                token = self._reclaimed.get_nowait()
-            except queue.Empty:
-                return
-            with self._cond:
+        reclaimed = self._reclaimed
+        while reclaimed:
+            # Looked at, given back (idempotent), then removed: an exception
+            # raised into this thread never loses a token (see _sync).
+            token = reclaimed[0]
+            with self._cond.lock:
                 known = token in self._leased
             if known:
                 logger.warning(
@@ -224,31 +230,42 @@ class ChannelPool:
                     "went back to the pool (use `with manager.channel() as lease:`)"
                 )
                 self._give_back(token, discard=False)
+            reclaimed.popleft()
 
     # -- user side -------------------------------------------------------------------
 
     def acquire(self, timeout: Optional[float]) -> Lease:
-        if not self._reclaimed.empty():
+        if self._reclaimed:
             self.reap()
         deadline = None if timeout is None else time.monotonic() + timeout
         first = True
+        ticket = object()
         while True:
             spoiled: list[Any] = []
             try:
-                with self._cond:
+                with self._cond.lock:
                     if first:
                         # Each call tries to open a channel at least once, even
                         # after another call found the broker's channel_max reached.
                         self._at_channel_max = first = False
                     link = self._wait_for_slot(deadline, timeout, spoiled)
                     if not isinstance(link, Lease):
-                        self._opening += 1
+                        self._opening.add(ticket)
             finally:
                 for chan in spoiled:
                     _close_nowait(chan)
             if isinstance(link, Lease):
                 return link
-            lease = self._open(link)
+            try:
+                lease = self._open(link, ticket)
+            except BaseException:
+                # A ticket is a set member, not a count: taking it back twice
+                # (or after an exception raised into this thread) is harmless.
+                with self._cond.lock:
+                    if ticket in self._opening:
+                        self._opening.discard(ticket)
+                        self._cond.notify()
+                raise
             if lease is not None:
                 return lease
 
@@ -259,11 +276,12 @@ class ChannelPool:
             if link is None:
                 raise self._down_error()
             while self._idle:
-                chan = self._idle.pop()
+                chan = self._idle[-1]  # taken off only together with its lease's registration
                 if link.reusable(chan):
-                    return self._lease(chan, link.generation)
+                    return self._lease(chan, link.generation, from_idle=True)
+                self._idle.pop()
                 spoiled.append(chan)
-            held = len(self._leased) + self._opening + len(self._verifying)
+            held = len(self._leased) + len(self._opening) + len(self._verifying)
             if held < self._limit and not self._at_channel_max:
                 return link
             remaining = None if deadline is None else deadline - time.monotonic()
@@ -289,52 +307,71 @@ class ChannelPool:
             text += f"; the connection looks dead: no frame from the broker for {silent:.1f}s"
         return text
 
-    def _open(self, link: "Link") -> Optional[Lease]:
+    def _open(self, link: "Link", ticket: object) -> Optional[Lease]:
         try:
             chan = link.open_channel()
         except ChannelLimitReached:
-            with self._cond:
+            with self._cond.lock:
                 if self._link is link:
-                    self._opening -= 1
+                    self._opening.discard(ticket)
                     # Wait for one of ours to come back (or time out saying why).
                     self._at_channel_max = True
                     self._cond.notify_all()
             return None
         except BaseException as exc:
-            with self._cond:
+            with self._cond.lock:
                 if self._link is link:
-                    self._opening -= 1
+                    self._opening.discard(ticket)
                     self._cond.notify()
             if isinstance(exc, (Disconnected, ChannelError)) or not isinstance(exc, _SPOILING):
                 raise
             raise Disconnected(f"could not open a channel: {type(exc).__name__}: {exc}", exc) from exc
-        with self._cond:
+        with self._cond.lock:
             if self._link is link:
-                self._opening -= 1
+                self._opening.discard(ticket)
                 return self._lease(chan, link.generation)
         _close_nowait(chan)
         raise self._stale_error()
 
-    def _lease(self, chan: Any, generation: int) -> Lease:
+    def _lease(self, chan: Any, generation: int, from_idle: bool = False) -> Lease:
+        """Register a lease of ``chan`` (under the lock).
+
+        Made, then registered (and ``chan`` taken off the idle list) with no
+        bytecode boundary in between (see :mod:`carrot_kombu._sync`): an
+        exception raised into this thread leaves either no registration or a
+        lease object whose ``__del__`` gives the channel back.
+        """
         self._tokens += 1
-        self._leased[self._tokens] = chan
-        return Lease(self, chan, generation, self._tokens)
+        lease = Lease(self, chan, generation, self._tokens)
+        self._leased[lease._token] = chan
+        if from_idle:
+            self._idle.pop()
+        return lease
 
     def _give_back(self, token: int, discard: bool) -> None:
+        """Take back lease ``token``'s channel: idle, verified or closed (idempotent)."""
         to_close = to_verify = None
-        with self._cond:
-            chan = self._leased.pop(token, None)
+        with self._cond.lock:
+            chan = self._leased.get(token)
             link = self._link
-            if chan is None or link is None:
-                return  # stale: its connection is gone, and with it the channel
-            self._at_channel_max = False
+            if chan is None:
+                return  # given back already, or stale: its connection is gone, and the channel with it
+            if link is None:
+                del self._leased[token]
+                return
+            # Decided first, then committed: each removal and the call that
+            # files the channel elsewhere have no bytecode boundary between them.
             if discard or not link.reusable(chan):
                 to_close = chan
+                del self._leased[token]
             elif link.needs_verify(chan):
-                self._verifying.add(chan)
                 to_verify = chan
+                del self._leased[token]
+                self._verifying.add(chan)
             else:
+                del self._leased[token]
                 self._idle.append(chan)
+            self._at_channel_max = False
             self._cond.notify()
         if to_verify is not None:
             generation = link.generation
@@ -346,7 +383,7 @@ class ChannelPool:
     def _verified(self, chan: Any, generation: int, ok: bool) -> None:
         """On the reading thread: a released channel's verification came back."""
         to_close = None
-        with self._cond:
+        with self._cond.lock:
             if chan not in self._verifying:
                 return
             self._verifying.discard(chan)
@@ -367,11 +404,11 @@ class ChannelPool:
     # -- views ------------------------------------------------------------------------
 
     def current_link(self) -> Optional["Link"]:
-        with self._cond:
+        with self._cond.lock:
             return self._link
 
     def counts(self) -> PoolStatus:
-        with self._cond:
+        with self._cond.lock:
             return PoolStatus(
                 leased=len(self._leased), idle=len(self._idle), limit=self._limit, verifying=len(self._verifying)
             )
@@ -384,7 +421,7 @@ class ChannelPool:
         return Disconnected(text, reason)
 
     def _stale_error(self) -> Disconnected:
-        with self._cond:
+        with self._cond.lock:
             reason = self._down
         return Disconnected("the connection this lease was taken on is gone; take a new lease", reason)
 
@@ -397,5 +434,7 @@ def _close_nowait(chan: Any) -> None:
             close()
         else:
             chan.close()
-    except Exception:
+    except Exception as exc:
+        if not raised_by_library(exc):
+            raise  # a signal handler's, for the caller
         logger.debug("ignored error while closing a discarded channel", exc_info=True)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import itertools
 import logging
 import re
-import threading
 import time
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Optional
@@ -36,6 +35,7 @@ from kombu.serialization import dumps
 
 from ._pyamqp.frames import encode_content, encode_method, encode_properties, encode_publish_args, body_bytes
 from ._pyamqp.state import Waiter
+from ._sync import Monitor, raised_by_library
 from .exceptions import (
     Blocked,
     Disconnected,
@@ -107,7 +107,7 @@ class Publisher:
     def __init__(self, max_pending: int, need_channel: Optional[Callable[[int], None]] = None) -> None:
         self.max_pending = max_pending
         self._need_channel = need_channel
-        self._cond = threading.Condition()
+        self._cond = Monitor()
         self._pending: "OrderedDict[int, _Pending]" = OrderedDict()
         self._by_tag: dict[int, _Pending] = {}
         self._channel: Any = None
@@ -147,7 +147,7 @@ class Publisher:
             state.on_return = self._on_return
             state.on_closed = lambda error, method: self._on_channel_closed(channel, error, method)
             channel.confirm_select()
-        with self._cond:
+        with self._cond.lock:
             careful = [p for p in self._pending.values() if p.id in self._careful and p.outcome is None]
             self._careful.clear()
             self._confirms = confirms
@@ -160,7 +160,7 @@ class Publisher:
             self._one_by_one(channel, careful)
             if channel.carrot.failure() is not None:
                 return  # closed again by the culprit: the replacement carries the rest
-        with self._cond:
+        with self._cond.lock:
             self._channel = channel
             again = [p for p in self._pending.values() if p.outcome is None]
             for p in self._pending.values():
@@ -181,13 +181,13 @@ class Publisher:
         yet sent, go to the replacement channel.  Runs on the supervisor.
         """
         state = channel.carrot
-        with self._cond:
+        with self._cond.lock:
             self._one_at_a_time = True
         try:
             for index, pending in enumerate(careful):
                 if pending.outcome is not None:
                     continue
-                with self._cond:
+                with self._cond.lock:
                     self._channel = channel  # so that _write and the confirm hooks accept it
                 self._write([pending], alone=True)
                 try:
@@ -197,15 +197,15 @@ class Publisher:
                                         interrupt=lambda: state.failure() is not None)
                 except Disconnected:
                     pass
-                with self._cond:
+                with self._cond.lock:
                     if self._channel is channel:
                         self._channel = None
                 if state.failure() is not None:
-                    with self._cond:
+                    with self._cond.lock:
                         self._careful.update(p.id for p in careful[index + 1:] if p.outcome is None)
                     return
         finally:
-            with self._cond:
+            with self._cond.lock:
                 self._one_at_a_time = False
 
     def abort(self, why: str) -> None:
@@ -214,7 +214,7 @@ class Publisher:
 
     def fail_waiting(self, why: str, reason: Optional[BaseException] = None, closed: bool = False) -> None:
         """End every waiting publish with ``why`` (stopped, failed, gave up)."""
-        with self._cond:
+        with self._cond.lock:
             if closed:
                 self._closed = why
             else:
@@ -232,12 +232,12 @@ class Publisher:
 
     def reopen(self) -> None:
         """After ``start()`` again: publishing is allowed again."""
-        with self._cond:
+        with self._cond.lock:
             self._closed = None
             self._refused = None
 
     def detach(self, generation: Optional[int] = None) -> None:
-        with self._cond:
+        with self._cond.lock:
             if generation is not None and generation != self._generation:
                 return
             self._channel = None
@@ -253,7 +253,7 @@ class Publisher:
 
     def pending_count(self) -> int:
         """Messages waiting for their confirm (or for a connection)."""
-        with self._cond:
+        with self._cond.lock:
             return len(self._pending)
 
     # -- callers -------------------------------------------------------------------------
@@ -282,16 +282,16 @@ class Publisher:
                 if not self._admit(pending, deadline, timeout, wait=not chunk):
                     # No slot: write what this batch holds first, so that every
                     # slot in use belongs to a written message (no deadlock).
-                    self._write(chunk)
+                    self._write(chunk, deadline=deadline)
                     chunk, size = [], 0
                     self._admit(pending, deadline, timeout)
                 batch.append(pending)
                 chunk.append(pending)
                 size += len(pending.body)
                 if len(chunk) >= _CHUNK_MESSAGES or size >= _CHUNK_BYTES:
-                    self._write(chunk)
+                    self._write(chunk, deadline=deadline)
                     chunk, size = [], 0
-            self._write(chunk)
+            self._write(chunk, deadline=deadline)
             # Every message settles (or the deadline passes) before the first
             # failure is raised: the caller knows the fate of the whole batch.
             for index, pending in enumerate(batch):
@@ -330,7 +330,7 @@ class Publisher:
             PublishTimeout: No slot within the deadline (``not_sent``).
             Disconnected: The manager stopped.
         """
-        with self._cond:
+        with self._cond.lock:
             while True:
                 if self._closed is not None:
                     raise Disconnected(f"{self._closed}; the message was not sent")
@@ -381,18 +381,20 @@ class Publisher:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def _write(self, chunk: list[_Pending], alone: bool = False) -> None:
+    def _write(self, chunk: list[_Pending], alone: bool = False, deadline: Optional[float] = None) -> None:
         """Write ``chunk`` on the confirm channel with consecutive delivery tags (one socket write).
 
         Args:
             chunk: The messages.
             alone: The careful path's single message; other writers stay out
                 until it settles (see :meth:`_one_by_one`).
+            deadline: The caller's publish deadline (``time.monotonic()``).
 
         Raises:
             Blocked: The broker blocked the connection (nothing was sent).
+            PublishTimeout: Blocked past ``deadline`` (nothing was sent).
         """
-        with self._cond:
+        with self._cond.lock:
             if self._one_at_a_time and not alone:
                 return  # written when the channel is attached after the careful ones
             channel = self._channel
@@ -411,7 +413,7 @@ class Publisher:
         def queued(first: int, ok: bool) -> None:
             # Runs under the channel's lock, before any confirm can be read;
             # ok=False undoes it (the frames could not be queued).
-            with self._cond:
+            with self._cond.lock:
                 for offset, p in enumerate(todo):
                     tag = first + offset
                     if ok:
@@ -424,8 +426,8 @@ class Publisher:
                             del self._by_tag[tag]
 
         try:
-            channel.write_publishes(frames, len(todo), on_queued=queued)
-        except Blocked:
+            channel.write_publishes(frames, len(todo), on_queued=queued, deadline=deadline)
+        except (Blocked, PublishTimeout):
             for p in todo:
                 self._forget(p)
             raise
@@ -447,15 +449,17 @@ class Publisher:
             try:
                 channel.basic_publish(message, exchange=p.exchange, routing_key=p.routing_key)
             except Exception as exc:
+                if not raised_by_library(exc):
+                    raise  # a signal handler's, for the caller
                 logger.debug("publish waits for the next connection: %r", exc)
                 return
-            with self._cond:
+            with self._cond.lock:
                 p.written = True
                 self._settle_one(p, "ack")
                 self._cond.notify_all()
 
     def _forget(self, pending: _Pending) -> None:
-        with self._cond:
+        with self._cond.lock:
             self._pending.pop(pending.id, None)
             if pending.tag and self._by_tag.get(pending.tag) is pending:
                 del self._by_tag[pending.tag]
@@ -465,7 +469,7 @@ class Publisher:
 
     def _on_confirm(self, delivery_tag: int, multiple: bool, ack: bool) -> None:
         outcome = "ack" if ack else "nack"
-        with self._cond:
+        with self._cond.lock:
             # Tags are consecutive: a multiple ack settles [low, delivery_tag]
             # without scanning every pending message.
             tags = range(self._low, delivery_tag + 1) if multiple else (delivery_tag,)
@@ -486,7 +490,7 @@ class Publisher:
     def _on_return(self, exc: BaseException, exchange: str, routing_key: str, message: Any) -> None:
         headers = getattr(message, "properties", {}).get("application_headers") or {}
         pid = headers.get(RETURN_HEADER)
-        with self._cond:
+        with self._cond.lock:
             pending = self._pending.get(pid) if pid is not None else None
             if pending is not None:
                 # The ack that follows settles it as "returned".
@@ -494,7 +498,7 @@ class Publisher:
 
     def _on_channel_closed(self, channel: Any, error: BaseException, method: Any) -> None:
         """The broker closed the confirm channel: the culprit gets the error, the rest go again."""
-        with self._cond:
+        with self._cond.lock:
             if channel is not self._channel:
                 return
             generation = self._generation

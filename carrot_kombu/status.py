@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import enum
-import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
+from ._sync import Monitor
 
 __all__ = ("ConnectionState", "Status", "StateBoard")
 
@@ -174,7 +174,7 @@ class StateBoard:
     # -- plumbing ------------------------------------------------------------------------
 
     def __init__(self, broker: str) -> None:
-        self._cond = threading.Condition()
+        self._cond = Monitor()
         self._status = Status(broker=broker)
         self._next_attempt_at: Optional[float] = None
 
@@ -188,7 +188,7 @@ class StateBoard:
         return self._status
 
     def update(self, *, next_attempt_at: Any = ..., **changes: Any) -> Status:
-        with self._cond:
+        with self._cond.lock:
             if next_attempt_at is not ...:
                 self._next_attempt_at = next_attempt_at
             self._status = replace(self._status, **changes)
@@ -197,7 +197,7 @@ class StateBoard:
 
     def update_if(self, predicate: Any, **changes: Any) -> bool:
         """Apply ``changes`` only if ``predicate(status)`` holds, atomically."""
-        with self._cond:
+        with self._cond.lock:
             if not predicate(self._status):
                 return False
             self._status = replace(self._status, **changes)
@@ -205,11 +205,11 @@ class StateBoard:
             return True
 
     def snapshot(self, pool: PoolStatus) -> Status:
-        with self._cond:
+        with self._cond.lock:
             status, at = self._status, self._next_attempt_at
         remaining = None if at is None else max(0.0, round(at - time.monotonic(), 3))
         return replace(status, pool=pool, next_attempt_in=remaining)
 
     def wait_for(self, predicate: Any, timeout: Optional[float]) -> bool:
-        with self._cond:
+        with self._cond.lock:
             return bool(self._cond.wait_for(lambda: predicate(self._status), timeout))

@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 
 from amqp.exceptions import AMQPError, NotFound, ResourceLocked
 
+from ._sync import raised_by_library
 from .exceptions import ReplyTimeout
 
 __all__ = ("Topology", "declare_all", "declare_entity", "describe", "is_server_named", "is_unavailable")
@@ -183,5 +184,6 @@ def _close(channel: Any) -> None:
     try:
         close = getattr(channel, "close_nowait", None) or channel.close
         close()
-    except Exception:
-        pass
+    except Exception as exc:
+        if not raised_by_library(exc):
+            raise  # a signal handler's, for the caller

@@ -26,7 +26,8 @@ from amqp.exceptions import (
 )
 from kombu.transport import pyamqp
 
-from ..exceptions import Disconnected
+from .._sync import raised_by_library
+from ..exceptions import Disconnected, PublishTimeout
 from .frames import (
     decode_args,
     encode_args,
@@ -158,12 +159,19 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         publishes: int = 0,
         confirm_reply: Optional[Reply] = None,
         on_queued: Optional[Callable[[int, bool], None]] = None,
+        deadline: Optional[float] = None,
     ) -> int:
         """Queue ``frames`` atomically with this channel's state; returns the first delivery tag.
+
+        ``deadline`` (``time.monotonic()``) bounds the waits before the frames
+        are queued (a blocked connection, a full buffer) and this thread's
+        sending: past it, what is queued is sent by the next writer or the
+        service thread.
 
         Raises:
             Disconnected: The connection is lost (nothing was written).
             Blocked: The broker blocked the connection for ``blocked_timeout``.
+            PublishTimeout: Blocked or back-pressured past ``deadline`` (nothing was written).
             ChannelError: The broker closed this channel (its error).
         """
         state: ChanState = self.carrot
@@ -175,10 +183,12 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         if failure is not None:
             raise failure
         if conn.blocked is not None and (has_content or sig in _SYNC_REQUESTS):
-            conn.wait_unblocked()
+            conn.wait_unblocked(deadline)
         wire = conn.wire
         assert wire is not None
-        wire.wait_room()
+        if not wire.wait_room(deadline):
+            raise PublishTimeout("the outgoing buffer stayed full past the publish timeout; the message was not sent",
+                                 outcome="not_sent")
         with state.lock:
             if sig in _SETTLE and (state.closing or state.closed or state.error is not None) and conn.dead is None:
                 return 0
@@ -221,7 +231,7 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
                 state.unverified = True
         if must_flush:
             try:
-                wire.flush()
+                wire.flush(until=deadline)
             except OSError as exc:
                 failure = conn.wire_failure(exc)
                 if failure is exc:
@@ -297,14 +307,17 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         return frames
 
     def write_publishes(self, frames: list[Any], count: int,
-                        on_queued: Optional[Callable[[int, bool], None]] = None) -> int:
+                        on_queued: Optional[Callable[[int, bool], None]] = None,
+                        deadline: Optional[float] = None) -> int:
         """Write ``count`` already encoded publishes at once; returns the first delivery tag.
 
         ``on_queued(first_tag, True)`` runs while the channel is locked, just
         before the frames are queued: the place to record which tag is whose;
         ``on_queued(first_tag, False)`` undoes it if they could not be queued.
+        ``deadline``: see :meth:`_write`.
         """
-        return self._write(spec.Basic.Publish, frames, True, False, publishes=count, on_queued=on_queued)
+        return self._write(spec.Basic.Publish, frames, True, False, publishes=count, on_queued=on_queued,
+                           deadline=deadline)
 
     def _basic_publish(
         self,
@@ -463,12 +476,14 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
             if must_flush:
                 conn.wire.flush()
             conn.await_reply(reply, None, "Channel.Close")
-        except Exception as exc:
+        except BaseException as exc:
             if conn.dead is None:
                 # No CloseOk in time: the id stays taken (a late CloseOk must
                 # not close a newer channel with the same id).
                 state.spoil(f"no CloseOk ({type(exc).__name__})")
                 logger.debug("channel %s: %s", self.channel_id, exc)
+            if not raised_by_library(exc):
+                raise  # a signal handler's, for the caller
         finally:
             state.forget(reply)
             self.is_closing = False

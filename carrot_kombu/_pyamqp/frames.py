@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import decimal
 import math
+from collections import deque
 from struct import pack, unpack_from
 from typing import Any, Mapping, Optional, Sequence
 
@@ -21,6 +22,8 @@ from amqp import spec
 from amqp.basic_message import Message
 from amqp.exceptions import UnexpectedFrame
 from amqp.serialization import dumps, loads
+
+from .._sync import raised_by_library
 
 __all__ = (
     "HEARTBEAT",
@@ -74,7 +77,9 @@ def encode_args(sig: Any, fmt: Optional[str], values: Sequence[Any]) -> bytes:
         return b""
     try:
         return bytes(dumps(fmt, values))
-    except Exception:  # py-amqp raises struct.error, TypeError, FrameSyntaxError...
+    except Exception as exc:  # py-amqp raises struct.error, TypeError, FrameSyntaxError...
+        if not raised_by_library(exc):
+            raise  # a signal handler's, for the caller
         failure = _diagnose_args(sig, fmt, values)
         raise failure from None
 
@@ -129,7 +134,9 @@ def encode_properties(properties: Mapping[str, Any]) -> bytes:
     message.properties = dict(properties)
     try:
         encoded = bytes(message._serialize_properties())
-    except Exception:
+    except Exception as exc:
+        if not raised_by_library(exc):
+            raise  # a signal handler's, for the caller
         failure = _diagnose_properties(properties)
         raise failure from None
     if key is not None:
@@ -422,14 +429,49 @@ class FrameParser:
     def feed(self, data: bytes) -> None:
         self._buf += data
 
+    def take(self, received: "deque[bytes]") -> None:
+        """Move ``received`` chunks into the buffer, each appended before it is removed.
+
+        An exception raised into this thread (a signal handler's) between two
+        bytecodes leaves every chunk either still in ``received`` or in the
+        buffer, never both nor neither: the append and the ``popleft`` call
+        have no bytecode boundary where CPython runs signal handlers.
+        """
+        while received:
+            self._buf += received[0]
+            received.popleft()
+
     def frames(self) -> list[tuple[int, int, bytes]]:
         """Every complete frame buffered so far, in order.
 
         Raises:
             UnexpectedFrame: The stream is not AMQP (bad frame end, absurd size).
         """
+        out: "deque[tuple[int, int, bytes]]" = deque()
+        self.frames_into(out)
+        return list(out)
+
+    def frames_into(self, into: "deque[tuple[int, int, bytes]]") -> int:
+        """Append every complete buffered frame to ``into``; how many.
+
+        The parser's position moves and the frames land in ``into`` together
+        (no bytecode boundary between them, see :meth:`take`): an exception
+        raised into this thread loses or repeats no frame.
+
+        Raises:
+            UnexpectedFrame: The stream is not AMQP (bad frame end, absurd size).
+        """
         buf = self._buf
         pos = self._pos
+        # Give back what earlier calls consumed (each pair of steps is atomic, as above).
+        if pos and pos == len(buf):
+            self._pos = 0
+            buf.clear()
+            pos = 0
+        elif pos > 1 << 16:
+            del buf[:pos]
+            self._pos = 0
+            pos = 0
         end_of_data = len(buf)
         out: list[tuple[int, int, bytes]] = []
         while end_of_data - pos >= 8:
@@ -443,14 +485,10 @@ class FrameParser:
                 raise UnexpectedFrame(f"Received frame_end {buf[end]:#04x} while expecting 0xce")
             out.append((frame_type, channel, bytes(buf[pos + 7:end])))
             pos = end + 1
-        if pos == end_of_data:
-            buf.clear()
-            pos = 0
-        elif pos > 1 << 16:
-            del buf[:pos]
-            pos = 0
-        self._pos = pos
-        return out
+        if out:
+            self._pos = pos
+            into.extend(out)
+        return len(out)
 
     @property
     def buffered(self) -> int:

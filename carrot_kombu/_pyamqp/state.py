@@ -27,7 +27,9 @@ from typing import Any, Callable, Iterable, Optional
 
 from amqp.exceptions import ConnectionForced, FrameError, FrameSyntaxError, RecoverableConnectionError, UnexpectedFrame
 
-from ..exceptions import Blocked, CarrotKombuError, Disconnected, ReplyTimeout
+from .._sync import SLICE, Flag
+from .._timeouts import check_timeout
+from ..exceptions import Blocked, CarrotKombuError, Disconnected, PublishTimeout, ReplyTimeout
 from .frames import HEARTBEAT
 from .wire import Wire
 
@@ -53,14 +55,14 @@ class Waiter:
     __slots__ = ("_event",)
 
     def __init__(self) -> None:
-        self._event: Optional[threading.Event] = None
+        self._event: Optional[Flag] = None
 
     @property
-    def event(self) -> threading.Event:
+    def event(self) -> Flag:
         event = self._event
         if event is None:
             # Made before the caller re-checks ready(): a wake() from now on sets it.
-            event = self._event = threading.Event()
+            event = self._event = Flag()
         return event
 
     def ready(self) -> bool:
@@ -220,9 +222,11 @@ class EventQueue:
             Exception: Whatever a callback raised (the rest stay queued).
         """
         deadline = None if timeout is None else monotonic() + timeout
-        if not self._drain_lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
-            raise socket.timeout()
         try:
+            # Acquired inside the try: an exception raised into this thread
+            # right after the acquire still releases it (see _sync).
+            if not self._drain_lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+                raise socket.timeout()
             # After a loss kombu must see the loss (Celery then forgets what it
             # reserved); deliveries still queued come again from the broker.
             self._conn.check_alive()
@@ -241,7 +245,8 @@ class EventQueue:
             fn(*args)
             return 1
         finally:
-            self._drain_lock.release()
+            if self._drain_lock._is_owned():  # type: ignore[attr-defined]
+                self._drain_lock.release()
 
     def _wait(self, deadline: Optional[float]) -> None:
         waiter = _QueueWaiter(self)
@@ -287,7 +292,11 @@ class ConnState:
         self.id_lock = threading.Lock()
         self.events = EventQueue(self)
         self._fail_lock = threading.Lock()
-        self._read_lock = threading.Lock()
+        #: Held by the thread reading the socket.  An RLock for ``_is_owned``:
+        #: a leader interrupted right after acquiring it still releases it.
+        self._read_lock = threading.RLock()
+        #: Whether a thread holds ``_read_lock`` (a hint; waits re-check every SLICE).
+        self._leading = False
         self._waiters_lock = threading.Lock()
         self._waiters: dict[Waiter, None] = {}
         self._service: Optional[threading.Thread] = None
@@ -297,7 +306,7 @@ class ConnState:
         # blocked by the broker (resource alarm)
         self.blocked: Optional[str] = None
         self.blocked_at = 0.0
-        self._unblocked = threading.Event()
+        self._unblocked = Flag()
         self._unblocked.set()
         self.heartbeat = 0.0
         #: channel_max and frame_max we asked for (0: no preference).
@@ -427,29 +436,36 @@ class ConnState:
                     return False
                 if interrupt is not None and interrupt():
                     return False
-                if self._read_lock.acquire(False):
-                    try:
+                led = False
+                try:
+                    led = self._read_lock.acquire(False)
+                    if led:
+                        self._leading = True
                         self._lead(waiter, deadline, interrupt)
-                    except OSError as exc:
-                        failure = self.wire_failure(exc)
-                        if failure is exc:
-                            raise
-                        raise failure from exc
-                    finally:
+                except OSError as exc:
+                    failure = self.wire_failure(exc)
+                    if failure is exc:
+                        raise
+                    raise failure from exc
+                finally:
+                    # Owned, even when interrupted before ``led`` was set.
+                    if self._read_lock._is_owned():  # type: ignore[attr-defined]
                         self._release_lead()
+                if led:
                     continue
                 if self._service_reading and self.wire is not None:
                     self.wire.wake_reader()  # the service thread yields to callers
                 waiter.event.clear()
                 # Checked again after clear(): a wake-up from now on stays set.
-                if waiter.ready() or self.dead is not None or not self._read_lock.locked():
+                if waiter.ready() or self.dead is not None or not self._leading:
                     continue
-                waiter.event.wait(remaining)
+                # Sliced: a promotion lost to an interrupted leader costs SLICE at most.
+                waiter.event.wait(SLICE if remaining is None else min(remaining, SLICE))
         finally:
             with self._waiters_lock:
                 self._waiters.pop(waiter, None)
             self._last_caller = monotonic()
-            if not self._read_lock.locked():
+            if not self._leading:
                 # We may have been promoted just as our own reply arrived: pass it on.
                 self._promote()
 
@@ -470,6 +486,7 @@ class ConnState:
 
     def _release_lead(self) -> None:
         self._last_caller = monotonic()
+        self._leading = False
         self._read_lock.release()
         self._promote()
 
@@ -482,24 +499,31 @@ class ConnState:
                 waiter.wake()
                 return
 
-    def _dispatch(self, frames: list[tuple[int, int, bytes]]) -> None:
+    def _dispatch(self, todo: "deque[tuple[int, int, bytes]]") -> None:
         """Hand frames to py-amqp's frame handler (our dispatch code only; no user code).
 
-        Anything escaping a frame's dispatch leaves the stream in an unknown
-        state (a frame half handled, the rest of the batch lost): the wire
-        then drops the connection and the exception goes on to the reading
-        thread's caller (it may be a signal handler's, e.g. Celery's soft
-        time limit, which belongs to that caller).
+        Each frame leaves ``todo`` once handled, so an exception raised into
+        this thread between two frames leaves the rest to the next reader.
+        One escaping a frame's handling leaves that frame half handled: the
+        wire then drops the connection and the exception goes on to the
+        reading thread's caller (it may be a signal handler's, e.g. Celery's
+        soft time limit, which belongs to that caller).
         """
         handle = self.conn.on_inbound_frame
-        for frame in frames:
+        wire = self.wire
+        assert wire is not None
+        while todo:
+            wire.in_frame = True
             try:
-                handle(frame)
+                handle(todo[0])
             except _FATAL_FRAME_ERRORS:
                 raise
             except Exception:
                 logger.exception("carrot_kombu: error while dispatching a frame; dropping the connection")
                 raise
+            # Cleared, then removed: no bytecode boundary in between (see _sync).
+            wire.in_frame = False
+            todo.popleft()
 
     # -- the service thread ----------------------------------------------------------------------
 
@@ -520,6 +544,7 @@ class ConnState:
             if not self._read_lock.acquire(False):
                 self._sleep(min(interval, GRACE))
                 continue
+            self._leading = True
             self._service_reading = True
             try:
                 wire.read(interval, self._dispatch)
@@ -601,19 +626,38 @@ class ConnState:
         if self.hooks is not None:
             self.hooks.on_unblocked()
 
-    def wait_unblocked(self) -> None:
+    def wait_unblocked(self, deadline: Optional[float] = None) -> None:
         """Hold a publish while the broker blocks us, at most ``blocked_timeout``.
+
+        Args:
+            deadline: The caller's own limit (``time.monotonic()``), if sooner.
 
         Raises:
             Blocked: Still blocked after ``blocked_timeout`` (nothing was sent).
+            PublishTimeout: Still blocked at ``deadline`` (``not_sent``).
             Disconnected: The connection was lost meanwhile.
         """
         if self.blocked is None:
             return
-        if self._unblocked.wait(self.blocked_timeout):
-            self.check_alive()
-            return
-        raise self.blocked_error("nothing was sent")
+        limit = self.blocked_timeout
+        mine = deadline is not None and (limit is None or deadline - monotonic() < limit)
+        if mine:
+            assert deadline is not None
+            limit = max(0.0, deadline - monotonic())
+        end = None if limit is None else monotonic() + limit
+        # ``blocked`` is the truth; the flag only wakes us early.
+        while self.blocked is not None and self.dead is None:
+            remaining = None if end is None else end - monotonic()
+            if remaining is not None and remaining <= 0:
+                if mine:
+                    raise PublishTimeout(
+                        f"the broker has blocked this connection ({self.blocked}) past the publish timeout; "
+                        "the message was not sent",
+                        outcome="not_sent",
+                    )
+                raise self.blocked_error("nothing was sent")
+            self._unblocked.wait(SLICE if remaining is None else min(remaining, SLICE))
+        self.check_alive()
 
     def _is_blocked(self) -> bool:
         return self.blocked is not None and self.blocked_timeout is not None
@@ -646,7 +690,9 @@ class ConnState:
             Blocked: The broker blocked the connection for ``blocked_timeout``.
             Disconnected: The connection was lost.
             Exception: The channel error the broker answered with.
+            TypeError, ValueError: ``timeout`` is not a number of seconds >= 0.
         """
+        timeout = check_timeout("timeout", timeout)
         start = monotonic()
         limit = self.reply_timeout if timeout is None else min(timeout, self.reply_timeout)
         deadline = start + limit

@@ -32,6 +32,7 @@ from typing import Any, Callable, Optional, Union
 
 from amqp.exceptions import UnexpectedFrame
 
+from .._sync import Monitor, raised_by_library as _from_library
 from .frames import FrameParser
 
 __all__ = ("Wire",)
@@ -40,6 +41,7 @@ Chunk = Union[bytes, memoryview]
 
 #: Bytes read per system call.
 _RECV_SIZE = 256 * 1024
+_RECV_ARGS = (_RECV_SIZE,)
 #: Most bytes (and buffers) handed to the kernel in one ``sendmsg``.
 _SEND_BYTES = 1 << 20
 _SEND_BUFFERS = 512
@@ -81,6 +83,13 @@ class Wire:
         sock.setblocking(False)
         self._fd = sock.fileno()
         self._parser = FrameParser(initial, max_frame + 8)
+        # -- reader state (the current reader only) --
+        #: Chunks the kernel handed over, not yet in the parser.
+        self._rx: deque[bytes] = deque()
+        #: Frames parsed, not yet dispatched.
+        self._todo: deque[tuple[int, int, bytes]] = deque()
+        #: A frame is being dispatched: an exception escaping now leaves it half handled.
+        self.in_frame = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -91,9 +100,16 @@ class Wire:
         self._wpoll.register(self._fd, _POLLOUT)
         self._on_failed = on_failed
         # -- writer state, behind _wcond --
-        self._wcond = threading.Condition(threading.Lock())
+        self._wcond = Monitor()
         self._out: deque[Chunk] = deque()
-        self._out_bytes = 0
+        # Byte counters instead of trimming chunks as the kernel takes them:
+        # every update is one statement (see _settle), so an exception raised
+        # into the flushing thread never leaves them half done.
+        self._queued = 0  # bytes ever accepted by enqueue()
+        self._sent = 0  # bytes ever taken by the kernel
+        self._trimmed = 0  # bytes of the chunks already dropped from _out
+        #: What the kernel took in the last send, until added to _sent.
+        self._took: deque[int] = deque()
         self._flushing = False
         self._tls_inflight: Optional[bytes] = None
         self._dead: Optional[BaseException] = None
@@ -102,8 +118,6 @@ class Wire:
         #: Since when the current flush has been unable to make progress.
         self.stalled_since: Optional[float] = None
         self.closed = False
-        #: Bytes the kernel took are not yet accounted for (the flusher only).
-        self._send_critical = False
         self._batch_bytes = 0
 
     # -- state ----------------------------------------------------------------------------
@@ -118,11 +132,15 @@ class Wire:
     @property
     def pending_output(self) -> int:
         """Bytes accepted from writers that the kernel has not taken yet."""
-        return self._out_bytes
+        return self._queued - self._sent - (self._took[0] if self._took else 0)
+
+    @property
+    def _out_bytes(self) -> int:
+        return self._queued - self._sent
 
     # -- reading (one thread at a time: the connection's current reader) --------------------
 
-    def read(self, timeout: Optional[float], dispatch: Callable[[list[tuple[int, int, bytes]]], None]) -> bool:
+    def read(self, timeout: Optional[float], dispatch: Callable[["deque[tuple[int, int, bytes]]"], None]) -> bool:
         """Hand what arrives to ``dispatch``, waiting at most ``timeout`` seconds for something.
 
         Returns:
@@ -162,27 +180,32 @@ class Wire:
                 woken = True
         return woken
 
-    def pump(self, dispatch: Callable[[list[tuple[int, int, bytes]]], None]) -> bool:
+    def pump(self, dispatch: Callable[["deque[tuple[int, int, bytes]]"], None]) -> bool:
         """Take what the socket has now (never waits) and dispatch its complete frames.
 
-        From the moment bytes leave the kernel until their frames are
-        dispatched, an exception raised into this thread (only the main
-        thread gets signal handlers' exceptions) could lose them: if one
-        does, the stream cannot be trusted and the connection is dropped.
-        Waiting (:meth:`wait_readable`) has no such window.
+        ``dispatch`` handles the frames of the deque it is given, removing
+        each once handled, and sets :attr:`in_frame` while handling one.
+        Bytes and frames move between the kernel, ``_rx``, the parser and
+        ``_todo`` in steps an exception raised into this thread cannot split
+        (see :mod:`carrot_kombu._sync`): such an exception (a signal
+        handler's; only the main thread gets them) loses nothing and leaves
+        the rest to the next reader, unless it comes while a frame is being
+        handled: that frame is then half handled, and the connection is
+        dropped.
 
         Returns:
             True if at least one frame was dispatched.
         """
         parser = self._parser
-        done = False
+        todo = self._todo
         try:
             if self._recv_into(parser):
                 self.last_rx = monotonic()
-            frames = parser.frames()
-            if frames:
-                dispatch(frames)
-                done = True
+            parser.frames_into(todo)
+            if not todo:
+                return False
+            dispatch(todo)
+            return True
         except BaseException as exc:
             if isinstance(exc, (OSError, UnexpectedFrame)):
                 self._failed(exc)
@@ -196,13 +219,14 @@ class Wire:
                 failure.__cause__ = exc
                 self._failed(failure)
                 raise failure from exc
-            # A signal handler's exception (only the main thread gets them)
-            # between the kernel and the dispatch: bytes may be lost.  It
-            # belongs to this thread (Celery's soft time limit, a SIGALRM timeout).
-            self._failed(ConnectionAbortedError(
-                errno.ECONNABORTED, f"{type(exc).__name__} interrupted reading: the stream may be incomplete"))
+            if self.in_frame:
+                # A signal handler's exception (it belongs to this thread:
+                # Celery's soft time limit, a SIGALRM timeout) inside a frame's
+                # handling: the frame is half handled.
+                self.in_frame = False
+                self._failed(ConnectionAbortedError(
+                    errno.ECONNABORTED, f"{type(exc).__name__} interrupted the handling of a frame"))
             raise
-        return done
 
     def wake_reader(self) -> None:
         """Make a reader waiting in :meth:`read` return now."""
@@ -219,35 +243,43 @@ class Wire:
             pass
 
     def _recv_into(self, parser: FrameParser) -> bool:
-        """Feed ``parser`` whatever the socket has now; False if nothing. Raises on EOF or error."""
+        """Feed ``parser`` whatever the socket has now; False if nothing. Raises on EOF or error.
+
+        ``rx.extend(map(sock.recv, ...))`` is one call into C: the bytes the
+        kernel hands over are in ``_rx`` before any signal handler can run.
+        """
         sock = self._sock
+        rx = self._rx
+        got = bool(rx)  # left by a reader interrupted before the parser took them
         if not self._tls:
             try:
-                data = sock.recv(_RECV_SIZE)
+                rx.extend(map(sock.recv, _RECV_ARGS))
             except (BlockingIOError, InterruptedError):
-                return False
-            if not data:
-                raise OSError(errno.ECONNRESET, "Server unexpectedly closed connection")
-            parser.feed(data)
-            return True
-        got = False
+                pass
+            else:
+                if not rx[-1]:
+                    raise OSError(errno.ECONNRESET, "Server unexpectedly closed connection")
+                got = True
+            parser.take(rx)
+            return got
         with self._tls_lock:
             while True:
                 try:
-                    data = sock.recv(_RECV_SIZE)
+                    rx.extend(map(sock.recv, _RECV_ARGS))
                 except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
                     break
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                    data = b""
-                if not data:
+                    rx.append(b"")
+                if not rx[-1]:
+                    rx.pop()
                     if got:
-                        break
+                        break  # the end is seen by the next read
                     raise OSError(errno.ECONNRESET, "Server unexpectedly closed connection")
-                parser.feed(data)
                 got = True
                 if not sock.pending():  # type: ignore[attr-defined]
                     # One more recv would only say "want read": save the call.
                     break
+        parser.take(rx)
         return got
 
     # -- writing (any thread) -----------------------------------------------------------------
@@ -269,28 +301,35 @@ class Wire:
         size = 0
         for chunk in chunks:
             size += len(chunk)
-        with self._wcond:
+        with self._wcond.lock:
             if wait_room:
                 while self._out_bytes > HIGH_WATER and self._flushing and self._dead is None:
                     self._wcond.wait(_POLL_SLICE)
             if self._dead is not None:
                 raise _as_oserror(self._dead)
-            self._out.extend(chunks)
-            self._out_bytes += size
+            self._queued += size
+            self._out.extend(chunks)  # no bytecode boundary since the line above (see _sync)
             return not self._flushing
 
-    def wait_room(self) -> None:
-        """Wait while the outgoing buffer is over ``HIGH_WATER`` (back-pressure), until it drains or dies."""
+    def wait_room(self, deadline: Optional[float] = None) -> bool:
+        """Wait while the outgoing buffer is over ``HIGH_WATER`` (back-pressure), until it drains or dies.
+
+        Returns:
+            False if ``deadline`` (``time.monotonic()``) passed first.
+        """
         if self._out_bytes <= HIGH_WATER:
-            return
-        with self._wcond:
+            return True
+        with self._wcond.lock:
             while self._out_bytes > HIGH_WATER and self._flushing and self._dead is None:
+                if deadline is not None and monotonic() >= deadline:
+                    return False
                 self._wcond.wait(_POLL_SLICE)
+        return True
 
     def holds(self, chunks: list[Chunk]) -> bool:
         """Whether ``chunks`` were queued (the first one is in the outgoing buffer, or was sent)."""
         first = chunks[0] if chunks else None
-        with self._wcond:
+        with self._wcond.lock:
             return any(item is first for item in self._out)
 
     def send(self, chunks: list[Chunk]) -> None:
@@ -309,55 +348,57 @@ class Wire:
 
     def flush_pending(self, block: bool = False) -> None:
         """Send what earlier writers left behind, if nobody is sending now."""
-        if self._out and self._dead is None:
+        if self._queued != self._sent and self._dead is None:
             self.flush(block=block)
 
-    def flush(self, block: bool = True) -> None:
+    def flush(self, block: bool = True, until: Optional[float] = None) -> None:
         """Send the buffer until it is empty, unless another thread already is sending.
 
-        With ``block=False`` stop at the first would-block and leave the rest.
+        With ``block=False`` stop at the first would-block and leave the rest;
+        with ``until`` (``time.monotonic()``) stop at a would-block after it
+        (the service thread's :meth:`flush_pending` sends the rest).
 
         Raises:
             OSError: The socket failed (the connection is then dead).
         """
-        with self._wcond:
-            if self._flushing:
-                return  # the thread sending now sends ours too
-            self._flushing = True
+        claimed = False
         try:
+            # Claimed inside the try: an exception raised into this thread right
+            # after the claim still reaches the handler that gives it up.
+            with self._wcond.lock:
+                if self._flushing:
+                    return  # the thread sending now sends ours too
+                self._flushing = claimed = True
             while True:
-                with self._wcond:
+                with self._wcond.lock:
+                    self._settle()
                     if self._dead is not None:
                         raise _as_oserror(self._dead)
-                    if not self._out:
+                    if self._sent == self._queued:
                         # In the same critical section as the check: a writer
                         # that queues after this sees nobody flushing and flushes.
-                        self._flushing = False
+                        self._flushing = claimed = False
                         self._wcond.notify_all()
                         return
                     batch = self._batch()
-                sent = self._send(batch, block)
-                with self._wcond:
-                    self._consume(sent)
-                    self._send_critical = False
-                    if not sent and not block:
-                        self._flushing = False
+                sent = self._send(batch, block, until)
+                with self._wcond.lock:
+                    self._settle()
+                    if not sent:
+                        self._flushing = claimed = False
                     self._wcond.notify_all()
-                if not sent and not block:
+                if not sent:
                     return
         except BaseException as exc:
-            interrupted = self._send_critical
-            self._send_critical = False
-            with self._wcond:
-                self._flushing = False
-                self._wcond.notify_all()
+            # Whatever interrupted us, what the kernel took is in _took: counted
+            # now, so the next flusher goes on exactly where the stream is.
+            if claimed:
+                with self._wcond.lock:
+                    self._settle()
+                    self._flushing = False
+                    self._wcond.notify_all()
             if isinstance(exc, OSError):
                 self._failed(exc)
-            elif interrupted:
-                # The kernel may have taken bytes we did not account for: sending
-                # them again (or not) would corrupt the stream.
-                self._failed(ConnectionAbortedError(
-                    errno.ECONNABORTED, f"{type(exc).__name__} interrupted a write: the stream may be corrupt"))
             raise
 
     def _batch(self) -> list[Chunk]:
@@ -365,7 +406,11 @@ class Wire:
             return [self._tls_inflight]
         batch: list[Chunk] = []
         total = 0
+        skip = self._sent - self._trimmed  # of the first chunk, already sent
         for chunk in self._out:
+            if skip:
+                chunk = memoryview(chunk)[skip:]
+                skip = 0
             batch.append(chunk)
             total += len(chunk)
             if total >= _SEND_BYTES or len(batch) >= _SEND_BUFFERS:
@@ -377,51 +422,58 @@ class Wire:
             return [self._tls_inflight]
         return batch
 
-    def _consume(self, sent: int) -> None:
-        if not sent:
-            return
-        self._out_bytes -= sent
-        out = self._out
-        while sent:
-            head = out[0]
-            if len(head) <= sent:
-                sent -= len(head)
-                out.popleft()
-            else:
-                out[0] = memoryview(head)[sent:]
-                sent = 0
-        if self._tls_inflight is not None:
-            self._tls_inflight = None
+    def _settle(self) -> None:
+        """Count what the kernel took and drop the chunks it finished (under ``_wcond``).
 
-    def _send(self, batch: list[Chunk], block: bool) -> int:
-        """Bytes the kernel took (all of an in-flight TLS buffer, or 0)."""
+        Each update is a statement followed by a call with no bytecode
+        boundary between them, so whatever interrupts this thread, the
+        counters and ``_out`` agree (see :mod:`carrot_kombu._sync`).
+        """
+        took = self._took
+        if took:
+            self._sent += took[0]
+            self._tls_inflight = None
+            took.clear()
+        out = self._out
+        while out:
+            size = len(out[0])
+            if self._trimmed + size > self._sent:
+                return
+            self._trimmed += size
+            out.popleft()
+
+    def _send(self, batch: list[Chunk], block: bool, until: Optional[float] = None) -> int:
+        """Bytes the kernel took (all of an in-flight TLS buffer, or 0: would block and may not wait).
+
+        What the kernel takes is recorded in ``_took`` by the same call into C
+        (``extend(map(send, ...))``): no signal handler can run in between.
+        """
         sock = self._sock
+        took = self._took
         while True:
             if self._dead is not None:
                 raise _as_oserror(self._dead)
-            # From the send until the bytes are accounted for (see flush()).
-            self._send_critical = True
             try:
                 if self._tls:
                     with self._tls_lock:
-                        sent = sock.send(batch[0])
+                        took.extend(map(sock.send, batch))
                 elif len(batch) == 1:
-                    sent = sock.send(batch[0])
+                    took.extend(map(sock.send, batch))
                 elif self._batch_bytes <= _JOIN_BELOW:
-                    sent = sock.send(b"".join(batch))  # cheaper than a gather for small writes
+                    took.extend(map(sock.send, (b"".join(batch),)))  # cheaper than a gather for small writes
                 else:
-                    sent = sock.sendmsg(batch)
+                    took.extend(map(sock.sendmsg, (batch,)))
             except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-                sent = 0
-            if not sent:
-                self._send_critical = False
+                pass
+            sent = took[0] if took else 0
             if sent:
                 self.last_tx = monotonic()
                 self.stalled_since = None
                 return sent
+            took.clear()
             if self.stalled_since is None:
                 self.stalled_since = monotonic()
-            if not block:
+            if not block or (until is not None and monotonic() >= until):
                 return 0
             self._wpoll.poll(int(_POLL_SLICE * 1000))
 
@@ -429,7 +481,7 @@ class Wire:
 
     def _failed(self, exc: BaseException) -> None:
         first = False
-        with self._wcond:
+        with self._wcond.lock:
             if self._dead is None:
                 self._dead = exc
                 first = True
@@ -448,7 +500,7 @@ class Wire:
 
         ``on_failed`` is not called (the caller already knows).
         """
-        with self._wcond:
+        with self._wcond.lock:
             if self._dead is None:
                 self._dead = exc
             self._wcond.notify_all()
@@ -480,22 +532,6 @@ class Wire:
             socket.socket.close(self._sock)
         except OSError:
             pass
-
-
-_LIBRARIES = tuple(
-    os.path.dirname(os.path.abspath(module.__file__ or ""))
-    for module in (__import__("amqp"), __import__("kombu"))
-) + (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),)
-
-
-def _from_library(exc: BaseException) -> bool:
-    """Raised by code of ours, py-amqp or kombu (not a signal handler of the application)."""
-    tb = exc.__traceback__
-    if tb is None:
-        return True
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_LIBRARIES)
 
 
 def _as_oserror(exc: BaseException) -> OSError:

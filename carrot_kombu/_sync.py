@@ -1,0 +1,155 @@
+"""Locks, conditions and flags that an exception raised into a thread cannot wedge.
+
+A signal handler that raises (Ctrl-C, ``SIGALRM``, Celery's soft time limit)
+does so in the main thread at any bytecode boundary, including inside the
+Python-level methods of :class:`threading.Condition` and
+:class:`threading.Event`: ``Condition.__enter__`` can acquire its lock and be
+interrupted before ``with`` registers the release; ``Condition.__exit__`` can
+be interrupted before releasing.  The lock then stays held for ever and the
+next thread that needs it (the connection's reader, the supervisor) hangs.
+
+Here every lock a ``with`` statement takes is a C lock (``__enter__`` and
+``__exit__`` run without a bytecode boundary), waiting happens on per-waiter C
+locks, and every Python-level step is arranged so that an interruption at any
+point leaves the shared lock either held by the interrupted ``with`` (which
+releases it) or free.  A wake-up lost to an interrupted notifier costs a
+waiter at most :data:`SLICE` seconds: waits re-check their predicate that often.
+
+No imports from the package: the fenced py-amqp layer uses this too.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from _thread import allocate_lock
+from time import monotonic
+from typing import Any, Callable, Optional
+
+__all__ = ("Flag", "Monitor", "SLICE", "raised_by_library")
+
+#: Longest a waiter sleeps before it looks at its predicate again.
+SLICE = 0.25
+
+
+class Monitor:
+    """A re-entrant C lock (:attr:`lock`, for ``with``) with condition-variable waits.
+
+    Use ``with monitor.lock:`` (never ``with monitor:``); :meth:`wait`,
+    :meth:`wait_for` and :meth:`notify_all` are called with the lock held.
+    Waits may wake spuriously: callers loop on their predicate.
+    """
+
+    __slots__ = ("lock", "_waiters")
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()  # the C implementation: owner-aware, signal-safe ``with``
+        self._waiters: list[Any] = []
+
+    def wait(self, timeout: Optional[float] = None) -> None:
+        """Release the lock, sleep until notified (or ``timeout``, at most :data:`SLICE`), take it again."""
+        lock = self.lock
+        waiter = allocate_lock()
+        waiter.acquire()
+        self._waiters.append(waiter)
+        seconds = SLICE if timeout is None else max(0.0, min(timeout, SLICE))
+        saved: Any = None
+        try:
+            # Inside the try: whatever interrupts us from here on, the finally
+            # hands the lock back to the ``with`` that owns it.
+            saved = lock._release_save()  # type: ignore[attr-defined]  # all levels, like Condition.wait
+            waiter.acquire(True, seconds)
+        finally:
+            if not lock._is_owned():  # type: ignore[attr-defined]
+                if saved is not None:
+                    lock._acquire_restore(saved)  # type: ignore[attr-defined]
+                else:
+                    lock.acquire()
+            try:
+                self._waiters.remove(waiter)
+            except ValueError:
+                pass  # notified: already taken off
+
+    def wait_for(self, predicate: Callable[[], Any], timeout: Optional[float]) -> Any:
+        """Wait until ``predicate()`` is true or ``timeout`` passes; its last value."""
+        deadline = None if timeout is None else monotonic() + timeout
+        while True:
+            result = predicate()
+            if result:
+                return result
+            remaining = None if deadline is None else deadline - monotonic()
+            if remaining is not None and remaining <= 0:
+                return result
+            self.wait(remaining)
+
+    def notify(self) -> None:
+        """Wake the longest waiting thread."""
+        if self._waiters:
+            self._waiters.pop(0).release()
+
+    def notify_all(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.release()
+
+
+class Flag:
+    """:class:`threading.Event`'s ``set``/``clear``/``is_set``/``wait``, on one C lock.
+
+    The lock is held while the flag is clear; ``wait`` is an ``acquire``.  No
+    Python-level lock is involved, so an interrupted waiter or setter cannot
+    leave anything held.
+    """
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = allocate_lock()
+        self._lock.acquire()
+
+    def set(self) -> None:
+        try:
+            self._lock.release()
+        except RuntimeError:
+            pass  # already set
+
+    def clear(self) -> None:
+        self._lock.acquire(False)
+
+    def is_set(self) -> bool:
+        return not self._lock.locked()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """True once set (at once if it is), False after ``timeout`` seconds."""
+        if not self._lock.acquire(True, -1 if timeout is None else max(0.0, timeout)):
+            return False
+        try:
+            self._lock.release()  # stay set for the others
+        except RuntimeError:
+            pass  # a set() came in between: set it is
+        return True
+
+
+_LIBRARIES = tuple(
+    os.path.dirname(os.path.abspath(module.__file__ or ""))
+    for module in (__import__("amqp"), __import__("kombu"))
+) + (os.path.dirname(os.path.abspath(__file__)),)
+
+
+def raised_by_library(exc: BaseException) -> bool:
+    """Raised by code of ours, py-amqp or kombu, not by a signal handler of the application.
+
+    A signal handler's exception belongs to the interrupted caller (Celery's
+    soft time limit, a ``SIGALRM`` timeout): it must reach it unchanged,
+    never be logged and swallowed or turned into one of our errors.
+    ``KeyboardInterrupt`` (raised by C code, its traceback ends wherever it
+    struck) and other non-``Exception`` classes are never ours.
+    """
+    if not isinstance(exc, Exception):
+        return False
+    tb = exc.__traceback__
+    if tb is None:
+        return True
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_LIBRARIES)
