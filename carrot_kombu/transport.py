@@ -297,6 +297,11 @@ class VirtualConnection:
         return chan
 
     def _channel_gone(self, chan: Any) -> None:
+        # py-amqp reopens a channel the broker closed; kombu's default_channel
+        # relies on that (one 404 on it and every later use would fail): the
+        # next use of default_channel opens a new channel instead.
+        if getattr(self.client, "_default_channel", None) is chan:
+            self.client._default_channel = None
         with self._lock:
             lease = self._leases.pop(id(chan), None)
         if lease is not None:

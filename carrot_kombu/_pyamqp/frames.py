@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import decimal
+import logging
 import math
 from collections import deque
 from struct import pack, unpack_from
@@ -24,6 +25,8 @@ from amqp.exceptions import UnexpectedFrame
 from amqp.serialization import dumps, loads
 
 from .._sync import raised_by_library
+
+logger = logging.getLogger("carrot_kombu")
 
 __all__ = (
     "HEARTBEAT",
@@ -110,7 +113,7 @@ def encode_publish_args(exchange: Any, routing_key: Any, mandatory: bool, immedi
     return encoded
 
 
-def encode_properties(properties: Mapping[str, Any]) -> bytes:
+def encode_properties(properties: Mapping[str, Any], strict: bool = True) -> bytes:
     """The property flags and list of a content header.
 
     Cached when no value is a container (no headers): most messages share
@@ -120,6 +123,13 @@ def encode_properties(properties: Mapping[str, Any]) -> bytes:
         TypeError, ValueError: Naming the property (and header key) that
             cannot be encoded.
     """
+    if not strict:
+        unknown = set(properties) - set(_PROPERTY_TYPES)
+        if unknown:
+            # py-amqp's own rule on a channel: what is not an AMQP property is
+            # not sent (Celery's Task.retry() passes such options through).
+            logger.debug("carrot_kombu: not sending unknown message properties %s", sorted(unknown))
+            properties = {k: v for k, v in properties.items() if k not in unknown}
     key: Optional[tuple[Any, ...]] = None
     if "application_headers" not in properties:
         key = tuple(sorted(properties.items()))
@@ -230,7 +240,7 @@ def encode_message(message: Any) -> tuple[bytes, bytes]:
     """A py-amqp ``Message``'s encoded properties and body (``str`` bodies encoded)."""
     props = message.properties
     body = body_bytes(message.body, props)
-    return encode_properties(props), body
+    return encode_properties(props, strict=False), body
 
 
 # -- checks that name the culprit -------------------------------------------------------

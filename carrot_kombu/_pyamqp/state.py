@@ -799,21 +799,38 @@ class ChanState:
     def expect(self, methods: Iterable[Any], on_arrival: Optional[Callable[[Reply], None]] = None) -> Reply:
         """Register the reply to a request about to be written.
 
+        Two threads on one channel (kombu's and Celery's code shares channels
+        between a worker's threads) are served in turn: a request whose reply
+        another request on this channel already waits for is written after
+        that reply came (the broker answers a channel's requests in order),
+        within ``reply_timeout``.
+
         Raises:
-            CarrotKombuError: Another request on this channel waits for the
-                same reply (two threads on one lease).
+            ReplyTimeout: The earlier request's reply did not come within
+                ``reply_timeout``.
+            Exception: The channel failed meanwhile (see :meth:`failure`).
         """
         reply = Reply(methods, on_arrival)
-        with self.lock:
-            for sig in reply.methods:
-                if sig in self.replies:
-                    raise CarrotKombuError(
-                        "another request on this channel is waiting for its reply: a channel (lease) "
-                        "is for one thread at a time"
-                    )
-            for sig in reply.methods:
-                self.replies[sig] = reply
-        return reply
+        deadline: Optional[float] = None
+        while True:
+            with self.lock:
+                ahead = next((self.replies[sig] for sig in reply.methods if sig in self.replies), None)
+                if ahead is None:
+                    for sig in reply.methods:
+                        self.replies[sig] = reply
+                    return reply
+            if deadline is None:
+                deadline = monotonic() + self.conn.reply_timeout
+            elif monotonic() >= deadline:
+                raise ReplyTimeout(
+                    f"another request on this channel waited for its reply longer than "
+                    f"reply_timeout={self.conn.reply_timeout:g}s"
+                )
+            # Until the one ahead is answered, failed or given up (forgotten).
+            self.conn.wait_for(ahead, deadline, lambda: ahead not in self.replies.values())
+            failure = self.failure()
+            if failure is not None:
+                raise failure
 
     def forget(self, reply: Reply) -> None:
         with self.lock:

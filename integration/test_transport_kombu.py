@@ -1,0 +1,88 @@
+"""kombu code over ``carrot+amqp://`` in this process, on the shared broker: what Celery's own code does to it.
+
+Each test is a habit of kombu or Celery that plain py-amqp tolerates and that
+the transport must tolerate too (found by attacking the transport as a Celery
+user would): extra ``publish()`` options, threads sharing one channel, a
+channel error on ``default_channel``.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Iterator
+
+import kombu
+import pytest
+from amqp.exceptions import NotFound
+
+import carrot_kombu  # noqa: F401 - registers the carrot+amqp:// transport
+
+from .broker import unique
+
+
+@pytest.fixture
+def conn(amqp_url: str) -> Iterator[kombu.Connection]:
+    connection = kombu.Connection(f"carrot+{amqp_url}", connect_timeout=5)
+    connection.ensure_connection(max_retries=3)
+    queues: list[str] = []
+    connection.test_queues = queues  # type: ignore[attr-defined]
+    try:
+        yield connection
+    finally:
+        with kombu.Connection(f"carrot+{amqp_url}") as cleanup:
+            for name in queues:
+                cleanup.default_channel.queue_delete(name)
+        connection.release()
+
+
+def _queue(conn: kombu.Connection) -> str:
+    name = unique("ck-tk")
+    conn.default_channel.queue_declare(name, auto_delete=False)
+    conn.test_queues.append(name)  # type: ignore[attr-defined]
+    return name
+
+
+def test_options_that_are_not_amqp_properties_are_not_sent_as_py_amqp_does(conn):
+    """Celery's ``Task.retry()`` passes its options through to ``publish()``: they must not fail the publish."""
+    name = _queue(conn)
+    producer = kombu.Producer(conn.default_channel)
+    producer.publish({"n": 1}, routing_key=name, retries=2, countdown=None, priority=3, delivery_mode=2)
+    message = conn.default_channel.basic_get(name, no_ack=True)
+    assert message is not None and message.properties.get("priority") == 3
+    assert "retries" not in message.properties and "countdown" not in message.properties
+
+
+def test_threads_sharing_one_channel_each_get_their_own_reply(conn):
+    """Celery's thread pool shares a channel: 8 threads x 25 declares, each answered with its own queue."""
+    names = [_queue(conn) for _ in range(8)]
+    chan = conn.default_channel
+    wrong: list[Any] = []
+    errors: list[BaseException] = []
+
+    def declare(name: str) -> None:
+        try:
+            for _ in range(25):
+                answer = chan.queue_declare(name, passive=True)
+                if answer.queue != name:
+                    wrong.append((name, answer.queue))
+        except BaseException as exc:  # noqa: BLE001 - reported by the assert below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=declare, args=(name,)) for name in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads), "a thread hung on the shared channel"
+    assert not errors and not wrong, (errors[:3], wrong[:3])
+
+
+def test_default_channel_works_again_after_a_channel_error(conn):
+    """py-amqp reopens a channel the broker closed; kombu code relies on default_channel surviving a 404."""
+    name = _queue(conn)
+    with pytest.raises(NotFound):
+        conn.default_channel.queue_declare(unique("ck-missing"), passive=True)
+    assert conn.default_channel.queue_declare(name, passive=True).queue == name
+    kombu.Producer(conn.default_channel).publish(b"after", routing_key=name)
+    message = conn.default_channel.basic_get(name, no_ack=True)
+    assert message is not None and message.body == b"after"
