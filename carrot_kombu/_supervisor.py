@@ -194,7 +194,7 @@ class Supervisor:
             attempting.abort_handshake()
 
     def replace_publisher_channel(self, generation: int) -> None:
-        """From the reading thread: the broker closed the confirm channel."""
+        """From any thread: the publisher needs a confirm channel (first use, or the broker closed it)."""
         self._inbox.put(ReplacePublisherChannel(generation))
 
     def resubscribe(self, consumer: Any) -> None:

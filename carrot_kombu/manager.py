@@ -323,7 +323,13 @@ class ConnectionManager:
         return board.state is ConnectionState.CONNECTED
 
     def wait_connected(self, timeout: Optional[float] = None) -> bool:
-        """Block until connected; False on timeout, or if stopped or given up."""
+        """Block until connected; False on timeout, or if stopped or given up.
+
+        A refusal retrying soon will not fix (``status().fatal``: wrong
+        password...) does not end the wait: the manager retries it at
+        ``Backoff.max``, so a fix on the broker's side is picked up.
+        ``start(wait=...)`` is the call that gives up at once on it.
+        """
         def settled(status: Status) -> bool:
             return status.state is ConnectionState.CONNECTED or status.state is ConnectionState.STOPPED or status.gave_up
 
@@ -618,11 +624,12 @@ class ConnectionManager:
         publisher = core.publisher
         publisher.used = True
         link = core.pool.current_link()
-        if link is not None and publisher.needs(link.generation):
-            try:
-                core.recovery.ensure_publisher(link, wait=False)
-            except Disconnected:
-                pass  # the next connection attaches it
+        supervisor = core.supervisor
+        if link is not None and supervisor is not None and publisher.needs(link.generation):
+            # Opened by the supervisor, not here: opening takes up to two round
+            # trips bounded by reply_timeout, and this caller's own timeout may
+            # be shorter (its messages wait for the channel within it).
+            supervisor.replace_publisher_channel(link.generation)
         name = getattr(exchange, "name", exchange)
         publisher.publish_many(
             bodies, exchange=name, routing_key=routing_key, headers=dict(headers or {}),

@@ -378,6 +378,23 @@ def test_an_interrupted_request_never_answers_the_next_borrower(rabbit, proxy, i
     assert events.count("disconnected") == 0
 
 
+def test_the_first_publish_keeps_its_own_timeout_while_the_confirm_channel_opens(rabbit, proxy):
+    """The confirm channel is opened on first use; a slow broker must not stretch ``publish(timeout=1)`` to reply_timeout."""
+    manager, _, _ = rabbit(proxy.url(), reply_timeout=10)
+    assert manager.wait_connected(10)
+    proxy.latency(3)
+    try:
+        start = time.monotonic()
+        with pytest.raises(PublishTimeout) as info:
+            manager.publish(b"first", routing_key=unique("ck-first"), timeout=1)
+        took = time.monotonic() - start
+    finally:
+        proxy.heal()
+    assert took < 1.5, took
+    assert info.value.outcome == "not_sent"
+    manager.publish(b"second", routing_key=unique("ck-first"), timeout=10)  # the channel came meanwhile
+
+
 def test_a_storm_of_interrupts_never_wedges_a_thread_or_the_manager(amqp_url):
     """Hundreds of exceptions raised into the main thread mid-publish (Ctrl-C, soft time limits).
 
