@@ -21,6 +21,7 @@ Choosing the next attempt:
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import queue
@@ -110,7 +111,36 @@ def is_fatal(exc: BaseException) -> bool:
         # A broker answer or a lost connection may pass; a bug in a setup
         # function will not: retry that one slowly.
         return not isinstance(exc.reason, (OSError, AMQPError, CarrotKombuError))
+    if isinstance(exc, _LOCAL_FILE_ERRORS):
+        return True  # a certificate or key file that is not there or not readable: our side's setup
     return isinstance(exc, FATAL_ERRORS) or not isinstance(exc, (OSError, AMQPError, CarrotKombuError))
+
+
+#: Reading a local file failed (``ssl`` options naming a missing certificate):
+#: OSErrors, but no network condition, so waiting will not fix them.
+_LOCAL_FILE_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+#: The errno values of a TCP connect that found nobody listening.
+_UNREACHABLE = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.EADDRNOTAVAIL}
+
+
+def failed_before_tcp(exc: Optional[BaseException]) -> bool:
+    """The attempt never got a TCP connection (refused, unreachable, unknown host).
+
+    Only then can a TCP probe tell that a retry may work now: when TCP was
+    accepted and the handshake, TLS or setup failed after it, a port that
+    accepts says nothing, and probing would turn the backoff into a retry
+    every probe interval.
+    """
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, socket.gaierror):
+            return True
+        if isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError) and exc.errno in _UNREACHABLE:
+            return True
+        exc = getattr(exc, "reason", None) or exc.__cause__
+        seen += 1
+    return False
 
 
 class _Retry:
@@ -346,7 +376,7 @@ class Supervisor:
         if fatal:
             self._publisher.fail_waiting(f"the broker refused the connection ({message})", public)
         self._post("connect_failed", public, delay)
-        if fatal:
+        if fatal or not failed_before_tcp(exc):
             return self._wait(delay)
         return self._wait_probing(delay)
 

@@ -445,6 +445,43 @@ def test_a_refused_login_is_retried_no_faster_than_backoff_max(rabbit):
     assert all(delay >= 2 for _, delay in attempts)
 
 
+def test_a_port_that_accepts_but_does_not_speak_amqp_is_retried_on_the_backoff_schedule(rabbit):
+    """TCP accepted, then the handshake fails (a TLS port, another service, a broker closing at once).
+
+    The TCP readiness probe must not end backoff waits here: the port always
+    accepts, so that would retry every probe interval, forever.
+    """
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def serve() -> None:
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                continue
+            client.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")  # not AMQP: the handshake fails at once
+            client.close()
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        manager, events, _ = rabbit(f"amqp://guest:guest@127.0.0.1:{port}//",
+                                    backoff=Backoff(min=1, max=1, jitter=False), connection_timeout=2)
+        time.sleep(3.5)
+        attempts = len(events.args("connect_failed"))
+        manager.stop(timeout=5)
+    finally:
+        stop.set()
+        server.join(5)
+        listener.close()
+    assert 2 <= attempts <= 5, f"{attempts} attempts in 3.5 s with a 1 s backoff (the probe must not shorten it)"
+
+
 # -- 7. secrets --------------------------------------------------------------------------------
 
 SECRET_URL = "amqp://guest:S3cr;et@127.0.0.1:5672//"

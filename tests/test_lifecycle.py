@@ -333,3 +333,20 @@ def test_an_infinite_timeout_means_no_limit(make_manager, faults):
         assert lease.valid
     manager.stop(timeout=float("inf"))
     assert manager.status().state is ConnectionState.STOPPED
+
+
+def test_only_a_connect_that_found_nobody_listening_is_probed_and_local_files_are_fatal():
+    import errno
+    import socket
+    import ssl
+
+    from carrot_kombu._supervisor import failed_before_tcp, is_fatal
+
+    refused = ConnectionRefusedError(errno.ECONNREFUSED, "refused")
+    assert failed_before_tcp(refused) and failed_before_tcp(socket.gaierror(-2, "unknown host"))
+    assert failed_before_tcp(Disconnected("not connected", refused))  # wrapped, as the manager reports it
+    for after_tcp in (ConnectionResetError(errno.ECONNRESET, "reset"), socket.timeout("timed out"),
+                      ssl.SSLError(1, "wrong version"), AccessRefused("no"), OSError(errno.EINVAL, "bad")):
+        assert not failed_before_tcp(after_tcp), after_tcp
+    assert is_fatal(FileNotFoundError(errno.ENOENT, "no such file: client.pem"))
+    assert not is_fatal(refused)
