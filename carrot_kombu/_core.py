@@ -66,6 +66,9 @@ class Core:
         self.board = StateBoard(settings.endpoints[0].masked_url)
         self.pool = ChannelPool(settings.pool_limit)
         self.recovery = Recovery(topology, publisher, consumers)
+        #: Taken by a stop() that has not finished (an exception raised into
+        #: its thread, Ctrl-C): the next stop() or start() finishes it.
+        self.stopping: Optional[Supervisor] = None
 
     @classmethod
     def build(cls, settings: Settings, max_pending: int, previous: Optional["Core"] = None,
@@ -113,7 +116,11 @@ class Core:
         supervisor.start()
 
     def take_supervisor(self) -> Optional[Supervisor]:
+        """The supervisor to stop: the running one, or the one an unfinished stop() took."""
         supervisor, self.handle.supervisor = self.handle.supervisor, None
+        if supervisor is None:
+            return self.stopping
+        self.stopping = supervisor
         return supervisor
 
 

@@ -36,7 +36,7 @@ from typing import Any, Iterator, Optional, Union
 from amqp.exceptions import AccessRefused, AMQPError, NotAllowed
 
 from ._link import Link, LinkHooks, open_link
-from ._sync import Flag
+from ._sync import Flag, Worker
 from .config import Endpoint, Settings
 from .events import EventBus
 from .exceptions import CarrotKombuError, Disconnected, SetupFailed
@@ -174,7 +174,7 @@ class Supervisor:
         self._board = board
         self._inbox: "queue.SimpleQueue[Message]" = queue.SimpleQueue()
         self._stopping = Flag()  # set by stop() in any thread, maybe interrupted: see _sync
-        self._thread = threading.Thread(target=self._run, name="carrot-kombu-supervisor", daemon=True)
+        self._thread = Worker(self._run, "carrot-kombu-supervisor")
         self._retired = False
         self._live: Optional[int] = None
         self._endpoint_index = 0
@@ -205,10 +205,7 @@ class Supervisor:
             self._stop_timeout = max(0.1, timeout / 2)
         self._stopping.set()
         self._inbox.put(Stop())
-        if self._thread is threading.current_thread():
-            return False
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+        return self._thread.wait(timeout)
 
     def abort(self, why: BaseException) -> None:
         """From stop(), when the loop did not end in time: make it end soon, never block.

@@ -26,7 +26,7 @@ from _thread import allocate_lock
 from time import monotonic
 from typing import Any, Callable, Optional
 
-__all__ = ("Flag", "Monitor", "SLICE", "raised_by_library")
+__all__ = ("Flag", "Monitor", "SLICE", "Worker", "raised_by_library")
 
 #: Longest a waiter sleeps before it looks at its predicate again.
 SLICE = 0.25
@@ -128,6 +128,44 @@ class Flag:
         except RuntimeError:
             pass  # a set() came in between: set it is
         return True
+
+
+class Worker:
+    """A daemon thread whose end is waited for on a :class:`Flag`, never with ``Thread.join``.
+
+    An exception raised into ``Thread.join`` (Python 3.11, bpo-45274's
+    handler) releases the running thread's state lock: from then on the
+    thread counts as stopped while it still runs, and every later ``join``
+    and ``is_alive`` lies.  :attr:`ended` is set by the thread itself, last.
+    """
+
+    __slots__ = ("thread", "ended")
+
+    def __init__(self, target: Callable[[], Any], name: str) -> None:
+        self.ended = Flag()
+
+        def run() -> None:
+            try:
+                target()
+            finally:
+                self.ended.set()
+
+        self.thread = threading.Thread(target=run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def running(self) -> bool:
+        """Started and not ended (a worker never started counts as ended)."""
+        return self.thread.ident is not None and not self.ended.is_set()
+
+    def wait(self, timeout: Optional[float]) -> bool:
+        """True once the thread ended; False after ``timeout``, or if called from the thread itself."""
+        if self.thread is threading.current_thread():
+            return False
+        if self.thread.ident is None:
+            return True
+        return self.ended.wait(timeout)
 
 
 _LIBRARIES = tuple(

@@ -7,6 +7,7 @@ import queue
 import threading
 from typing import Any, Callable, Optional
 
+from ._sync import Worker
 from .exceptions import ConfigurationError
 
 __all__ = ("EVENTS", "EventBus")
@@ -45,7 +46,7 @@ class EventBus:
         self._lock = threading.Lock()
         self._subscribers: dict[str, tuple[Callback, ...]] = {e: () for e in EVENTS}
         self._queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: Optional[Worker] = None
 
     def on(self, event: str, callback: Callback) -> Callback:
         _check_event(event)
@@ -71,8 +72,8 @@ class EventBus:
 
     def start(self) -> None:
         with self._lock:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+            if self._thread is None or not self._thread.running():
+                self._thread = Worker(self._run, self._name)
                 self._thread.start()
 
     def post(self, event: str, *args: Any) -> None:
@@ -85,8 +86,7 @@ class EventBus:
         if thread is None:
             return
         self._queue.put(_STOP)
-        if thread is not threading.current_thread():
-            thread.join(timeout)
+        thread.wait(timeout)
 
     def _run(self) -> None:
         while True:

@@ -253,6 +253,8 @@ class ConnectionManager:
             TypeError, ValueError: ``wait`` is not a number of seconds.
         """
         seconds = None if wait is None else check_timeout("wait", wait)
+        if self._core.stopping is not None:
+            self.stop()  # an earlier stop() was interrupted: finish it before starting again
         with self._lock:
             core = self._core
             if core.supervisor is None:
@@ -302,9 +304,11 @@ class ConnectionManager:
             supervisor.retire()
             supervisor.abort(Disconnected("the manager stopped"))
             core.pool.detach("manager stopped", None)
-            core.board.stopped()
-            core.bus.post("stopped")
+            if core.board.state is not ConnectionState.STOPPED:  # not twice when a stop() is redone
+                core.board.stopped()
+                core.bus.post("stopped")
         core.bus.close(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        core.stopping = None  # done: every step above is idempotent, so an interrupted stop() is redone whole
 
     def __enter__(self) -> "ConnectionManager":
         return self.start()

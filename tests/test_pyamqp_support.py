@@ -186,8 +186,8 @@ class Harness:
                 state.fail(Disconnected("test teardown"))
                 state.join(WAIT)
                 service = state._service
-                if service is not None and service.is_alive():
-                    errors.append(AssertionError(f"service thread {service.name} still running"))
+                if service is not None and service.running():
+                    errors.append(AssertionError(f"service thread {service.thread.name} still running"))
                 assert state.wire is not None
                 state.wire.close()
             else:

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from amqp.exceptions import ConnectionForced, FrameError, FrameSyntaxError, RecoverableConnectionError, UnexpectedFrame
 
-from .._sync import SLICE, Flag
+from .._sync import SLICE, Flag, Worker
 from .._timeouts import check_timeout
 from ..exceptions import Blocked, CarrotKombuError, Disconnected, PublishTimeout, ReplyTimeout
 from .frames import HEARTBEAT
@@ -299,7 +299,7 @@ class ConnState:
         self._leading = False
         self._waiters_lock = threading.Lock()
         self._waiters: dict[Waiter, None] = {}
-        self._service: Optional[threading.Thread] = None
+        self._service: Optional[Worker] = None
         self._service_reading = False
         self._last_caller = 0.0
         self._event_queues: "list[EventQueue]" = [self.events]
@@ -329,13 +329,13 @@ class ConnState:
     def start(self, hooks: ConnHooks, name: str) -> None:
         """Start the service thread (heartbeats, liveness, reading while no caller does)."""
         self.hooks = hooks
-        self._service = threading.Thread(target=self._service_loop, name=f"carrot-kombu-io-{name}", daemon=True)
+        self._service = Worker(self._service_loop, f"carrot-kombu-io-{name}")
         self._service.start()
 
     def join(self, timeout: float) -> None:
         service = self._service
-        if service is not None and service is not threading.current_thread():
-            service.join(timeout)
+        if service is not None:
+            service.wait(timeout)
 
     def add_event_queue(self, queue: EventQueue) -> None:
         self._event_queues.append(queue)
