@@ -211,3 +211,23 @@ def test_watch_with_a_bad_or_missing_url_exits_2():
 def test_cli_demo_on_the_real_broker(amqp_url):  # moved from integration/test_integrations.py
     result = run_cli("demo", amqp_url, "--threads", "3", "--messages", "50")
     assert result.returncode == 0 and "150 messages from 3 threads" in result.stdout and "-> OK" in result.stdout
+
+
+@pytest.mark.parametrize("urls, code", [("dead;live", 0), ("dead", 1)])
+def test_the_celery_subcommand_checks_the_apps_broker_and_its_failover_list(amqp_url, tmp_path, urls, code):
+    """``celery -A app carrot-kombu``: exit 0 once one failover URL answers, 1 when none does (as ``check``)."""
+    dead = f"carrot+amqp://guest:guest@127.0.0.1:{closed_port()}//"
+    live = f"carrot+{amqp_url}"
+    broker = ";".join({"dead": dead, "live": live}[part] for part in urls.split(";"))
+    (tmp_path / "ckcliapp.py").write_text(
+        f"from celery import Celery\napp = Celery('ckcliapp', broker={broker!r})\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "ckcliapp", "carrot-kombu", "--timeout", "5", "--json"],
+        capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == code, (proc.stdout, proc.stderr[-2000:])
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["exit_code"] == code
+    assert "guest:guest" not in proc.stdout + proc.stderr
