@@ -67,8 +67,12 @@ class Link:
     def start(self, hooks: LinkHooks) -> None:
         """Begin servicing the connection."""
 
-    def open_channel(self) -> Any:
-        """Open a new channel on this connection (I/O: call without locks)."""
+    def open_channel(self, deadline: Optional[float] = None) -> Any:
+        """Open a new channel on this connection (I/O: call without locks).
+
+        ``deadline`` (``time.monotonic()``) is ignored here: kombu's
+        in-process transports answer at once.
+        """
         return self.kombu.transport.create_channel(self.raw)
 
     def tick(self) -> None:
@@ -153,14 +157,20 @@ class AmqpLink(Link):
             name=f"{self.endpoint.host}:{self.endpoint.port}",
         )
 
-    def open_channel(self) -> Any:
-        try:
-            return self.raw.channel()
-        except ChannelLimitReached:
-            # Idle pooled channels hold ids a consumer or the publisher needs more.
-            if self.make_room is not None and self.make_room():
+    def open_channel(self, deadline: Optional[float] = None) -> Any:
+        """Open a channel; its ``channel.open-ok`` is awaited until ``deadline`` at most.
+
+        Raises:
+            socket.timeout: ``deadline`` passed first (the channel is spoiled).
+        """
+        with self.raw.carrot.caller_deadline(deadline):
+            try:
                 return self.raw.channel()
-            raise
+            except ChannelLimitReached:
+                # Idle pooled channels hold ids a consumer or the publisher needs more.
+                if self.make_room is not None and self.make_room():
+                    return self.raw.channel()
+                raise
 
     @property
     def dead(self) -> Optional[BaseException]:

@@ -368,15 +368,18 @@ class ConnectionManager:
         """Lease a channel from the bounded pool.
 
         Args:
-            timeout: Seconds to wait for a free slot when all ``pool_limit``
-                channels are leased (``None``: wait as long as it takes).
+            timeout: Most seconds this call takes: waiting for a free slot
+                when all ``pool_limit`` channels are leased, and the broker's
+                answer when a new channel is opened (``None``: as long as it
+                takes, the answer bounded by ``reply_timeout``).
 
         Raises:
             Disconnected: At once while not connected; its ``reason`` (and
                 ``__cause__``) is the last connection error.
             PoolTimeout: No channel was released within ``timeout`` (the
                 message says whether the pool or the broker's
-                ``channel_max`` is the limit, and if the connection looks dead).
+                ``channel_max`` is the limit, and if the connection looks
+                dead), or the broker did not answer ``channel.open`` in time.
         """
         timeout = check_timeout("timeout", timeout)
         core = self._core

@@ -12,6 +12,7 @@ when the broker answers (or is dropped if the late error comes instead).
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Optional
@@ -257,7 +258,7 @@ class ChannelPool:
             if isinstance(link, Lease):
                 return link
             try:
-                lease = self._open(link, ticket)
+                lease = self._open(link, ticket, deadline, timeout)
             except BaseException:
                 # A ticket is a set member, not a count: taking it back twice
                 # (or after an exception raised into this thread) is harmless.
@@ -307,9 +308,18 @@ class ChannelPool:
             text += f"; the connection looks dead: no frame from the broker for {silent:.1f}s"
         return text
 
-    def _open(self, link: "Link", ticket: object) -> Optional[Lease]:
+    def _open(self, link: "Link", ticket: object, deadline: Optional[float], timeout: Optional[float]) -> Optional[Lease]:
         try:
-            chan = link.open_channel()
+            chan = link.open_channel(deadline)
+        except socket.timeout:
+            with self._cond.lock:
+                if self._link is link:
+                    self._opening.discard(ticket)
+                    self._cond.notify()
+            raise PoolTimeout(
+                f"the broker did not answer channel.open within timeout={timeout}s "
+                f"(last frame from the broker {link.silent_for():.1f}s ago)"
+            ) from None
         except ChannelLimitReached:
             with self._cond.lock:
                 if self._link is link:

@@ -395,6 +395,26 @@ def test_the_first_publish_keeps_its_own_timeout_while_the_confirm_channel_opens
     manager.publish(b"second", routing_key=unique("ck-first"), timeout=10)  # the channel came meanwhile
 
 
+def test_open_channel_keeps_its_timeout_while_the_broker_is_slow(rabbit, proxy):
+    """``open_channel(timeout=1)`` waits for the broker's channel.open-ok no longer than 1 s (not reply_timeout)."""
+    manager, events, _ = rabbit(proxy.url(), reply_timeout=10, pool_limit=2)
+    assert manager.wait_connected(10)
+    proxy.latency(3)
+    try:
+        for _ in range(3):  # more than pool_limit: an abandoned open must not keep its slot
+            start = time.monotonic()
+            with pytest.raises(PoolTimeout, match="channel.open"):
+                manager.open_channel(timeout=1)
+            assert time.monotonic() - start < 1.5
+    finally:
+        proxy.heal()
+    leases = [manager.open_channel(timeout=10) for _ in range(2)]
+    for lease in leases:
+        lease.queue_declare(unique("ck-slow-open"), exclusive=True)
+        lease.release()
+    assert events.count("disconnected") == 0
+
+
 def test_a_storm_of_interrupts_never_wedges_a_thread_or_the_manager(amqp_url):
     """Hundreds of exceptions raised into the main thread mid-publish (Ctrl-C, soft time limits).
 

@@ -162,6 +162,14 @@ class SupervisedConnection(pyamqp.Connection):  # type: ignore[misc]
         except BaseException:
             if chan.carrot.spoiled is None:
                 chan.collect()  # nothing in flight: the id is free again
+            else:
+                # Its open-ok may still come (a wait cut short by the caller's
+                # deadline): close right behind the open, so the id is freed
+                # by the close-ok instead of staying taken for good.
+                try:
+                    chan.close_nowait()
+                except Exception:  # noqa: BLE001 - best effort; the id is freed with the connection otherwise
+                    logger.debug("ignored error while closing an abandoned channel", exc_info=True)
             raise
         return chan
 

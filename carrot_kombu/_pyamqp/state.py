@@ -22,8 +22,9 @@ import os
 import socket
 import threading
 from collections import deque
+from contextlib import contextmanager
 from time import monotonic
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from amqp.exceptions import ConnectionForced, FrameError, FrameSyntaxError, RecoverableConnectionError, UnexpectedFrame
 
@@ -300,6 +301,8 @@ class ConnState:
         self._waiters_lock = threading.Lock()
         self._waiters: dict[Waiter, None] = {}
         self._service: Optional[Worker] = None
+        #: Per thread: the deadline of the call in progress (see caller_deadline).
+        self._caller_deadline = threading.local()
         self._service_reading = False
         self._last_caller = 0.0
         self._event_queues: "list[EventQueue]" = [self.events]
@@ -331,6 +334,17 @@ class ConnState:
         self.hooks = hooks
         self._service = Worker(self._service_loop, f"carrot-kombu-io-{name}")
         self._service.start()
+
+    @contextmanager
+    def caller_deadline(self, deadline: Optional[float]) -> Iterator[None]:
+        """Within the block, this thread's replies are awaited until ``deadline`` at most."""
+        local = self._caller_deadline
+        previous = getattr(local, "at", None)
+        local.at = previous if deadline is None else deadline if previous is None else min(previous, deadline)
+        try:
+            yield
+        finally:
+            local.at = previous
 
     def join(self, timeout: float) -> None:
         service = self._service
@@ -694,6 +708,11 @@ class ConnState:
         """
         timeout = check_timeout("timeout", timeout)
         start = monotonic()
+        bound = getattr(self._caller_deadline, "at", None)
+        if bound is not None:
+            # The calling thread's own deadline (a lease's timeout) bounds this wait too.
+            left = max(0.0, bound - start)
+            timeout = left if timeout is None else min(timeout, left)
         limit = self.reply_timeout if timeout is None else min(timeout, self.reply_timeout)
         deadline = start + limit
         while True:
