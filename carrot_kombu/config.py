@@ -16,6 +16,7 @@ them, so its ``__context__`` is ``None``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -152,6 +153,21 @@ class Endpoint:
         return opts
 
 
+#: Option keys whose values are never shown (repr, logs): passwords, tokens, keys.
+_SECRET_KEY = re.compile(r"pass|secret|token|credential|key", re.IGNORECASE)
+
+
+def _mask_secret_values(value: Any) -> Any:
+    """``value`` with every secret-looking key's value replaced by ``'**'`` (mappings, recursively)."""
+    if isinstance(value, Mapping):
+        return {
+            k: "**" if isinstance(k, str) and _SECRET_KEY.search(k) and not k.endswith("file")
+            else _mask_secret_values(v)
+            for k, v in value.items()
+        }
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a :class:`~carrot_kombu.ConnectionManager` was configured with.
@@ -168,6 +184,14 @@ class Settings:
     transport_options: Mapping[str, Any]
     blocked_timeout: Optional[float] = 30.0
     reply_timeout: float = 10.0
+
+    def __repr__(self) -> str:
+        # Options may hold secrets (an ssl key password, a token in
+        # client_properties): shown with their values masked.
+        fields = ", ".join(
+            f"{f.name}={_mask_secret_values(getattr(self, f.name))!r}" for f in dataclasses.fields(self)
+        )
+        return f"Settings({fields})"
 
     @property
     def secrets(self) -> tuple[str, ...]:

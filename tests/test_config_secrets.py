@@ -232,3 +232,17 @@ def test_redact_leaves_no_fragment_of_any_form(password):
     forms = [password, quote(password), quote(password, safe=""), quote_plus(password)]
     text = " | ".join(["x", *forms, "y"])
     assert_no_leak([password], [_settings(password).redact(text)], "x | y")
+
+
+def test_settings_repr_masks_secret_looking_option_values():
+    from carrot_kombu import ConnectionManager
+
+    manager = ConnectionManager(
+        "amqp://u:pw-XYZ@localhost//",
+        transport_options={"ssl": {"keyfile_password": "KP-SECRET", "certfile": "client.pem", "keyfile": "k.pem"}},
+        client_properties={"api_token": "TOK-SECRET", "connection_name": "visible"},
+    )
+    text = repr(manager._settings) + repr(manager) + repr(manager.status())
+    for secret in ("KP-SECRET", "TOK-SECRET", "pw-XYZ"):
+        assert secret not in text
+    assert "client.pem" in repr(manager._settings) and "visible" in repr(manager._settings)
