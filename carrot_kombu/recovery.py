@@ -22,7 +22,7 @@ from amqp.exceptions import ChannelError
 
 from .exceptions import ReplyTimeout
 from .publisher import Publisher
-from .topology import Topology, declare_all, describe
+from .topology import EntityRefused, Topology, declare_all, describe
 
 if TYPE_CHECKING:
     from ._link import Link
@@ -58,10 +58,18 @@ class Recovery:
         Returns:
             What could not be restored on this connection (retried later).
         """
-        degraded = [
-            Degraded("entity", entity, describe(entity), exc)
-            for entity, exc in declare_all(link.open_channel, self.topology.entities(), self.topology.server_named)
-        ]
+        try:
+            refused = declare_all(link.open_channel, self.topology.entities(), self.topology.server_named)
+        except EntityRefused as exc:
+            # It would close every new connection the same way: one caller's
+            # entity must not keep everyone disconnected.  Dropped, loudly.
+            self.topology.remove_entities([exc.entity])
+            logger.error(
+                "carrot_kombu dropped a registered entity: the broker closed the connection when it was "
+                "declared (%s); it is no longer declared on reconnect (fix it and declare it again)", exc,
+            )
+            raise exc.error from None
+        degraded = [Degraded("entity", entity, describe(entity), error) for entity, error in refused]
         setups = self.topology.setups()
         if setups:
             channel = link.open_channel()

@@ -24,9 +24,9 @@ from typing import Any, Callable, Optional
 from amqp.exceptions import AMQPError, NotFound, ResourceLocked
 
 from ._sync import raised_by_library
-from .exceptions import ReplyTimeout
+from .exceptions import CarrotKombuError, ReplyTimeout
 
-__all__ = ("Topology", "declare_all", "declare_entity", "describe", "is_server_named", "is_unavailable")
+__all__ = ("EntityRefused", "Topology", "declare_all", "declare_entity", "describe", "is_server_named", "is_unavailable")
 
 SetupFn = Callable[[Any], Any]
 
@@ -162,8 +162,13 @@ def declare_all(
                 channel = open_channel()
             try:
                 declare_entity(channel, entity, server_named(entity))
-            except (AMQPError, ReplyTimeout) as exc:
+            except Exception as exc:
+                if not isinstance(exc, (AMQPError, ReplyTimeout, CarrotKombuError)):
+                    raise
                 if not _channel_level(exc):
+                    blamed = _refused_declare(exc)
+                    if blamed is not None:
+                        raise EntityRefused(entity, blamed) from exc
                     raise
                 failed.append((entity, exc))
                 _close(channel)
@@ -172,6 +177,39 @@ def declare_all(
         if channel is not None:
             _close(channel)
     return failed
+
+
+class EntityRefused(Exception):
+    """Declaring ``entity`` made the broker close the whole connection (it will every time)."""
+
+    def __init__(self, entity: Any, error: BaseException) -> None:
+        super().__init__(f"{describe(entity)}: {type(error).__name__}: {error}")
+        self.entity = entity
+        self.error = error
+
+
+#: Connection-level replies that blame the method, not the connection: the
+#: broker answers the same declare the same way on every new connection.
+_REFUSING_CODES = {502, 503, 530, 540}
+
+
+def _refused_declare(exc: BaseException) -> Optional[BaseException]:
+    """The broker's connection-level refusal of a declare or bind inside ``exc``'s chain, if any."""
+    from amqp import spec
+    from amqp.exceptions import ConnectionError as AMQPConnectionError
+
+    sigs = {spec.Exchange.Declare, spec.Exchange.Bind, spec.Queue.Declare, spec.Queue.Bind}
+    cause: Optional[BaseException] = exc
+    for _ in range(6):
+        if cause is None:
+            return None
+        if (isinstance(cause, AMQPConnectionError) and getattr(cause, "reply_code", None) in _REFUSING_CODES
+                and getattr(cause, "method_sig", None) in sigs):
+            found: BaseException = cause
+            return found
+        reason: Optional[BaseException] = getattr(cause, "reason", None)
+        cause = reason or cause.__cause__
+    return None
 
 
 def _channel_level(exc: BaseException) -> bool:

@@ -40,3 +40,28 @@ def test_declare_reports_broker_errors_now(rabbit):
 
     with pytest.raises(PreconditionFailed):
         manager.declare(kombu.Exchange(name, type="fanout", auto_delete=True))
+
+
+def test_an_entity_declared_offline_that_closes_the_connection_is_dropped_not_retried_forever(rabbit, caplog):
+    """An unknown exchange type is refused with 503, closing the whole connection, on every connection.
+
+    Registered while disconnected, it must cost one failed attempt, not keep
+    the manager (and every other caller) disconnected for ever.
+    """
+    from carrot_kombu import Disconnected
+
+    manager, events, _ = rabbit(start=False, backoff={"min": 0.1, "max": 0.5})
+    good = kombu.Queue(unique("ck-good"), auto_delete=False)
+    bogus = kombu.Exchange(unique("ck-bogus"), type="bogustype")
+    manager.declare(good, bogus)  # not started: registered only
+    manager.start()
+    assert manager.wait_connected(10), manager.status()
+    assert len(events.args("connect_failed")) == 1
+    assert any("dropped a registered entity" in r.getMessage() and bogus.name in r.getMessage()
+               for r in caplog.records)
+    with manager.channel() as lease:
+        assert lease.queue_declare(good.name, passive=True).queue == good.name  # the others were declared
+        lease.queue_delete(good.name)
+    with pytest.raises(Disconnected, match="503"):
+        manager.declare(bogus)  # declared live, the caller gets the broker's answer
+    assert manager.wait_connected(10)

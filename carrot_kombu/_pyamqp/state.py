@@ -719,7 +719,8 @@ class ConnState:
             if self.blocked is not None and self.blocked_timeout is not None:
                 blocked_deadline = self.blocked_at + self.blocked_timeout
                 if monotonic() >= blocked_deadline:
-                    raise self.blocked_error(f"no reply to {what}")
+                    written = "; the message was sent and may have been stored" if "confirm" in what else ""
+                    raise self.blocked_error(f"no reply to {what}{written}")
                 ready = self.wait_for(reply, min(deadline, blocked_deadline))
             else:
                 # A block arriving meanwhile shortens the wait: look again then.
