@@ -764,3 +764,42 @@ def test_threads_hammering_leases_and_publish_through_forced_closes(rabbit):
     with Collector(manager, queue) as got:
         missing = got.wait_for(returned, 20)
     assert missing == set(), f"{len(missing)} confirmed message(s) lost, e.g. {sorted(missing)[:5]}"
+
+
+@pytest.mark.parametrize("leftover", ["unacked_get", "tx_select", "basic_qos"])
+def test_what_a_borrower_leaves_on_a_channel_never_reaches_the_next(rabbit, leftover):
+    """An unacked basic_get, transaction mode or a prefetch: the channel is closed on release, never pooled.
+
+    Pooled, an unacked message stays unacked (never redelivered) as long as
+    the connection lives; a channel in tx mode holds the next borrower's
+    publishes until a commit that never comes.
+    """
+    manager, events, _ = rabbit(pool_limit=1)
+    assert manager.wait_connected(10)
+    queue = declare_queue(manager, unique("ck-leftover"))
+    manager.publish(b"m1", routing_key=queue, timeout=10)
+    with manager.channel() as lease:
+        first_channel = lease.channel
+        if leftover == "unacked_get":
+            assert lease.basic_get(queue).body == b"m1"  # never acked
+        elif leftover == "tx_select":
+            lease.tx_select()
+        else:
+            lease.basic_qos(0, 1, False)
+    with manager.channel() as lease:
+        assert lease.channel is not first_channel
+        if leftover == "unacked_get":
+            again = lease.basic_get(queue, no_ack=True)
+            assert again is not None and again.body == b"m1" and again.delivery_info["redelivered"]
+        else:
+            lease.basic_publish(amqp.Message(b"m2", content_type="application/data", content_encoding="binary"),
+                                routing_key=queue)
+    if leftover != "unacked_get":
+        bodies = {m for m in read_back(manager, queue, {b"m1", b"m2"})}
+        assert bodies == {b"m1", b"m2"}  # m2 was not held by a transaction
+    with manager.channel() as lease:
+        lease.basic_get(queue, no_ack=True)  # an acked-on-receipt get leaves nothing: pooled
+        kept = lease.channel
+    with manager.channel() as lease:
+        assert lease.channel is kept
+    assert events.count("disconnected") == 0

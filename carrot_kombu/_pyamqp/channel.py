@@ -58,6 +58,12 @@ _SYNC_REQUESTS = frozenset(
 #: (the broker requeues what was not settled), never an error.
 _SETTLE = frozenset({spec.Basic.Ack, spec.Basic.Reject, (60, 120), spec.Basic.RecoverAsync})
 _CLOSE_METHODS = (spec.Channel.Close, spec.Channel.CloseOk)
+#: Methods that change what the next borrower of the channel would inherit
+#: (transaction mode, prefetch, flow) or settle deliveries: see ChanState.borrower_changed.
+_STATEFUL = frozenset({
+    spec.Tx.Select, spec.Basic.Qos, spec.Channel.Flow, spec.Basic.Recover, spec.Basic.RecoverAsync,
+    spec.Basic.Ack, spec.Basic.Reject, (60, 120),
+})
 
 
 class SafeMessage(pyamqp.Message):  # type: ignore[misc]
@@ -91,6 +97,7 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
 
     def __init__(self, connection: Any, channel_id: Any = None, auto_decode: bool = True, on_open: Any = None) -> None:
         self.carrot = ChanState(self, connection.carrot)
+        self._pending_get_no_ack = False
         super().__init__(connection, channel_id, auto_decode=auto_decode, on_open=on_open)
 
     def __repr__(self) -> str:
@@ -121,6 +128,8 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
     ) -> Any:
         state: ChanState = self.carrot
         frames = self._frames(sig, encode_args(sig, format, args or ()), content)
+        if sig in _STATEFUL:
+            state.borrower_changed(sig, args or ())
         reply = state.expect(wait if isinstance(wait, list) else [wait]) if wait else None
         written = False
         try:
@@ -616,6 +625,18 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         self.active = active
         self._send_nowait(spec.Channel.FlowOk, "b", (active,))
 
+    def _on_get_ok(self, delivery_tag: int, redelivered: bool, exchange: str, routing_key: str,
+                   message_count: int, msg: Any) -> Any:
+        if not self._pending_get_no_ack:
+            self.carrot.delivered(delivery_tag)
+        return super()._on_get_ok(delivery_tag, redelivered, exchange, routing_key, message_count, msg)
+
+    def basic_get(self, queue: str = "", no_ack: bool = False, argsig: str = "Bsb") -> Any:
+        # Whether the message must be acked is known only here (the get-ok
+        # does not say): remembered for _on_get_ok, on this thread.
+        self._pending_get_no_ack = bool(no_ack)
+        return super().basic_get(queue, no_ack, argsig)
+
     def _on_basic_deliver(
         self, consumer_tag: str, delivery_tag: int, redelivered: bool, exchange: str, routing_key: str, msg: Any
     ) -> None:
@@ -628,6 +649,8 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
             "routing_key": routing_key,
         }
         state: ChanState = self.carrot
+        if consumer_tag not in self.no_ack_consumers:
+            state.delivered(delivery_tag)
         sink = state.sinks.get(consumer_tag)
         if sink is not None:
             sink(msg)

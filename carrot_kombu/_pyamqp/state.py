@@ -761,6 +761,12 @@ class ChanState:
         self.close_sent = False
         #: Why the channel must not be reused (an abandoned request...).
         self.spoiled: Optional[str] = None
+        #: What a borrower changed that the next one would inherit (tx mode,
+        #: prefetch, flow): the channel is closed on release, not pooled.
+        self.changed: Optional[str] = None
+        #: Delivery tags received and not yet settled: closing the channel
+        #: is what hands them back to the broker (pooled, they stay unacked).
+        self.unacked: set[int] = set()
         #: Written without a reply since the last sync point: a late channel
         #: error may still come (a publish to a missing exchange, an ack with a
         #: bad tag), so the channel is verified before another borrower gets it.
@@ -798,7 +804,7 @@ class ChanState:
         chan = self.chan
         return not (
             self.error or self.spoiled or self.closing or self.closed or self.conn.dead
-            or chan.callbacks or self.replies or self.confirm_waiters
+            or chan.callbacks or self.replies or self.confirm_waiters or self.changed or self.unacked
         ) and chan.is_open
 
     def failure(self) -> Optional[BaseException]:
@@ -857,6 +863,34 @@ class ChanState:
             for sig in reply.methods:
                 if self.replies.get(sig) is reply:
                     del self.replies[sig]
+
+    def delivered(self, tag: int) -> None:
+        """A delivery that must be settled arrived (reading thread, or basic_get's caller)."""
+        with self.lock:
+            self.unacked.add(tag)
+
+    def borrower_changed(self, sig: Any, args: tuple[Any, ...]) -> None:
+        """The borrower is about to send ``sig``: note what the next borrower must not inherit."""
+        from amqp import spec  # local: state.py keeps its imports to the wire
+
+        if sig == spec.Basic.Ack or sig == (60, 120) or sig == spec.Basic.Reject:
+            tag = int(args[0]) if args else 0
+            multiple = sig != spec.Basic.Reject and len(args) > 1 and bool(args[1])
+            with self.lock:
+                if multiple or tag == 0:
+                    # tag 0 with multiple: everything outstanding.
+                    self.unacked = {t for t in self.unacked if tag and t > tag}
+                else:
+                    self.unacked.discard(tag)
+        elif sig == spec.Channel.Flow:
+            if args and not args[0]:
+                self.changed = self.changed or "channel.flow(active=False)"
+        elif sig == spec.Tx.Select:
+            self.changed = self.changed or "tx_select (transaction mode)"
+        elif sig == spec.Basic.Qos:
+            self.changed = self.changed or "basic_qos (prefetch)"
+        else:  # basic.recover: redelivers on this channel
+            self.changed = self.changed or "basic_recover"
 
     def spoil(self, why: str) -> None:
         self.spoiled = self.spoiled or why
