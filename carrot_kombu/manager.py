@@ -597,7 +597,10 @@ class ConnectionManager:
                 such exchange, 406 too large...); ``reply_code`` and
                 ``reply_text`` say why.
             Unroutable: ``mandatory`` and no queue matched.
-            Blocked: The broker blocked the connection longer than ``blocked_timeout``.
+            Blocked: The broker blocked the connection longer than
+                ``blocked_timeout``, before the message was written (nothing
+                was sent) or while its confirm was awaited (it may have been
+                stored: the message says which).
         """
         self.publish_many(
             [body], exchange=exchange, routing_key=routing_key, headers=headers, serializer=serializer,

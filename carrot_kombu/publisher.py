@@ -373,8 +373,21 @@ class Publisher:
                     continue
                 event.wait(remaining)
                 continue
+            conn = state.conn
             try:
-                state.conn.wait_for(pending, deadline)
+                # A block (often caused by this very publish) bounds the wait
+                # by blocked_timeout: the confirm cannot come while it lasts.
+                until = conn.blocked_until()
+                if until is None:
+                    conn.wait_for(pending, deadline, conn.is_blocked)
+                elif time.monotonic() >= until:
+                    raise conn.blocked_error(
+                        "no confirm" + ("; the message was written and may have been stored" if pending.written
+                                        else "; the message was never sent")
+                        + (f" (message {index} of {total})" if total > 1 else "")
+                    )
+                else:
+                    conn.wait_for(pending, until if deadline is None else min(deadline, until))
             except Disconnected:
                 # Lost meanwhile: the next connection publishes it again.
                 pending.event.wait(None if remaining is None else min(remaining, 0.05))

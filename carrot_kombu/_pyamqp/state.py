@@ -676,6 +676,16 @@ class ConnState:
     def _is_blocked(self) -> bool:
         return self.blocked is not None and self.blocked_timeout is not None
 
+    def is_blocked(self) -> bool:
+        """Blocked by the broker, with a ``blocked_timeout`` to bound waits by."""
+        return self._is_blocked()
+
+    def blocked_until(self) -> Optional[float]:
+        """When the current block exceeds ``blocked_timeout`` (``time.monotonic()``); None if not blocked."""
+        if self.blocked is None or self.blocked_timeout is None:
+            return None
+        return self.blocked_at + self.blocked_timeout
+
     def blocked_error(self, outcome: str) -> Blocked:
         return Blocked(
             f"the broker has blocked this connection ({self.blocked}) for longer than "
