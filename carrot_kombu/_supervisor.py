@@ -220,6 +220,10 @@ class Supervisor:
         if attempting is not None:
             attempting.abort_handshake()
 
+    def on_own_thread(self) -> bool:
+        """Called from this supervisor's thread (a setup function runs there)."""
+        return self._thread.thread is threading.current_thread()
+
     def replace_publisher_channel(self, generation: int) -> None:
         """From any thread: the publisher needs a confirm channel (first use, or the broker closed it)."""
         self._inbox.put(ReplacePublisherChannel(generation))
@@ -418,6 +422,11 @@ class Supervisor:
             self._link = None
 
     def _serve_link(self, link: Link) -> Optional[BaseException]:
+        if self._stopping.is_set():
+            # stop() came during recovery (from a setup function, say): never
+            # report connected after it.
+            link.close(self._stop_timeout)
+            return None
         self._pool.attach(link, link.negotiated().get("channel_max"))
         self._degrade(self._recovery.attached(link))
         self._board.connected(link.endpoint.masked_url, link.negotiated(), link.server())

@@ -15,7 +15,7 @@ from ._core import Core, abandon
 from ._timeouts import check_timeout
 from .config import Settings, build_settings
 from .consumers import Consumer
-from .exceptions import ConfigurationError, Disconnected
+from .exceptions import CarrotKombuError, ConfigurationError, Disconnected
 from .pool import Lease
 from .retry import Backoff
 from .status import ConnectionState, Status
@@ -300,7 +300,8 @@ class ConnectionManager:
         if not supervisor.stop(None if timeout is None else timeout - reserve):
             # Stuck writing to a silent peer, or in a connection attempt: cut
             # it now, so nobody stays blocked, and let the thread end alone.
-            logger.warning("carrot_kombu supervisor did not stop within %ss; it will exit on its own", timeout)
+            if not supervisor.on_own_thread():  # from a setup function it cannot wait for itself
+                logger.warning("carrot_kombu supervisor did not stop within %ss; it will exit on its own", timeout)
             supervisor.retire()
             supervisor.abort(Disconnected("the manager stopped"))
             core.pool.detach("manager stopped", None)
@@ -648,8 +649,16 @@ class ConnectionManager:
 
     def _check_can_publish(self, core: Core) -> None:
         """Fail at once when waiting for a connection cannot help."""
-        if core.supervisor is None:
+        supervisor = core.supervisor
+        if supervisor is None:
             raise Disconnected("manager is not started" if not self._started_once else "manager is stopped")
+        if supervisor.on_own_thread():
+            # A setup function: the confirm channel is attached after it, on
+            # this very thread, so the publish could only time out.
+            raise CarrotKombuError(
+                "publish() cannot be called from a setup function (it runs before the connection is "
+                "served); publish on the channel the setup function receives"
+            )
         status = core.board.current
         if status.state is ConnectionState.FAILED and (status.fatal or status.gave_up):
             raise core.pool._down_error()

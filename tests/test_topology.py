@@ -80,3 +80,28 @@ def test_setup_bug_is_retried_slowly_and_visible(make_manager, faults):
     assert status.state is ConnectionState.FAILED and status.fatal and "setup failed" in status.last_error
     with pytest.raises(Disconnected):
         manager.open_channel()
+
+
+def test_publish_from_a_setup_function_fails_at_once_naming_the_mistake(make_manager, faults):
+    """It used to wait its whole timeout: the confirm channel is attached after setup, on the same thread."""
+    import time
+
+    manager, events = make_manager(start=False, backoff={"min": 0.01, "max": 0.3, "jitter": False})
+    manager.add_setup(lambda channel: manager.publish(b"from-setup", routing_key="q", timeout=30))
+    start = time.monotonic()
+    manager.start()
+    assert events.wait_count("connect_failed", 1)
+    assert time.monotonic() - start < 5
+    error, _ = events.args("connect_failed")[0]
+    assert "cannot be called from a setup function" in str(error)
+
+
+def test_stop_from_a_setup_function_never_reports_connected(make_manager, faults):
+    manager, events = make_manager(start=False)
+    manager.add_setup(lambda channel: manager.stop(timeout=1))
+    manager.start()
+    assert events.wait_count("stopped", 1)
+    assert manager.state is ConnectionState.STOPPED
+    assert "connected" not in events.names()
+    with pytest.raises(Disconnected):
+        manager.open_channel()
