@@ -58,6 +58,10 @@ FATAL_ERRORS = (AccessRefused, NotAllowed, ssl.SSLCertVerificationError)
 #: started again must never mistake a new link for one it saw before.
 _GENERATIONS = itertools.count(1)
 
+#: A consumer lost again within this many seconds of coming back "flaps":
+#: its next resubscription waits with backoff instead of at once.
+FLAP_WINDOW = 5.0
+
 #: Seconds between TCP readiness probes during a backoff wait.
 PROBE_INTERVAL = 0.25
 #: With other brokers to try, one handshake with a silent peer is bounded by this.
@@ -182,6 +186,8 @@ class Supervisor:
         self._last_failure: BaseException = CarrotKombuError("no attempt yet")
         self._failed_url = ""
         self._retries: dict[int, _Retry] = {}
+        #: Degraded items that came back: when, after how many attempts (see FLAP_WINDOW).
+        self._recovered: dict[int, tuple[float, int]] = {}
         #: The connection of the attempt in progress / the live link (for abort()).
         self._attempting: Any = None
         self._link: Optional[Link] = None
@@ -504,6 +510,14 @@ class Supervisor:
                 self._post("degraded", item.what, self._describe(item.error))
             attempt = 0 if known is None else known.attempt
             delay = 0.0 if immediate else self._retry_delay(item.error, attempt)
+            flapped = self._recovered.pop(key, None)
+            if immediate and flapped is not None and now - flapped[0] < FLAP_WINDOW:
+                # Lost again right after it came back (a poison message whose
+                # handling makes the broker close the channel, say): back off
+                # as for a connection, never resubscribe in a tight loop.
+                attempt = flapped[1] + 1
+                backoff = self._settings.backoff
+                delay = min(backoff.min * 2.0 ** (attempt - 1), backoff.max)
             self._retries[key] = _Retry(item, now + delay, attempt)
         self._publish_degraded()
 
@@ -528,6 +542,7 @@ class Supervisor:
                 continue
             if error is None:
                 del self._retries[key]
+                self._recovered[key] = (time.monotonic(), retry.attempt)
                 logger.info("carrot_kombu: %s is back", retry.item.what)
                 self._post("recovered", retry.item.what)
             else:

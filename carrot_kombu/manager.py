@@ -503,9 +503,12 @@ class ConnectionManager:
         ``reject()`` and ``requeue()`` are safe there.  An ack for a delivery
         of a lost connection (or sent after :meth:`Consumer.cancel`) is
         dropped: the broker redelivers the message.  A consumer the broker
-        cancels (its queue was deleted, its node went down) emits
+        cancels (its queue was deleted, its node went down) or whose channel
+        it closes (an ack with an unknown delivery tag: 406) emits
         ``consumer_cancelled(queue)`` once, shows in ``status().degraded`` and
-        is subscribed again, with backoff, until the queue is back.
+        is subscribed again, with backoff, until the queue is back; one lost
+        again within 5 s of coming back (a poison message) waits
+        ``Backoff.min``, doubling up to ``Backoff.max``, before the next try.
 
         Args:
             queue: A kombu ``Queue`` or a queue name (``kombu.Queue(name)``).

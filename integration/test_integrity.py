@@ -805,3 +805,57 @@ def test_what_a_borrower_leaves_on_a_channel_never_reaches_the_next(rabbit, left
     with manager.channel() as lease:
         assert lease.channel is kept
     assert events.count("disconnected") == 0
+
+
+def test_a_consumer_whose_channel_the_broker_closes_subscribes_again(rabbit):
+    """An ack with an unknown tag makes the broker close the consumer's channel (406).
+
+    The consumer used to stop receiving for ever, silently. It must report it
+    (``consumer_cancelled``, ``degraded``), subscribe again and get the
+    requeued message and the next ones; a poison message that closes the
+    channel every time is retried with backoff, not in a tight loop.
+    """
+    manager, events, _ = rabbit(backoff={"min": 0.2, "max": 1.0})
+    assert manager.wait_connected(10)
+    queue = declare_queue(manager, unique("ck-cons-closed"))
+    got: list[str] = []
+    bad_acks = [0]
+    lock = threading.Condition()
+
+    def callback(body, message):
+        with lock:
+            got.append(body)
+            lock.notify_all()
+        if body == "bad" and bad_acks[0] < 1:
+            bad_acks[0] += 1
+            message.channel.basic_ack(999999)  # not a delivery of this channel: 406 closes it
+        else:
+            message.ack()
+
+    consumer = manager.consume(queue, callback, declare=False)
+    try:
+        manager.publish("a", routing_key=queue, timeout=5)
+        manager.publish("bad", routing_key=queue, timeout=5)
+        manager.publish("b", routing_key=queue, timeout=5)
+        with lock:
+            assert lock.wait_for(lambda: got.count("bad") == 2 and "b" in got, 10), got
+        assert wait_until(lambda: manager.status().degraded == (), 5), manager.status().degraded
+        assert events.count("consumer_cancelled") == 1 and events.count("disconnected") == 0
+    finally:
+        consumer.cancel()
+
+    # A poison message: every delivery makes the broker close the channel.
+    poison = declare_queue(manager, unique("ck-cons-poison"))
+    deliveries = [0]
+
+    def poisoned(body, message):
+        deliveries[0] += 1
+        message.channel.basic_ack(999999)
+
+    consumer = manager.consume(poison, poisoned, declare=False)
+    try:
+        manager.publish("poison", routing_key=poison, timeout=5)
+        time.sleep(3)  # the rate is the assertion: what a tight loop would do in 3 s
+        assert 2 <= deliveries[0] <= 8, f"{deliveries[0]} redeliveries in 3 s with Backoff(0.2, 1.0)"
+    finally:
+        consumer.cancel()

@@ -442,6 +442,10 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         state: ChanState = self.carrot
         state.sinks[tag] = sink
         state.cancel_sinks[tag] = on_cancel
+        if state.on_closed is None:
+            # The broker closing the channel (an ack with a bad tag: 406) ends
+            # the subscription as surely as a basic.cancel does.
+            state.on_closed = lambda error, method: on_cancel(tag)
         try:
             return self.basic_consume(queue, tag, no_ack=no_ack, callback=sink, arguments=arguments)  # type: ignore[no-any-return]
         except BaseException:
