@@ -142,7 +142,9 @@ def failed_before_tcp(exc: Optional[BaseException]) -> bool:
             return True
         if isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError) and exc.errno in _UNREACHABLE:
             return True
-        exc = getattr(exc, "reason", None) or exc.__cause__
+        # ``reason`` is ours (CarrotKombuError) or a string (ssl.SSLError's, UnicodeError's).
+        reason = getattr(exc, "reason", None)
+        exc = reason if isinstance(reason, BaseException) else exc.__cause__
         seen += 1
     return False
 

@@ -207,8 +207,8 @@ def _refused_declare(exc: BaseException) -> Optional[BaseException]:
                 and getattr(cause, "method_sig", None) in sigs):
             found: BaseException = cause
             return found
-        reason: Optional[BaseException] = getattr(cause, "reason", None)
-        cause = reason or cause.__cause__
+        reason = getattr(cause, "reason", None)
+        cause = reason if isinstance(reason, BaseException) else cause.__cause__
     return None
 
 

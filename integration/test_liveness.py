@@ -482,6 +482,24 @@ def test_a_port_that_accepts_but_does_not_speak_amqp_is_retried_on_the_backoff_s
     assert 2 <= attempts <= 5, f"{attempts} attempts in 3.5 s with a 1 s backoff (the probe must not shorten it)"
 
 
+def test_tls_to_a_plain_amqp_port_is_retried_on_the_backoff_schedule(rabbit, amqp_url):
+    """``amqps://`` at a plain port fails the TLS handshake (an ssl.SSLError whose ``reason`` is a str).
+
+    Retried with backoff like any failure after TCP; it once crashed the supervisor for good.
+    """
+    import ssl as _ssl
+
+    url = amqp_url.replace("amqp://", "amqps://", 1)
+    manager, events, _ = rabbit(url, ssl_options={"cert_reqs": _ssl.CERT_NONE},
+                                backoff=Backoff(min=0.5, max=0.5, jitter=False))
+    time.sleep(2.2)
+    attempts = len(events.args("connect_failed"))
+    status = manager.status()
+    assert 3 <= attempts <= 6, (attempts, status.last_error)
+    assert "crashed" not in (status.last_error or "") and not status.gave_up
+    assert any(t.name == "carrot-kombu-supervisor" for t in threading.enumerate())
+
+
 # -- 7. secrets --------------------------------------------------------------------------------
 
 SECRET_URL = "amqp://guest:S3cr;et@127.0.0.1:5672//"

@@ -348,6 +348,10 @@ def test_only_a_connect_that_found_nobody_listening_is_probed_and_local_files_ar
     for after_tcp in (ConnectionResetError(errno.ECONNRESET, "reset"), socket.timeout("timed out"),
                       ssl.SSLError(1, "wrong version"), AccessRefused("no"), OSError(errno.EINVAL, "bad")):
         assert not failed_before_tcp(after_tcp), after_tcp
+    tls_to_plain = ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number")
+    tls_to_plain.reason = "WRONG_VERSION_NUMBER"  # a str, as ssl sets it: never followed as a cause
+    assert not failed_before_tcp(tls_to_plain)
+    assert not failed_before_tcp(UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"))
     assert is_fatal(FileNotFoundError(errno.ENOENT, "no such file: client.pem"))
     assert not is_fatal(refused)
 
