@@ -633,6 +633,8 @@ class ConnectionManager:
         passed.
         """
         timeout = check_timeout("timeout", timeout)
+        if headers is not None and not isinstance(headers, Mapping):
+            raise TypeError(f"headers must be a mapping, got {type(headers).__name__}")
         core = self._core
         self._check_can_publish(core)
         publisher = core.publisher

@@ -859,3 +859,44 @@ def test_a_consumer_whose_channel_the_broker_closes_subscribes_again(rabbit):
         assert 2 <= deliveries[0] <= 8, f"{deliveries[0]} redeliveries in 3 s with Backoff(0.2, 1.0)"
     finally:
         consumer.cancel()
+
+
+def test_a_message_whose_properties_are_not_utf8_never_drops_the_connection(rabbit, amqp_url):
+    """Any client can publish ``message_id=b"\\xff\\xfe"``; py-amqp cannot decode it on delivery.
+
+    It used to drop the connection on the reading thread, and the consumer got
+    it again on every reconnect, for ever. It is delivered, the invalid bytes
+    replaced by U+FFFD; our own publish refuses such a value up front.
+    """
+    manager, events, _ = rabbit()
+    assert manager.wait_connected(10)
+    queue = declare_queue(manager, unique("ck-not-utf8"))
+    with pytest.raises(ValueError, match="message_id must be UTF-8"):
+        manager.publish(b"x", routing_key=queue, message_id=b"\xff\xfe", timeout=5)
+    raw = amqp.Connection(amqp_url.split("://", 1)[1].split("@", 1)[1].rstrip("/").split("/")[0],
+                          userid="guest", password="guest")
+    raw.connect()
+    try:
+        ch = raw.channel()
+        ch.basic_publish(amqp.Message(b"poison", message_id=b"\xff\xfe", content_type="application/data",
+                                      content_encoding="binary"), routing_key=queue)
+        ch.basic_publish(amqp.Message(b"after", content_type="application/data", content_encoding="binary"),
+                         routing_key=queue)
+    finally:
+        raw.close()
+    got = []
+    done = threading.Event()
+
+    def callback(body, message):
+        got.append((body, message.properties.get("message_id")))
+        message.ack()
+        if len(got) == 2:
+            done.set()
+
+    consumer = manager.consume(queue, callback, declare=False)
+    try:
+        assert done.wait(10), got
+    finally:
+        consumer.cancel()
+    assert got == [(b"poison", "\ufffd\ufffd"), (b"after", None)]
+    assert events.count("disconnected") == 0

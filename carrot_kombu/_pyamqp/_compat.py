@@ -75,6 +75,17 @@ def _problems() -> list[str]:
     for name in ("dumps", "loads"):
         need(serialization, name, "amqp.serialization")
     params_start(serialization.loads, ["format", "buf", "offset"], "amqp.serialization.loads")
+    # frames.tolerant_frame_handler and TolerantMessage run copies of these with other globals.
+    from amqp import method_framing
+
+    for name in ("pstr_t", "_read_item", "decode_properties_basic"):
+        need(serialization, name, "amqp.serialization")
+    need(serialization.GenericContent, "_load_properties", "amqp.serialization.GenericContent")
+    need(method_framing, "frame_handler", "amqp.method_framing")
+    handler_code = getattr(getattr(method_framing, "frame_handler", None), "__code__", None)
+    inner = [c for c in getattr(handler_code, "co_consts", ()) if inspect.iscode(c)]
+    if handler_code is not None and not any("Message" in c.co_names for c in [handler_code, *inner]):
+        found.append("amqp.method_framing.frame_handler (no longer builds amqp.basic_message.Message)")
     need(spec, "method", "amqp.spec")
     need(amqp.exceptions, "error_for_code", "amqp.exceptions")
     # Attributes py-amqp only creates in __init__: look at an unconnected instance.

@@ -26,7 +26,7 @@ from kombu.transport import pyamqp
 
 from ..exceptions import ChannelLimitReached, Disconnected
 from .channel import SupervisedChannel
-from .frames import decode_args, encode_args, encode_method
+from .frames import decode_args, encode_args, encode_method, tolerant_frame_handler
 from .state import ConnState
 
 __all__ = ("SupervisedConnection", "SupervisedTransport", "LinkOptions")
@@ -66,6 +66,7 @@ class SupervisedConnection(pyamqp.Connection):  # type: ignore[misc]
         # py-amqp replaces 0 by its own maximum and then takes the broker's
         # values over ours; the negotiation in _on_tune needs what we asked for.
         self.carrot.requested = (int(kwargs.get("channel_max") or 0), int(kwargs.get("frame_max") or 0))
+        kwargs.setdefault("frame_handler", tolerant_frame_handler)
         super().__init__(*args, **kwargs)
         if options.on_created is not None:
             options.on_created(self)

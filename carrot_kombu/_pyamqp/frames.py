@@ -11,6 +11,7 @@ checks here only run when it fails, to name the culprit.
 
 from __future__ import annotations
 
+import calendar
 import datetime
 import decimal
 import logging
@@ -164,9 +165,16 @@ def _check_broker_rules(properties: Mapping[str, Any]) -> None:
             f"unknown message propert{'y' if len(unknown) == 1 else 'ies'} {sorted(unknown)}; "
             f"AMQP basic properties are {sorted(_PROPERTY_TYPES)}"
         )
+    for name, kind in _PROPERTY_TYPES.items():
+        value = properties.get(name)
+        if kind == "s" and value is not None and name != "expiration":  # expiration: its own rules below
+            _shortstr_property(name, value)
     headers = properties.get("application_headers")
     if headers is not None:
-        _check_value("application_headers", "F", headers)  # NaN/inf floats: 541 for the whole connection
+        try:
+            _check_value("application_headers", "F", headers)  # NaN/inf floats: 541 for the whole connection
+        except RecursionError:
+            raise ValueError("application_headers are nested too deeply to encode") from None
     expiration = properties.get("expiration")
     if expiration is not None:
         if not isinstance(expiration, str):
@@ -175,11 +183,38 @@ def _check_broker_rules(properties: Mapping[str, Any]) -> None:
             )
         if not expiration.isdigit() or not expiration.isascii():
             raise ValueError(f"expiration must be a non-negative integer in milliseconds as a str, got {expiration!r}")
+        if int(expiration) > _MAX_EXPIRATION_MS:
+            # RabbitMQ refuses it (406), closing the channel: the publisher's, shared.
+            raise ValueError(f"expiration must be at most {_MAX_EXPIRATION_MS} ms, got {expiration!r}")
     mode = properties.get("delivery_mode")
     if mode is not None:
         _integer("delivery_mode", mode, 0, 255)
         if mode not in (1, 2):
             raise ValueError(f"delivery_mode must be 1 (transient) or 2 (persistent), got {mode!r}")
+
+
+#: RabbitMQ's largest per-message TTL (its MAX_EXPIRY_TIMER, 2^32 - 1 ms).
+_MAX_EXPIRATION_MS = 4294967295
+
+
+def _shortstr_property(name: str, value: Any) -> None:
+    """A short-string property: UTF-8 text of at most 255 bytes (py-amqp sends any bytes as they are)."""
+    if isinstance(value, (bytes, bytearray)):
+        raw = bytes(value)
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            # Sent as is, it would be a message no py-amqp consumer can decode.
+            raise ValueError(f"{name} must be UTF-8 text; got bytes that are not valid UTF-8") from None
+    elif isinstance(value, str):
+        try:
+            raw = value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{name} must be UTF-8 text; got a str with lone surrogates") from None
+    else:
+        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    if len(raw) > 255:
+        raise ValueError(f"{name} is {len(raw)} bytes long; AMQP allows at most 255")
 
 
 def _unhashable(key: tuple[Any, ...]) -> bool:
@@ -351,6 +386,8 @@ def _check_item(name: str, value: Any) -> None:
             raise ValueError(f"{name}: {value} does not fit a signed 64-bit integer (AMQP field tables)")
         return
     if isinstance(value, datetime.datetime):
+        if calendar.timegm(value.utctimetuple()) < 0:
+            raise ValueError(f"{name}: {value} is before 1970; AMQP timestamps are unsigned seconds since the epoch")
         return
     if isinstance(value, Mapping):
         _check_table(name, value)
@@ -503,3 +540,61 @@ class FrameParser:
     @property
     def buffered(self) -> int:
         return len(self._buf) - self._pos
+
+
+# -- receiving: a message whose properties are not valid UTF-8 ----------------------------------------
+
+
+def _lenient_str(raw: Any) -> str:
+    return bytes(raw).decode("utf-8", "replace")
+
+
+def _lenient_decoders() -> Any:
+    """py-amqp's property decoders, run with ``replace`` instead of strict UTF-8 (a copy: nothing global changes)."""
+    import types
+
+    from amqp import serialization
+
+    scope = dict(vars(serialization))
+    scope["pstr_t"] = _lenient_str
+    for name in ("_read_item", "loads", "decode_properties_basic"):
+        fn = getattr(serialization, name)
+        scope[name] = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+    return scope["decode_properties_basic"]
+
+
+_DECODE_LENIENTLY = _lenient_decoders()
+
+
+class TolerantMessage(Message):  # type: ignore[misc]
+    """The message py-amqp's frame handler builds, decoding properties that are not UTF-8.
+
+    py-amqp raises ``UnicodeDecodeError`` on the reading thread for such a
+    message (any client can publish one: ``message_id=b"\\xff"``), which drops
+    the connection; a consumer then gets it again on every reconnect, for
+    ever.  Here its invalid bytes become U+FFFD and the message is delivered.
+    """
+
+    def _load_properties(self, class_id: int, buf: Any, offset: int) -> Any:
+        try:
+            return super()._load_properties(class_id, buf, offset)
+        except UnicodeDecodeError:
+            if class_id != spec.Basic.Publish[0]:
+                raise
+            logger.warning("carrot_kombu: a delivered message's properties are not valid UTF-8; "
+                           "invalid bytes replaced by U+FFFD")
+            self.properties, offset = _DECODE_LENIENTLY(buf, offset)
+            return offset
+
+
+def tolerant_frame_handler(connection: Any, callback: Any) -> Any:
+    """py-amqp's ``frame_handler``, building :class:`TolerantMessage` s (same code, other ``Message``)."""
+    import types
+
+    from amqp import method_framing
+
+    scope = dict(vars(method_framing))
+    scope["Message"] = TolerantMessage
+    fn = method_framing.frame_handler
+    handler = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+    return handler(connection, callback)
