@@ -3,13 +3,17 @@
 Run in a subprocess by ``test_integrity.py`` (a wedged process must not take
 pytest with it)::
 
-    python -m integration.signal_storm URL SECONDS
+    python -m integration.signal_storm URL SECONDS [publish|lease]
 
 The main thread publishes (single messages and batches) and is interrupted by
 ``SIGALRM`` 0.5-20 ms into each round, like Ctrl-C or Celery's soft time
 limit would.  Another thread publishes with ``timeout=2`` every 0.1 s: each of
 its calls must return within its timeout whatever the main thread was doing.
-Prints one JSON line with what happened; exit status 0 unless wedged.
+In ``lease`` mode the main thread takes leases and asks the broker a
+question on each (RPCs, channel opens and closes) instead of publishing.
+Prints one JSON line with what happened (``other_drops``: connection losses
+for any reason but an interrupted frame handling, e.g. a reused channel id);
+exit status 0 unless wedged.
 """
 
 from __future__ import annotations
@@ -34,12 +38,19 @@ def _handler(signum: int, frame: object) -> None:
     raise Alarm()
 
 
-def main(url: str, seconds: float) -> int:
+def main(url: str, seconds: float, mode: str = "publish") -> int:
     signal.signal(signal.SIGALRM, _handler)
     queue = "ck-storm-" + uuid.uuid4().hex[:8]
     manager = ConnectionManager(url, heartbeat=5, backoff={"min": 0.05, "max": 0.5})
     disconnects = [0]
-    manager.on("disconnected", lambda *args: disconnects.__setitem__(0, disconnects[0] + 1))
+    other_drops: list[str] = []
+
+    def on_disconnected(error: BaseException) -> None:
+        disconnects[0] += 1
+        if "interrupted the handling of a frame" not in str(error):
+            other_drops.append(f"{type(error).__name__}: {error}"[:200])
+
+    manager.on("disconnected", on_disconnected)
     manager.start(wait=10)
     with manager.channel(timeout=5) as lease:
         lease.queue_declare(queue, auto_delete=False)
@@ -81,7 +92,11 @@ def main(url: str, seconds: float) -> int:
         try:
             signal.setitimer(signal.ITIMER_REAL, random.uniform(0.0005, 0.02))
             try:
-                if random.random() < 0.5:
+                if mode == "lease":
+                    for _ in range(5):
+                        with manager.channel(timeout=5) as lease:
+                            lease.queue_declare(queue, passive=True)
+                elif random.random() < 0.5:
                     manager.publish_many(batch, routing_key=queue, timeout=5)
                 else:
                     for _ in range(20):
@@ -95,6 +110,7 @@ def main(url: str, seconds: float) -> int:
     done.set()
     prober.join(15)
     report["disconnects"] = disconnects[0]
+    report["other_drops"] = other_drops[:5]
     if wedged.is_set():
         report["wedged"] = True
         print(json.dumps(report), flush=True)
@@ -120,4 +136,4 @@ def _cleanup(manager: ConnectionManager, queue: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], float(sys.argv[2])))
+    sys.exit(main(sys.argv[1], float(sys.argv[2]), *sys.argv[3:4]))

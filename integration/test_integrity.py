@@ -417,7 +417,8 @@ def test_open_channel_keeps_its_timeout_while_the_broker_is_slow(rabbit, proxy):
     assert events.count("disconnected") == 0
 
 
-def test_a_storm_of_interrupts_never_wedges_a_thread_or_the_manager(amqp_url):
+@pytest.mark.parametrize("mode", ["publish", "lease"])
+def test_a_storm_of_interrupts_never_wedges_a_thread_or_the_manager(amqp_url, mode):
     """Hundreds of exceptions raised into the main thread mid-publish (Ctrl-C, soft time limits).
 
     In a subprocess (a wedged one must not take pytest with it): whatever an
@@ -431,7 +432,7 @@ def test_a_storm_of_interrupts_never_wedges_a_thread_or_the_manager(amqp_url):
     import sys
 
     proc = subprocess.run(
-        [sys.executable, "-m", "integration.signal_storm", amqp_url, "15"],
+        [sys.executable, "-m", "integration.signal_storm", amqp_url, "10", mode],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.stdout.strip(), proc.stderr[-3000:]
@@ -441,7 +442,9 @@ def test_a_storm_of_interrupts_never_wedges_a_thread_or_the_manager(amqp_url):
     assert report["interrupted"] >= 100, report
     assert report["probes"] >= 20 and report["probe_max"] <= 2.6, report
     assert report["stop_seconds"] < 5, report
-    # Measured: ~3% of interrupts land inside a frame's handling.
+    # Measured: 2-5% of interrupts land inside a frame's handling; nothing else may drop the
+    # connection (a reused channel id: "504 second 'channel.open' seen", found by attack).
+    assert report["other_drops"] == [], report
     assert report["disconnects"] <= max(5, report["interrupted"] // 10), report
 
 

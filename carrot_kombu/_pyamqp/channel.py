@@ -188,16 +188,22 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         if sig in _SETTLE and (state.closing or state.closed or state.error is not None) and conn.dead is None:
             logger.debug("dropped %s on channel %s: it is closing (the broker requeues)", method_name(sig), self.channel_id)
             return 0
-        failure = state.failure()
-        if failure is not None:
-            raise failure
-        if conn.blocked is not None and (has_content or sig in _SYNC_REQUESTS):
-            conn.wait_unblocked(deadline)
         wire = conn.wire
         assert wire is not None
-        if not wire.wait_room(deadline):
-            raise PublishTimeout("the outgoing buffer stayed full past the publish timeout; the message was not sent",
-                                 outcome="not_sent")
+        try:
+            failure = state.failure()
+            if failure is not None:
+                raise failure
+            if conn.blocked is not None and (has_content or sig in _SYNC_REQUESTS):
+                conn.wait_unblocked(deadline)
+            if not wire.wait_room(deadline):
+                raise PublishTimeout(
+                    "the outgoing buffer stayed full past the publish timeout; the message was not sent",
+                    outcome="not_sent",
+                )
+        except BaseException as exc:
+            exc.carrot_not_written = True  # type: ignore[attr-defined]  # read by SupervisedConnection.channel
+            raise
         with state.lock:
             if sig in _SETTLE and (state.closing or state.closed or state.error is not None) and conn.dead is None:
                 return 0
@@ -232,6 +238,8 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
                         raise failure from exc
                     raise
                 must_flush = False  # queued, then interrupted: the next writer sends it
+                if expects_reply:
+                    state.spoil("a request was interrupted while being queued")
                 if not isinstance(exc, OSError):
                     raise
             if sig == spec.Confirm.Select:
@@ -576,7 +584,9 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
 
     def _on_open_ok(self) -> None:
         self.is_open = True
-        self.carrot.resolve(spec.Channel.OpenOk, ())
+        if not self.carrot.resolve(spec.Channel.OpenOk, ()) and self.carrot.abandoned_open:
+            self.close_nowait()  # never blocks: written, flushed if the socket takes it at once
+            return
         if self.on_open is not None:
             try:
                 self.on_open(self)  # py-amqp's channel(callback=...): ours only via kombu

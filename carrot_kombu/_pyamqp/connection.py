@@ -160,17 +160,25 @@ class SupervisedConnection(pyamqp.Connection):  # type: ignore[misc]
                 ) from None
         try:
             chan.open()
-        except BaseException:
-            if chan.carrot.spoiled is None:
-                chan.collect()  # nothing in flight: the id is free again
-            else:
-                # Its open-ok may still come (a wait cut short by the caller's
-                # deadline): close right behind the open, so the id is freed
-                # by the close-ok instead of staying taken for good.
+        except BaseException as exc:
+            cstate = chan.carrot
+            if state.dead is not None or getattr(exc, "carrot_not_written", False):
+                chan.collect()  # channel.open never left: the id is free again
+            elif cstate.spoiled is not None:
+                # Written, and its open-ok may still come (a wait cut short by
+                # the caller's deadline or an interrupt): close right behind
+                # the open, so the close-ok frees the id.
                 try:
                     chan.close_nowait()
                 except Exception:  # noqa: BLE001 - best effort; the id is freed with the connection otherwise
                     logger.debug("ignored error while closing an abandoned channel", exc_info=True)
+            else:
+                # Interrupted where we cannot tell whether channel.open was
+                # queued: the id is neither reused (a second channel.open on
+                # it is a connection error) nor closed (a close before the
+                # open is one too).  A late open-ok closes it.
+                cstate.spoil("its channel.open was interrupted")
+                cstate.abandoned_open = True
             raise
         return chan
 

@@ -771,6 +771,9 @@ class ChanState:
         self.close_sent = False
         #: Why the channel must not be reused (an abandoned request...).
         self.spoiled: Optional[str] = None
+        #: channel.open was interrupted before we knew whether it was sent: a
+        #: late open-ok closes the channel (see SupervisedConnection.channel).
+        self.abandoned_open = False
         #: What a borrower changed that the next one would inherit (tx mode,
         #: prefetch, flow): the channel is closed on release, not pooled.
         self.changed: Optional[str] = None
