@@ -90,7 +90,9 @@ def _urls(client: Any) -> list[str]:
     for url in raw:
         if url.startswith("carrot+"):
             url = url[len("carrot+"):]
-        if "://" not in url:
+        if "://" in url:
+            url = _with_connection_credentials(url, client)
+        else:
             host = url or "localhost"
             user = client.userid or "guest"
             password = client.password or "guest"
@@ -102,6 +104,35 @@ def _urls(client: Any) -> list[str]:
                    f"@{host}:{port}/{quote(vhost, safe='')}")
         urls.append(url)
     return urls
+
+
+def _with_connection_credentials(url: str, client: Any) -> str:
+    """``url`` with what it leaves out taken from the kombu connection, as kombu does for py-amqp.
+
+    kombu parses a ``pyamqp://`` URL and lets the URL's user, password and
+    virtual host win over ``Connection(userid=, password=, virtual_host=)``
+    (Celery's ``broker_user``, ``broker_password``, ``broker_vhost``); what
+    the URL does not name comes from those arguments.
+    """
+    from urllib.parse import quote
+
+    scheme, _, rest = url.partition("://")
+    end = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    netloc, after = rest[:end], rest[end:]
+    slash = after.startswith("/")
+    tail = after[1:] if slash else after
+    userinfo, at, host = netloc.rpartition("@")
+    raw_user, colon, raw_password = userinfo.partition(":")
+    userid, password, vhost = client.userid, client.password, client.virtual_host
+    fill_user = not raw_user and bool(userid)
+    fill_password = not colon and bool(password)
+    fill_vhost = not slash and bool(vhost) and vhost != "/"  # "amqp://host[?query]" names no virtual host
+    if not (fill_user or fill_password or fill_vhost):
+        return url
+    user = quote(userid, safe="") if fill_user else raw_user
+    secret = quote(password, safe="") if fill_password else raw_password
+    path = "/" + quote(vhost, safe="") + tail if fill_vhost else ("/" + tail if slash else tail)
+    return f"{scheme}://{user}:{secret}@{host}{path}"
 
 
 def _key(client: Any) -> tuple[Any, ...]:

@@ -86,3 +86,20 @@ def test_default_channel_works_again_after_a_channel_error(conn):
     kombu.Producer(conn.default_channel).publish(b"after", routing_key=name)
     message = conn.default_channel.basic_get(name, no_ack=True)
     assert message is not None and message.body == b"after"
+
+
+@pytest.mark.parametrize("url_tail, kwargs, error", [
+    ("//", {"userid": "guest", "password": "wrong-password"}, "AccessRefused"),
+    ("", {"virtual_host": "ck-no-such-vhost"}, "NotAllowed"),
+])
+def test_userid_password_and_virtual_host_arguments_are_used_as_py_amqp_uses_them(amqp_url, url_tail, kwargs, error):
+    """Celery's broker_user / broker_password / broker_vhost: they used to be ignored (connected as guest to /)."""
+    host = amqp_url.split("@", 1)[1].split("/", 1)[0]
+    connection = kombu.Connection(f"carrot+amqp://{host}{url_tail}", connect_timeout=5, **kwargs)
+    try:
+        with pytest.raises(Exception) as info:
+            connection.ensure_connection(max_retries=1)
+        assert error in f"{type(info.value).__name__} {info.value!r} {info.value.__cause__!r}", repr(info.value)
+        assert "wrong-password" not in str(info.value)
+    finally:
+        connection.release()
