@@ -102,8 +102,20 @@ class Lease:
         # the channel mid-request: never hand it to someone else.
         self.release(discard=exc is not None and (isinstance(exc, _SPOILING) or not isinstance(exc, Exception)))
 
+    def abandon(self) -> None:
+        """Give the channel back later, from any thread, inside any lock (its owner is gone; never blocks).
+
+        For owners that are themselves garbage (a kombu connection dropped
+        without ``close()``): like :meth:`__del__`, without its warning.
+        """
+        if getattr(self, "_released", True):
+            return
+        self._released = True
+        self._pool._quiet.add(self._token)
+        self._pool._reclaimed.append(self._token)
+
     def __del__(self) -> None:
-        if not self._released:
+        if not getattr(self, "_released", True):  # an interrupted __init__ set nothing: nothing to give back
             # Only a queue put: this may run on any thread, inside any lock.
             self._pool._reclaimed.append(self._token)
 
@@ -138,6 +150,8 @@ class ChannelPool:
         self._down_message = "not connected yet"
         #: Tokens of leases collected without release() (filled by Lease.__del__).
         self._reclaimed: deque[int] = deque()
+        #: Tokens in _reclaimed whose owner was collected knowingly (Lease.abandon): no warning.
+        self._quiet: set[int] = set()
 
     # -- supervisor side ----------------------------------------------------------
 
@@ -225,12 +239,16 @@ class ChannelPool:
             token = reclaimed[0]
             with self._cond.lock:
                 known = token in self._leased
-            if known:
+            if known and token in self._quiet:
+                logger.debug("carrot_kombu took back the channel of a dropped kombu connection")
+                self._give_back(token, discard=True)
+            elif known:
                 logger.warning(
                     "carrot_kombu: a lease was garbage-collected without release(); its channel "
                     "went back to the pool (use `with manager.channel() as lease:`)"
                 )
                 self._give_back(token, discard=False)
+            self._quiet.discard(token)
             reclaimed.popleft()
 
     # -- user side -------------------------------------------------------------------

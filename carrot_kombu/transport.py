@@ -40,6 +40,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 from typing import Any, Optional
 
 import amqp
@@ -253,6 +254,11 @@ class VirtualConnection:
         self.events = EventQueue(state, notify=True)
         state.add_event_queue(self.events)
         self._leases: dict[int, Any] = {}
+        # kombu code often drops a Connection without close(): when this view
+        # is collected, its channels go back (py-amqp closes them with its
+        # socket; here they would stay leased for the process's life).  Only
+        # weak references lead back here from the channels (see channel()).
+        weakref.finalize(self, _collected, self._leases, state, self.events)
         self._lock = threading.Lock()
         self._closed = False
         #: The loss was raised to kombu once: from now on kombu may re-establish.
@@ -320,11 +326,12 @@ class VirtualConnection:
         # kombu reads channel.connection.client (declared-entity cache,
         # SimpleQueue, Producer.connection): it must be *this* kombu connection.
         chan.connection = _ConnectionView(chan.connection, self.client)
+        gone = weakref.WeakMethod(self._channel_gone)
         if self.confirm_publish:
             chan.basic_publish = chan.basic_publish_confirm
         with self._lock:
             self._leases[id(chan)] = lease
-        chan.carrot.on_gone.append(self._channel_gone)
+        chan.carrot.on_gone.append(lambda chan: _call_if_alive(gone, chan))
         return chan
 
     def _channel_gone(self, chan: Any) -> None:
@@ -377,7 +384,8 @@ class VirtualConnection:
             return
         self._closed = True
         with self._lock:
-            leases, self._leases = list(self._leases.values()), {}
+            leases = list(self._leases.values())
+            self._leases.clear()  # the same dict: the finalizer holds it
         for lease in leases:
             lease.release(discard=True)
         self._state.remove_event_queue(self.events)
@@ -419,14 +427,36 @@ def _mirror_endpoint(client: Any, endpoint: Any) -> None:
             return
 
 
-class _ConnectionView:
-    """A channel's ``connection`` as kombu expects it: the AMQP connection, with this ``client``."""
+def _call_if_alive(method: "weakref.WeakMethod[Any]", chan: Any) -> None:
+    bound = method()
+    if bound is not None:
+        bound(chan)
 
-    __slots__ = ("_raw", "client")
+
+def _collected(leases: dict[int, Any], state: Any, events: EventQueue) -> None:
+    """A kombu connection was dropped without ``close()``: its channels go back (any thread, never blocks)."""
+    for lease in list(leases.values()):
+        lease.abandon()
+    leases.clear()
+    state.remove_event_queue(events)
+
+
+class _ConnectionView:
+    """A channel's ``connection`` as kombu expects it: the AMQP connection, with this ``client``.
+
+    The client is held weakly: the channel outlives it in the AMQP
+    connection's channel table, and must not keep it alive.
+    """
+
+    __slots__ = ("_raw", "_client")
 
     def __init__(self, raw: Any, client: Any) -> None:
         object.__setattr__(self, "_raw", raw)
-        object.__setattr__(self, "client", client)
+        object.__setattr__(self, "_client", weakref.ref(client))
+
+    @property
+    def client(self) -> Any:
+        return self._client()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._raw, name)

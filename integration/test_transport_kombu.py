@@ -103,3 +103,28 @@ def test_userid_password_and_virtual_host_arguments_are_used_as_py_amqp_uses_the
         assert "wrong-password" not in str(info.value)
     finally:
         connection.release()
+
+
+def test_connections_dropped_without_close_give_their_channels_back(amqp_url, conn):
+    """A script that forgets close(): with py-amqp the socket closes on collection; here the channels must return.
+
+    Each dropped kombu connection used to keep its channel leased for the
+    process's life: after ``pool_limit`` of them every broker call failed.
+    """
+    import gc
+
+    from carrot_kombu.transport import manager_for_connection
+
+    name = _queue(conn)
+    limit = manager_for_connection(conn).status().pool.limit
+
+    def forgetful() -> None:
+        kombu.Connection(f"carrot+{amqp_url}").default_channel.queue_declare(name, passive=True)
+
+    for _ in range(limit + 20):
+        forgetful()
+    gc.collect()
+    with kombu.Connection(f"carrot+{amqp_url}") as good:
+        kombu.Producer(good.default_channel).publish(b"still works", routing_key=name)
+    status = manager_for_connection(conn).status()
+    assert status.pool.leased <= 3, status.pool
