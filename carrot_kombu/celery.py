@@ -134,10 +134,7 @@ def _command() -> Any:
 
         app = ctx.obj.app
         url = app.conf.broker_write_url or app.conf.broker_url
-        if isinstance(url, str):
-            # every failover URL may carry the prefix
-            url = url.replace("carrot+", "")
-        ctx.exit(check(url, timeout, as_json))
+        ctx.exit(check(url, timeout, as_json))  # check drops each failover URL's carrot+ prefix
 
     return carrot_kombu
 

@@ -90,6 +90,14 @@ def _parts(url: str) -> list[str]:
     return [part.strip() for part in _URL_SEPARATOR.split(url) if part.strip()]
 
 
+def without_transport_prefix(url: str) -> str:
+    """``url`` with the ``carrot+`` of each failover URL dropped (Celery's broker URL, as the transport takes it).
+
+    Only a scheme's prefix: a password that contains ``carrot+`` is left alone.
+    """
+    return ";".join(part[len("carrot+"):] if part.startswith("carrot+") else part for part in _parts(url))
+
+
 def masked(url: str) -> str:
     """``url`` with the password of each failover URL masked, even without a scheme."""
     shown = []
@@ -158,6 +166,7 @@ def check(url: Optional[str], timeout: float, as_json: bool, out: Optional[TextI
     if not url:
         report: dict[str, Any] = {"broker": None, "healthy": False, "fatal": True, "error": NO_URL}
         return _report(report, as_json, out, EXIT_REFUSED)
+    url = without_transport_prefix(url)
     redact = redactor(url)
     report = {"broker": masked(url), "healthy": False, "fatal": False}
     try:
@@ -397,6 +406,7 @@ def watch(
     stream = out or sys.stdout
     if not url:
         return _watch_error(stream, as_json, None, NO_URL)
+    url = without_transport_prefix(url)
     redact = redactor(url)
     try:
         manager = ConnectionManager(url, backoff=backoff)

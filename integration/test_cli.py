@@ -231,3 +231,12 @@ def test_the_celery_subcommand_checks_the_apps_broker_and_its_failover_list(amqp
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["exit_code"] == code
     assert "guest:guest" not in proc.stdout + proc.stderr
+
+
+def test_check_takes_celerys_carrot_broker_url_from_the_environment(amqp_url):
+    """The documented container probe: CELERY_BROKER_URL=carrot+amqp://... (it said "unknown URL scheme")."""
+    env = env_without_url()
+    env["CELERY_BROKER_URL"] = f"carrot+{amqp_url};carrot+amqp://guest:guest@127.0.0.1:{closed_port()}//"
+    proc = run_cli("check", "--timeout", "5", env=env)
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    assert proc.stdout.startswith("OK ") and "guest:guest" not in proc.stdout
