@@ -567,7 +567,23 @@ class Supervisor:
 
 
 def _public(exc: BaseException, message: str) -> BaseException:
-    """The error users see: the original when its text is clean, else a stand-in."""
+    """The error users see: the original when its text is clean, else a stand-in.
+
+    A broker refusal keeps its class in the stand-in (``NotAllowed`` for a
+    vhost, whose text names the user, which may equal the password): kombu
+    and Celery decide by class whether retrying can help.
+    """
     if message.endswith(str(exc)):
         return exc
+    if isinstance(exc, AMQPError):
+        prefix = f"{type(exc).__name__}: "
+        text = message[len(prefix):] if message.startswith(prefix) else message
+        code = getattr(exc, "reply_code", None)
+        if code is not None and f"({code}) " in text:
+            text = text.split(f"({code}) ", 1)[1]  # the reply text alone: str() adds method and code again
+        try:
+            clean: BaseException = type(exc)(text, getattr(exc, "method_sig", None), None, code)
+            return clean
+        except Exception:  # noqa: BLE001 - an AMQPError subclass with another signature
+            pass
     return CarrotKombuError(message)

@@ -393,3 +393,15 @@ def test_an_interrupted_stop_is_finished_by_the_next_stop(make_manager, faults):
         assert not left, left
     manager.start()
     assert manager.wait_connected(5)
+
+
+def test_a_refusal_scrubbed_of_the_password_keeps_its_class():
+    """guest/guest: the broker's text names the user, which is the password; kombu decides by class (found by attack)."""
+    from amqp.exceptions import NotAllowed
+
+    from carrot_kombu._supervisor import _public
+
+    refused = NotAllowed("NOT_ALLOWED - access to vhost 'x' refused for user 'guest'", (10, 40), None, 530)
+    public = _public(refused, "NotAllowed: " + str(refused).replace("guest", "**"))
+    assert type(public) is NotAllowed and public.reply_code == 530
+    assert "guest" not in str(public) and str(public).count("(530)") == 1
