@@ -381,6 +381,9 @@ class ConnectionManager:
                 message says whether the pool or the broker's
                 ``channel_max`` is the limit, and if the connection looks
                 dead), or the broker did not answer ``channel.open`` in time.
+            Blocked: A new channel was needed while the broker blocked the
+                connection (a resource alarm) past ``timeout`` or
+                ``blocked_timeout``.
         """
         timeout = check_timeout("timeout", timeout)
         core = self._core

@@ -21,7 +21,7 @@ from amqp.exceptions import ChannelError
 from amqp.exceptions import ConnectionError as AMQPConnectionError
 
 from ._sync import Monitor, raised_by_library
-from .exceptions import CarrotKombuError, ChannelLimitReached, Disconnected, PoolTimeout
+from .exceptions import Blocked, CarrotKombuError, ChannelLimitReached, Disconnected, PoolTimeout, PublishTimeout
 from .status import PoolStatus
 
 if TYPE_CHECKING:
@@ -329,11 +329,20 @@ class ChannelPool:
     def _open(self, link: "Link", ticket: object, deadline: Optional[float], timeout: Optional[float]) -> Optional[Lease]:
         try:
             chan = link.open_channel(deadline)
-        except socket.timeout:
+        except (socket.timeout, PublishTimeout, Blocked) as exc:
             with self._cond.lock:
                 if self._link is link:
                     self._opening.discard(ticket)
                     self._cond.notify()
+            if isinstance(exc, Blocked):
+                raise  # blocked_timeout passed first: the broker's block is the answer
+            if isinstance(exc, PublishTimeout):
+                # The connection is blocked (a resource alarm): say so, as a
+                # Blocked (kombu and Celery count it as a connection error).
+                raise Blocked(
+                    f"the broker has blocked this connection; no channel could be opened within "
+                    f"timeout={timeout}s"
+                ) from None
             raise PoolTimeout(
                 f"the broker did not answer channel.open within timeout={timeout}s "
                 f"(last frame from the broker {link.silent_for():.1f}s ago)"

@@ -117,6 +117,17 @@ def test_publishes_failing_before_the_wire_do_not_shift_confirm_numbering(rabbit
             error, elapsed = timed(lambda: manager.publish("blocked-short", routing_key=stored, timeout=0.2))
             assert isinstance(error, PublishTimeout) and error.outcome == "not_sent", repr(error)
             assert elapsed < 0.45, f"publish(timeout=0.2) returned after {elapsed:.2f}s while blocked"
+            # A lease that needs a new channel keeps its own timeout too, and says why (found by attack).
+            extra = []
+            try:
+                start = time.monotonic()
+                with pytest.raises(Blocked):
+                    while len(extra) < 20:  # idle channels come first; the first new one meets the block
+                        extra.append(manager.open_channel(timeout=0.3))
+                assert time.monotonic() - start < 1.0
+            finally:
+                for held in extra:
+                    held.release()
         finally:
             small_node.alarm(False)
 

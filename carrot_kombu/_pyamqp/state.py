@@ -653,6 +653,8 @@ class ConnState:
         """
         if self.blocked is None:
             return
+        if deadline is None:
+            deadline = getattr(self._caller_deadline, "at", None)  # a lease's timeout (caller_deadline)
         limit = self.blocked_timeout
         mine = deadline is not None and (limit is None or deadline - monotonic() < limit)
         if mine:
