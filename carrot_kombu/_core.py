@@ -144,12 +144,12 @@ def abandon(core: Core) -> None:
     May run on any thread (wherever the garbage collector ran), so it only
     flags and posts: the supervisor closes the connection on its own thread.
     """
+    core.consumers.shutdown()  # also after stop(): their worker threads end with the manager
     supervisor = core.handle.supervisor
     if supervisor is None:
         return
     logger.warning("carrot_kombu: a ConnectionManager was garbage-collected without stop(); stopping it")
     core.handle.supervisor = None
     core.publisher.fail_waiting("the manager was garbage-collected", closed=True)
-    core.consumers.shutdown()
     supervisor.stop(timeout=0)
     core.bus.close(timeout=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from typing import Optional
 
 __all__ = ("check_timeout",)
@@ -19,7 +20,11 @@ def check_timeout(name: str, value: object) -> Optional[float]:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number of seconds or None, got {type(value).__name__}")
-    seconds = float(value)
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int beyond any float
+        seconds = math.inf if value > 0 else -math.inf
     if math.isnan(seconds) or seconds < 0:
-        raise ValueError(f"{name} must be >= 0 seconds or None, got {value!r}")
-    return None if math.isinf(seconds) else seconds
+        raise ValueError(f"{name} must be >= 0 seconds or None, got {value!r}"[:200])
+    # Longer than any wait the platform can express (about 292 years): no limit.
+    return None if seconds > threading.TIMEOUT_MAX else seconds

@@ -154,7 +154,7 @@ class Endpoint:
 
 
 #: Option keys whose values are never shown (repr, logs): passwords, tokens, keys.
-_SECRET_KEY = re.compile(r"pass|secret|token|credential|key", re.IGNORECASE)
+_SECRET_KEY = re.compile(r"pass|secret|token|credential|key|login_response", re.IGNORECASE)
 
 
 def _mask_secret_values(value: Any) -> Any:

@@ -326,8 +326,16 @@ def test_every_timeout_argument_is_validated_before_anything_waits(make_manager,
 
 
 def test_an_infinite_timeout_means_no_limit(make_manager, faults):
+    """inf, and finite values too large for the platform's waits (1e308, 10**400), wait without limit."""
+    import sys
+
     manager, _ = make_manager(start=False)
     manager.start(wait=float("inf"))
+    for huge in (sys.float_info.max, 10**400):
+        assert manager.wait_connected(huge)
+        with manager.channel(timeout=huge) as lease:
+            assert lease.valid
+        manager.publish_many([b"x"], routing_key="q", timeout=huge)
     assert manager.wait_connected(float("inf"))
     with manager.channel(timeout=float("inf")) as lease:
         assert lease.valid
@@ -405,3 +413,24 @@ def test_a_refusal_scrubbed_of_the_password_keeps_its_class():
     public = _public(refused, "NotAllowed: " + str(refused).replace("guest", "**"))
     assert type(public) is NotAllowed and public.reply_code == 530
     assert "guest" not in str(public) and str(public).count("(530)") == 1
+
+
+def test_a_stopped_manager_that_is_dropped_ends_its_consumer_threads(faults):
+    """stop() keeps consumers registered (start() resubscribes them); dropping the manager must end their threads."""
+    import gc
+
+    from carrot_kombu import ConnectionManager
+
+    def run_once() -> None:
+        manager = ConnectionManager("faulty://", backoff={"min": 0.01, "max": 0.05})
+        manager.start(wait=5)
+        manager.consume("leak-check", lambda body, message: None)
+        manager.stop(timeout=5)
+
+    for _ in range(3):
+        run_once()
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(t.name.startswith("carrot-kombu-consumer") for t in threading.enumerate()):
+        time.sleep(0.02)
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("carrot-kombu-consumer")]
