@@ -267,6 +267,8 @@ class VirtualConnection:
         self.events = EventQueue(state, notify=True)
         state.add_event_queue(self.events)
         self._leases: dict[int, Any] = {}
+        #: Exclusive queues declared through this connection (deleted by close()).
+        self._exclusive: set[str] = set()
         # kombu code often drops a Connection without close(): when this view
         # is collected, its channels go back (py-amqp closes them with its
         # socket; here they would stay leased for the process's life).  Only
@@ -342,10 +344,49 @@ class VirtualConnection:
         gone = weakref.WeakMethod(self._channel_gone)
         if self.confirm_publish:
             chan.basic_publish = chan.basic_publish_confirm
+        chan.queue_declare = self._recording_exclusive(chan.queue_declare)
         with self._lock:
             self._leases[id(chan)] = lease
         chan.carrot.on_gone.append(lambda chan: _call_if_alive(gone, chan))
         return chan
+
+    def _recording_exclusive(self, declare: Any) -> Any:
+        """``queue_declare`` that notes this connection's exclusive queues.
+
+        With py-amqp an exclusive queue ends with its kombu connection; here
+        the AMQP connection is shared and lives on, so :meth:`close` deletes
+        them (the per-request reply-queue pattern would leak one per request).
+        """
+        exclusive_queues = self._exclusive
+
+        def queue_declare(*args: Any, **kwargs: Any) -> Any:
+            result = declare(*args, **kwargs)
+            exclusive = kwargs.get("exclusive", args[3] if len(args) > 3 else False)
+            passive = kwargs.get("passive", args[1] if len(args) > 1 else False)
+            if exclusive and not passive:
+                name = getattr(result, "queue", None) or kwargs.get("queue", args[0] if args else "")
+                if name:
+                    exclusive_queues.add(name)
+            return result
+
+        return queue_declare
+
+    def _delete_exclusive(self, leases: list[Any]) -> None:
+        """Delete this connection's exclusive queues (best effort, without waiting for answers)."""
+        names, self._exclusive = self._exclusive, set()
+        if not names or self._state.dead is not None:
+            return
+        lease = next((lease for lease in leases if lease.valid), None)
+        try:
+            if lease is None:
+                with self.manager.channel(timeout=1.0) as spare:
+                    for name in names:
+                        spare.queue_delete(name, nowait=True)
+                return
+            for name in names:
+                lease.channel.queue_delete(name, nowait=True)
+        except Exception as exc:  # noqa: BLE001 - closing goes on; the queues end with the AMQP connection
+            logger.debug("carrot_kombu could not delete exclusive queues %s: %r", sorted(names), exc)
 
     def _channel_gone(self, chan: Any) -> None:
         # py-amqp reopens a channel the broker closed; kombu's default_channel
@@ -399,6 +440,7 @@ class VirtualConnection:
         with self._lock:
             leases = list(self._leases.values())
             self._leases.clear()  # the same dict: the finalizer holds it
+        self._delete_exclusive(leases)
         for lease in leases:
             lease.release(discard=True)
         self._state.remove_event_queue(self.events)

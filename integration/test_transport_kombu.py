@@ -128,3 +128,24 @@ def test_connections_dropped_without_close_give_their_channels_back(amqp_url, co
         kombu.Producer(good.default_channel).publish(b"still works", routing_key=name)
     status = manager_for_connection(conn).status()
     assert status.pool.leased <= 3, status.pool
+
+
+def test_exclusive_queues_end_with_their_kombu_connection(amqp_url, conn):
+    """The per-request reply-queue pattern: with py-amqp each exclusive queue ends with its connection.
+
+    Here the AMQP connection is shared and lives on: close() deletes them
+    (they used to stay until the process exited, one per request).
+    """
+    from amqp.exceptions import NotFound
+
+    names = []
+    for _ in range(10):
+        with kombu.Connection(f"carrot+{amqp_url}") as per_request:
+            names.append(per_request.default_channel.queue_declare("", exclusive=True).queue)
+    with kombu.Connection(f"carrot+{amqp_url}") as per_request:
+        named = unique("ck-excl")
+        per_request.default_channel.queue_declare(named, exclusive=True, auto_delete=False)
+    names.append(named)
+    for name in names:
+        with pytest.raises(NotFound):
+            conn.channel().queue_declare(name, passive=True)
