@@ -258,7 +258,7 @@ class ChannelPool:
             self.reap()
         deadline = None if timeout is None else time.monotonic() + timeout
         first = True
-        ticket = object()
+        ticket: Optional[object] = None
         while True:
             spoiled: list[Any] = []
             try:
@@ -269,6 +269,7 @@ class ChannelPool:
                         self._at_channel_max = first = False
                     link = self._wait_for_slot(deadline, timeout, spoiled)
                     if not isinstance(link, Lease):
+                        ticket = ticket or object()  # made only when a channel is opened
                         self._opening.add(ticket)
             finally:
                 for chan in spoiled:

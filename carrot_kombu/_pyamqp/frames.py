@@ -50,6 +50,8 @@ _U64 = (0, 2**64 - 1)
 
 #: Basic properties and their AMQP types (py-amqp's ``Message.PROPERTIES``).
 _PROPERTY_TYPES = dict(Message.PROPERTIES)
+_PROPERTY_NAMES = frozenset(_PROPERTY_TYPES)
+_SHORTSTR_PROPERTIES = tuple(name for name, kind in Message.PROPERTIES if kind == "s" and name != "expiration")
 
 
 def method_name(sig: Any) -> str:
@@ -124,8 +126,8 @@ def encode_properties(properties: Mapping[str, Any], strict: bool = True) -> byt
         TypeError, ValueError: Naming the property (and header key) that
             cannot be encoded.
     """
-    if not strict:
-        unknown = set(properties) - set(_PROPERTY_TYPES)
+    if not strict and not _PROPERTY_NAMES.issuperset(properties):
+        unknown = set(properties) - _PROPERTY_NAMES
         if unknown:
             # py-amqp's own rule on a channel: what is not an AMQP property is
             # not sent (Celery's Task.retry() passes such options through).
@@ -159,15 +161,15 @@ def encode_properties(properties: Mapping[str, Any], strict: bool = True) -> byt
 
 def _check_broker_rules(properties: Mapping[str, Any]) -> None:
     """Values py-amqp encodes but RabbitMQ refuses: headers it cannot hold, rules it enforces."""
-    unknown = set(properties) - set(_PROPERTY_TYPES)
+    unknown = set(properties) - _PROPERTY_NAMES
     if unknown:
         raise TypeError(
             f"unknown message propert{'y' if len(unknown) == 1 else 'ies'} {sorted(unknown)}; "
             f"AMQP basic properties are {sorted(_PROPERTY_TYPES)}"
         )
-    for name, kind in _PROPERTY_TYPES.items():
+    for name in _SHORTSTR_PROPERTIES:  # expiration: its own rules below
         value = properties.get(name)
-        if kind == "s" and value is not None and name != "expiration":  # expiration: its own rules below
+        if value is not None and not (type(value) is str and len(value) < 64 and value.isascii()):
             _shortstr_property(name, value)
     headers = properties.get("application_headers")
     if headers is not None:
