@@ -443,7 +443,7 @@ def test_a_storm_of_interrupts_never_wedges_a_thread_or_the_manager(amqp_url, mo
     import sys
 
     proc = subprocess.run(
-        [sys.executable, "-m", "integration.signal_storm", amqp_url, "10", mode],
+        [sys.executable, "-m", "integration.signal_storm", amqp_url, "6", mode],
         capture_output=True, text=True, timeout=120,
     )
     assert proc.stdout.strip(), proc.stderr[-3000:]
@@ -451,7 +451,7 @@ def test_a_storm_of_interrupts_never_wedges_a_thread_or_the_manager(amqp_url, mo
     assert not report["wedged"], report
     assert proc.returncode == 0, (report, proc.stderr[-3000:])
     assert report["interrupted"] >= 100, report
-    assert report["probes"] >= 20 and report["probe_max"] <= 2.6, report
+    assert report["probes"] >= 10 and report["probe_max"] <= 2.6, report
     assert report["stop_seconds"] < 5, report
     # Measured: 2-5% of interrupts land inside a frame's handling; nothing else may drop the
     # connection (a reused channel id: "504 second 'channel.open' seen", found by attack).
