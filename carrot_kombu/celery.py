@@ -132,9 +132,20 @@ def _command() -> Any:
     def carrot_kombu(ctx: Any, timeout: float, as_json: bool) -> None:
         from .cli import check
 
+        from .transport import _urls
+
         app = ctx.obj.app
-        url = app.conf.broker_write_url or app.conf.broker_url
-        ctx.exit(check(url, timeout, as_json))  # check drops each failover URL's carrot+ prefix
+        # The app's own connection settings, as its producers get them:
+        # broker_user / broker_password / broker_vhost fill what the URL
+        # leaves out, and broker_use_ssl applies.
+        connection = app.connection_for_write()
+        try:
+            url = ";".join(_urls(connection))
+            ssl = connection.ssl
+        finally:
+            connection.release()
+        ssl_options = (dict(ssl) if isinstance(ssl, dict) else True) if ssl else None
+        ctx.exit(check(url, timeout, as_json, ssl_options=ssl_options))
 
     return carrot_kombu
 

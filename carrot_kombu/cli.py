@@ -156,7 +156,8 @@ def _seconds(value: float) -> str:
 # -- check ---------------------------------------------------------------------------
 
 
-def check(url: Optional[str], timeout: float, as_json: bool, out: Optional[TextIO] = None) -> int:
+def check(url: Optional[str], timeout: float, as_json: bool, out: Optional[TextIO] = None,
+          ssl_options: Any = None) -> int:
     """Connect once (no retry), open a channel, print what the broker offered.
 
     ``timeout`` bounds connecting and opening the channel together; stopping
@@ -177,6 +178,7 @@ def check(url: Optional[str], timeout: float, as_json: bool, out: Optional[TextI
             backoff=Backoff(min=0.1, max=0.1, jitter=False, max_tries=len(_parts(url)) or 1),
             connection_timeout=timeout,
             pool_limit=1,
+            ssl_options=ssl_options,
         )
     except ConfigurationError as exc:
         report.update(fatal=True, error=f"configuration: {redact(str(exc))}")

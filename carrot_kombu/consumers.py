@@ -184,6 +184,15 @@ class Consumer:
                 logger.debug("consumer pump of %r ended", self.queue.name, exc_info=True)
                 return
 
+    def _reject(self, message: Any, raw: Any) -> None:
+        try:
+            if message is not None:
+                message.reject(requeue=False)
+            else:
+                raw.channel.basic_reject(raw.delivery_tag, requeue=False)
+        except Exception:  # noqa: BLE001 - the channel may be gone: the broker redelivers then
+            logger.debug("carrot_kombu could not reject an undecodable delivery", exc_info=True)
+
     # -- the worker --------------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -193,12 +202,18 @@ class Consumer:
                 return
             if not self.no_ack and (not self.active or _lost(raw)):
                 continue  # its ack could go nowhere: the broker delivers it again
+            message = None
             try:
                 # py-amqp hands raw messages; kombu's virtual transports, kombu messages
                 message = raw if hasattr(raw, "decode") else raw.channel.message_to_python(raw)
                 body = message.decode()
             except Exception:
-                logger.exception("carrot_kombu could not decode a delivery from %r", self.queue.name)
+                # As Celery does: rejected (not requeued), or it would hold a
+                # prefetch slot for ever and stall the consumer.
+                logger.exception("carrot_kombu could not decode a delivery from %r; rejected (not requeued)",
+                                 self.queue.name)
+                if not self.no_ack:
+                    self._reject(message, raw)
                 continue
             try:
                 self.callback(body, message)

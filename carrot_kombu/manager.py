@@ -502,7 +502,8 @@ class ConnectionManager:
         """Consume ``queue`` now (if connected) and after every reconnect.
 
         ``callback(body, message)`` runs on the consumer's own worker thread,
-        never on the thread that reads the connection; ``message.ack()``,
+        never on the thread that reads the connection (a body that cannot
+        be decoded is rejected without requeue and logged, as Celery does); ``message.ack()``,
         ``reject()`` and ``requeue()`` are safe there.  An ack for a delivery
         of a lost connection (or sent after :meth:`Consumer.cancel`) is
         dropped: the broker redelivers the message.  A consumer the broker

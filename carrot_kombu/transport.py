@@ -140,12 +140,14 @@ def _with_connection_credentials(url: str, client: Any) -> str:
     userid, password, vhost = client.userid, client.password, client.virtual_host
     fill_user = not raw_user and bool(userid)
     fill_password = not colon and bool(password)
-    fill_vhost = not slash and bool(vhost) and vhost != "/"  # "amqp://host[?query]" names no virtual host
+    named_vhost, mark, query = tail.partition("?")
+    # "amqp://host", "amqp://host/" and "amqp://host/?query" name no virtual host (kombu: "" is none).
+    fill_vhost = named_vhost == "" and bool(vhost) and vhost != "/"
     if not (fill_user or fill_password or fill_vhost):
         return url
     user = quote(userid, safe="") if fill_user else raw_user
     secret = quote(password, safe="") if fill_password else raw_password
-    path = "/" + quote(vhost, safe="") + tail if fill_vhost else ("/" + tail if slash else tail)
+    path = "/" + quote(vhost, safe="") + mark + query if fill_vhost else ("/" if slash else "") + tail
     return f"{scheme}://{user}:{secret}@{host}{path}"
 
 

@@ -240,3 +240,20 @@ def test_check_takes_celerys_carrot_broker_url_from_the_environment(amqp_url):
     proc = run_cli("check", "--timeout", "5", env=env)
     assert proc.returncode == 0, (proc.stdout, proc.stderr)
     assert proc.stdout.startswith("OK ") and "guest:guest" not in proc.stdout
+
+
+def test_the_celery_subcommand_checks_with_the_apps_own_credentials(amqp_url, tmp_path):
+    """broker_user/broker_password fill the URL as the app's producers get them (the probe used guest; found by attack)."""
+    host = amqp_url.split("@", 1)[1].split("/", 1)[0]
+    (tmp_path / "ckcliapp2.py").write_text(
+        "from celery import Celery\n"
+        f"app = Celery('ckcliapp2', broker='carrot+amqp://{host}//')\n"
+        "app.conf.broker_user = 'guest'\napp.conf.broker_password = 'wrong-password'\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "ckcliapp2", "carrot-kombu", "--timeout", "5"],
+        capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 2, (proc.stdout, proc.stderr[-2000:])
+    assert "ACCESS_REFUSED" in proc.stdout and "wrong-password" not in proc.stdout + proc.stderr

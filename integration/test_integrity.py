@@ -10,6 +10,7 @@ alarm) that the shared broker never sees.  Every wait has a deadline.
 
 from __future__ import annotations
 
+import datetime
 import gc
 import logging
 import threading
@@ -782,7 +783,7 @@ def test_threads_hammering_leases_and_publish_through_forced_closes(rabbit):
     assert missing == set(), f"{len(missing)} confirmed message(s) lost, e.g. {sorted(missing)[:5]}"
 
 
-@pytest.mark.parametrize("leftover", ["unacked_get", "tx_select", "basic_qos"])
+@pytest.mark.parametrize("leftover", ["unacked_get", "tx_select", "basic_qos", "confirm_select"])
 def test_what_a_borrower_leaves_on_a_channel_never_reaches_the_next(rabbit, leftover):
     """An unacked basic_get, transaction mode or a prefetch: the channel is closed on release, never pooled.
 
@@ -800,6 +801,8 @@ def test_what_a_borrower_leaves_on_a_channel_never_reaches_the_next(rabbit, left
             assert lease.basic_get(queue).body == b"m1"  # never acked
         elif leftover == "tx_select":
             lease.tx_select()
+        elif leftover == "confirm_select":
+            lease.confirm_select()  # the next borrower's tx_select would get 406 (found by attack)
         else:
             lease.basic_qos(0, 1, False)
     with manager.channel() as lease:
@@ -807,6 +810,11 @@ def test_what_a_borrower_leaves_on_a_channel_never_reaches_the_next(rabbit, left
         if leftover == "unacked_get":
             again = lease.basic_get(queue, no_ack=True)
             assert again is not None and again.body == b"m1" and again.delivery_info["redelivered"]
+        elif leftover == "confirm_select":
+            lease.tx_select()
+            lease.basic_publish(amqp.Message(b"m2", content_type="application/data", content_encoding="binary"),
+                                routing_key=queue)
+            lease.tx_commit()
         else:
             lease.basic_publish(amqp.Message(b"m2", content_type="application/data", content_encoding="binary"),
                                 routing_key=queue)
@@ -894,6 +902,20 @@ def test_a_message_whose_properties_are_not_utf8_never_drops_the_connection(rabb
         ch = raw.channel()
         ch.basic_publish(amqp.Message(b"poison", message_id=b"\xff\xfe", content_type="application/data",
                                       content_encoding="binary"), routing_key=queue)
+        # A header timestamp no datetime can hold (found by the second attack): py-amqp raises
+        # OverflowError decoding it. Made by patching py-amqp's encoder here, as a foreign client could.
+        import amqp.serialization as serialization
+        import types
+
+        real_calendar = serialization.calendar
+        serialization.calendar = types.SimpleNamespace(timegm=lambda _: 2**64 - 1)
+        try:
+            ch.basic_publish(amqp.Message(b"far-future", application_headers={"t": datetime.datetime(2020, 1, 1)},
+                                          content_type="application/data", content_encoding="binary"),
+                             routing_key=queue)
+        finally:
+            serialization.calendar = real_calendar
+        ch.basic_publish(amqp.Message(b"{not json", content_type="application/json"), routing_key=queue)
         ch.basic_publish(amqp.Message(b"after", content_type="application/data", content_encoding="binary"),
                          routing_key=queue)
     finally:
@@ -902,15 +924,18 @@ def test_a_message_whose_properties_are_not_utf8_never_drops_the_connection(rabb
     done = threading.Event()
 
     def callback(body, message):
-        got.append((body, message.properties.get("message_id")))
+        got.append((body, message.properties.get("message_id"), message.headers.get("t")))
         message.ack()
-        if len(got) == 2:
+        if len(got) == 3:
             done.set()
 
-    consumer = manager.consume(queue, callback, declare=False)
+    # prefetch 1: the undecodable JSON body must be rejected, not hold the only slot for ever
+    consumer = manager.consume(queue, callback, declare=False, prefetch_count=1)
     try:
         assert done.wait(10), got
     finally:
         consumer.cancel()
-    assert got == [(b"poison", "\ufffd\ufffd"), (b"after", None)]
+    assert got == [(b"poison", "\ufffd\ufffd", None), (b"far-future", None, 2**64 - 1), (b"after", None, None)]
     assert events.count("disconnected") == 0
+    with manager.channel() as lease:
+        assert lease.queue_declare(queue, passive=True).message_count == 0  # the bad JSON was rejected

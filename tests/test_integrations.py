@@ -137,3 +137,20 @@ def test_drain_events_while_disconnected_raises(make_manager, faults):
 
 def test_backoff_pickles_for_celery_configuration():
     assert pickle.loads(pickle.dumps(Backoff(min=0.5))) == Backoff(min=0.5)
+
+
+@pytest.mark.parametrize("url, expected", [
+    ("amqp://h:1", "amqp://atuser:pw@h:1/atvh"),
+    ("amqp://h:1/", "amqp://atuser:pw@h:1/atvh"),  # kombu: an empty vhost is none (found by attack)
+    ("amqp://h:1?heartbeat=5", "amqp://atuser:pw@h:1/atvh?heartbeat=5"),
+    ("amqp://h:1//", "amqp://atuser:pw@h:1//"),
+    ("amqp://u:p@h:1/v", "amqp://u:p@h:1/v"),  # what the URL names wins, as kombu does
+    ("amqp://u@h:1/v", "amqp://u:pw@h:1/v"),
+])
+def test_the_transport_fills_what_the_url_leaves_out_from_the_kombu_connection(url, expected):
+    from types import SimpleNamespace
+
+    from carrot_kombu.transport import _with_connection_credentials
+
+    client = SimpleNamespace(userid="atuser", password="pw", virtual_host="atvh")
+    assert _with_connection_credentials(url, client) == expected

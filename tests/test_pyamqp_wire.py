@@ -480,3 +480,30 @@ def test_method_names_for_people() -> None:
     assert method_name((99, 99)) == "(99, 99)"
     assert encode_method(1, (20, 40), b"")[-1] == 0xCE
     assert frames_module.encode_args((20, 40), "", ()) == b""
+
+
+def test_properties_a_peer_sent_out_of_spec_are_decoded_leniently_never_raised() -> None:
+    """Invalid UTF-8 in header keys and values, a timestamp no datetime holds: decoded, never an exception.
+
+    py-amqp raises on the reading thread for each (UnicodeDecodeError,
+    OverflowError), which drops the connection; any client can publish them.
+    """
+    import types
+
+    import amqp.serialization as serialization
+
+    from carrot_kombu._pyamqp.frames import TolerantMessage
+
+    real = serialization.calendar
+    serialization.calendar = types.SimpleNamespace(timegm=lambda _: 2**64 - 1)
+    try:
+        sent = amqp.Message(b"", message_id=b"\xff", application_headers={
+            b"k\xff": b"v", "nested": {b"\xfe": 1}, "t": datetime.datetime(2020, 1, 1)})
+        encoded = bytes(sent._serialize_properties())
+    finally:
+        serialization.calendar = real
+    message = TolerantMessage()
+    message._load_properties(60, encoded, 0)
+    headers = message.properties["application_headers"]
+    assert message.properties["message_id"] == "\ufffd"
+    assert headers["k\ufffd"] is not None and headers["nested"] == {"\ufffd": 1} and headers["t"] == 2**64 - 1

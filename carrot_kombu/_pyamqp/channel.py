@@ -61,7 +61,7 @@ _CLOSE_METHODS = (spec.Channel.Close, spec.Channel.CloseOk)
 #: Methods that change what the next borrower of the channel would inherit
 #: (transaction mode, prefetch, flow) or settle deliveries: see ChanState.borrower_changed.
 _STATEFUL = frozenset({
-    spec.Tx.Select, spec.Basic.Qos, spec.Channel.Flow, spec.Basic.Recover, spec.Basic.RecoverAsync,
+    spec.Tx.Select, spec.Confirm.Select, spec.Basic.Qos, spec.Channel.Flow, spec.Basic.Recover, spec.Basic.RecoverAsync,
     spec.Basic.Ack, spec.Basic.Reject, (60, 120),
 })
 

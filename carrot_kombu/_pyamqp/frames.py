@@ -557,7 +557,27 @@ class FrameParser:
 
 
 def _lenient_str(raw: Any) -> str:
+    if isinstance(raw, str):
+        return raw  # py-amqp passes its format strings through pstr_t too
     return bytes(raw).decode("utf-8", "replace")
+
+
+class _OutOfRangeTimestamp(int):
+    """A header timestamp no ``datetime`` can hold (2**64 - 1...): kept as its integer."""
+
+    def replace(self, **_: Any) -> int:
+        return int(self)
+
+
+class _LenientDatetime:
+    """``datetime`` for py-amqp's decoder: an out-of-range timestamp stays an int."""
+
+    @staticmethod
+    def fromtimestamp(value: int, tz: Any = None) -> Any:
+        try:
+            return datetime.datetime.fromtimestamp(value, tz=tz)
+        except (OverflowError, OSError, ValueError):
+            return _OutOfRangeTimestamp(value)
 
 
 def _lenient_decoders() -> Any:
@@ -568,6 +588,7 @@ def _lenient_decoders() -> Any:
 
     scope = dict(vars(serialization))
     scope["pstr_t"] = _lenient_str
+    scope["datetime"] = _LenientDatetime
     for name in ("_read_item", "loads", "decode_properties_basic"):
         fn = getattr(serialization, name)
         scope[name] = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
@@ -589,12 +610,19 @@ class TolerantMessage(Message):  # type: ignore[misc]
     def _load_properties(self, class_id: int, buf: Any, offset: int) -> Any:
         try:
             return super()._load_properties(class_id, buf, offset)
-        except UnicodeDecodeError:
-            if class_id != spec.Basic.Publish[0]:
+        except Exception as exc:  # noqa: BLE001 - anything a peer can send must not drop the connection
+            if class_id != spec.Basic.Publish[0] or not raised_by_library(exc):
                 raise
-            logger.warning("carrot_kombu: a delivered message's properties are not valid UTF-8; "
-                           "invalid bytes replaced by U+FFFD")
-            self.properties, offset = _DECODE_LENIENTLY(buf, offset)
+            try:
+                self.properties, offset = _DECODE_LENIENTLY(buf, offset)
+            except Exception as again:  # noqa: BLE001 - see above
+                logger.warning("carrot_kombu: a delivered message's properties cannot be decoded (%s: %s); "
+                               "delivered without them", type(again).__name__, again)
+                self.properties = {}
+            else:
+                logger.warning("carrot_kombu: a delivered message's properties are not as AMQP defines them "
+                               "(%s: %s); decoded leniently (invalid UTF-8 replaced by U+FFFD, timestamps "
+                               "out of range kept as integers)", type(exc).__name__, exc)
             return offset
 
 

@@ -902,6 +902,9 @@ class ChanState:
                 self.changed = self.changed or "channel.flow(active=False)"
         elif sig == spec.Tx.Select:
             self.changed = self.changed or "tx_select (transaction mode)"
+        elif sig == spec.Confirm.Select:
+            # The next borrower's tx_select would fail (406), its publishes be numbered.
+            self.changed = self.changed or "confirm_select (confirm mode)"
         elif sig == spec.Basic.Qos:
             self.changed = self.changed or "basic_qos (prefetch)"
         else:  # basic.recover: redelivers on this channel
