@@ -55,7 +55,7 @@ class Sizes:
     def full(cls) -> "Sizes":
         """The sizes ``docs/benchmarks.rst`` is measured with."""
         return cls(
-            mode="full", rounds=3, lease_ops=20_000, raw_channel_ops=1_000,
+            mode="full", rounds=7, lease_ops=20_000, raw_channel_ops=1_000,
             publish_messages=50_000, confirm_messages=3_000, confirm_thread_messages=8_000, sharing_messages=50_000,
             sharing_threads=(1, 2, 4, 8), celery_messages=1_600, failover_runs=2, recovery_runs=20, restart_runs=3, restart_down_s=5.0, dead_peer_heartbeats=(1, 2, 5),
             dead_peer_runs=3, memory_cuts=1_000,
