@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Optional
@@ -152,6 +153,7 @@ class ChannelPool:
         self._reclaimed: deque[int] = deque()
         #: Tokens in _reclaimed whose owner was collected knowingly (Lease.abandon): no warning.
         self._quiet: set[int] = set()
+        self._reaping = threading.Lock()
 
     # -- supervisor side ----------------------------------------------------------
 
@@ -227,11 +229,22 @@ class ChannelPool:
         self._link = None
         self._live_generation = None
         self._reset()
+        self._reaping = threading.Lock()  # a parent's thread may have held it at fork
         self._down_message = "the process forked; this connection belongs to the parent"
         return link
 
     def reap(self) -> None:
         """Take back the channels of leases collected without ``release()`` (any thread)."""
+        # One reaper at a time: two would both peek the same token, and the
+        # second popleft would drop the next one unseen (its channel leaked).
+        if not self._reaping.acquire(False):
+            return
+        try:
+            self._reap()
+        finally:
+            self._reaping.release()
+
+    def _reap(self) -> None:
         reclaimed = self._reclaimed
         while reclaimed:
             # Looked at, given back (idempotent), then removed: an exception

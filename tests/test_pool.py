@@ -171,3 +171,38 @@ def test_many_threads_share_the_pool(connected):
     assert not errors
     assert max(peak) <= 3
     assert manager.status().pool.leased == 0
+
+
+def test_concurrent_reapers_give_every_dropped_lease_back(connected):
+    """Several threads reaping at once (acquire calls it, so does the supervisor): no token may be skipped."""
+    import sys
+
+    manager, _ = connected(pool_limit=300)
+    pool = manager._core.pool
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as CPython allows: the race shows up
+    try:
+        _reap_concurrently(manager, pool)
+    finally:
+        sys.setswitchinterval(interval)
+
+
+def _reap_concurrently(manager, pool) -> None:
+    for _round in range(5):
+        leases = [manager.open_channel() for _ in range(200)]
+        for lease in leases:
+            lease.abandon()  # as a collected owner would: queued for the reapers
+        del leases
+        start = threading.Barrier(8)
+
+        def reap() -> None:
+            start.wait(5)
+            pool.reap()
+
+        threads = [threading.Thread(target=reap) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        pool.reap()
+        assert manager.status().pool.leased == 0
