@@ -78,7 +78,7 @@ def _problems() -> list[str]:
     # frames.tolerant_frame_handler and TolerantMessage run copies of these with other globals.
     from amqp import method_framing
 
-    for name in ("pstr_t", "_read_item", "decode_properties_basic"):
+    for name in ("pstr_t", "datetime", "_read_item", "decode_properties_basic"):
         need(serialization, name, "amqp.serialization")
     need(serialization.GenericContent, "_load_properties", "amqp.serialization.GenericContent")
     need(method_framing, "frame_handler", "amqp.method_framing")

@@ -579,6 +579,13 @@ class _LenientDatetime:
         except (OverflowError, OSError, ValueError):
             return _OutOfRangeTimestamp(value)
 
+    @staticmethod
+    def utcfromtimestamp(value: int) -> Any:  # py-amqp < 5.3
+        try:
+            return datetime.datetime.fromtimestamp(value, tz=datetime.timezone.utc).replace(tzinfo=None)
+        except (OverflowError, OSError, ValueError):
+            return _OutOfRangeTimestamp(value)
+
 
 def _lenient_decoders() -> Any:
     """py-amqp's property decoders, run with ``replace`` instead of strict UTF-8 (a copy: nothing global changes)."""
