@@ -193,19 +193,8 @@ def measure_carrot_failover(cluster: Cluster, queue: str) -> tuple[FailoverFigur
     finally:
         if stopped is not None:
             cluster.start_app(stopped)
-    times = [t for t, _ in confirms]
-    gaps = [b - a for a, b in zip(times, times[1:])] + [ended - times[-1]]
-    worst = max(range(len(gaps)), key=gaps.__getitem__)
-    confirmed = {seq for _, seq in confirms}
-    drained = [int(body) for body in bodies]
-    figures = FailoverFigures(
-        longest_gap_s=round(gaps[worst], 3),
-        longest_gap_at_s=round(times[worst] - stop_issued, 3),
-        fault_s=round(fault_s, 3),
-        confirmed=len(confirms),
-        lost=len(confirmed - set(drained)),
-        duplicates=len(drained) - len(set(drained)),
-        drained=len(drained),
+    figures = FailoverFigures.measure(
+        confirms, ended, stop_issued, fault_s, bodies,
         publish_errors=errors,
         stopped_node=stopped,
         final_node=cluster.index_of_port(final_port) if final_port is not None else None,

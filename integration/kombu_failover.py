@@ -48,6 +48,30 @@ class FailoverFigures:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def measure(cls, confirms: list[tuple[float, int]], ended: float, stop_issued: float, fault_s: float,
+                bodies: list[bytes], **facts: Any) -> "FailoverFigures":
+        """The figures of one run: ``confirms`` as ``(time, seq)``, ``bodies`` drained afterwards.
+
+        ``facts`` are the remaining fields, as they are.
+        """
+        times = [t for t, _ in confirms]
+        # an open gap at the end counts too: a publisher that never recovered has a gap until the end
+        gaps = [b - a for a, b in zip(times, times[1:])] + [ended - times[-1]]  # gap k begins at times[k]
+        worst = max(range(len(gaps)), key=gaps.__getitem__)
+        confirmed_seqs = {seq for _, seq in confirms}
+        drained_seqs = [int(body) for body in bodies]
+        return cls(
+            longest_gap_s=round(gaps[worst], 3),
+            longest_gap_at_s=round(times[worst] - stop_issued, 3),
+            fault_s=round(fault_s, 3),
+            confirmed=len(confirms),
+            lost=len(confirmed_seqs - set(drained_seqs)),
+            duplicates=len(drained_seqs) - len(set(drained_seqs)),
+            drained=len(drained_seqs),
+            **facts,
+        )
+
 
 class _Publisher(threading.Thread):
     """Publishes sequence numbers until told to stop; records each confirm's time."""
@@ -197,20 +221,8 @@ def measure_kombu_failover(
             else:
                 cluster.wait_running(stopped)
 
-    times = [t for t, _ in confirms]
-    # an open gap at the end counts too: a publisher that never recovered has a gap until the end
-    gaps = [b - a for a, b in zip(times, times[1:])] + [ended - times[-1]]  # gap k begins at times[k]
-    worst = max(range(len(gaps)), key=gaps.__getitem__)
-    confirmed_seqs = {seq for _, seq in confirms}
-    drained_seqs = [int(body) for body in bodies]
-    return FailoverFigures(
-        longest_gap_s=round(gaps[worst], 3),
-        longest_gap_at_s=round(times[worst] - stop_issued, 3),
-        fault_s=round(fault_s, 3),
-        confirmed=len(confirms),
-        lost=len(confirmed_seqs - set(drained_seqs)),
-        duplicates=len(drained_seqs) - len(set(drained_seqs)),
-        drained=len(drained_seqs),
+    return FailoverFigures.measure(
+        confirms, ended, stop_issued, fault_s, bodies,
         publish_errors=errors,
         stopped_node=stopped,
         final_node=cluster.index_of_port(final_port) if final_port is not None else None,
