@@ -351,43 +351,22 @@ def sharing_row(ctx: Context) -> list[Row]:
 
 
 def publish_from_threads(manager: ConnectionManager, queues: list[str], per_thread: int) -> float:
-    """Each thread takes its own lease and publishes to its own queue; seconds until the last is done.
+    """Each thread publishes on its own lease to its own queue; seconds until the last is done.
+
+    The leases are taken before the clock starts (and handed one to each thread).
 
     Raises:
         RuntimeError: A thread is still running after 300 s (a hang).
         Exception: Whatever a publishing thread raised.
     """
-    barrier = threading.Barrier(len(queues) + 1)
-    ends = [0.0] * len(queues)
-    errors: list[BaseException] = []
+    with ExitStack() as stack:
+        leases = [stack.enter_context(manager.channel()) for _ in queues]
+        messages = [lease.prepare_message(BODY) for lease in leases]
 
-    def work(index: int) -> None:
-        try:
-            with manager.channel() as lease:
-                message = lease.prepare_message(BODY)
-                queue = queues[index]
-                barrier.wait(30)
-                for _ in range(per_thread):
-                    lease.basic_publish(message, exchange="", routing_key=queue)
-                lease.queue_declare(queue, passive=True)
-                ends[index] = perf_counter()
-        except BaseException as exc:  # reported by the caller
-            errors.append(exc)
-            barrier.abort()
+        def work(index: int) -> None:
+            lease, message, queue = leases[index], messages[index], queues[index]
+            for _ in range(per_thread):
+                lease.basic_publish(message, exchange="", routing_key=queue)
+            lease.queue_declare(queue, passive=True)
 
-    threads = [threading.Thread(target=work, args=(i,), name=f"bench-publisher-{i}", daemon=True)
-               for i in range(len(queues))]
-    for thread in threads:
-        thread.start()
-    try:
-        barrier.wait(30)
-    except threading.BrokenBarrierError:
-        pass
-    start = perf_counter()
-    for thread in threads:
-        thread.join(300)
-    if any(thread.is_alive() for thread in threads):
-        raise RuntimeError("a publishing thread is still running after 300 s")
-    if errors:
-        raise errors[0]
-    return max(ends) - start
+        return run_on_threads(len(queues), work)
