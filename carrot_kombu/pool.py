@@ -341,13 +341,13 @@ class ChannelPool:
         return text
 
     def _open(self, link: "Link", ticket: object, deadline: Optional[float], timeout: Optional[float]) -> Optional[Lease]:
+        """Open a channel for the ``ticket`` :meth:`acquire` holds; None to wait for a slot again.
+
+        When this raises, :meth:`acquire` gives the ticket back.
+        """
         try:
             chan = link.open_channel(deadline)
         except (socket.timeout, PublishTimeout, Blocked) as exc:
-            with self._cond.lock:
-                if self._link is link:
-                    self._opening.discard(ticket)
-                    self._cond.notify()
             if isinstance(exc, Blocked):
                 raise  # blocked_timeout passed first: the broker's block is the answer
             if isinstance(exc, PublishTimeout):
@@ -370,10 +370,6 @@ class ChannelPool:
                     self._cond.notify_all()
             return None
         except BaseException as exc:
-            with self._cond.lock:
-                if self._link is link:
-                    self._opening.discard(ticket)
-                    self._cond.notify()
             if isinstance(exc, (Disconnected, ChannelError)) or not isinstance(exc, _SPOILING):
                 raise
             raise Disconnected(f"could not open a channel: {type(exc).__name__}: {exc}", exc) from exc
