@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from time import monotonic
 from typing import Any, Callable, Iterable, Iterator, Optional
 
+from amqp import spec
 from amqp.exceptions import ConnectionForced, FrameError, FrameSyntaxError, RecoverableConnectionError, UnexpectedFrame
 
 from .._sync import SLICE, Flag, Worker
@@ -886,8 +887,6 @@ class ChanState:
 
     def borrower_changed(self, sig: Any, args: tuple[Any, ...]) -> None:
         """The borrower is about to send ``sig``: note what the next borrower must not inherit."""
-        from amqp import spec  # local: state.py keeps its imports to the wire
-
         if sig == spec.Basic.Ack or sig == (60, 120) or sig == spec.Basic.Reject:
             tag = int(args[0]) if args else 0
             multiple = sig != spec.Basic.Reject and len(args) > 1 and bool(args[1])
