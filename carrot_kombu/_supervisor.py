@@ -544,7 +544,10 @@ class Supervisor:
                 continue
             if error is None:
                 del self._retries[key]
-                self._recovered[key] = (time.monotonic(), retry.attempt)
+                now = time.monotonic()
+                # Only the last FLAP_WINDOW matters: older entries go (and never grow the dict).
+                self._recovered = {k: v for k, v in self._recovered.items() if now - v[0] < FLAP_WINDOW}
+                self._recovered[key] = (now, retry.attempt)
                 logger.info("carrot_kombu: %s is back", retry.item.what)
                 self._post("recovered", retry.item.what)
             else:
