@@ -117,6 +117,9 @@ class Flag:
         self._lock.acquire(False)
 
     def is_set(self) -> bool:
+        # While another thread passes through wait() the lock is held for an
+        # instant and a set flag reads clear: ask from the waiting thread, or
+        # where a momentary "not yet" is harmless.
         return not self._lock.locked()
 
     def wait(self, timeout: Optional[float] = None) -> bool:
