@@ -200,23 +200,16 @@ _MAX_EXPIRATION_MS = 4294967295
 
 
 def _shortstr_property(name: str, value: Any) -> None:
-    """A short-string property: UTF-8 text of at most 255 bytes (py-amqp sends any bytes as they are)."""
-    if isinstance(value, (bytes, bytearray)):
-        raw = bytes(value)
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError:
-            # Sent as is, it would be a message no py-amqp consumer can decode.
-            raise ValueError(f"{name} must be UTF-8 text; got bytes that are not valid UTF-8") from None
-    elif isinstance(value, str):
-        try:
-            raw = value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError(f"{name} must be UTF-8 text; got a str with lone surrogates") from None
-    else:
-        raise TypeError(f"{name} must be a str, got {type(value).__name__}")
-    if len(raw) > 255:
-        raise ValueError(f"{name} is {len(raw)} bytes long; AMQP allows at most 255")
+    """A short-string property: UTF-8 text (py-amqp sends any bytes as they are), then :func:`_shortstr`'s rules."""
+    try:
+        if isinstance(value, (bytes, bytearray)):
+            bytes(value).decode("utf-8")
+        elif isinstance(value, str):
+            value.encode("utf-8")
+    except UnicodeError:
+        # Sent as is, it would be a message no py-amqp consumer can decode.
+        raise ValueError(f"{name} must be UTF-8 text; this {type(value).__name__} is not valid UTF-8") from None
+    _shortstr(name, value)  # a str (or bytes) of at most 255 bytes
 
 
 def _unhashable(key: tuple[Any, ...]) -> bool:
