@@ -15,6 +15,26 @@ point leaves the shared lock either held by the interrupted ``with`` (which
 releases it) or free.  A wake-up lost to an interrupted notifier costs a
 waiter at most :data:`SLICE` seconds: waits re-check their predicate that often.
 
+A lock taken without ``with`` (a non-blocking or timed ``acquire``) is an
+RLock handed over to a ``with`` at once::
+
+    try:
+        if not lock.acquire(False):
+            return
+        with lock:          # a second level, released by the C-level exit
+            lock.release()  # the first level: only the ``with`` holds it now
+            ...
+    finally:
+        if lock._is_owned():  # interrupted before the hand-over
+            lock.release()
+
+A release written in a ``finally`` (or a helper it calls) is Python code: an
+interrupt landing just before it skipped it, and the lock stayed held for
+ever.  With the hand-over, that takes a second interrupt within the few
+bytecodes before ``lock.release()``.  A caller that may already hold the lock
+(re-entry from its own callback) must not use the ``finally``: it would give
+back the outer level.
+
 No imports from the package: the fenced py-amqp layer uses this too.
 """
 

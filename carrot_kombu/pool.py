@@ -153,7 +153,7 @@ class ChannelPool:
         self._reclaimed: deque[int] = deque()
         #: Tokens in _reclaimed whose owner was collected knowingly (Lease.abandon): no warning.
         self._quiet: set[int] = set()
-        self._reaping = threading.Lock()
+        self._reaping = threading.RLock()  # for the hand-over in reap (see _sync)
 
     # -- supervisor side ----------------------------------------------------------
 
@@ -229,7 +229,7 @@ class ChannelPool:
         self._link = None
         self._live_generation = None
         self._reset()
-        self._reaping = threading.Lock()  # a parent's thread may have held it at fork
+        self._reaping = threading.RLock()  # a parent's thread may have held it at fork
         self._down_message = "the process forked; this connection belongs to the parent"
         return link
 
@@ -237,12 +237,18 @@ class ChannelPool:
         """Take back the channels of leases collected without ``release()`` (any thread)."""
         # One reaper at a time: two would both peek the same token, and the
         # second popleft would drop the next one unseen (its channel leaked).
-        if not self._reaping.acquire(False):
-            return
+        lock = self._reaping
+        if lock._is_owned():  # type: ignore[attr-defined]
+            return  # reaping already, further up this thread's stack
         try:
-            self._reap()
+            if not lock.acquire(False):
+                return
+            with lock:  # the C-level exit releases it, however this thread is interrupted (see _sync)
+                lock.release()
+                self._reap()
         finally:
-            self._reaping.release()
+            if lock._is_owned():  # type: ignore[attr-defined]  # interrupted before the hand-over
+                lock.release()
 
     def _reap(self) -> None:
         reclaimed = self._reclaimed

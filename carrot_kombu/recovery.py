@@ -50,7 +50,8 @@ class Recovery:
         self.topology = topology
         self.publisher = publisher
         self.consumers = consumers
-        self._lock = threading.Lock()
+        # An RLock for the hand-over in ensure_publisher (see _sync).
+        self._lock = threading.RLock()
 
     def restore(self, link: "Link") -> list[Degraded]:
         """On the supervisor, before leases; an exception fails the attempt.
@@ -110,13 +111,19 @@ class Recovery:
                 published again one at a time), return at once; the caller's
                 message waits for that channel within its own timeout.
         """
-        if not self._lock.acquire(blocking=wait):
-            return
+        lock = self._lock
+        if lock._is_owned():  # type: ignore[attr-defined]
+            return  # attaching already, further up this thread's stack
         try:
-            if self.publisher.needs(link.generation):
-                self.publisher.attach(link.open_channel(), link.generation)
+            if not lock.acquire(blocking=wait):
+                return
+            with lock:  # the C-level exit releases it, however this thread is interrupted (see _sync)
+                lock.release()
+                if self.publisher.needs(link.generation):
+                    self.publisher.attach(link.open_channel(), link.generation)
         finally:
-            self._lock.release()
+            if lock._is_owned():  # type: ignore[attr-defined]  # interrupted before the hand-over
+                lock.release()
 
     def retry(self, link: "Link", item: Degraded) -> Optional[BaseException]:
         """Try a degraded entity or consumer again; its error, or None once it works.

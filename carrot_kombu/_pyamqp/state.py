@@ -224,31 +224,42 @@ class EventQueue:
             Exception: Whatever a callback raised (the rest stay queued).
         """
         deadline = None if timeout is None else monotonic() + timeout
+        lock = self._drain_lock
+        if lock._is_owned():  # type: ignore[attr-defined]
+            # A callback draining again: the outer call's ``with`` holds the lock.
+            with lock:
+                return self._drain_one(deadline, timeout)
         try:
-            # Acquired inside the try: an exception raised into this thread
-            # right after the acquire still releases it (see _sync).
-            if not self._drain_lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            if not lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
                 raise socket.timeout()
-            # After a loss kombu must see the loss (Celery then forgets what it
-            # reserved); deliveries still queued come again from the broker.
-            self._conn.check_alive()
-            if not self._items:
-                if timeout is not None and timeout <= 0:
-                    with self._lock:
-                        self._disarm()
-                    raise socket.timeout()
-                self._wait(deadline)
-            with self._lock:
-                if not self._items:  # taken by a consumer's cancel meanwhile
-                    self._disarm()
-                    raise socket.timeout()
-                fn, args = self._items.popleft()
-                self._disarm()
-            fn(*args)
-            return 1
+            # The ``with`` takes a second level and the first is given back at
+            # once: from then on its C-level exit releases the lock, however
+            # this thread is interrupted (see _sync).
+            with lock:
+                lock.release()
+                return self._drain_one(deadline, timeout)
         finally:
-            if self._drain_lock._is_owned():  # type: ignore[attr-defined]
-                self._drain_lock.release()
+            if lock._is_owned():  # type: ignore[attr-defined]  # interrupted before the hand-over
+                lock.release()
+
+    def _drain_one(self, deadline: Optional[float], timeout: Optional[float]) -> int:
+        # After a loss kombu must see the loss (Celery then forgets what it
+        # reserved); deliveries still queued come again from the broker.
+        self._conn.check_alive()
+        if not self._items:
+            if timeout is not None and timeout <= 0:
+                with self._lock:
+                    self._disarm()
+                raise socket.timeout()
+            self._wait(deadline)
+        with self._lock:
+            if not self._items:  # taken by a consumer's cancel meanwhile
+                self._disarm()
+                raise socket.timeout()
+            fn, args = self._items.popleft()
+            self._disarm()
+        fn(*args)
+        return 1
 
     def _wait(self, deadline: Optional[float]) -> None:
         waiter = _QueueWaiter(self)
@@ -452,20 +463,34 @@ class ConnState:
                 if interrupt is not None and interrupt():
                     return False
                 led = False
+                lock = self._read_lock
                 try:
-                    led = self._read_lock.acquire(False)
+                    led = lock.acquire(False)
                     if led:
-                        self._leading = True
-                        self._lead(waiter, deadline, interrupt)
+                        # The ``with`` takes a second level and the first is
+                        # given back at once: from then on only the ``with``
+                        # holds the lock, and its C-level exit releases it
+                        # whatever interrupts this thread.  (A release in a
+                        # finally is Python code an interrupt can skip: the
+                        # lock then stayed held, and nobody read any more.)
+                        with lock:
+                            lock.release()
+                            self._leading = True
+                            self._lead(waiter, deadline, interrupt)
                 except OSError as exc:
                     failure = self.wire_failure(exc)
                     if failure is exc:
                         raise
                     raise failure from exc
                 finally:
-                    # Owned, even when interrupted before ``led`` was set.
-                    if self._read_lock._is_owned():  # type: ignore[attr-defined]
-                        self._release_lead()
+                    # Still owned only if interrupted between the acquire and
+                    # the inner release: needs a second interrupt to leak.
+                    if lock._is_owned():  # type: ignore[attr-defined]
+                        lock.release()
+                    if led:
+                        self._last_caller = monotonic()
+                        self._leading = False
+                        self._promote()
                 if led:
                     continue
                 if self._service_reading and self.wire is not None:
