@@ -216,13 +216,16 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
             # dispatched under this lock too, so none can precede the booking.
             first = state.next_tag
             numbered = state.confirm_mode and publishes > 0
-            if numbered:
-                state.next_tag += publishes
-                if confirm_reply is not None:
-                    state.confirm_waiters[first + publishes - 1] = confirm_reply
-                if on_queued is not None:
-                    on_queued(first, True)
             try:
+                # Inside the try: an interrupt anywhere in the booking (the
+                # publisher's on_queued is Python code) is undone below, or
+                # every later confirm would settle the wrong message.
+                if numbered:
+                    state.next_tag = first + publishes
+                    if confirm_reply is not None:
+                        state.confirm_waiters[first + publishes - 1] = confirm_reply
+                    if on_queued is not None:
+                        on_queued(first, True)
                 must_flush = wire.enqueue(frames, wait_room=False)
             except BaseException as exc:
                 if not wire.holds(frames):

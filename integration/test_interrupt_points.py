@@ -1,0 +1,126 @@
+"""Public calls interrupted at every point a signal handler could interrupt them, on RabbitMQ.
+
+The deterministic counterpart of ``signal_storm.py`` (:mod:`tests.interrupts`
+walks interrupt point 1, 2, ... of one call through all of carrot_kombu's
+code).  After each interrupt, what users rely on:
+
+- the interrupted thread's next call works (within the time a documented
+  connection loss takes to recover);
+- no lease stays counted as leased (an interrupted acquire gives its channel
+  back) and the pool can still lend ``pool_limit`` channels at once;
+- another thread's ``publish(timeout=2)`` returns within its timeout;
+- at the end ``stop()`` is prompt.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+import pytest
+
+from carrot_kombu import ConnectionManager
+from tests.interrupts import Interrupt, InterruptAt
+
+from .broker import unique
+
+#: All of carrot_kombu's code is interrupted; the caller's (this file's) is not.
+PACKAGE = ("/carrot_kombu/",)
+
+
+def _walk(manager: ConnectionManager, queue: str, call: Callable[[], object], limit: int) -> dict[str, object]:
+    interrupted = 0
+    n = 0
+    slowest_other = 0.0
+    while True:
+        n += 1
+        with InterruptAt(n, PACKAGE) as spot:
+            try:
+                call()
+            except Interrupt:
+                pass
+            except Exception:  # noqa: BLE001 - e.g. Disconnected after an earlier point's documented loss
+                pass
+        if not spot.fired:
+            break
+        interrupted += 1
+        assert n <= limit, f"more than {limit} interrupt points: is the walk looping?"
+        # Another thread's publish returns within its timeout.
+        took: list[float] = []
+
+        def other() -> None:
+            start = time.monotonic()
+            try:
+                manager.publish(b"other", routing_key=queue, timeout=2)
+            except Exception:  # noqa: BLE001 - during a documented loss it may fail; it must not hang
+                pass
+            took.append(time.monotonic() - start)
+
+        thread = threading.Thread(target=other, daemon=True)
+        thread.start()
+        thread.join(10)
+        assert took, f"another thread's publish(timeout=2) hung after an interrupt at {spot.where}"
+        slowest_other = max(slowest_other, took[0])
+        assert took[0] < 2.6, f"another thread's publish took {took[0]:.2f}s after an interrupt at {spot.where}"
+        # This thread's next call works.
+        try:
+            manager.publish(b"next", routing_key=queue, timeout=10)
+        except Exception as exc:
+            raise AssertionError(f"this thread's next publish failed after an interrupt at {spot.where}") from exc
+        # Nothing stays leased.
+        deadline = time.monotonic() + 5
+        while manager.status().pool.leased and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert manager.status().pool.leased == 0, f"a lease stayed counted after an interrupt at {spot.where}"
+    return {"points": n - 1, "interrupted": interrupted, "slowest_other": round(slowest_other, 3)}
+
+
+@pytest.fixture
+def walked(amqp_url: str):
+    queue = unique("ck-walk")
+    manager = ConnectionManager(amqp_url, pool_limit=3, backoff={"min": 0.05, "max": 0.5})
+    manager.start(wait=10)
+    with manager.channel(timeout=5) as lease:
+        lease.queue_declare(queue, auto_delete=False)
+    try:
+        yield manager, queue
+    finally:
+        try:
+            with manager.channel(timeout=5) as lease:
+                lease.queue_delete(queue)
+        finally:
+            start = time.monotonic()
+            manager.stop(timeout=5)
+            assert time.monotonic() - start < 5
+
+
+def test_a_confirmed_publish_interrupted_anywhere(walked) -> None:
+    manager, queue = walked
+    report = _walk(manager, queue, lambda: manager.publish(b"walked", routing_key=queue, timeout=5), limit=5000)
+    print(report)
+    assert report["interrupted"] >= 100, report
+
+
+def test_a_lease_and_its_request_interrupted_anywhere(walked) -> None:
+    manager, queue = walked
+
+    def lease_and_ask() -> None:
+        with manager.channel(timeout=5) as lease:
+            lease.queue_declare(queue, passive=True)
+
+    report = _walk(manager, queue, lease_and_ask, limit=5000)
+    print(report)
+    assert report["interrupted"] >= 100, report
+    # The pool still lends all its channels at once.
+    leases = [manager.open_channel(timeout=5) for _ in range(3)]
+    for lease in leases:
+        lease.release()
+
+
+def test_a_batch_publish_interrupted_anywhere(walked) -> None:
+    manager, queue = walked
+    report = _walk(manager, queue, lambda: manager.publish_many([b"a", b"b", b"c"], routing_key=queue, timeout=5),
+                   limit=8000)
+    print(report)
+    assert report["interrupted"] >= 100, report
