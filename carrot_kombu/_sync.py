@@ -116,40 +116,50 @@ class Monitor:
 class Flag:
     """:class:`threading.Event`'s ``set``/``clear``/``is_set``/``wait``, on one C lock.
 
-    The lock is held while the flag is clear; ``wait`` is an ``acquire``.  No
-    Python-level lock is involved, so an interrupted waiter or setter cannot
-    leave anything held.
+    :attr:`_set` is the truth; the lock only puts waiters to sleep (held while
+    the flag is clear, released by ``set``).  No Python-level lock is
+    involved.  A waiter interrupted between taking the lock and giving it
+    back leaves it held while the flag is set: ``is_set`` and new waits still
+    see the flag set at once, and waiters already asleep see it within
+    :data:`SLICE` (waits are sliced).
     """
 
-    __slots__ = ("_lock",)
+    __slots__ = ("_lock", "_set")
 
     def __init__(self) -> None:
+        self._set = False
         self._lock = allocate_lock()
         self._lock.acquire()
 
     def set(self) -> None:
+        self._set = True
         try:
             self._lock.release()
         except RuntimeError:
-            pass  # already set
+            pass  # already released
 
     def clear(self) -> None:
+        self._set = False
         self._lock.acquire(False)
 
     def is_set(self) -> bool:
-        # While another thread passes through wait() the lock is held for an
-        # instant and a set flag reads clear: ask from the waiting thread, or
-        # where a momentary "not yet" is harmless.
-        return not self._lock.locked()
+        return self._set
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """True once set (at once if it is), False after ``timeout`` seconds."""
-        if not self._lock.acquire(True, -1 if timeout is None else max(0.0, timeout)):
-            return False
-        try:
-            self._lock.release()  # stay set for the others
-        except RuntimeError:
-            pass  # a set() came in between: set it is
+        deadline = None if timeout is None else monotonic() + max(0.0, timeout)
+        while not self._set:
+            remaining = SLICE if deadline is None else min(SLICE, deadline - monotonic())
+            if remaining <= 0:
+                return False
+            if self._lock.acquire(True, remaining):
+                if self.is_set():  # (a call: set by another thread while we slept)
+                    try:
+                        self._lock.release()  # stay set for the others
+                    except RuntimeError:
+                        pass  # a set() came in between: set it is
+                # Not set: a clear() raced a set() and left the lock free; kept
+                # held, as a clear flag's is (the next wait sleeps, not spins).
         return True
 
 

@@ -16,6 +16,7 @@ found a leaked reader lock in 3 runs out of 16; this finds it in every run.
 
 from __future__ import annotations
 
+import threading
 from time import monotonic
 from typing import Callable
 
@@ -25,7 +26,7 @@ import pytest
 from carrot_kombu import Disconnected
 from carrot_kombu._pyamqp import SupervisedConnection
 from carrot_kombu._pyamqp.state import ConnState
-from carrot_kombu._sync import SLICE
+from carrot_kombu._sync import SLICE, Flag, Worker
 
 from .interrupts import Interrupt, InterruptAt
 from .test_pyamqp_support import WAIT, Harness, harness, no_leaks  # noqa: F401
@@ -105,6 +106,48 @@ def test_a_confirmed_publish_interrupted_anywhere_leaves_the_connection_serving_
     )
     assert walked["interrupted"] >= 30, walked
     assert walked["dropped"] <= walked["interrupted"] // 4, walked
+
+
+def _walk_plain(call: Callable[[], object], check: Callable[[str], None]) -> int:
+    """Interrupt ``call`` at each of its points in turn, ``check(where)`` after each; the points."""
+    n = 0
+    while True:
+        n += 1
+        with InterruptAt(n, ("carrot_kombu/_sync.py",)) as spot:
+            try:
+                call()
+            except Interrupt:
+                pass
+        if not spot.fired:
+            return n - 1
+        check(spot.where)
+
+
+def test_waiting_on_a_set_flag_interrupted_anywhere_leaves_it_set() -> None:
+    """A Worker's end is a Flag: one interrupted ``stop()`` must not make it look alive for ever."""
+    flag = Flag()
+    flag.set()
+
+    def check(where: str) -> None:
+        assert flag.is_set(), f"set flag reads clear after an interrupt at {where}"
+        seen: list[bool] = []
+        other = threading.Thread(target=lambda: seen.append(flag.wait(1)))
+        other.start()
+        other.join(5)
+        assert seen == [True], f"another waiter missed the set flag after an interrupt at {where}"
+
+    assert _walk_plain(lambda: flag.wait(1), check) >= 2
+
+
+def test_waiting_for_an_ended_worker_interrupted_anywhere_still_sees_it_ended() -> None:
+    worker = Worker(lambda: None, "ck-test-ends-at-once")
+    worker.start()
+    assert worker.wait(5)
+
+    def check(where: str) -> None:
+        assert not worker.running() and worker.wait(0.5), f"the ended worker looks alive after an interrupt at {where}"
+
+    assert _walk_plain(lambda: worker.wait(1), check) >= 2
 
 
 def _old_wait_for(self, waiter, deadline, interrupt=None):  # noqa: C901 - verbatim, before the fix
