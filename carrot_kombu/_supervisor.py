@@ -182,6 +182,10 @@ class Supervisor:
         self._stopping = Flag()  # set by stop() in any thread, maybe interrupted: see _sync
         self._thread = Worker(self._run, "carrot-kombu-supervisor")
         self._retired = False
+        #: Who reports the stop (the "stopped" event) is decided once, under
+        #: this lock: the ending loop, or a stop() that retires it.
+        self._report_lock = threading.Lock()
+        self._stop_reported = False
         self._live: Optional[int] = None
         self._endpoint_index = 0
         self._stop_timeout = 5.0
@@ -199,13 +203,26 @@ class Supervisor:
     def start(self) -> None:
         self._thread.start()
 
-    def retire(self) -> None:
+    def retire(self) -> bool:
         """Let a supervisor that did not stop in time finish silently.
 
         It keeps its own pool and state board (the manager has new ones) and
         posts no more events, so it cannot disturb a manager started again.
+
+        Returns:
+            True if the caller is to report the stop (``stopped``); False if
+            the loop, ending just now, claimed that first (wait for it with
+            :meth:`wait_ended`) or an earlier ``retire()`` did.
         """
-        self._retired = True
+        with self._report_lock:
+            self._retired = True
+            mine = not self._stop_reported
+            self._stop_reported = True
+        return mine
+
+    def wait_ended(self, timeout: Optional[float]) -> bool:
+        """True once the loop's thread ended (within ``timeout``)."""
+        return self._thread.wait(timeout)
 
     def stop(self, timeout: Optional[float]) -> bool:
         """Ask the loop to end; True if it ended within ``timeout``."""
@@ -277,9 +294,15 @@ class Supervisor:
             self._publisher.fail_waiting("the carrot_kombu supervisor crashed")
         finally:
             if self._stopping.is_set():
-                self._pool.detach("manager stopped", None)
-                self._board.stopped()
-                self._post("stopped")
+                with self._report_lock:
+                    mine = not self._stop_reported
+                    self._stop_reported = True
+                if mine:
+                    # Posted even if stop() retires us from now on: it then
+                    # waits for this thread instead of posting (see retire).
+                    self._pool.detach("manager stopped", None)
+                    self._board.stopped()
+                    self._bus.post("stopped")
 
     def _loop(self) -> None:
         settings = self._settings

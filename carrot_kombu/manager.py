@@ -302,12 +302,16 @@ class ConnectionManager:
             # it now, so nobody stays blocked, and let the thread end alone.
             if not supervisor.on_own_thread():  # from a setup function it cannot wait for itself
                 logger.warning("carrot_kombu supervisor did not stop within %ss; it will exit on its own", timeout)
-            supervisor.retire()
+            report = supervisor.retire()
             supervisor.abort(Disconnected("the manager stopped"))
             core.pool.detach("manager stopped", None)
-            if core.board.state is not ConnectionState.STOPPED:  # not twice when a stop() is redone
+            if report:
                 core.board.stopped()
                 core.bus.post("stopped")
+            else:
+                # The loop ended just now and is posting "stopped" itself (or a
+                # redone stop() already did): let it before the bus closes.
+                supervisor.wait_ended(None if deadline is None else max(0.0, deadline - time.monotonic()))
         core.bus.close(None if deadline is None else max(0.0, deadline - time.monotonic()))
         core.stopping = None  # done: every step above is idempotent, so an interrupted stop() is redone whole
 

@@ -434,3 +434,42 @@ def test_a_stopped_manager_that_is_dropped_ends_its_consumer_threads(faults):
     while time.monotonic() < deadline and any(t.name.startswith("carrot-kombu-consumer") for t in threading.enumerate()):
         time.sleep(0.02)
     assert not [t.name for t in threading.enumerate() if t.name.startswith("carrot-kombu-consumer")]
+
+
+def test_stopped_is_delivered_when_the_loop_ends_just_as_stop_gives_up_on_it(make_manager, faults, monkeypatch):
+    """stop() times out on a stuck attempt and retires the supervisor just as its loop ends.
+
+    Forced interleaving: the loop marks the board STOPPED, then stop()
+    retires it.  Both used to leave the ``stopped`` event to the other, and
+    stop() returned without it (1 run in 5 of a blackholed handshake).
+    """
+    from carrot_kombu._supervisor import Supervisor
+    from carrot_kombu.status import StateBoard
+
+    in_stopped, retired = threading.Event(), threading.Event()
+    original_stopped, original_retire = StateBoard.stopped, Supervisor.retire
+
+    def stopped(self):
+        original_stopped(self)
+        if threading.current_thread().name == "carrot-kombu-supervisor":
+            in_stopped.set()
+            retired.wait(5)  # the loop pauses between the board and the event
+
+    def retire(self):
+        gate.set()  # the stuck attempt ends; the loop sees stop() and ends
+        assert in_stopped.wait(5)
+        try:
+            return original_retire(self)
+        finally:
+            retired.set()
+
+    monkeypatch.setattr(StateBoard, "stopped", stopped)
+    monkeypatch.setattr(Supervisor, "retire", retire)
+    faults.gate = gate = threading.Event()
+    faults.gate_once = True
+    manager, events = make_manager()
+    assert faults.wait_attempts(1)
+    manager.stop(timeout=1)
+    assert retired.is_set(), "the interleaving was not forced"
+    assert events.names().count("stopped") == 1, events.names()
+    assert manager.state is ConnectionState.STOPPED
