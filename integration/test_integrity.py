@@ -451,7 +451,7 @@ def test_a_storm_of_interrupts_never_wedges_a_thread_or_the_manager(amqp_url, mo
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not report["wedged"], report
     assert proc.returncode == 0, (report, proc.stderr[-3000:])
-    assert report["interrupted"] >= 100, report
+    assert report["interrupted"] >= 50, report
     assert report["probes"] >= 10 and report["probe_max"] <= 2.6, report
     assert report["stop_seconds"] < 5, report
     # Measured: 2-5% of interrupts land inside a frame's handling; nothing else may drop the
