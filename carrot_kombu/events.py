@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from typing import Any, Callable, Optional
 
 from ._sync import Worker
@@ -46,7 +47,11 @@ class EventBus:
         self._lock = threading.Lock()
         self._subscribers: dict[str, tuple[Callback, ...]] = {e: () for e in EVENTS}
         self._queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        #: The dispatcher; cleared by the dispatcher itself as it leaves.
         self._thread: Optional[Worker] = None
+        self._closing = False
+        #: Dispatcher threads running, strays included (see _dispatch).
+        self._live: set[threading.Thread] = set()
 
     def on(self, event: str, callback: Callback) -> Callback:
         _check_event(event)
@@ -72,7 +77,13 @@ class EventBus:
 
     def start(self) -> None:
         with self._lock:
-            if self._thread is None or not self._thread.running():
+            # A close() in progress (or interrupted) is called off: the
+            # dispatcher ignores its stop mark, or has already left and
+            # cleared _thread, under this same lock (one dispatcher at a time:
+            # two would deliver out of order, and a stop mark could end the
+            # wrong one).
+            self._closing = False
+            if self._thread is None or not self._thread.running():  # (or it died of a BaseException)
                 self._thread = Worker(self._run, self._name)
                 self._thread.start()
 
@@ -82,25 +93,64 @@ class EventBus:
     def close(self, timeout: Optional[float] = None) -> None:
         """Deliver what was posted, then end the dispatcher thread."""
         with self._lock:
-            thread, self._thread = self._thread, None
-        if thread is None:
+            thread = self._thread
+            self._closing = True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if thread is not None:
+            self._queue.put(_STOP)
+            if not thread.wait(timeout):
+                return
+        with self._lock:
+            strays = len(self._live) if self._thread is None else 0
+        if not strays:
             return
-        self._queue.put(_STOP)
-        thread.wait(timeout)
+        # Rare (see _dispatch): each stray leaves on one stop mark, after the
+        # one item it may be delivering; polled, not joined (see _sync.Worker).
+        for _ in range(strays):
+            self._queue.put(_STOP)
+        while self._live and self._thread is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                return
+            time.sleep(0.005)
 
     def _run(self) -> None:
+        me = threading.current_thread()
+        with self._lock:
+            self._live.add(me)
+        try:
+            self._dispatch(me)
+        finally:
+            with self._lock:
+                self._live.discard(me)
+
+    def _dispatch(self, me: threading.Thread) -> None:
         while True:
             item = self._queue.get()
-            if item is _STOP:
-                return
-            event, args = item
             with self._lock:
+                # A stray: a start() interrupted inside Thread.start() was
+                # followed by another start(), yet the first thread did
+                # start.  It leaves after at most one item, passing a stop
+                # mark on to the current dispatcher if there is one.
+                current = self._thread
+                mine = current is not None and current.thread is me
+                if item is _STOP:
+                    if not mine:
+                        if current is not None:
+                            self._queue.put(_STOP)
+                        return
+                    if self._closing:
+                        self._thread = None
+                        return
+                    continue  # from a close() that start() called off since
+                event, args = item
                 callbacks = self._subscribers[event]
             for callback in callbacks:
                 try:
                     callback(*args)
                 except Exception:
                     logger.exception("carrot_kombu %r callback %r failed", event, callback)
+            if not mine:
+                return
 
 
 def _check_event(event: str) -> None:

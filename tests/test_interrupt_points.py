@@ -17,6 +17,7 @@ found a leaked reader lock in 3 runs out of 16; this finds it in every run.
 from __future__ import annotations
 
 import threading
+import traceback
 from time import monotonic
 from typing import Callable
 
@@ -27,6 +28,7 @@ from carrot_kombu import Disconnected
 from carrot_kombu._pyamqp import SupervisedConnection
 from carrot_kombu._pyamqp.state import ConnState
 from carrot_kombu._sync import SLICE, Flag, Worker
+from carrot_kombu.events import EventBus
 
 from .interrupts import Interrupt, InterruptAt
 from .test_pyamqp_support import WAIT, Harness, harness, no_leaks  # noqa: F401
@@ -108,12 +110,14 @@ def test_a_confirmed_publish_interrupted_anywhere_leaves_the_connection_serving_
     assert walked["dropped"] <= walked["interrupted"] // 4, walked
 
 
-def _walk_plain(call: Callable[[], object], check: Callable[[str], None]) -> int:
+def _walk_plain(
+    call: Callable[[], object], check: Callable[[str], None], files: tuple[str, ...] = ("carrot_kombu/_sync.py",),
+) -> int:
     """Interrupt ``call`` at each of its points in turn, ``check(where)`` after each; the points."""
     n = 0
     while True:
         n += 1
-        with InterruptAt(n, ("carrot_kombu/_sync.py",)) as spot:
+        with InterruptAt(n, files) as spot:
             try:
                 call()
             except Interrupt:
@@ -148,6 +152,49 @@ def test_waiting_for_an_ended_worker_interrupted_anywhere_still_sees_it_ended() 
         assert not worker.running() and worker.wait(0.5), f"the ended worker looks alive after an interrupt at {where}"
 
     assert _walk_plain(lambda: worker.wait(1), check) >= 2
+
+
+def test_event_bus_starts_and_closes_interrupted_anywhere_leave_one_dispatcher() -> None:
+    """stop()/start() interrupted over and over: events still come, close() still ends the dispatcher.
+
+    Interrupts also land inside ``Thread.start()``: the thread may have
+    started though ``start()`` raised, and a second start() then made a
+    second dispatcher; a stop mark could then end the wrong one, and the next
+    ``stop()`` waited for ever (found by an attack storm on stop()/start()).
+    """
+    bus = EventBus()
+    seen: list[int] = []
+    bus.on("connected", lambda: seen.append(1))
+
+    def dispatchers() -> list[threading.Thread]:
+        # (A Thread interrupted inside start() before it began stays listed, never alive.)
+        return [t for t in threading.enumerate() if t.name == "carrot-kombu-events" and t.is_alive()]
+
+    def cycle() -> None:
+        try:
+            bus.start()
+            bus.post("connected")
+            bus.close(2)
+        except RuntimeError as exc:
+            # CPython's own Condition.wait (inside Thread.start) interrupted
+            # in _release_save raises this instead: not ours to fix.
+            assert exc.__traceback__ is not None and "threading.py" in str(traceback.extract_tb(exc.__traceback__)[-1])
+
+    def check(where: str) -> None:
+        bus.start()
+        bus.post("connected")
+        began = monotonic()
+        bus.close(2)
+        assert monotonic() - began < 2, f"close() waited its whole timeout after an interrupt at {where}"
+        assert seen, f"no event delivered after an interrupt at {where}"
+        seen.clear()
+        deadline = monotonic() + 2
+        while dispatchers() and monotonic() < deadline:
+            threading.Event().wait(0.01)
+        assert not dispatchers(), f"a dispatcher outlived close() after an interrupt at {where}"
+
+    files = ("carrot_kombu/events.py", "carrot_kombu/_sync.py", "/threading.py")
+    assert _walk_plain(cycle, check, files) >= 20
 
 
 def _old_wait_for(self, waiter, deadline, interrupt=None):  # noqa: C901 - verbatim, before the fix
