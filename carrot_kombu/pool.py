@@ -404,34 +404,45 @@ class ChannelPool:
     def _give_back(self, token: int, discard: bool) -> None:
         """Take back lease ``token``'s channel: idle, verified or closed (idempotent)."""
         to_close = to_verify = None
-        with self._cond.lock:
-            chan = self._leased.get(token)
-            link = self._link
-            if chan is None:
-                return  # given back already, or stale: its connection is gone, and the channel with it
-            if link is None:
-                del self._leased[token]
-                return
-            # Decided first, then committed: each removal and the call that
-            # files the channel elsewhere have no bytecode boundary between them.
-            if discard or not link.reusable(chan):
-                to_close = chan
-                del self._leased[token]
-            elif link.needs_verify(chan):
-                to_verify = chan
-                del self._leased[token]
-                self._verifying.add(chan)
-            else:
-                del self._leased[token]
-                self._idle.append(chan)
-            self._at_channel_max = False
-            self._cond.notify()
-        if to_verify is not None:
-            generation = link.generation
-            if not link.verify(to_verify, lambda ok: self._verified(to_verify, generation, ok)):
+        generation = 0
+        started = False
+        try:
+            with self._cond.lock:
+                chan = self._leased.get(token)
+                link = self._link
+                if chan is None:
+                    return  # given back already, or stale: its connection is gone, and the channel with it
+                if link is None:
+                    del self._leased[token]
+                    return
+                # Decided first, then committed: each removal and the call that
+                # files the channel elsewhere have no bytecode boundary between them.
+                if discard or not link.reusable(chan):
+                    to_close = chan
+                    del self._leased[token]
+                elif link.needs_verify(chan):
+                    to_verify, generation = chan, link.generation
+                    del self._leased[token]
+                    self._verifying.add(chan)
+                else:
+                    del self._leased[token]
+                    self._idle.append(chan)
+                self._at_channel_max = False
+                self._cond.notify()
+            if to_verify is not None:
+                started = link.verify(to_verify, lambda ok: self._verified(to_verify, generation, ok))
+                if not started:
+                    self._verified(to_verify, generation, False)
+                    started = True
+        finally:
+            # Interrupted between filing the channel as verifying and the
+            # verification's start: nothing would ever file it back (its slot
+            # stayed taken until the next reconnect).  Discarded instead; a
+            # verification that did start and reports later finds it gone.
+            if to_verify is not None and not started:
                 self._verified(to_verify, generation, False)
-        if to_close is not None:
-            _close_nowait(to_close)
+            if to_close is not None:
+                _close_nowait(to_close)
 
     def _verified(self, chan: Any, generation: int, ok: bool) -> None:
         """On the reading thread: a released channel's verification came back."""

@@ -206,3 +206,29 @@ def _reap_concurrently(manager, pool) -> None:
             thread.join(10)
         pool.reap()
         assert manager.status().pool.leased == 0
+
+
+def test_a_release_interrupted_as_verification_starts_frees_the_slot(make_manager, monkeypatch):
+    """Filed as 'verifying', then interrupted before the check was written: nothing would file it back.
+
+    The slot stayed taken until the next reconnect; a few such interrupts and
+    every lease timed out (helper-17, pool_limit=10 exhausted).
+    """
+    from carrot_kombu._link import VirtualLink
+
+    class Interrupt(BaseException):
+        pass
+
+    def verify(self, chan, on_done):
+        raise Interrupt()
+
+    monkeypatch.setattr(VirtualLink, "needs_verify", lambda self, chan: True)
+    monkeypatch.setattr(VirtualLink, "verify", verify)
+    manager, _ = make_manager(pool_limit=1)
+    assert manager.wait_connected(5)
+    lease = manager.open_channel(timeout=2)
+    with pytest.raises(Interrupt):
+        lease.release()
+    status = manager.status().pool
+    assert (status.leased, status.verifying) == (0, 0), status
+    manager.open_channel(timeout=2).release()  # the only slot is free again
