@@ -9,10 +9,14 @@ test can walk ``n = 1, 2, ...`` and interrupt a call at *every* place a real
 signal could, deterministically, instead of hoping a timer hits the one bad
 bytecode (the signal storm found a leaked lock that way, 3 runs in 16).
 
-The model is slightly wider than CPython 3.11: an interrupt "after a call"
-is raised before the next instruction, which may lie outside a ``try`` or
-``with`` block that the call itself was inside.  ``with`` blocks are exempt
-from that: a C lock's ``__exit__`` call never gets an interrupt after it.
+CPython attributes an interrupt "after a call" to the call instruction, so
+the ``try``/``with`` handlers around the call handle it.  A trace function
+can only raise before the *next* instruction: where that one lies under a
+different handler (the call was the last thing in a ``with`` block, e.g.
+``return f()`` inside ``with lock:``), raising there would skip the block's
+``__exit__``, which a real signal cannot do, so such points are skipped
+(:attr:`InterruptAt.skipped`).  So is the point after a ``with`` statement's
+own ``__exit__`` call on a C lock.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class InterruptAt:
             ``fired`` is False: walking ``n`` past it is pointless).
         fired: Whether the interrupt was raised.
         where: ``function:line`` where it was raised.
+        skipped: Points after a call that a trace function cannot model (see the module doc).
     """
 
     def __init__(self, n: int, files: tuple[str, ...]) -> None:
@@ -52,7 +57,8 @@ class InterruptAt:
         self.points = 0
         self.fired = False
         self.where = ""
-        self._after_call: dict[int, bool] = {}
+        self._after_call: dict[int, Optional[int]] = {}
+        self.skipped = 0
         self._previous: Any = None
 
     def __enter__(self) -> "InterruptAt":
@@ -69,7 +75,7 @@ class InterruptAt:
             return None
         frame.f_trace_opcodes = True
         frame.f_trace_lines = False
-        self._after_call[id(frame)] = False
+        self._after_call[id(frame)] = None
         if self._point(frame, "entry"):
             raise Interrupt(self.where)
         return self._local
@@ -80,12 +86,18 @@ class InterruptAt:
             return None
         if event != "opcode":
             return self._local
-        code = frame.f_code.co_code
-        op = code[frame.f_lasti]
+        code = frame.f_code
+        offset = frame.f_lasti
+        op = code.co_code[offset]
         key = id(frame)
-        due = self._after_call.get(key, False) or (op in _BACKWARD and op not in _NO_INTERRUPT)
-        self._after_call[key] = op in _CALLS and not _is_with_exit(frame.f_code, frame.f_lasti)
-        if due and self._point(frame, "after call" if op not in _BACKWARD else "loop"):
+        call = self._after_call.get(key)
+        self._after_call[key] = offset if op in _CALLS and not _is_with_exit(code, offset) else None
+        if call is not None:
+            if _handler(code, call) != _handler(code, offset):
+                self.skipped += 1  # a real interrupt here goes to the call's handler: see the module doc
+            elif self._point(frame, "after call"):
+                raise Interrupt(self.where)
+        elif op in _BACKWARD and op not in _NO_INTERRUPT and self._point(frame, "loop"):
             raise Interrupt(self.where)
         return self._local
 
@@ -116,3 +128,17 @@ def _is_with_exit(code: Any, offset: int) -> bool:
 
 
 _WITH_EXITS: dict[Any, set[int]] = {}
+
+
+def _handler(code: Any, offset: int) -> Optional[int]:
+    """The exception handler (target offset) covering ``offset``; None outside every ``try``/``with``."""
+    table = _TABLES.get(code)
+    if table is None:
+        table = _TABLES[code] = [(e.start, e.end, e.target) for e in dis._parse_exception_table(code)]  # type: ignore[attr-defined]
+    for start, end, target in table:
+        if start <= offset < end:
+            return target
+    return None
+
+
+_TABLES: dict[Any, list[tuple[int, int, int]]] = {}
