@@ -3,14 +3,17 @@
 Run in a subprocess by ``test_integrity.py`` (a wedged process must not take
 pytest with it)::
 
-    python -m integration.signal_storm URL SECONDS [publish|lease]
+    python -m integration.signal_storm URL SECONDS [publish|lease|stopstart]
 
 The main thread publishes (single messages and batches) and is interrupted by
 ``SIGALRM`` 0.5-20 ms into each round, like Ctrl-C or Celery's soft time
 limit would.  Another thread publishes with ``timeout=2`` every 0.1 s: each of
 its calls must return within its timeout whatever the main thread was doing.
 In ``lease`` mode the main thread takes leases and asks the broker a
-question on each (RPCs, channel opens and closes) instead of publishing.
+question on each (RPCs, channel opens and closes) instead of publishing; in
+``stopstart`` mode it stops and starts the manager (an interrupted ``stop()``
+or ``start()`` must be finished by the next one, and the final ``stop()``
+must be prompt).
 Prints one JSON line with what happened (``other_drops``: connection losses
 for any reason but an interrupted frame handling, e.g. a reused channel id);
 exit status 0 unless wedged.
@@ -30,7 +33,7 @@ import uuid
 from carrot_kombu import ConnectionManager
 
 
-class Alarm(Exception):
+class Alarm(BaseException):
     """What the signal handler raises."""
 
 
@@ -92,7 +95,10 @@ def main(url: str, seconds: float, mode: str = "publish") -> int:
         try:
             signal.setitimer(signal.ITIMER_REAL, random.uniform(0.0005, 0.02))
             try:
-                if mode == "lease":
+                if mode == "stopstart":
+                    manager.stop()
+                    manager.start(wait=5)
+                elif mode == "lease":
                     for _ in range(5):
                         with manager.channel(timeout=5) as lease:
                             lease.queue_declare(queue, passive=True)
@@ -109,6 +115,9 @@ def main(url: str, seconds: float, mode: str = "publish") -> int:
             pass
     done.set()
     prober.join(15)
+    if mode == "stopstart":
+        manager.start(wait=10)  # the storm may have left it stopped
+        report["dispatchers"] = sum(t.name == "carrot-kombu-events" and t.is_alive() for t in threading.enumerate())
     report["disconnects"] = disconnects[0]
     report["other_drops"] = other_drops[:5]
     if wedged.is_set():

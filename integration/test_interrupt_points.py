@@ -18,6 +18,7 @@ import threading
 import time
 from typing import Callable
 
+import amqp
 import pytest
 
 from carrot_kombu import ConnectionManager
@@ -29,12 +30,16 @@ from .broker import unique
 PACKAGE = ("/carrot_kombu/",)
 
 
-def _walk(manager: ConnectionManager, queue: str, call: Callable[[], object], limit: int) -> dict[str, object]:
+def _walk(
+    manager: ConnectionManager, queue: str, call: Callable[[], object], limit: int,
+    before: Callable[[], object] = lambda: None,
+) -> dict[str, object]:
     interrupted = 0
     n = 0
     slowest_other = 0.0
     while True:
         n += 1
+        before()
         with InterruptAt(n, PACKAGE) as spot:
             try:
                 call()
@@ -73,6 +78,9 @@ def _walk(manager: ConnectionManager, queue: str, call: Callable[[], object], li
         while manager.status().pool.leased and time.monotonic() < deadline:
             time.sleep(0.01)
         assert manager.status().pool.leased == 0, f"a lease stayed counted after an interrupt at {spot.where}"
+        while manager.status().pool.verifying and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert manager.status().pool.verifying == 0, f"a channel stayed 'verifying' after an interrupt at {spot.where}"
     return {"points": n - 1, "interrupted": interrupted, "slowest_other": round(slowest_other, 3)}
 
 
@@ -124,3 +132,24 @@ def test_a_batch_publish_interrupted_anywhere(walked) -> None:
                    limit=8000)
     print(report)
     assert report["interrupted"] >= 100, report
+
+
+def test_a_lease_getting_acking_and_publishing_interrupted_anywhere(walked) -> None:
+    """A publish leaves the channel to be verified on release: no slot may stay 'verifying' (helper-17: pool exhausted)."""
+    manager, queue = walked
+
+    def get_and_ack() -> None:
+        with manager.channel(timeout=5) as lease:
+            message = lease.basic_get(queue)
+            if message is not None:
+                lease.basic_ack(message.delivery_tag)
+            # No reply to a publish: the channel is verified when given back.
+            lease.basic_publish(amqp.Message(b"from-the-lease"), routing_key=queue)
+
+    report = _walk(manager, queue, get_and_ack, limit=8000,
+                   before=lambda: manager.publish(b"to-get", routing_key=queue, timeout=5))
+    print(report)
+    assert report["interrupted"] >= 100, report
+    leases = [manager.open_channel(timeout=5) for _ in range(3)]
+    for lease in leases:
+        lease.release()
