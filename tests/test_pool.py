@@ -231,4 +231,5 @@ def test_a_release_interrupted_as_verification_starts_frees_the_slot(make_manage
         lease.release()
     status = manager.status().pool
     assert (status.leased, status.verifying) == (0, 0), status
+    monkeypatch.undo()
     manager.open_channel(timeout=2).release()  # the only slot is free again
