@@ -73,6 +73,9 @@ class Consumer:
         self._worker = threading.Thread(
             target=self._run, name=f"carrot-kombu-consumer-{queue.name or 'server-named'}", daemon=True
         )
+
+    def start(self) -> None:
+        """Start the worker thread (deliveries wait in its queue until then)."""
         self._worker.start()
 
     def __repr__(self) -> str:
@@ -97,8 +100,10 @@ class Consumer:
                     return
             private = getattr(link, "private_connection", None)
             conn = private() if private is not None else None
-            channel = conn.channel() if conn is not None else link.open_channel()
+            channel = None
+            recorded = False
             try:
+                channel = conn.channel() if conn is not None else link.open_channel()
                 if self.declare:
                     declare_entity(channel, self.queue, self.server_named)
                 if self.prefetch_count is not None:
@@ -109,15 +114,22 @@ class Consumer:
                 else:
                     tag = channel.consume_internal(self.queue.name, self._deliver, self._broker_cancelled,
                                                    no_ack=self.no_ack, arguments=self.arguments)
+                with self._lock:
+                    keep = self._still_active()
+                    if keep:
+                        # One statement, no call inside: recorded, or not at all,
+                        # whatever interrupts this thread (see _sync).
+                        self._channel, self._tag, self._generation, self._private, recorded = (
+                            channel, tag, link.generation, conn, True
+                        )
+                        self.degraded = None
             except BaseException:
-                _close(channel)
-                _release(conn)
+                # Until it is recorded, a subscription is this call's to undo:
+                # nobody else could cancel it (its channel is closed with it).
+                if not recorded:
+                    _close(channel)
+                    _release(conn)
                 raise
-            with self._lock:
-                keep = self._still_active()
-                if keep:
-                    self._channel, self._tag, self._generation, self._private = channel, tag, link.generation, conn
-                    self.degraded = None
             if not keep:
                 _close(channel)  # cancelled meanwhile
                 _release(conn)
@@ -149,15 +161,20 @@ class Consumer:
             self.active = False
             channel, tag, private = self._channel, self._tag, self._private
             self._channel = self._tag = self._generation = self._private = None
-        self._owner.remove(self)
-        if channel is not None:
-            try:
-                channel.basic_cancel(tag)
-            except Exception:
-                logger.debug("ignored error cancelling a consumer", exc_info=True)
+        try:
+            self._owner.remove(self)
+            if channel is not None:
+                try:
+                    channel.basic_cancel(tag)
+                except Exception:
+                    logger.debug("ignored error cancelling a consumer", exc_info=True)
+        finally:
+            # Also when interrupted: ``active`` is already False, so a second
+            # cancel() returns at once and this is the only chance.  Closing
+            # the channel ends the broker's consumer anyway.
             _close(channel)  # nothing is written after this; unacked deliveries go back to the queue
-        _release(private)
-        self._deliveries.put(_STOP)
+            _release(private)
+            self._deliveries.put(_STOP)
 
     # -- the reading thread's side (our code: only queues) -------------------------------------
 

@@ -548,16 +548,21 @@ class ConnectionManager:
         core = self._core
         consumer = Consumer(core.consumers, queue, callback, prefetch_count, no_ack,
                             dict(arguments or {}) or None, declare=declare)
-        core.consumers.add(consumer)
-        link = core.pool.current_link()
-        if link is not None:
-            try:
-                consumer.subscribe(link)
-            except Disconnected:
-                pass  # subscribed on the next connection
-            except BaseException:
-                consumer.cancel()  # e.g. 404: the queue does not exist; nothing stays registered
-                raise
+        try:
+            # From here on an exception (a 404, or one raised into this thread
+            # by a signal) cancels it: the caller never got it, and nothing
+            # may stay registered or subscribed.
+            core.consumers.add(consumer)
+            consumer.start()
+            link = core.pool.current_link()
+            if link is not None:
+                try:
+                    consumer.subscribe(link)
+                except Disconnected:
+                    pass  # subscribed on the next connection
+        except BaseException:
+            consumer.cancel()
+            raise
         return consumer
 
     # -- confirmed publishing -------------------------------------------------------------------

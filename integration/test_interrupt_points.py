@@ -14,9 +14,11 @@ code).  After each interrupt, what users rely on:
 
 from __future__ import annotations
 
+import os
+import random
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import amqp
 import pytest
@@ -32,13 +34,16 @@ PACKAGE = ("/carrot_kombu/",)
 
 def _walk(
     manager: ConnectionManager, queue: str, call: Callable[[], object], limit: int,
-    before: Callable[[], object] = lambda: None,
+    before: Callable[[], object] = lambda: None, check: Callable[[str], None] = lambda where: None, step: int = 1,
 ) -> dict[str, object]:
+    """Interrupt ``call`` at point 1, 2, ... (every ``step``-th, from a random offset: a long walk in CI
+    covers all points over several runs; ``CARROT_KOMBU_WALK_OFFSET`` replays one)."""
     interrupted = 0
-    n = 0
+    offset = int(os.environ.get("CARROT_KOMBU_WALK_OFFSET", random.randrange(step)))
+    n = offset - step + 1
     slowest_other = 0.0
     while True:
-        n += 1
+        n += step
         before()
         with InterruptAt(n, PACKAGE) as spot:
             try:
@@ -50,6 +55,7 @@ def _walk(
         if not spot.fired:
             break
         interrupted += 1
+        spot.where += f" [point {n}, CARROT_KOMBU_WALK_OFFSET={offset}]"
         assert n <= limit, f"more than {limit} interrupt points: is the walk looping?"
         # Another thread's publish returns within its timeout.
         took: list[float] = []
@@ -81,7 +87,8 @@ def _walk(
         while manager.status().pool.verifying and time.monotonic() < deadline:
             time.sleep(0.01)
         assert manager.status().pool.verifying == 0, f"a channel stayed 'verifying' after an interrupt at {spot.where}"
-    return {"points": n - 1, "interrupted": interrupted, "slowest_other": round(slowest_other, 3)}
+        check(spot.where)
+    return {"points": spot.points, "interrupted": interrupted, "slowest_other": round(slowest_other, 3)}
 
 
 @pytest.fixture
@@ -153,3 +160,37 @@ def test_a_lease_getting_acking_and_publishing_interrupted_anywhere(walked) -> N
     leases = [manager.open_channel(timeout=5) for _ in range(3)]
     for lease in leases:
         lease.release()
+
+
+def test_a_consumer_made_and_cancelled_interrupted_anywhere(walked) -> None:
+    """Interrupted in consume() or cancel(): no subscription or worker thread outlives the call (helper-17).
+
+    consume() interrupted before returning left a broker consumer nobody
+    could cancel; cancel() interrupted in its basic.cancel left the channel
+    open and the worker running, and a second cancel() did nothing.
+    """
+    manager, queue = walked
+
+    held: list[Any] = []
+
+    def consume_and_cancel() -> None:
+        held[:] = [manager.consume(queue, lambda body, message: message.ack(), declare=False)]
+        held[0].cancel()
+
+    def nothing_left(where: str) -> None:
+        if held:
+            held.pop().cancel()  # what its owner does after an interrupted cancel(): cancel again
+        deadline = time.monotonic() + 5
+        while True:
+            with manager.channel(timeout=5) as lease:
+                consumers = lease.queue_declare(queue, passive=True).consumer_count
+            workers = [t for t in threading.enumerate() if t.name == f"carrot-kombu-consumer-{queue}" and t.is_alive()]
+            if (consumers, workers) == (0, []) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert consumers == 0, f"a broker consumer outlived an interrupt at {where}"
+        assert workers == [], f"a consumer worker thread outlived an interrupt at {where}"
+
+    report = _walk(manager, queue, consume_and_cancel, limit=8000, check=nothing_left, step=6)
+    print(report)
+    assert report["interrupted"] >= 100, report
