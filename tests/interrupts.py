@@ -1,8 +1,9 @@
 """Raise an exception into the calling thread at chosen points, the way a signal handler does.
 
 A raising signal handler (Ctrl-C, ``SIGALRM``, Celery's soft time limit) runs
-when CPython checks its "eval breaker": on entering a Python function, on a
-backward jump, and right after a call returns.  :class:`InterruptAt` raises
+when CPython checks its "eval breaker": on entering a Python function (or resuming a
+generator after a ``yield``), on a backward jump, and right after a call
+returns.  :class:`InterruptAt` raises
 :class:`Interrupt` at the ``n``-th such point reached in the given source
 files (by ``sys.settrace`` opcode events, in the calling thread only), so a
 test can walk ``n = 1, 2, ...`` and interrupt a call at *every* place a real
@@ -30,6 +31,7 @@ __all__ = ("Interrupt", "InterruptAt")
 
 _CALLS = {dis.opmap[name] for name in ("CALL", "CALL_FUNCTION_EX") if name in dis.opmap}
 _BACKWARD = {dis.opmap[name] for name in ("JUMP_BACKWARD", "JUMP_BACKWARD_NO_INTERRUPT") if name in dis.opmap}
+_RESUME = dis.opmap["RESUME"]
 _NO_INTERRUPT = {dis.opmap[name] for name in ("JUMP_BACKWARD_NO_INTERRUPT",) if name in dis.opmap}
 
 
@@ -76,6 +78,15 @@ class InterruptAt:
         frame.f_trace_opcodes = True
         frame.f_trace_lines = False
         self._after_call[id(frame)] = None
+        code = frame.f_code
+        if frame.f_lasti > 0 and code.co_code[frame.f_lasti] == _RESUME and code.co_code[frame.f_lasti + 1] != 0:
+            # A generator resumed (``with`` leaving a @contextmanager block):
+            # CPython checks at RESUME after a plain yield, inside the frame's
+            # try blocks, but an exception from the trace's call event would
+            # skip them; raised at the next instruction instead, like a call's.
+            if code.co_code[frame.f_lasti + 1] == 1:
+                self._after_call[id(frame)] = frame.f_lasti
+            return self._local
         if self._point(frame, "entry"):
             raise Interrupt(self.where)
         return self._local
