@@ -281,27 +281,29 @@ class ChannelPool:
         while True:
             spoiled: list[Any] = []
             try:
-                with self._cond.lock:
-                    if first:
-                        # Each call tries to open a channel at least once, even
-                        # after another call found the broker's channel_max reached.
-                        self._at_channel_max = first = False
-                    link = self._wait_for_slot(deadline, timeout, spoiled)
-                    if not isinstance(link, Lease):
-                        ticket = ticket or object()  # made only when a channel is opened
-                        self._opening.add(ticket)
-            finally:
-                for chan in spoiled:
-                    _close_nowait(chan)
-            if isinstance(link, Lease):
-                return link
-            try:
+                try:
+                    with self._cond.lock:
+                        if first:
+                            # Each call tries to open a channel at least once, even
+                            # after another call found the broker's channel_max reached.
+                            self._at_channel_max = first = False
+                        link = self._wait_for_slot(deadline, timeout, spoiled)
+                        if not isinstance(link, Lease):
+                            ticket = ticket or object()  # made only when a channel is opened
+                            self._opening.add(ticket)
+                finally:
+                    for chan in spoiled:
+                        _close_nowait(chan)
+                if isinstance(link, Lease):
+                    return link
                 lease = self._open(link, ticket, deadline, timeout)
             except BaseException:
-                # A ticket is a set member, not a count: taking it back twice
-                # (or after an exception raised into this thread) is harmless.
+                # Whatever raised, from the moment the ticket was taken (also
+                # an exception raised into this thread right after): given
+                # back.  A ticket is a set member, not a count: taking it back
+                # twice is harmless.
                 with self._cond.lock:
-                    if ticket in self._opening:
+                    if ticket is not None and ticket in self._opening:
                         self._opening.discard(ticket)
                         self._cond.notify()
                 raise

@@ -233,3 +233,24 @@ def test_a_release_interrupted_as_verification_starts_frees_the_slot(make_manage
     assert (status.leased, status.verifying) == (0, 0), status
     monkeypatch.undo()
     manager.open_channel(timeout=2).release()  # the only slot is free again
+
+
+def test_an_open_channel_interrupted_as_it_takes_its_opening_ticket_gives_the_slot_back(connected):
+    """The ticket was taken outside the try that gives it back: a slot lost until a reconnect (helper-18)."""
+    manager, _ = connected(pool_limit=1)
+    pool = manager._core.pool
+
+    class Interrupt(BaseException):
+        pass
+
+    class Interrupting(set):
+        def add(self, item):
+            super().add(item)
+            raise Interrupt()  # as a signal right after the C call returns
+
+    pool._opening = Interrupting()
+    with pytest.raises(Interrupt):
+        manager.open_channel(timeout=1)
+    pool._opening = set(pool._opening)
+    assert not pool._opening
+    manager.open_channel(timeout=1).release()  # the only slot is free
