@@ -69,6 +69,9 @@ class Consumer:
         self._private: Any = None  # in-process transports: our own connection
         self._tag: Optional[str] = None
         self._generation: Optional[int] = None
+        #: What a cancel() still has to close (channel, tag, private connection);
+        #: kept until done, so a cancel() that was interrupted is finished by the next.
+        self._cleanup: Optional[tuple[Any, Optional[str], Any]] = None
         self._deliveries: "_queue.SimpleQueue[Any]" = _queue.SimpleQueue()
         self._worker = threading.Thread(
             target=self._run, name=f"carrot-kombu-consumer-{queue.name or 'server-named'}", daemon=True
@@ -153,28 +156,32 @@ class Consumer:
 
         Deliveries already received but not yet handed to the callback are
         dropped (the broker redelivers them), except with ``no_ack`` where the
-        broker already considers them delivered.
+        broker already considers them delivered.  A cancel that was
+        interrupted (an exception raised into this thread) is finished by
+        calling it again.
         """
         with self._lock:
-            if not self.active:
-                return
-            self.active = False
-            channel, tag, private = self._channel, self._tag, self._private
-            self._channel = self._tag = self._generation = self._private = None
-        try:
-            self._owner.remove(self)
-            if channel is not None:
-                try:
-                    channel.basic_cancel(tag)
-                except Exception:
-                    logger.debug("ignored error cancelling a consumer", exc_info=True)
-        finally:
-            # Also when interrupted: ``active`` is already False, so a second
-            # cancel() returns at once and this is the only chance.  Closing
-            # the channel ends the broker's consumer anyway.
-            _close(channel)  # nothing is written after this; unacked deliveries go back to the queue
-            _release(private)
-            self._deliveries.put(_STOP)
+            if self.active:
+                # One statement with no call in it: deactivated with its
+                # cleanup on record, or neither, whatever interrupts us.
+                (self.active, self._cleanup, self._channel, self._tag, self._generation,
+                 self._private) = (False, (self._channel, self._tag, self._private), None, None, None, None)
+            cleanup = self._cleanup
+        if cleanup is None:
+            return
+        channel, tag, private = cleanup
+        self._owner.remove(self)
+        self._deliveries.put(_STOP)  # the worker ends after the delivery in hand (more marks are harmless)
+        if channel is not None:
+            try:
+                channel.basic_cancel(tag)
+            except Exception:
+                logger.debug("ignored error cancelling a consumer", exc_info=True)
+        _close(channel)  # nothing is written after this; unacked deliveries go back to the queue
+        _release(private)
+        with self._lock:
+            if self._cleanup is cleanup:
+                self._cleanup = None  # done: a later cancel() returns at once
 
     # -- the reading thread's side (our code: only queues) -------------------------------------
 

@@ -194,3 +194,37 @@ def test_a_consumer_made_and_cancelled_interrupted_anywhere(walked) -> None:
     report = _walk(manager, queue, consume_and_cancel, limit=8000, check=nothing_left, step=6)
     print(report)
     assert report["interrupted"] >= 100, report
+
+
+def test_a_cancel_interrupted_anywhere_is_finished_by_cancelling_again(walked) -> None:
+    """Every point of ``cancel()`` itself (consumers.py), each on a fresh consumer (helper-18).
+
+    Interrupted right after its state lock was released, ``cancel()`` had
+    marked the consumer cancelled and forgotten its channel, and a second
+    ``cancel()`` returned at once: the broker consumer stayed subscribed and
+    swallowed messages.
+    """
+    manager, queue = walked
+    n = 0
+    while True:
+        n += 1
+        consumer = manager.consume(queue, lambda body, message: message.ack(), declare=False)
+        with InterruptAt(n, ("carrot_kombu/consumers.py",)) as spot:
+            try:
+                consumer.cancel()
+            except Interrupt:
+                pass
+        consumer.cancel()  # what its owner does after an interrupted cancel()
+        deadline = time.monotonic() + 5
+        while True:
+            with manager.channel(timeout=5) as lease:
+                consumers = lease.queue_declare(queue, passive=True).consumer_count
+            workers = [t for t in threading.enumerate() if t.name == f"carrot-kombu-consumer-{queue}" and t.is_alive()]
+            if (consumers, workers) == (0, []) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert consumers == 0, f"a broker consumer outlived cancel() interrupted at {spot.where}, then cancelled again"
+        assert workers == [], f"a worker thread outlived cancel() interrupted at {spot.where}, then cancelled again"
+        if not spot.fired:
+            break
+    assert n >= 10, n

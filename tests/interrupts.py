@@ -16,8 +16,9 @@ can only raise before the *next* instruction: where that one lies under a
 different handler (the call was the last thing in a ``with`` block, e.g.
 ``return f()`` inside ``with lock:``), raising there would skip the block's
 ``__exit__``, which a real signal cannot do, so such points are skipped
-(:attr:`InterruptAt.skipped`).  So is the point after a ``with`` statement's
-own ``__exit__`` call on a C lock.
+(:attr:`InterruptAt.skipped`).  The point right after a ``with`` statement's
+own ``__exit__`` call is a real one: the lock is free again, but the code
+after the block has not run (a ``cancel()`` lost its cleanup there).
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ class InterruptAt:
         op = code.co_code[offset]
         key = id(frame)
         call = self._after_call.get(key)
-        self._after_call[key] = offset if op in _CALLS and not _is_with_exit(code, offset) else None
+        self._after_call[key] = offset if op in _CALLS else None
         if call is not None:
             if _handler(code, call) != _handler(code, offset):
                 self.skipped += 1  # a real interrupt here goes to the call's handler: see the module doc
@@ -121,24 +122,6 @@ class InterruptAt:
         self.fired = True
         self.where = f"{frame.f_code.co_name}:{frame.f_lineno} ({kind})"
         return True
-
-
-def _is_with_exit(code: Any, offset: int) -> bool:
-    """Whether the call at ``offset`` is a ``with`` statement's normal exit (``__exit__(None, None, None)``)."""
-    cache = _WITH_EXITS.get(code)
-    if cache is None:
-        cache = set()
-        instructions = [ins for ins in dis.get_instructions(code) if ins.opname != "PRECALL"]
-        for i, ins in enumerate(instructions):
-            if ins.opcode in _CALLS and ins.arg == 2 and i >= 3 and all(
-                x.opname == "LOAD_CONST" and x.argval is None for x in instructions[i - 3:i]
-            ):
-                cache.add(ins.offset)
-        _WITH_EXITS[code] = cache
-    return offset in cache
-
-
-_WITH_EXITS: dict[Any, set[int]] = {}
 
 
 def _handler(code: Any, offset: int) -> Optional[int]:
