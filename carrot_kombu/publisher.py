@@ -472,9 +472,15 @@ class Publisher:
                 self._cond.notify_all()
 
     def _forget(self, pending: _Pending) -> None:
+        """Its caller is gone (a timeout, an exception raised into it): not waited for, not published again.
+
+        A message already written stays known by its delivery tag until the
+        broker settles it: if the broker refuses it by closing the channel,
+        the refusal must fall on it, not on another caller's message.
+        """
         with self._cond.lock:
             self._pending.pop(pending.id, None)
-            if pending.tag and self._by_tag.get(pending.tag) is pending:
+            if pending.tag and not pending.written and self._by_tag.get(pending.tag) is pending:
                 del self._by_tag[pending.tag]
             self._cond.notify_all()
 

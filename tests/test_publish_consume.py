@@ -143,3 +143,28 @@ def test_consumers_and_publisher_come_back_after_stop_and_start(make_manager):
     manager.publish("second", routing_key="again")
     with cond:
         assert cond.wait_for(lambda: "second" in got, 5), "consumer not resubscribed after restart"
+
+
+def test_a_refusal_falls_on_a_written_message_whose_caller_is_gone_not_on_another_callers():
+    """Caller A's publish to a missing exchange is written, then A is interrupted (or times out) and
+    forgets it; caller B's message is the only other one in flight when the 404 closes the channel.
+    B used to get ``Rejected: no exchange ...`` for A's message (helper-18, 0.1-0.5 % under a storm)."""
+    from amqp import spec
+    from amqp.exceptions import NotFound
+
+    from carrot_kombu.publisher import Publisher, _Pending
+
+    publisher = Publisher(max_pending=10)
+    channel = object()
+    publisher._channel = channel
+    gone = _Pending(1, "no-such-exchange", "q", b"", b"", b"a", None)
+    live = _Pending(2, "", "q", b"", b"", b"b", None)
+    for tag, pending in ((1, gone), (2, live)):
+        publisher._pending[pending.id] = pending
+        pending.tag, pending.written = tag, True
+        publisher._by_tag[tag] = pending
+    publisher._forget(gone)  # its caller is gone
+    error = NotFound("NOT_FOUND - no exchange 'no-such-exchange' in vhost '/'", spec.Basic.Publish, 404)
+    publisher._on_channel_closed(channel, error, spec.Basic.Publish)
+    assert live.outcome is None  # published again, not blamed
+    assert gone.outcome == "rejected"
