@@ -294,7 +294,11 @@ def test_broker_down_at_start(rabbit, proxy):
     to_connected = time.monotonic() - healed
     failed = [d for _, d in events.args("connect_failed")]
     assert to_connected <= max(failed) + 0.5  # at the next backoff slot
-    assert max(latencies) < 0.010
+    # "At once": never a wait (open_channel's timeout is 5 s).  The bound is
+    # loose for the worst call (a GC pause or the GIL held by the connecting
+    # supervisor once took 10.5 ms on this 2-core machine) and tight for the median.
+    assert max(latencies) < 0.1
+    assert sorted(latencies)[len(latencies) // 2] < 0.002
     lease_works(manager, unique("ck-down"))
     record(
         "broker_down_at_start",
