@@ -91,6 +91,20 @@ def _walk(
     return {"points": spot.points, "interrupted": interrupted, "slowest_other": round(slowest_other, 3)}
 
 
+def _assert_no_consumer_left(manager: ConnectionManager, queue: str, after: str) -> None:
+    """Within 5 s: no broker consumer on ``queue`` and no consumer worker thread for it."""
+    deadline = time.monotonic() + 5
+    while True:
+        with manager.channel(timeout=5) as lease:
+            consumers = lease.queue_declare(queue, passive=True).consumer_count
+        workers = [t for t in threading.enumerate() if t.name == f"carrot-kombu-consumer-{queue}" and t.is_alive()]
+        if (consumers, workers) == (0, []) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert consumers == 0, f"a broker consumer outlived {after}"
+    assert workers == [], f"a consumer worker thread outlived {after}"
+
+
 @pytest.fixture
 def walked(amqp_url: str):
     queue = unique("ck-walk")
@@ -180,16 +194,7 @@ def test_a_consumer_made_and_cancelled_interrupted_anywhere(walked) -> None:
     def nothing_left(where: str) -> None:
         if held:
             held.pop().cancel()  # what its owner does after an interrupted cancel(): cancel again
-        deadline = time.monotonic() + 5
-        while True:
-            with manager.channel(timeout=5) as lease:
-                consumers = lease.queue_declare(queue, passive=True).consumer_count
-            workers = [t for t in threading.enumerate() if t.name == f"carrot-kombu-consumer-{queue}" and t.is_alive()]
-            if (consumers, workers) == (0, []) or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        assert consumers == 0, f"a broker consumer outlived an interrupt at {where}"
-        assert workers == [], f"a consumer worker thread outlived an interrupt at {where}"
+        _assert_no_consumer_left(manager, queue, f"an interrupt at {where}")
 
     report = _walk(manager, queue, consume_and_cancel, limit=8000, check=nothing_left, step=6)
     print(report)
@@ -215,16 +220,7 @@ def test_a_cancel_interrupted_anywhere_is_finished_by_cancelling_again(walked) -
             except Interrupt:
                 pass
         consumer.cancel()  # what its owner does after an interrupted cancel()
-        deadline = time.monotonic() + 5
-        while True:
-            with manager.channel(timeout=5) as lease:
-                consumers = lease.queue_declare(queue, passive=True).consumer_count
-            workers = [t for t in threading.enumerate() if t.name == f"carrot-kombu-consumer-{queue}" and t.is_alive()]
-            if (consumers, workers) == (0, []) or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        assert consumers == 0, f"a broker consumer outlived cancel() interrupted at {spot.where}, then cancelled again"
-        assert workers == [], f"a worker thread outlived cancel() interrupted at {spot.where}, then cancelled again"
+        _assert_no_consumer_left(manager, queue, f"cancel() interrupted at {spot.where}, then cancelled again")
         if not spot.fired:
             break
     assert n >= 10, n
