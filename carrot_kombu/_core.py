@@ -10,9 +10,10 @@ its finalizer stops what this graph runs.
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Optional
 
-from ._supervisor import Supervisor
+from ._live import LiveConnection
+from ._supervisor import Inbox, Supervisor
 from .config import Settings
 from .consumers import Consumers
 from .events import EventBus
@@ -27,23 +28,6 @@ __all__ = ("Core",)
 logger = logging.getLogger("carrot_kombu")
 
 
-class _SupervisorHandle:
-    """Late binding from long-lived parts (publisher, consumers) to the running supervisor."""
-
-    def __init__(self) -> None:
-        self.supervisor: Optional[Supervisor] = None
-
-    def replace_publisher_channel(self, generation: int) -> None:
-        supervisor = self.supervisor
-        if supervisor is not None:
-            supervisor.replace_publisher_channel(generation)
-
-    def resubscribe(self, consumer: Any) -> None:
-        supervisor = self.supervisor
-        if supervisor is not None:
-            supervisor.resubscribe(consumer)
-
-
 class Core:
     """Everything a manager runs; see the module docstring."""
 
@@ -55,17 +39,20 @@ class Core:
         topology: Topology,
         publisher: Publisher,
         consumers: Consumers,
-        handle: _SupervisorHandle,
+        inbox: Inbox,
     ) -> None:
         self.settings = settings
         self.bus = bus
         self.topology = topology
         self.publisher = publisher
         self.consumers = consumers
-        self.handle = handle
+        self.inbox = inbox
         self.board = StateBoard(settings.endpoints[0].masked_url)
-        self.pool = ChannelPool(settings.pool_limit)
+        self.live = LiveConnection()
+        self.pool = ChannelPool(settings.pool_limit, self.live)
         self.recovery = Recovery(topology, publisher, consumers)
+        #: The running supervisor (None when stopped).
+        self.supervisor: Optional[Supervisor] = None
         #: Taken by a stop() that has not finished (an exception raised into
         #: its thread, Ctrl-C): the next stop() or start() finishes it.
         self.stopping: Optional[Supervisor] = None
@@ -78,46 +65,40 @@ class Core:
         Args:
             previous: The graph of an earlier run: its registrations (topology,
                 consumers, unconfirmed publishes, event subscribers) carry over;
-                its pool and state board (which a supervisor that did not stop
-                in time may still hold) do not.
+                its live connection, pool and state board (which a supervisor
+                that did not stop in time may still hold) do not.
             forked: ``previous`` belongs to the parent process: keep only what
                 the user registered (topology, subscribers), with fresh locks;
                 unconfirmed publishes and consumers belong to the parent's threads.
         """
+        if previous is not None and not forked:
+            previous.publisher.reopen()
+            return cls(settings, bus=previous.bus, topology=previous.topology, publisher=previous.publisher,
+                       consumers=previous.consumers, inbox=previous.inbox)
+        inbox = Inbox()
         if previous is None:
-            handle = _SupervisorHandle()
             bus = EventBus()
             _subscribe_transport_callbacks(bus, settings)
             topology = Topology()
-            publisher = Publisher(max_pending, need_channel=handle.replace_publisher_channel)
-            consumers = Consumers(bus, resubscribe=handle.resubscribe)
-        elif forked:
-            handle = _SupervisorHandle()
+        else:
             bus = previous.bus.fork()
             topology = previous.topology
             topology.after_fork()
-            publisher = Publisher(max_pending, need_channel=handle.replace_publisher_channel)
-            consumers = Consumers(bus, resubscribe=handle.resubscribe)
-        else:
-            handle, bus, topology = previous.handle, previous.bus, previous.topology
-            publisher, consumers = previous.publisher, previous.consumers
-            publisher.reopen()
-        return cls(settings, bus=bus, topology=topology, publisher=publisher, consumers=consumers, handle=handle)
-
-    @property
-    def supervisor(self) -> Optional[Supervisor]:
-        return self.handle.supervisor
+        publisher = Publisher(max_pending, need_channel=inbox.replace_publisher_channel)
+        consumers = Consumers(bus, resubscribe=inbox.resubscribe)
+        return cls(settings, bus=bus, topology=topology, publisher=publisher, consumers=consumers, inbox=inbox)
 
     def start(self) -> None:
         self.bus.start()
         self.board.starting()
-        supervisor = Supervisor(self.settings, self.pool, self.bus, self.board, self.recovery, self.publisher)
-        self.handle.supervisor = supervisor
+        supervisor = Supervisor(self.settings, self.live, self.pool, self.bus, self.board, self.recovery,
+                                self.publisher, self.inbox)
+        self.supervisor = supervisor
         supervisor.start()
 
     def take_supervisor(self) -> Optional[Supervisor]:
         """The supervisor to stop: the running one, or the one an unfinished stop() took."""
-        supervisor, self.handle.supervisor = self.handle.supervisor, None
+        supervisor, self.supervisor = self.supervisor, None
         if supervisor is None:
             return self.stopping
         self.stopping = supervisor
@@ -145,11 +126,11 @@ def abandon(core: Core) -> None:
     flags and posts: the supervisor closes the connection on its own thread.
     """
     core.consumers.shutdown()  # also after stop(): their worker threads end with the manager
-    supervisor = core.handle.supervisor
+    supervisor = core.supervisor
     if supervisor is None:
         return
     logger.warning("carrot_kombu: a ConnectionManager was garbage-collected without stop(); stopping it")
-    core.handle.supervisor = None
+    core.supervisor = None
     core.publisher.fail_waiting("the manager was garbage-collected", closed=True)
     supervisor.stop(timeout=0)
     core.bus.close(timeout=0)

@@ -21,21 +21,21 @@ Choosing the next attempt:
 
 from __future__ import annotations
 
-import errno
 import itertools
 import logging
 import queue
 import random
 import socket
-import ssl
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Union
 
-from amqp.exceptions import AccessRefused, AMQPError, NotAllowed
+from amqp.exceptions import AMQPError
 
-from ._link import Link, LinkHooks, open_link
+from ._connect import open_link
+from ._link import Link, LinkHooks
+from ._live import LiveConnection
 from ._sync import Flag, Worker
 from .config import Endpoint, Settings
 from .events import EventBus
@@ -43,16 +43,12 @@ from .exceptions import CarrotKombuError, Disconnected, SetupFailed
 from .pool import ChannelPool
 from .publisher import Publisher
 from .recovery import Degraded, Recovery
-from .status import ConnectionState, StateBoard
-from .topology import is_unavailable
+from .retry import failed_before_tcp, is_fatal, is_unavailable
+from .status import StateBoard
 
-__all__ = ("Supervisor", "is_fatal", "SetupFailed")
+__all__ = ("Inbox", "Supervisor", "is_fatal", "failed_before_tcp", "SetupFailed")
 
 logger = logging.getLogger("carrot_kombu")
-
-#: Refusals a retry will not fix by itself (someone must change the broker or
-#: the configuration): retried only every ``Backoff.max`` seconds.
-FATAL_ERRORS = (AccessRefused, NotAllowed, ssl.SSLCertVerificationError)
 
 #: Link generations are unique in the process, across supervisors: a manager
 #: started again must never mistake a new link for one it saw before.
@@ -94,6 +90,9 @@ class BlockedNotice:
 @dataclass(frozen=True)
 class ReplacePublisherChannel:
     generation: int
+    #: The broker closed the last one for no message we can name: replacing
+    #: it at once could loop (every rewrite closed again), so it backs off.
+    backoff: bool = False
 
 
 @dataclass(frozen=True)
@@ -104,49 +103,33 @@ class Resubscribe:
 Message = Union[Stop, Lost, BlockedNotice, ReplacePublisherChannel, Resubscribe]
 
 
-def is_fatal(exc: BaseException) -> bool:
-    """Refused for a reason retrying will not fix.
+class Inbox:
+    """Where other threads post to the manager's supervisor; outlives each supervisor.
 
-    Besides the broker's refusals, anything that is neither a network error
-    nor an AMQP error (a ``ValueError`` from an ssl option, say) is a
-    configuration problem: retried slowly, never in a tight loop.
+    Long-lived parts (publisher, consumers) hold the inbox, never a
+    supervisor: a supervisor started again takes the inbox over, and one
+    that is retired keeps reading only what was posted before.
     """
-    if isinstance(exc, SetupFailed):
-        # A broker answer or a lost connection may pass; a bug in a setup
-        # function will not: retry that one slowly.
-        return not isinstance(exc.reason, (OSError, AMQPError, CarrotKombuError))
-    if isinstance(exc, _LOCAL_FILE_ERRORS):
-        return True  # a certificate or key file that is not there or not readable: our side's setup
-    return isinstance(exc, FATAL_ERRORS) or not isinstance(exc, (OSError, AMQPError, CarrotKombuError))
 
+    def __init__(self) -> None:
+        self._queue: "queue.SimpleQueue[Message]" = queue.SimpleQueue()
 
-#: Reading a local file failed (``ssl`` options naming a missing certificate):
-#: OSErrors, but no network condition, so waiting will not fix them.
-_LOCAL_FILE_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+    def open(self) -> "queue.SimpleQueue[Message]":
+        """A new supervisor's queue: everything posted from now on goes there."""
+        self._queue = queue.SimpleQueue()
+        return self._queue
 
-#: The errno values of a TCP connect that found nobody listening.
-_UNREACHABLE = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.EADDRNOTAVAIL}
+    def post(self, message: "Message") -> None:
+        """From any thread; never blocks."""
+        self._queue.put(message)
 
+    def replace_publisher_channel(self, generation: int, backoff: bool = False) -> None:
+        """The publisher needs a confirm channel (first use, or the broker closed it)."""
+        self.post(ReplacePublisherChannel(generation, backoff))
 
-def failed_before_tcp(exc: Optional[BaseException]) -> bool:
-    """The attempt never got a TCP connection (refused, unreachable, unknown host).
-
-    Only then can a TCP probe tell that a retry may work now: when TCP was
-    accepted and the handshake, TLS or setup failed after it, a port that
-    accepts says nothing, and probing would turn the backoff into a retry
-    every probe interval.
-    """
-    seen = 0
-    while exc is not None and seen < 8:
-        if isinstance(exc, socket.gaierror):
-            return True
-        if isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError) and exc.errno in _UNREACHABLE:
-            return True
-        # ``reason`` is ours (CarrotKombuError) or a string (ssl.SSLError's, UnicodeError's).
-        reason = getattr(exc, "reason", None)
-        exc = reason if isinstance(reason, BaseException) else exc.__cause__
-        seen += 1
-    return False
+    def resubscribe(self, consumer: Any) -> None:
+        """From the reading thread: the broker cancelled a consumer."""
+        self.post(Resubscribe(consumer))
 
 
 class _Retry:
@@ -166,19 +149,22 @@ class Supervisor:
     def __init__(
         self,
         settings: Settings,
+        live: LiveConnection,
         pool: ChannelPool,
         bus: EventBus,
         board: StateBoard,
         recovery: Recovery,
         publisher: Publisher,
+        inbox: Inbox,
     ) -> None:
         self._settings = settings
         self._recovery = recovery
         self._publisher = publisher
+        self._live = live
         self._pool = pool
         self._bus = bus
         self._board = board
-        self._inbox: "queue.SimpleQueue[Message]" = queue.SimpleQueue()
+        self._inbox = inbox.open()
         self._stopping = Flag()  # set by stop() in any thread, maybe interrupted: see _sync
         self._thread = Worker(self._run, "carrot-kombu-supervisor")
         self._retired = False
@@ -186,7 +172,6 @@ class Supervisor:
         #: this lock: the ending loop, or a stop() that retires it.
         self._report_lock = threading.Lock()
         self._stop_reported = False
-        self._live: Optional[int] = None
         self._endpoint_index = 0
         self._stop_timeout = 5.0
         self._last_failure: BaseException = CarrotKombuError("no attempt yet")
@@ -194,9 +179,13 @@ class Supervisor:
         self._retries: dict[int, _Retry] = {}
         #: Degraded items that came back: when, after how many attempts (see FLAP_WINDOW).
         self._recovered: dict[int, tuple[float, int]] = {}
-        #: The connection of the attempt in progress / the live link (for abort()).
+        #: The connection of the attempt in progress / the link this loop serves (for abort()).
         self._attempting: Any = None
         self._link: Optional[Link] = None
+        #: Confirm channels replaced in a row without a culprit, and when the next may be.
+        self._publisher_attempt = 0
+        self._publisher_due = 0.0
+        self._publisher_wanted: Optional[int] = None
 
     # -- called by the manager -------------------------------------------------------
 
@@ -249,14 +238,6 @@ class Supervisor:
         """Called from this supervisor's thread (a setup function runs there)."""
         return self._thread.thread is threading.current_thread()
 
-    def replace_publisher_channel(self, generation: int) -> None:
-        """From any thread: the publisher needs a confirm channel (first use, or the broker closed it)."""
-        self._inbox.put(ReplacePublisherChannel(generation))
-
-    def resubscribe(self, consumer: Any) -> None:
-        """From the reading thread: the broker cancelled a consumer."""
-        self._inbox.put(Resubscribe(consumer))
-
     def _post(self, event: str, *args: Any) -> None:
         if not self._retired:
             self._bus.post(event, *args)
@@ -271,15 +252,12 @@ class Supervisor:
         )
 
     def _on_lost(self, link: Link, exc: BaseException) -> None:
-        """From whichever thread saw it: stop handing out leases *now*, then tell the loop.
+        """From whichever thread saw it: wake whoever waits, then tell the loop.
 
-        Waiting for the supervisor to take its turn would let busy threads
-        spin on a dead connection that still looks connected.
+        The dead link is hidden by the live connection at once (no lease is
+        handed out on it); the loop detaches it and reports the loss.
         """
-        message = self._describe(exc)
-        self._pool.detach("connection lost", _public(exc, message), link.generation)
-        self._recovery.forget(link)
-        self._board.lost_if_live(message, lambda: self._live == link.generation)
+        self._live.wake()
         self._inbox.put(Lost(link.generation, exc))
 
     # -- the loop ----------------------------------------------------------------------
@@ -290,7 +268,7 @@ class Supervisor:
         except BaseException:  # pragma: no cover - a bug; never leave users hanging
             logger.exception("carrot_kombu supervisor crashed")
             self._board.crashed()
-            self._pool.set_down("supervisor crashed", None)
+            self._live.detach("supervisor crashed", None)
             self._publisher.fail_waiting("the carrot_kombu supervisor crashed")
         finally:
             if self._stopping.is_set():
@@ -300,7 +278,7 @@ class Supervisor:
                 if mine:
                     # Posted even if stop() retires us from now on: it then
                     # waits for this thread instead of posting (see retire).
-                    self._pool.detach("manager stopped", None)
+                    self._live.detach("manager stopped", None)
                     self._board.stopped()
                     self._bus.post("stopped")
 
@@ -358,13 +336,13 @@ class Supervisor:
             link.close(self._stop_timeout)
             return None
         # The connection's own thread must own the socket before anything else uses it.
-        self._live = link.generation
         link.start(self._hooks())
         try:
             degraded = self._recovery.restore(link)
         except Exception as exc:
             # Never report connected half-recovered: this attempt failed.
             self._failed(endpoint, SetupFailed(f"setup failed on {endpoint.masked_url}: {self._describe(exc)}", exc))
+            self._recovery.forget(link)
             link.kill(exc)
             return None
         self._retries = {}
@@ -396,7 +374,7 @@ class Supervisor:
             logger.error("carrot_kombu gave up connecting after %d attempt(s): %s",
                          self._board.current.attempts + 1, message)
             self._board.gave_up(message, fatal)
-            self._pool.set_down(f"gave up connecting to {self._failed_url}", public)
+            self._live.set_down(f"gave up connecting to {self._failed_url}", public)
             self._publisher.fail_waiting(f"the manager gave up connecting ({message})", public)
             self._post("connect_failed", public, None)
             self._stopping.wait()  # stay FAILED until stop()
@@ -404,7 +382,7 @@ class Supervisor:
         log = logger.error if fatal else logger.warning
         log("carrot_kombu connection attempt failed (%s); next attempt in %.2fs", message, delay)
         self._board.attempt_failed(message, fatal, delay)
-        self._pool.set_down(f"not connected to {self._failed_url}", public)
+        self._live.set_down(f"not connected to {self._failed_url}", public)
         if fatal:
             self._publisher.fail_waiting(f"the broker refused the connection ({message})", public)
         self._post("connect_failed", public, delay)
@@ -458,18 +436,20 @@ class Supervisor:
             # report connected after it.
             link.close(self._stop_timeout)
             return None
-        self._pool.attach(link, link.negotiated().get("channel_max"))
+        self._live.attach(link)
         self._degrade(self._recovery.attached(link))
         self._board.connected(link.endpoint.masked_url, link.negotiated(), link.server())
         logger.info("carrot_kombu connected to %s", link.endpoint.masked_url)
         self._post("connected")
         lost = self._pump(link)
         if lost is None:
-            self._pool.detach("manager stopped", None)
+            self._live.detach("manager stopped", None)
+            self._recovery.forget(link)
             link.close(self._stop_timeout)
             return None
         message = self._describe(lost)
-        self._pool.detach("connection lost", _public(lost, message))
+        self._live.detach("connection lost", _public(lost, message))
+        self._recovery.forget(link)
         link.kill(lost)
         logger.warning("carrot_kombu lost its connection to %s: %s", link.endpoint.masked_url, message)
         self._board.lost(message, None)
@@ -480,7 +460,8 @@ class Supervisor:
         interval = link.tick_interval
         next_tick = time.monotonic() + interval
         while True:
-            wake = min([next_tick] + [r.due for r in self._retries.values()])
+            wake = min([next_tick] + [r.due for r in self._retries.values()]
+                       + ([self._publisher_due] if self._publisher_wanted is not None else []))
             try:
                 msg: Optional[Message] = self._inbox.get(timeout=max(0.0, wake - time.monotonic()))
             except queue.Empty:
@@ -492,7 +473,7 @@ class Supervisor:
             if isinstance(msg, BlockedNotice) and msg.generation == link.generation:
                 self._blocked(msg.reason)
             elif isinstance(msg, ReplacePublisherChannel) and msg.generation == link.generation:
-                self._guarded(link, self._recovery.ensure_publisher)
+                self._replace_publisher_channel(link, msg.backoff)
             elif isinstance(msg, Resubscribe):
                 self._degrade([Degraded("consumer", msg.consumer, msg.consumer.name,
                                         CarrotKombuError("cancelled by the broker"))], immediate=True)
@@ -505,6 +486,28 @@ class Supervisor:
                 except Exception as exc:
                     return exc
             self._run_retries(link)
+            if self._publisher_wanted == link.generation and time.monotonic() >= self._publisher_due:
+                self._replace_publisher_channel(link, False)
+
+    def _replace_publisher_channel(self, link: Link, backoff: bool) -> None:
+        """Attach a new confirm channel, at once unless the last ones were closed for no known reason.
+
+        A broker that closes every confirm channel without naming a message
+        would otherwise make us rewrite the same messages in a hot loop: such
+        replacements wait by the backoff policy.
+        """
+        now = time.monotonic()
+        policy = self._settings.backoff
+        if now - self._publisher_due > policy.max:
+            self._publisher_attempt = 0  # quiet for a while: the next unexplained close starts over
+        if backoff:
+            self._publisher_due = max(self._publisher_due, now + policy.nominal(self._publisher_attempt))
+            self._publisher_attempt += 1
+        if now < self._publisher_due:
+            self._publisher_wanted = link.generation
+            return
+        self._publisher_wanted = None
+        self._guarded(link, self._recovery.ensure_publisher)
 
     def _blocked(self, reason: Optional[str]) -> None:
         self._board.blocked_by_broker(reason)
@@ -541,8 +544,7 @@ class Supervisor:
                 # handling makes the broker close the channel, say): back off
                 # as for a connection, never resubscribe in a tight loop.
                 attempt = flapped[1] + 1
-                backoff = self._settings.backoff
-                delay = min(backoff.min * 2.0 ** (attempt - 1), backoff.max)
+                delay = self._settings.backoff.nominal(attempt - 1)
             self._retries[key] = _Retry(item, now + delay, attempt)
         self._publish_degraded()
 
@@ -552,7 +554,7 @@ class Supervisor:
             return backoff.max  # refused: someone has to change something
         # Unavailable (its node is down...): look again soon, so it comes
         # back within about a second of the broker serving it again.
-        return min(min(backoff.min, 0.5) * 2.0 ** attempt, 1.0)
+        return backoff.soon(attempt)
 
     def _run_retries(self, link: Link) -> None:
         now = time.monotonic()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import queue as _queue
-import socket
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -28,7 +27,7 @@ import kombu
 from .topology import declare_entity, is_server_named
 
 if TYPE_CHECKING:
-    from ._link import Link
+    from ._link import Link, Subscription
     from .events import EventBus
 
 __all__ = ("Consumer", "Consumers")
@@ -65,13 +64,11 @@ class Consumer:
         self.degraded: Optional[str] = None
         self._lock = threading.Lock()  # state only: never held during I/O
         self._subscribing = threading.Lock()  # one subscribe at a time (I/O)
-        self._channel: Any = None
-        self._private: Any = None  # in-process transports: our own connection
-        self._tag: Optional[str] = None
+        self._subscription: Optional["Subscription"] = None
         self._generation: Optional[int] = None
-        #: What a cancel() still has to close (channel, tag, private connection);
-        #: kept until done, so a cancel() that was interrupted is finished by the next.
-        self._cleanup: Optional[tuple[Any, Optional[str], Any]] = None
+        #: The subscription a cancel() still has to end; kept until done, so a
+        #: cancel() that was interrupted is finished by the next.
+        self._cleanup: Optional[tuple[Optional["Subscription"]]] = None
         self._deliveries: "_queue.SimpleQueue[Any]" = _queue.SimpleQueue()
         self._worker = threading.Thread(
             target=self._run, name=f"carrot-kombu-consumer-{queue.name or 'server-named'}", daemon=True
@@ -101,44 +98,35 @@ class Consumer:
             with self._lock:
                 if not self.active or self._generation == link.generation:
                     return
-            private = getattr(link, "private_connection", None)
-            conn = private() if private is not None else None
-            channel = None
+            subscription: Optional["Subscription"] = None
             recorded = False
             try:
-                channel = conn.channel() if conn is not None else link.open_channel()
-                if self.declare:
-                    declare_entity(channel, self.queue, self.server_named)
-                if self.prefetch_count is not None:
-                    channel.basic_qos(0, self.prefetch_count, False)
-                if conn is not None:
-                    tag = channel.basic_consume(queue=self.queue.name, no_ack=self.no_ack, callback=self._deliver,
-                                                consumer_tag=f"carrot-kombu.{id(self):x}", arguments=self.arguments)
-                else:
-                    tag = channel.consume_internal(self.queue.name, self._deliver, self._broker_cancelled,
-                                                   no_ack=self.no_ack, arguments=self.arguments)
+                # Each delivery carries the subscription it came on (its ack goes there).
+                subscription = link.subscription(lambda raw: self._deliveries.put((subscription, raw)),
+                                                 lambda: self._broker_cancelled(subscription))
+                subscription.start(self.queue, self._prepare, self.no_ack, self.arguments)
                 with self._lock:
                     keep = self._still_active()
                     if keep:
                         # One statement, no call inside: recorded, or not at all,
                         # whatever interrupts this thread (see _sync).
-                        self._channel, self._tag, self._generation, self._private, recorded = (
-                            channel, tag, link.generation, conn, True
-                        )
+                        self._subscription, self._generation, recorded = subscription, link.generation, True
                         self.degraded = None
             except BaseException:
                 # Until it is recorded, a subscription is this call's to undo:
                 # nobody else could cancel it (its channel is closed with it).
-                if not recorded:
-                    _close(channel)
-                    _release(conn)
+                if not recorded and subscription is not None:
+                    subscription.close()
                 raise
             if not keep:
-                _close(channel)  # cancelled meanwhile
-                _release(conn)
-            elif conn is not None:
-                threading.Thread(target=self._pump, args=(conn, link.generation),
-                                 name=f"carrot-kombu-pump-{self.queue.name}", daemon=True).start()
+                subscription.close()  # cancelled meanwhile
+
+    def _prepare(self, channel: Any) -> None:
+        """On the subscription's new channel, before subscribing: declare and set the prefetch."""
+        if self.declare:
+            declare_entity(channel, self.queue, self.server_named)
+        if self.prefetch_count is not None:
+            channel.basic_qos(0, self.prefetch_count, False)
 
     def _still_active(self) -> bool:
         return self.active  # not cancelled while we were subscribing
@@ -147,9 +135,9 @@ class Consumer:
         with self._lock:
             if self._generation != generation:
                 return
-            self._channel = self._tag = self._generation = None
-            private, self._private = self._private, None
-        _release(private)
+            subscription, self._subscription, self._generation = self._subscription, None, None
+        if subscription is not None:
+            subscription.close()
 
     def cancel(self) -> None:
         """Stop consuming.
@@ -164,72 +152,43 @@ class Consumer:
             if self.active:
                 # One statement with no call in it: deactivated with its
                 # cleanup on record, or neither, whatever interrupts us.
-                (self.active, self._cleanup, self._channel, self._tag, self._generation,
-                 self._private) = (False, (self._channel, self._tag, self._private), None, None, None, None)
+                (self.active, self._cleanup, self._subscription, self._generation) = (
+                    False, (self._subscription,), None, None)
             cleanup = self._cleanup
         if cleanup is None:
             return
-        channel, tag, private = cleanup
+        (subscription,) = cleanup
         self._owner.remove(self)
         self._deliveries.put(_STOP)  # the worker ends after the delivery in hand (more marks are harmless)
-        if channel is not None:
-            try:
-                channel.basic_cancel(tag)
-            except Exception:
-                logger.debug("ignored error cancelling a consumer", exc_info=True)
-        _close(channel)  # nothing is written after this; unacked deliveries go back to the queue
-        _release(private)
+        if subscription is not None:
+            subscription.cancel()  # nothing is written after it; unacked deliveries go back to the queue
         with self._lock:
             if self._cleanup is cleanup:
                 self._cleanup = None  # done: a later cancel() returns at once
 
     # -- the reading thread's side (our code: only queues) -------------------------------------
 
-    def _deliver(self, raw: Any) -> None:
-        self._deliveries.put(raw)
-
-    def _broker_cancelled(self, tag: str) -> None:
+    def _broker_cancelled(self, subscription: Optional["Subscription"]) -> None:
         with self._lock:
-            if tag != self._tag:
+            if subscription is None or subscription is not self._subscription:
                 return
-            channel = self._channel
-            self._channel = self._tag = self._generation = None
+            self._subscription = self._generation = None
             self.degraded = "cancelled by the broker"
-        self._owner.broker_cancelled(self, channel)
-
-    def _pump(self, conn: Any, generation: int) -> None:
-        """In-process transports: deliver from our own connection (only our callback runs here)."""
-        while self.active and self._generation == generation:
-            try:
-                conn.drain_events(timeout=0.05)
-            except (socket.timeout, TimeoutError):
-                continue
-            except Exception:
-                logger.debug("consumer pump of %r ended", self.queue.name, exc_info=True)
-                return
-
-    def _reject(self, message: Any, raw: Any) -> None:
-        try:
-            if message is not None:
-                message.reject(requeue=False)
-            else:
-                raw.channel.basic_reject(raw.delivery_tag, requeue=False)
-        except Exception:  # noqa: BLE001 - the channel may be gone: the broker redelivers then
-            logger.debug("carrot_kombu could not reject an undecodable delivery", exc_info=True)
+        self._owner.broker_cancelled(self, subscription)
 
     # -- the worker --------------------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
-            raw = self._deliveries.get()
-            if raw is _STOP:
+            item = self._deliveries.get()
+            if item is _STOP:
                 return
-            if not self.no_ack and (not self.active or _lost(raw)):
+            subscription, raw = item
+            if not self.no_ack and (not self.active or not subscription.alive()):
                 continue  # its ack could go nowhere: the broker delivers it again
             message = None
             try:
-                # py-amqp hands raw messages; kombu's virtual transports, kombu messages
-                message = raw if hasattr(raw, "decode") else raw.channel.message_to_python(raw)
+                message = subscription.message(raw)
                 body = message.decode()
             except Exception:
                 # As Celery does: rejected (not requeued), or it would hold a
@@ -237,7 +196,7 @@ class Consumer:
                 logger.exception("carrot_kombu could not decode a delivery from %r; rejected (not requeued)",
                                  self.queue.name)
                 if not self.no_ack:
-                    self._reject(message, raw)
+                    subscription.reject(message, raw)
                 continue
             try:
                 self.callback(body, message)
@@ -308,33 +267,9 @@ class Consumers:
         for consumer in self.snapshot():
             consumer.forget(link.generation)
 
-    def broker_cancelled(self, consumer: Consumer, channel: Any) -> None:
+    def broker_cancelled(self, consumer: Consumer, subscription: "Subscription") -> None:
         """On the reading thread: report once, drop the channel, ask for a new subscription."""
         self._bus.post("consumer_cancelled", consumer.queue.name)
-        _close(channel)
+        subscription.close()
         if self._resubscribe is not None:
             self._resubscribe(consumer)
-
-
-def _lost(raw: Any) -> bool:
-    state = getattr(getattr(raw, "channel", None), "carrot", None)
-    return state is not None and state.conn.dead is not None
-
-
-def _close(channel: Any) -> None:
-    if channel is None:
-        return
-    try:
-        close = getattr(channel, "close_nowait", None) or channel.close
-        close()
-    except Exception:
-        logger.debug("ignored error while closing a consumer channel", exc_info=True)
-
-
-def _release(conn: Any) -> None:
-    if conn is None:
-        return
-    try:
-        conn.release()
-    except Exception:
-        logger.debug("ignored error while closing a consumer connection", exc_info=True)

@@ -24,6 +24,8 @@ from .topology import declare_entity
 if TYPE_CHECKING:
     import kombu
 
+    from .view import ConnectionView
+
 __all__ = ("ConnectionManager",)
 
 logger = logging.getLogger("carrot_kombu")
@@ -271,7 +273,7 @@ class ConnectionManager:
             raise Disconnected(
                 f"{why} ({status.state.value}" + (f": {status.last_error})" if status.last_error else ")")
                 + "; still trying in the background",
-                core.pool._down_error().reason,
+                core.live.down_reason(),
             )
         return self
 
@@ -304,7 +306,7 @@ class ConnectionManager:
                 logger.warning("carrot_kombu supervisor did not stop within %ss; it will exit on its own", timeout)
             report = supervisor.retire()
             supervisor.abort(Disconnected("the manager stopped"))
-            core.pool.detach("manager stopped", None)
+            core.live.detach("manager stopped", None)
             if report:
                 core.board.stopped()
                 core.bus.post("stopped")
@@ -330,6 +332,40 @@ class ConnectionManager:
         board = self._core.board
         board.wait_for(settled, timeout)
         return board.state is ConnectionState.CONNECTED
+
+    def wait_status(self, predicate: Callable[[Status], bool], timeout: Optional[float] = None) -> bool:
+        """Block until ``predicate(status())`` is true (True) or ``timeout`` passes (False).
+
+        ``predicate`` runs on the calling thread, under the manager's state
+        lock: keep it a quick look at the :class:`Status` it gets.
+
+        Raises:
+            TypeError, ValueError: ``timeout`` is not a number of seconds.
+        """
+        timeout = check_timeout("timeout", timeout)
+        return bool(self._core.board.wait_for(predicate, timeout))
+
+    def connection(self, timeout: Optional[float] = 0) -> "ConnectionView":
+        """A view of the live connection, waiting up to ``timeout`` for one (``0``: at once).
+
+        For integrations that present the manager's connection as their own
+        (the ``carrot+amqp://`` kombu transport): what the broker negotiated,
+        whether it is still alive, a queue for kombu callbacks.  A view never
+        outlives its connection: after a loss it stays dead.
+
+        Raises:
+            Disconnected: No live connection within ``timeout``; ``reason`` says why.
+        """
+        from .view import ConnectionView
+
+        timeout = check_timeout("timeout", timeout)
+        core = self._core
+        if core.supervisor is None:
+            raise Disconnected("manager is not started" if not self._started_once else "manager is stopped")
+        link = core.live.current() if timeout == 0 else core.live.wait(timeout)
+        if link is None:
+            raise core.live.down_error()
+        return ConnectionView(link)
 
     def wait_connected(self, timeout: Optional[float] = None) -> bool:
         """Block until connected; False on timeout, or if stopped or given up.
@@ -423,11 +459,7 @@ class ConnectionManager:
             socket.timeout: Nothing arrived within ``timeout``.
         """
         timeout = check_timeout("timeout", timeout)
-        pool = self._core.pool
-        link = pool.current_link()
-        if link is None:
-            raise pool._down_error()
-        link.drain_events(timeout)
+        self._core.live.require().drain_events(timeout)
 
     # -- topology recovery ----------------------------------------------------------------
 
@@ -554,7 +586,7 @@ class ConnectionManager:
             # may stay registered or subscribed.
             core.consumers.add(consumer)
             consumer.start()
-            link = core.pool.current_link()
+            link = core.live.current()
             if link is not None:
                 try:
                     consumer.subscribe(link)
@@ -652,13 +684,12 @@ class ConnectionManager:
         self._check_can_publish(core)
         publisher = core.publisher
         publisher.used = True
-        link = core.pool.current_link()
-        supervisor = core.supervisor
-        if link is not None and supervisor is not None and publisher.needs(link.generation):
+        link = core.live.current()
+        if link is not None and publisher.needs(link.generation):
             # Opened by the supervisor, not here: opening takes up to two round
             # trips bounded by reply_timeout, and this caller's own timeout may
             # be shorter (its messages wait for the channel within it).
-            supervisor.replace_publisher_channel(link.generation)
+            core.inbox.replace_publisher_channel(link.generation)
         name = getattr(exchange, "name", exchange)
         publisher.publish_many(
             bodies, exchange=name, routing_key=routing_key, headers=dict(headers or {}),
@@ -679,7 +710,7 @@ class ConnectionManager:
             )
         status = core.board.current
         if status.state is ConnectionState.FAILED and (status.fatal or status.gave_up):
-            raise core.pool._down_error()
+            raise core.live.down_error()
 
     # -- events --------------------------------------------------------------------------
 
@@ -706,11 +737,12 @@ class ConnectionManager:
     def _after_fork_in_child(self) -> None:
         """Start afresh in a forked child; the parent's connection is never touched."""
         old = self._core
-        link = old.pool.forget_after_fork()
+        link = old.live.forget_after_fork()
+        old.pool.forget_after_fork()
         if link is not None:
             link.disown()
         was_started = old.supervisor is not None
-        old.handle.supervisor = None  # the parent's thread: not in this process
+        old.supervisor = None  # the parent's thread: not in this process
         self._lock = threading.Lock()
         self._cores[0] = Core.build(self._settings, self._max_pending, previous=old, forked=True)
         if was_started and not self._lazy_after_fork:

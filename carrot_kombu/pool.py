@@ -21,12 +21,13 @@ from typing import TYPE_CHECKING, Any, Optional
 from amqp.exceptions import ChannelError
 from amqp.exceptions import ConnectionError as AMQPConnectionError
 
-from ._sync import Monitor, raised_by_library
+from ._sync import Monitor
 from .exceptions import Blocked, CarrotKombuError, ChannelLimitReached, Disconnected, PoolTimeout, PublishTimeout
 from .status import PoolStatus
 
 if TYPE_CHECKING:
     from ._link import Link
+    from ._live import LiveConnection
 
 __all__ = ("ChannelPool", "Lease")
 
@@ -66,15 +67,15 @@ class Lease:
         """The leased channel, after checking the lease is still valid."""
         if self._released:
             raise CarrotKombuError("this lease was released; take a new one")
-        pool = self._pool
-        if pool._live_generation != self.generation:
-            raise pool._stale_error()
+        live = self._pool._live
+        if not live.is_live(self.generation):
+            raise live.stale_error()
         return self._channel
 
     @property
     def valid(self) -> bool:
         """True while the lease is held and its connection is the live one."""
-        return not self._released and self._pool._live_generation == self.generation
+        return not self._released and self._pool._live.is_live(self.generation)
 
     def __getattr__(self, name: str) -> Any:
         if name in Lease.__slots__:
@@ -130,61 +131,69 @@ class ChannelPool:
     """At most ``limit`` channels open at the broker, leased one thread at a time.
 
     All state sits behind one condition; channel opening and closing (I/O)
-    happen outside it.  The pool serves one connection (a link) at a time:
-    :meth:`attach` on connect, :meth:`detach` on loss.  Leases of an earlier
-    link are stale from the moment it is detached.
+    happen outside it.  The pool only lends: which link is live is
+    :class:`~carrot_kombu._live.LiveConnection`'s to say.  The pool keeps its
+    books for one link at a time and starts new ones when the live link
+    changes; leases of an earlier link are stale from the moment it is no
+    longer live.
     """
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, live: "LiveConnection") -> None:
         self._cond = Monitor()
+        self._live = live
         self._configured_limit = limit
         self._limit = limit
-        self._link: Optional["Link"] = None
-        self._live_generation: Optional[int] = None
+        #: The link the books below are about (not necessarily live any more).
+        self._books_for: Optional["Link"] = None
         self._idle: list[Any] = []
         self._leased: dict[int, Any] = {}
         self._verifying: set[Any] = set()
         self._opening: set[object] = set()  # one ticket per acquire() opening a channel now
         self._tokens = 0
         self._at_channel_max = False
-        self._down: Optional[BaseException] = None
-        self._down_message = "not connected yet"
         #: Tokens of leases collected without release() (filled by Lease.__del__).
         self._reclaimed: deque[int] = deque()
         #: Tokens in _reclaimed whose owner was collected knowingly (Lease.abandon): no warning.
         self._quiet: set[int] = set()
         self._reaping = threading.RLock()  # for the hand-over in reap (see _sync)
+        live.watch(self._live_changed)
 
-    # -- supervisor side ----------------------------------------------------------
+    # -- the live link -------------------------------------------------------------------
 
-    def attach(self, link: "Link", channel_max: Optional[int]) -> None:
-        limit = self._configured_limit
-        if channel_max and channel_max < limit:
-            logger.warning(
-                "pool_limit %d exceeds the broker's channel_max %d; using %d",
-                limit, channel_max, channel_max,
-            )
-            limit = channel_max
+    def _live_changed(self) -> None:
         with self._cond.lock:
-            self._link = link
-            self._live_generation = link.generation
-            self._limit = limit
-            self._reset()
-            self._down = None
             self._cond.notify_all()
-        link.make_room = self.shed_idle
+
+    def _serving(self) -> Optional["Link"]:
+        """Under the lock: the live link, with books started for it (None: no live link)."""
+        link = self._live.current()
+        if link is not self._books_for:
+            self._reset()
+            self._books_for = link
+            if link is not None:
+                limit = self._configured_limit
+                channel_max = link.negotiated().get("channel_max")
+                if channel_max and channel_max < limit:
+                    logger.warning("pool_limit %d exceeds the broker's channel_max %d; using %d",
+                                   limit, channel_max, channel_max)
+                    limit = channel_max
+                self._limit = limit
+                link.make_room = self.shed_idle
+        return link
+
+    def _live_link(self) -> Optional["Link"]:
+        """Under the lock: the link of the books, if it is still the live one."""
+        link = self._books_for
+        return link if link is not None and self._live.is_live(link.generation) else None
 
     def shed_idle(self) -> bool:
         """Close every idle channel now (their ids are needed elsewhere); True if there was one."""
         with self._cond.lock:
             idle, self._idle = self._idle, []
+            link = self._books_for
         for chan in idle:
-            try:
-                chan.close()  # waits for close-ok (bounded): the id is free afterwards
-            except Exception as exc:
-                if not raised_by_library(exc):
-                    raise  # a signal handler's, for the caller
-                logger.debug("ignored error while closing an idle channel", exc_info=True)
+            if link is not None:
+                link.close_channel(chan, wait=True)  # the id is free afterwards
         return bool(idle)
 
     def _reset(self) -> None:
@@ -194,44 +203,16 @@ class ChannelPool:
         self._opening = set()
         self._at_channel_max = False
 
-    def detach(self, message: str, reason: Optional[BaseException], generation: Optional[int] = None) -> None:
-        """Stop serving the current link; every lease on it becomes stale.
-
-        Args:
-            generation: Only detach if this is the live link's generation
-                (news about an older link changes nothing).
-        """
-        with self._cond.lock:
-            if generation is not None and generation != self._live_generation:
-                return
-            self._link = None
-            self._live_generation = None
-            self._reset()
-            self._set_down(message, reason)
-
-    def set_down(self, message: str, reason: Optional[BaseException]) -> None:
-        with self._cond.lock:
-            if self._link is None:
-                self._set_down(message, reason)
-
-    def _set_down(self, message: str, reason: Optional[BaseException]) -> None:
-        self._down_message = message
-        self._down = reason
-        self._cond.notify_all()
-
-    def forget_after_fork(self) -> Optional["Link"]:
-        """In a forked child: every lease is stale, nothing touches the parent's socket.
+    def forget_after_fork(self) -> None:
+        """In a forked child: no books, nothing touches the parent's socket.
 
         Runs while the child has a single thread; locks held by parent threads
         at fork time may be stuck, so none is taken.
         """
-        link = self._link
-        self._link = None
-        self._live_generation = None
+        self._books_for = None
         self._reset()
+        self._cond = Monitor()
         self._reaping = threading.RLock()  # a parent's thread may have held it at fork
-        self._down_message = "the process forked; this connection belongs to the parent"
-        return link
 
     def reap(self) -> None:
         """Take back the channels of leases collected without ``release()`` (any thread)."""
@@ -280,9 +261,11 @@ class ChannelPool:
         ticket: Optional[object] = None
         while True:
             spoiled: list[Any] = []
+            spoiled_on: Optional["Link"] = None
             try:
                 try:
                     with self._cond.lock:
+                        spoiled_on = self._books_for
                         if first:
                             # Each call tries to open a channel at least once, even
                             # after another call found the broker's channel_max reached.
@@ -293,7 +276,8 @@ class ChannelPool:
                             self._opening.add(ticket)
                 finally:
                     for chan in spoiled:
-                        _close_nowait(chan)
+                        if spoiled_on is not None:
+                            spoiled_on.close_channel(chan)
                 if isinstance(link, Lease):
                     return link
                 lease = self._open(link, ticket, deadline, timeout)
@@ -313,9 +297,9 @@ class ChannelPool:
     def _wait_for_slot(self, deadline: Optional[float], timeout: Optional[float], spoiled: list[Any]) -> Any:
         """Under the lock: an idle channel's lease, or the link to open a new channel on."""
         while True:
-            link = self._link
+            link = self._serving()
             if link is None:
-                raise self._down_error()
+                raise self._live.down_error()
             while self._idle:
                 chan = self._idle[-1]  # taken off only together with its lease's registration
                 if link.reusable(chan):
@@ -371,7 +355,7 @@ class ChannelPool:
             ) from None
         except ChannelLimitReached:
             with self._cond.lock:
-                if self._link is link:
+                if self._books_for is link:
                     self._opening.discard(ticket)
                     # Wait for one of ours to come back (or time out saying why).
                     self._at_channel_max = True
@@ -382,11 +366,11 @@ class ChannelPool:
                 raise
             raise Disconnected(f"could not open a channel: {type(exc).__name__}: {exc}", exc) from exc
         with self._cond.lock:
-            if self._link is link:
+            if self._books_for is link and self._live.is_live(link.generation):
                 self._opening.discard(ticket)
                 return self._lease(chan, link.generation)
-        _close_nowait(chan)
-        raise self._stale_error()
+        link.close_channel(chan)
+        raise self._live.stale_error()
 
     def _lease(self, chan: Any, generation: int, from_idle: bool = False) -> Lease:
         """Register a lease of ``chan`` (under the lock).
@@ -408,10 +392,11 @@ class ChannelPool:
         to_close = to_verify = None
         generation = 0
         started = False
+        link: Optional["Link"] = None
         try:
             with self._cond.lock:
                 chan = self._leased.get(token)
-                link = self._link
+                link = self._live_link()
                 if chan is None:
                     return  # given back already, or stale: its connection is gone, and the channel with it
                 if link is None:
@@ -443,8 +428,8 @@ class ChannelPool:
             # verification that did start and reports later finds it gone.
             if to_verify is not None and not started:
                 self._verified(to_verify, generation, False)
-            if to_close is not None:
-                _close_nowait(to_close)
+            if to_close is not None and link is not None:
+                link.close_channel(to_close)
 
     def _verified(self, chan: Any, generation: int, ok: bool) -> None:
         """On the reading thread: a released channel's verification came back."""
@@ -453,54 +438,24 @@ class ChannelPool:
             if chan not in self._verifying:
                 return
             self._verifying.discard(chan)
-            link = self._link
+            link = self._live_link()
             if ok and link is not None and link.generation == generation and link.reusable(chan):
                 self._idle.append(chan)
             else:
                 if not ok:
-                    logger.warning(
-                        "carrot_kombu discarded a channel after its borrower left: %s",
-                        getattr(getattr(chan, "carrot", None), "error", None) or "verification failed",
-                    )
+                    error = None if link is None else link.channel_error(chan)
+                    logger.warning("carrot_kombu discarded a channel after its borrower left: %s",
+                                   error or "verification failed")
                 to_close = chan
             self._cond.notify()
-        if to_close is not None:
-            _close_nowait(to_close)
+        if to_close is not None and link is not None:
+            link.close_channel(to_close)
 
     # -- views ------------------------------------------------------------------------
-
-    def current_link(self) -> Optional["Link"]:
-        with self._cond.lock:
-            return self._link
 
     def counts(self) -> PoolStatus:
         with self._cond.lock:
             return PoolStatus(
-                leased=len(self._leased), idle=len(self._idle), limit=self._limit, verifying=len(self._verifying)
+                leased=len(self._leased), idle=len(self._idle), limit=self._limit, verifying=len(self._verifying),
+                opening=len(self._opening),
             )
-
-    def _down_error(self) -> Disconnected:
-        reason = self._down
-        text = self._down_message
-        if reason is not None:
-            text = f"{text}: {type(reason).__name__}: {reason}"
-        return Disconnected(text, reason)
-
-    def _stale_error(self) -> Disconnected:
-        with self._cond.lock:
-            reason = self._down
-        return Disconnected("the connection this lease was taken on is gone; take a new lease", reason)
-
-
-def _close_nowait(chan: Any) -> None:
-    """Write the channel's close and go on: its answer is handled by the reading thread."""
-    close = getattr(chan, "close_nowait", None)
-    try:
-        if close is not None:
-            close()
-        else:
-            chan.close()
-    except Exception as exc:
-        if not raised_by_library(exc):
-            raise  # a signal handler's, for the caller
-        logger.debug("ignored error while closing a discarded channel", exc_info=True)

@@ -29,13 +29,11 @@ import time
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Optional
 
-from amqp import spec
 from amqp.exceptions import AMQPError
 from kombu.serialization import dumps
 
-from ._pyamqp.frames import encode_content, encode_method, encode_properties, encode_publish_args, body_bytes
-from ._pyamqp.state import Waiter
-from ._sync import Monitor, raised_by_library
+from ._link import ConfirmChannel, ConfirmHooks, Link, Outbound, Waiter
+from ._sync import Monitor
 from .exceptions import (
     Blocked,
     Disconnected,
@@ -67,19 +65,12 @@ _USER_ID = re.compile(r"user_id property set to '(.*)' but authenticated user")
 class _Pending(Waiter):
     """One message between admission and its confirm; encoded once, framed per channel."""
 
-    __slots__ = ("id", "args", "props", "body", "exchange", "routing_key", "user_id", "outcome", "detail",
-                 "error", "written", "tag")
+    __slots__ = ("id", "message", "outcome", "detail", "error", "written", "tag")
 
-    def __init__(self, pid: int, exchange: str, routing_key: str, args: bytes, props: bytes, body: bytes,
-                 user_id: Optional[str]) -> None:
+    def __init__(self, pid: int, message: Outbound) -> None:
         super().__init__()
         self.id = pid
-        self.args = args
-        self.props = props
-        self.body = body
-        self.exchange = exchange
-        self.routing_key = routing_key
-        self.user_id = user_id
+        self.message = message
         self.outcome: Optional[str] = None  # "ack", "nack", "returned", "rejected", "aborted", "failed"
         self.detail = ""
         self.error: Optional[BaseException] = None
@@ -89,32 +80,31 @@ class _Pending(Waiter):
     def ready(self) -> bool:
         return self.outcome is not None
 
-    def frames(self, channel_id: int, frame_max: int) -> list[Any]:
-        out: list[Any] = [encode_method(channel_id, spec.Basic.Publish, self.args)]
-        out += encode_content(channel_id, spec.Basic.CLASS_ID, self.props, self.body, frame_max)
-        return out
-
 
 class Publisher:
     """The pending table and the confirm channel of one manager.
 
     Args:
         max_pending: Most messages waiting for confirms at once (all threads).
-        need_channel: Called (from any thread, must not block) when the
-            confirm channel was closed by the broker and must be replaced.
+        need_channel: ``need_channel(generation, backoff)``, called (from any
+            thread, must not block) when the confirm channel was closed by the
+            broker and must be replaced; ``backoff`` when the broker named no
+            publish (replacing it at once could loop).
     """
 
-    def __init__(self, max_pending: int, need_channel: Optional[Callable[[int], None]] = None) -> None:
+    def __init__(self, max_pending: int, need_channel: Optional[Callable[[int, bool], None]] = None) -> None:
         self.max_pending = max_pending
         self._need_channel = need_channel
         self._cond = Monitor()
         self._pending: "OrderedDict[int, _Pending]" = OrderedDict()
         self._by_tag: dict[int, _Pending] = {}
-        self._channel: Any = None
+        self._channel: Optional[ConfirmChannel] = None
         self._low = 1  # no delivery tag below this one is still waiting
+        #: The highest delivery tag written on the current channel: nothing the
+        #: broker acks costs more than what we have outstanding.
+        self._booked_to = 0
         self._ids = itertools.count(1)
         self._generation: Optional[int] = None
-        self._confirms = True
         self._closed: Optional[str] = None
         #: Ids of messages in flight when the broker refused one it did not
         #: name: published again one at a time, waiting for each outcome.
@@ -136,29 +126,29 @@ class Publisher:
         """
         return self.used and self._closed is None and (self._generation != generation or self._channel is None)
 
-    def attach(self, channel: Any, generation: int) -> None:
-        """Put ``channel`` in confirm mode and publish again what is unconfirmed."""
-        # kombu's in-process transports have no confirms: a publish there is
-        # stored when basic_publish returns, so it is settled right away.
-        confirms = hasattr(channel, "carrot")
-        if confirms:
-            state = channel.carrot
-            state.on_confirm = self._on_confirm
-            state.on_return = self._on_return
-            state.on_closed = lambda error, method: self._on_channel_closed(channel, error, method)
-            channel.confirm_select()
+    def attach(self, link: Link) -> None:
+        """Open a confirm channel on ``link`` and publish again what is unconfirmed."""
+        holder: list[ConfirmChannel] = []
+        hooks = ConfirmHooks(
+            on_confirm=self._on_confirm,
+            on_return=self._on_return,
+            on_closed=lambda error, about_publish: self._on_channel_closed(
+                holder[0] if holder else None, error, about_publish),
+        )
+        channel = link.open_confirm_channel(hooks)
+        holder.append(channel)
         with self._cond.lock:
             careful = [p for p in self._pending.values() if p.id in self._careful and p.outcome is None]
             self._careful.clear()
-            self._confirms = confirms
-            self._generation = generation
+            self._generation = link.generation
             self._refused = None
             self._low = 1
+            self._booked_to = 0
             self._by_tag = {}
-        if careful and confirms:
+        if careful:
             # New publishes wait unwritten meanwhile (no channel yet).
             self._one_by_one(channel, careful)
-            if channel.carrot.failure() is not None:
+            if channel.failure() is not None:
                 return  # closed again by the culprit: the replacement carries the rest
         with self._cond.lock:
             self._channel = channel
@@ -173,14 +163,13 @@ class Publisher:
         if again:
             logger.info("carrot_kombu published %d unconfirmed message(s) again", len(again))
 
-    def _one_by_one(self, channel: Any, careful: list[_Pending]) -> None:
+    def _one_by_one(self, channel: ConfirmChannel, careful: list[_Pending]) -> None:
         """Publish ``careful`` one at a time, each confirmed before the next.
 
         If the broker closes the channel again, the message alone in flight is
         the one it refused (``_culprits`` with one message); the others, not
         yet sent, go to the replacement channel.  Runs on the supervisor.
         """
-        state = channel.carrot
         with self._cond.lock:
             self._one_at_a_time = True
         try:
@@ -193,14 +182,14 @@ class Publisher:
                 try:
                     # The confirm wakes ``pending``; so does the channel's close
                     # (_on_channel_closed wakes every pending message).
-                    state.conn.wait_for(pending, time.monotonic() + state.conn.reply_timeout,
-                                        interrupt=lambda: state.failure() is not None)
+                    channel.wait(pending, time.monotonic() + channel.reply_timeout,
+                                 interrupt=lambda: channel.failure() is not None)
                 except Disconnected:
                     pass
                 with self._cond.lock:
                     if self._channel is channel:
                         self._channel = None
-                if state.failure() is not None:
+                if channel.failure() is not None:
                     with self._cond.lock:
                         self._careful.update(p.id for p in careful[index + 1:] if p.outcome is None)
                     return
@@ -287,7 +276,7 @@ class Publisher:
                     self._admit(pending, deadline, timeout)
                 batch.append(pending)
                 chunk.append(pending)
-                size += len(pending.body)
+                size += len(pending.message.body)
                 if len(chunk) >= _CHUNK_MESSAGES or size >= _CHUNK_BYTES:
                     self._write(chunk, deadline=deadline)
                     chunk, size = [], 0
@@ -318,10 +307,7 @@ class Publisher:
             merged[RETURN_HEADER] = pid
         if merged:
             props["application_headers"] = merged
-        raw = body_bytes(data, props)
-        args = encode_publish_args(exchange, routing_key, mandatory, False)
-        encoded = encode_properties(props)
-        return _Pending(pid, exchange, routing_key, args, encoded, raw, props.get("user_id"))
+        return _Pending(pid, Outbound(exchange, routing_key, props, data, mandatory))
 
     def _admit(self, pending: _Pending, deadline: Optional[float], timeout: Optional[float], wait: bool = True) -> bool:
         """Take a pending slot; False if none is free and ``wait`` is False.
@@ -364,8 +350,7 @@ class Publisher:
                     outcome="unknown" if pending.written else "not_sent",
                 )
             channel = self._channel
-            state = getattr(channel, "carrot", None)
-            if state is None:
+            if channel is None:
                 event = pending.event
                 event.clear()
                 # Checked again after clear(): a settle or an attach from now on stays visible.
@@ -373,21 +358,11 @@ class Publisher:
                     continue
                 event.wait(remaining)
                 continue
-            conn = state.conn
             try:
-                # A block (often caused by this very publish) bounds the wait
-                # by blocked_timeout: the confirm cannot come while it lasts.
-                until = conn.blocked_until()
-                if until is None:
-                    conn.wait_for(pending, deadline, conn.is_blocked)
-                elif time.monotonic() >= until:
-                    raise conn.blocked_error(
-                        "no confirm" + ("; the message was written and may have been stored" if pending.written
-                                        else "; the message was never sent")
-                        + (f" (message {index} of {total})" if total > 1 else "")
-                    )
-                else:
-                    conn.wait_for(pending, until if deadline is None else min(deadline, until))
+                channel.wait_confirm(pending, deadline, lambda: (
+                    ("; the message was written and may have been stored" if pending.written
+                     else "; the message was never sent")
+                    + (f" (message {index} of {total})" if total > 1 else "")))
             except Disconnected:
                 # Lost meanwhile: the next connection publishes it again.
                 pending.event.wait(None if remaining is None else min(remaining, 0.05))
@@ -411,17 +386,9 @@ class Publisher:
             if self._one_at_a_time and not alone:
                 return  # written when the channel is attached after the careful ones
             channel = self._channel
-            confirms = self._confirms
             todo = [p for p in chunk if p.outcome is None]
         if channel is None or not todo:
             return  # written when the next connection is attached
-        if not confirms:
-            self._write_virtual(channel, todo)
-            return
-        frame_max = channel.carrot.conn.conn.frame_max
-        frames: list[Any] = []
-        for p in todo:
-            frames += p.frames(channel.channel_id, frame_max)
 
         def queued(first: int, ok: bool) -> None:
             # Runs under the channel's lock, before any confirm can be read;
@@ -433,13 +400,14 @@ class Publisher:
                         p.tag, p.written = tag, True
                         if self._channel is channel:
                             self._by_tag[tag] = p
+                            self._booked_to = max(self._booked_to, tag)
                     else:
                         p.tag, p.written = 0, False
                         if self._by_tag.get(tag) is p:
                             del self._by_tag[tag]
 
         try:
-            channel.write_publishes(frames, len(todo), on_queued=queued, deadline=deadline)
+            channel.write([p.message for p in todo], on_queued=queued, deadline=deadline)
         except (Blocked, PublishTimeout):
             for p in todo:
                 self._forget(p)
@@ -447,29 +415,6 @@ class Publisher:
         except (Disconnected, OSError, AMQPError) as exc:
             # The connection or the channel is going; the next channel publishes them again.
             logger.debug("%d publish(es) wait for the next confirm channel: %r", len(todo), exc)
-
-    def _write_virtual(self, channel: Any, todo: list[_Pending]) -> None:
-        """kombu's in-process transports: stored when basic_publish returns."""
-        from amqp.serialization import decode_properties_basic
-
-        for p in todo:
-            props, _ = decode_properties_basic(p.props, 0)
-            headers = props.pop("application_headers", None)
-            message = channel.prepare_message(
-                p.body, props.pop("priority", None), props.pop("content_type", None),
-                props.pop("content_encoding", None), headers, props,
-            )
-            try:
-                channel.basic_publish(message, exchange=p.exchange, routing_key=p.routing_key)
-            except Exception as exc:
-                if not raised_by_library(exc):
-                    raise  # a signal handler's, for the caller
-                logger.debug("publish waits for the next connection: %r", exc)
-                return
-            with self._cond.lock:
-                p.written = True
-                self._settle_one(p, "ack")
-                self._cond.notify_all()
 
     def _forget(self, pending: _Pending) -> None:
         """Its caller is gone (a timeout, an exception raised into it): not waited for, not published again.
@@ -490,10 +435,12 @@ class Publisher:
         outcome = "ack" if ack else "nack"
         with self._cond.lock:
             # Tags are consecutive: a multiple ack settles [low, delivery_tag]
-            # without scanning every pending message.
-            tags = range(self._low, delivery_tag + 1) if multiple else (delivery_tag,)
+            # without scanning every pending message, and never past the last
+            # tag written (a broker acking 2**64-1 costs what is outstanding).
+            top = min(delivery_tag, self._booked_to)
+            tags = range(self._low, top + 1) if multiple else (delivery_tag,)
             if multiple or delivery_tag == self._low:
-                self._low = delivery_tag + 1
+                self._low = max(self._low, top + 1)
             for tag in tags:
                 pending = self._by_tag.pop(tag, None)
                 if pending is not None:
@@ -515,22 +462,23 @@ class Publisher:
                 # The ack that follows settles it as "returned".
                 pending.detail = f"{exc} (exchange {exchange!r}, routing key {routing_key!r})"
 
-    def _on_channel_closed(self, channel: Any, error: BaseException, method: Any) -> None:
+    def _on_channel_closed(self, channel: Optional[ConfirmChannel], error: BaseException,
+                           about_publish: bool) -> None:
         """The broker closed the confirm channel: the culprit gets the error, the rest go again."""
         with self._cond.lock:
-            if channel is not self._channel:
+            if channel is None or channel is not self._channel:
                 return
             generation = self._generation
             self._channel = None
             unsettled = sorted(self._by_tag.values(), key=lambda p: p.tag)
             self._by_tag = {}
-            culprits = _culprits(error, unsettled) if tuple(method) == spec.Basic.Publish else []
+            culprits = _culprits(error, unsettled) if about_publish else []
             for p in culprits:
                 p.outcome = "rejected"
                 p.error = error
                 self._pending.pop(p.id, None)
                 p.wake()
-            if not culprits and tuple(method) == spec.Basic.Publish:
+            if not culprits and about_publish:
                 # Unattributed: publish these again one at a time.
                 self._careful.update(p.id for p in unsettled)
             for p in self._pending.values():
@@ -539,7 +487,8 @@ class Publisher:
         if culprits:
             logger.warning("carrot_kombu: the broker refused a publish (%s); the confirm channel is replaced", error)
         if generation is not None and self._need_channel is not None and self._closed is None:
-            self._need_channel(generation)
+            # A close that names no publish could come again for every rewrite: backed off.
+            self._need_channel(generation, not about_publish)
 
 
 def _culprits(error: BaseException, unsettled: list[_Pending]) -> list[_Pending]:
@@ -561,14 +510,14 @@ def _culprits(error: BaseException, unsettled: list[_Pending]) -> list[_Pending]
     if found:
         name = found.group(1)
         name = "" if name == "amq.default" else name  # how RabbitMQ names the default exchange
-        return [p for p in unsettled if p.exchange == name]
+        return [p for p in unsettled if p.message.exchange == name]
     found = _TOO_LARGE.search(text)
     if found:
         limit = int(found.group(2))
-        return [p for p in unsettled if len(p.body) > limit]
+        return [p for p in unsettled if len(p.message.body) > limit]
     found = _USER_ID.search(text)
     if found:
-        return [p for p in unsettled if p.user_id == found.group(1)]
+        return [p for p in unsettled if p.message.user_id == found.group(1)]
     return []
 
 

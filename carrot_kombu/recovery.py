@@ -60,7 +60,7 @@ class Recovery:
             What could not be restored on this connection (retried later).
         """
         try:
-            refused = declare_all(link.open_channel, self.topology.entities(), self.topology.server_named)
+            refused = declare_all(link, self.topology.entities(), self.topology.server_named)
         except EntityRefused as exc:
             # It would close every new connection the same way: one caller's
             # entity must not keep everyone disconnected.  Dropped, loudly.
@@ -78,7 +78,7 @@ class Recovery:
                 for fn in setups:
                     fn(channel)
             finally:
-                _close(channel)
+                link.close_channel(channel)
         degraded += self._consumers(link)
         self.ensure_publisher(link)
         return degraded
@@ -120,7 +120,7 @@ class Recovery:
             with lock:  # the C-level exit releases it, however this thread is interrupted (see _sync)
                 lock.release()
                 if self.publisher.needs(link.generation):
-                    self.publisher.attach(link.open_channel(), link.generation)
+                    self.publisher.attach(link)
         finally:
             if lock._is_owned():  # type: ignore[attr-defined]  # interrupted before the hand-over
                 lock.release()
@@ -134,7 +134,7 @@ class Recovery:
         if item.kind == "entity":
             if not self.topology.declares(item.target):
                 return None  # no longer registered
-            failed = declare_all(link.open_channel, [item.target], self.topology.server_named)
+            failed = declare_all(link, [item.target], self.topology.server_named)
             return failed[0][1] if failed else None
         consumer: "Consumer" = item.target
         if not consumer.active:
@@ -144,11 +144,3 @@ class Recovery:
         except (ChannelError, ReplyTimeout) as exc:
             return exc
         return None
-
-
-def _close(channel: Any) -> None:
-    try:
-        close = getattr(channel, "close_nowait", None) or channel.close
-        close()
-    except Exception:
-        logger.debug("ignored error while closing a setup channel", exc_info=True)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import math
+import socket
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
 import backoff as _backoff
+from amqp.exceptions import AccessRefused, AMQPError, NotAllowed, NotFound, ResourceLocked
 
-from .exceptions import ConfigurationError
+from .exceptions import CarrotKombuError, ConfigurationError, ReplyTimeout, SetupFailed
 
-__all__ = ("Backoff",)
+__all__ = ("Backoff", "failed_before_tcp", "is_fatal", "is_unavailable")
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,16 @@ class Backoff:
             f"backoff must be a Backoff or a mapping, got {type(value).__name__}"
         )
 
+    def nominal(self, attempt: int) -> float:
+        """The schedule's delay after ``attempt`` earlier retries, without jitter: ``min * 2**attempt``, capped."""
+        if attempt >= 64:
+            return self.max
+        return min(self.min * 2.0 ** max(0, attempt), self.max)
+
+    def soon(self, attempt: int) -> float:
+        """A short schedule for what the broker cannot serve *right now*: at most 0.5 s, doubling, capped at 1 s."""
+        return Backoff(min=min(self.min, 0.5), max=max(min(self.min, 0.5), 1.0), jitter=False).nominal(attempt)
+
     def delays(self) -> Iterator[float]:
         """Yield the delay before each retry; stop when the policy gives up.
 
@@ -135,3 +149,68 @@ def _check_seconds(name: str, value: object, *, allow_zero: bool) -> None:
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigurationError(f"{name} must be a finite number of seconds {bound}, got {value!r}")
+
+
+# -- classification: what a failure means for the next attempt -------------------------------
+
+#: Refusals a retry will not fix by itself (someone must change the broker or
+#: the configuration): retried only every ``Backoff.max`` seconds.
+FATAL_ERRORS = (AccessRefused, NotAllowed, ssl.SSLCertVerificationError)
+
+#: Reading a local file failed (``ssl`` options naming a missing certificate):
+#: OSErrors, but no network condition, so waiting will not fix them.
+_LOCAL_FILE_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+#: The errno values of a TCP connect that found nobody listening.
+_UNREACHABLE = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN, errno.EADDRNOTAVAIL}
+
+#: How RabbitMQ says a queue exists but cannot be reached right now (its
+#: home node is down or restarting), as opposed to "no queue 'x'".
+_UNAVAILABLE = ("down", "not available", "unavailable", "stopped", "inaccessible", "home node", "not running")
+
+
+def is_fatal(exc: BaseException) -> bool:
+    """A connection attempt refused for a reason retrying will not fix.
+
+    Besides the broker's refusals, anything that is neither a network error
+    nor an AMQP error (a ``ValueError`` from an ssl option, say) is a
+    configuration problem: retried slowly, never in a tight loop.
+    """
+    if isinstance(exc, SetupFailed):
+        # A broker answer or a lost connection may pass; a bug in a setup
+        # function will not: retry that one slowly.
+        return not isinstance(exc.reason, (OSError, AMQPError, CarrotKombuError))
+    if isinstance(exc, _LOCAL_FILE_ERRORS):
+        return True  # a certificate or key file that is not there or not readable: our side's setup
+    return isinstance(exc, FATAL_ERRORS) or not isinstance(exc, (OSError, AMQPError, CarrotKombuError))
+
+
+def failed_before_tcp(exc: Optional[BaseException]) -> bool:
+    """The attempt never got a TCP connection (refused, unreachable, unknown host).
+
+    Only then can a TCP probe tell that a retry may work now: when TCP was
+    accepted and the handshake, TLS or setup failed after it, a port that
+    accepts says nothing, and probing would turn the backoff into a retry
+    every probe interval.
+    """
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, socket.gaierror):
+            return True
+        if isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError) and exc.errno in _UNREACHABLE:
+            return True
+        # ``reason`` is ours (CarrotKombuError) or a string (ssl.SSLError's, UnicodeError's).
+        reason = getattr(exc, "reason", None)
+        exc = reason if isinstance(reason, BaseException) else exc.__cause__
+        seen += 1
+    return False
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """The broker cannot serve an entity right now (vs. refuses it for good)."""
+    if isinstance(exc, (ReplyTimeout, ResourceLocked)):
+        return True
+    if isinstance(exc, NotFound):
+        text = str(exc).lower()
+        return any(word in text for word in _UNAVAILABLE)
+    return False

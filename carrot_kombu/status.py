@@ -40,12 +40,13 @@ class ConnectionState(str, enum.Enum):
 class PoolStatus:
     """Channels of the pool: ``leased`` to borrowers, ``idle``, ``verifying``
     (released after a write the broker could still refuse; idle once it
-    answered), at most ``limit``."""
+    answered), ``opening`` (being opened for a borrower now), at most ``limit``."""
 
     leased: int = 0
     idle: int = 0
     limit: int = 0
     verifying: int = 0
+    opening: int = 0
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ class Status:
             "blocked_reason": self.blocked_reason,
             "pool": {
                 "leased": self.pool.leased, "idle": self.pool.idle, "verifying": self.pool.verifying,
-                "limit": self.pool.limit,
+                "opening": self.pool.opening, "limit": self.pool.limit,
             },
             "heartbeat": self.heartbeat,
             "frame_max": self.frame_max,

@@ -19,14 +19,16 @@ Rules (``docs/guarantees.rst``):
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from amqp.exceptions import AMQPError, NotFound, ResourceLocked
+from amqp.exceptions import AMQPError
 
-from ._sync import raised_by_library
 from .exceptions import CarrotKombuError, ReplyTimeout
 
-__all__ = ("EntityRefused", "Topology", "declare_all", "declare_entity", "describe", "is_server_named", "is_unavailable")
+if TYPE_CHECKING:
+    from ._link import Link
+
+__all__ = ("EntityRefused", "Topology", "declare_all", "declare_entity", "describe", "is_server_named")
 
 SetupFn = Callable[[Any], Any]
 
@@ -35,21 +37,6 @@ def describe(entity: Any) -> str:
     """``"queue 'jobs'"``, ``"exchange 'events'"`` (for status and logs)."""
     kind = "queue" if hasattr(entity, "queue_arguments") else "exchange"
     return f"{kind} {getattr(entity, 'name', '')!r}"
-
-
-def is_unavailable(exc: BaseException) -> bool:
-    """The broker cannot serve the entity right now (vs. refuses it for good)."""
-    if isinstance(exc, (ReplyTimeout, ResourceLocked)):
-        return True
-    if isinstance(exc, NotFound):
-        text = str(exc).lower()
-        return any(word in text for word in _UNAVAILABLE)
-    return False
-
-
-#: How RabbitMQ says a queue exists but cannot be reached right now (its
-#: home node is down or restarting), as opposed to "no queue 'x'".
-_UNAVAILABLE = ("down", "not available", "unavailable", "stopped", "inaccessible", "home node", "not running")
 
 
 class Topology:
@@ -144,7 +131,7 @@ def declare_entity(channel: Any, entity: Any, server_named: bool = False) -> Non
 
 
 def declare_all(
-    open_channel: Callable[[], Any], entities: list[Any], server_named: Callable[[Any], bool]
+    link: "Link", entities: list[Any], server_named: Callable[[Any], bool]
 ) -> list[tuple[Any, BaseException]]:
     """Declare each entity; a refusal closes only its channel, the others go on.
 
@@ -159,7 +146,7 @@ def declare_all(
     try:
         for entity in entities:
             if channel is None:
-                channel = open_channel()
+                channel = link.open_channel()
             try:
                 declare_entity(channel, entity, server_named(entity))
             except Exception as exc:
@@ -171,11 +158,11 @@ def declare_all(
                         raise EntityRefused(entity, blamed) from exc
                     raise
                 failed.append((entity, exc))
-                _close(channel)
+                link.close_channel(channel)
                 channel = None
     finally:
         if channel is not None:
-            _close(channel)
+            link.close_channel(channel)
     return failed
 
 
@@ -216,12 +203,3 @@ def _channel_level(exc: BaseException) -> bool:
     from amqp.exceptions import ChannelError
 
     return isinstance(exc, (ChannelError, ReplyTimeout))
-
-
-def _close(channel: Any) -> None:
-    try:
-        close = getattr(channel, "close_nowait", None) or channel.close
-        close()
-    except Exception as exc:
-        if not raised_by_library(exc):
-            raise  # a signal handler's, for the caller

@@ -47,13 +47,13 @@ from typing import Any, Optional
 import amqp
 from kombu.transport import base
 
-from ._pyamqp import EventQueue
-from .config import mask_url
 from amqp.exceptions import AccessRefused, NotAllowed
 
+from .config import mask_url
 from .exceptions import Blocked, BrokerUnavailable, ChannelLimitReached, Disconnected, PoolTimeout, ReplyTimeout
 from .manager import ConnectionManager
 from .status import ConnectionState
+from .view import CallbackQueue, ConnectionView
 
 __all__ = ("Transport", "VirtualConnection", "manager_for_connection")
 
@@ -259,15 +259,11 @@ class VirtualConnection:
     new one).
     """
 
-    def __init__(self, kombu_transport: "Transport", manager: ConnectionManager, link: Any) -> None:
+    def __init__(self, kombu_transport: "Transport", manager: ConnectionManager, view: ConnectionView) -> None:
         self.client = kombu_transport.client
         self.manager = manager
-        self._link = link
-        self._raw = link.raw
-        state = self._raw.carrot
-        self._state = state
-        self.events = EventQueue(state, notify=True)
-        state.add_event_queue(self.events)
+        self._view = view
+        self.events: CallbackQueue = view.callback_queue()
         self._leases: dict[int, Any] = {}
         #: Exclusive queues declared through this connection (deleted by close()).
         self._exclusive: set[str] = set()
@@ -275,7 +271,7 @@ class VirtualConnection:
         # is collected, its channels go back (py-amqp closes them with its
         # socket; here they would stay leased for the process's life).  Only
         # weak references lead back here from the channels (see channel()).
-        weakref.finalize(self, _collected, self._leases, state, self.events)
+        weakref.finalize(self, _collected, self._leases, self.events)
         self._lock = threading.Lock()
         self._closed = False
         #: The loss was raised to kombu once: from now on kombu may re-establish.
@@ -290,32 +286,32 @@ class VirtualConnection:
 
     @property
     def connected(self) -> bool:
-        return not self._closed and self._state.dead is None
+        return not self._closed and self._view.alive
 
     @property
     def server_properties(self) -> dict[str, Any]:
-        return dict(self._raw.server_properties or {})
+        return self._view.server_properties
 
     @property
     def heartbeat(self) -> Any:
-        return self._raw.heartbeat
+        return self._view.heartbeat
 
     @property
     def channel_max(self) -> Any:
-        return self._raw.channel_max
+        return self._view.channel_max
 
     @property
     def frame_max(self) -> Any:
-        return self._raw.frame_max
+        return self._view.frame_max
 
     @property
     def transport(self) -> Any:
         """py-amqp's transport object (``.sock``), as on a py-amqp connection."""
-        return self._raw._transport
+        return self._view.transport
 
     @property
     def sock(self) -> Any:
-        return self._raw._transport.sock
+        return self._view.transport.sock
 
     def fileno(self) -> int:
         """Readable while callbacks are queued for this connection (or it died): for event loops."""
@@ -323,7 +319,7 @@ class VirtualConnection:
 
     def __repr__(self) -> str:
         state = "connected" if self.connected else "dead"
-        return f"<carrot_kombu VirtualConnection {state} generation={self._link.generation} leases={len(self._leases)}>"
+        return f"<carrot_kombu VirtualConnection {state} generation={self._view.generation} leases={len(self._leases)}>"
 
     # -- channels --------------------------------------------------------------------------
 
@@ -335,11 +331,10 @@ class VirtualConnection:
         """
         self.check()
         lease = self.manager.open_channel(timeout=float(self.client.connect_timeout or 5.0))
-        if lease.generation != self._link.generation:
+        if lease.generation != self._view.generation:
             lease.release()
             raise Disconnected("the connection this kombu connection was established on is gone")
         chan = lease.channel
-        chan.carrot.events = self.events
         # kombu reads channel.connection.client (declared-entity cache,
         # SimpleQueue, Producer.connection): it must be *this* kombu connection.
         chan.connection = _ConnectionView(chan.connection, self.client)
@@ -349,7 +344,7 @@ class VirtualConnection:
         chan.queue_declare = self._recording_exclusive(chan.queue_declare)
         with self._lock:
             self._leases[id(chan)] = lease
-        chan.carrot.on_gone.append(lambda chan: _call_if_alive(gone, chan))
+        self._view.adopt(chan, self.events, lambda chan: _call_if_alive(gone, chan))
         return chan
 
     def _recording_exclusive(self, declare: Any) -> Any:
@@ -376,7 +371,7 @@ class VirtualConnection:
     def _delete_exclusive(self, leases: list[Any]) -> None:
         """Delete this connection's exclusive queues (best effort, without waiting for answers)."""
         names, self._exclusive = self._exclusive, set()
-        if not names or self._state.dead is not None:
+        if not names or not self._view.alive:
             return
         lease = next((lease for lease in leases if lease.valid), None)
         try:
@@ -394,8 +389,9 @@ class VirtualConnection:
         # py-amqp reopens a channel the broker closed; kombu's default_channel
         # relies on that (one 404 on it and every later use would fail): the
         # next use of default_channel opens a new channel instead.
-        if getattr(self.client, "_default_channel", None) is chan:
-            self.client._default_channel = None
+        from ._pyamqp.kombu_client import forget_default_channel
+
+        forget_default_channel(self.client, chan)
         with self._lock:
             lease = self._leases.pop(id(chan), None)
         if lease is not None:
@@ -406,11 +402,11 @@ class VirtualConnection:
     def check(self) -> None:
         if self._closed:
             raise Disconnected("this kombu connection was closed")
-        if self._state.dead is not None:
+        if not self._view.alive:
             self.loss_reported = True
             if self.in_event_loop:
                 _consumer_lost(self.manager)
-            self._state.check_alive()
+            self._view.check()
 
     @property
     def usable(self) -> bool:
@@ -421,7 +417,7 @@ class VirtualConnection:
         check), so that kombu and Celery see the loss (Celery then forgets
         what it reserved, the rpc:// result consumer subscribes again).
         """
-        return not self._closed and (self._state.dead is None or not self.loss_reported)
+        return not self._closed and (self._view.alive or not self.loss_reported)
 
     def drain_events(self, timeout: Optional[float] = None) -> None:
         """Run this connection's queued callbacks here; ``socket.timeout`` if none within ``timeout``.
@@ -445,7 +441,6 @@ class VirtualConnection:
         self._delete_exclusive(leases)
         for lease in leases:
             lease.release(discard=True)
-        self._state.remove_event_queue(self.events)
         self.events.close()
 
     collect = close
@@ -490,12 +485,15 @@ def _call_if_alive(method: "weakref.WeakMethod[Any]", chan: Any) -> None:
         bound(chan)
 
 
-def _collected(leases: dict[int, Any], state: Any, events: EventQueue) -> None:
-    """A kombu connection was dropped without ``close()``: its channels go back (any thread, never blocks)."""
+def _collected(leases: dict[int, Any], events: CallbackQueue) -> None:
+    """A kombu connection was dropped without ``close()``: its channels go back (any thread, never blocks).
+
+    Its callback queue is closed too (two descriptors each, until EMFILE otherwise).
+    """
     for lease in list(leases.values()):
         lease.abandon()
     leases.clear()
-    state.remove_event_queue(events)
+    events.close()
 
 
 class _ConnectionView:
@@ -567,20 +565,24 @@ class Transport(base.Transport):  # type: ignore[misc]
             # the broker nothing, unlike Celery's retry schedule (2, 4, 6 s...).
             timeout = max(timeout, CONSUMER_WAIT)
         deadline = time.monotonic() + timeout
-        core = manager._core
         while True:
-            link = core.pool.current_link()
-            if link is not None and link.dead is None:
-                _mirror_endpoint(self.client, link.endpoint)
-                return VirtualConnection(self, manager, link)
-            status = manager.status()
-            waiting = status.state is ConnectionState.CONNECTING or (
-                lost_at is not None and not status.fatal and not status.gave_up)
-            if not waiting or time.monotonic() >= deadline:
-                raise _establish_error(core.pool._down_error(), status)
-            core.board.wait_for(lambda s: s.state is ConnectionState.CONNECTED or s.fatal or s.gave_up
-                                or (lost_at is None and s.state is not ConnectionState.CONNECTING),
-                                min(1.0, max(0.0, deadline - time.monotonic())))
+            try:
+                view = manager.connection(timeout=0)
+            except Disconnected as down:
+                status = manager.status()
+                waiting = status.state is ConnectionState.CONNECTING or (
+                    lost_at is not None and not status.fatal and not status.gave_up)
+                if not waiting or time.monotonic() >= deadline:
+                    raise _establish_error(down, status) from None
+                manager.wait_status(lambda s: s.state is ConnectionState.CONNECTED or s.fatal or s.gave_up
+                                    or (lost_at is None and s.state is not ConnectionState.CONNECTING),
+                                    min(1.0, max(0.0, deadline - time.monotonic())))
+                continue
+            try:
+                _mirror_endpoint(self.client, view)
+                return VirtualConnection(self, manager, view)
+            except Disconnected as down:
+                raise _establish_error(down, manager.status()) from None
 
     def create_channel(self, connection: VirtualConnection) -> Any:
         return connection.channel()

@@ -180,7 +180,7 @@ def test_tcp_user_timeout_outlasts_heartbeats_and_blocked_timeout():
     import socket
     import sys
 
-    from carrot_kombu._link import _socket_settings
+    from carrot_kombu._pyamqp.link import _socket_settings
 
     if not (sys.platform.startswith("linux") and hasattr(socket, "TCP_USER_TIMEOUT")):
         pytest.skip("TCP_USER_TIMEOUT is Linux-only")
@@ -345,7 +345,7 @@ def test_unknown_socket_option_is_named_with_what_is_accepted():
 
 
 def test_socket_option_names_reach_py_amqp():
-    from carrot_kombu._link import _socket_settings
+    from carrot_kombu._pyamqp.link import _socket_settings
 
     m = ConnectionManager(socket_options={"TCP_NODELAY": 1})
     assert _socket_settings(m.settings.endpoints[0], m.settings)[socket.TCP_NODELAY] == 1

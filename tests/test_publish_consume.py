@@ -152,19 +152,20 @@ def test_a_refusal_falls_on_a_written_message_whose_caller_is_gone_not_on_anothe
     from amqp import spec
     from amqp.exceptions import NotFound
 
+    from carrot_kombu._link import Outbound
     from carrot_kombu.publisher import Publisher, _Pending
 
     publisher = Publisher(max_pending=10)
     channel = object()
     publisher._channel = channel
-    gone = _Pending(1, "no-such-exchange", "q", b"", b"", b"a", None)
-    live = _Pending(2, "", "q", b"", b"", b"b", None)
+    gone = _Pending(1, Outbound("no-such-exchange", "q", {}, b"a"))
+    live = _Pending(2, Outbound("", "q", {}, b"b"))
     for tag, pending in ((1, gone), (2, live)):
         publisher._pending[pending.id] = pending
         pending.tag, pending.written = tag, True
         publisher._by_tag[tag] = pending
     publisher._forget(gone)  # its caller is gone
     error = NotFound("NOT_FOUND - no exchange 'no-such-exchange' in vhost '/'", spec.Basic.Publish, 404)
-    publisher._on_channel_closed(channel, error, spec.Basic.Publish)
+    publisher._on_channel_closed(channel, error, True)
     assert live.outcome is None  # published again, not blamed
     assert gone.outcome == "rejected"

@@ -13,7 +13,7 @@ check_pyamqp()
 
 from .channel import SafeMessage, SupervisedChannel  # noqa: E402
 from .connection import LinkOptions, SupervisedConnection, SupervisedTransport  # noqa: E402
-from .state import ChanState, ConnHooks, ConnState, EventQueue  # noqa: E402
+from .state import ChanState, ConnHooks, ConnState, EventQueue, Reply, Waiter  # noqa: E402
 
 __all__ = (
     "ChanState",
@@ -21,9 +21,11 @@ __all__ = (
     "ConnState",
     "EventQueue",
     "LinkOptions",
+    "Reply",
     "SafeMessage",
     "SupervisedChannel",
     "SupervisedConnection",
     "SupervisedTransport",
+    "Waiter",
     "check_pyamqp",
 )
