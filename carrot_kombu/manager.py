@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import random
@@ -141,7 +142,11 @@ class ConnectionManager:
         #: In a forked child, start only when first used (the kombu transport's
         #: managers: a prefork child connects when it first needs the broker).
         self._lazy_after_fork = False
-        weakref.finalize(self, _abandon, self._cores)
+        finalizer = weakref.finalize(self, _abandon, self._cores)
+        # At interpreter exit a manager still alive is stopped politely by
+        # _stop_at_exit (weakref's own exit hook runs first and would log
+        # "garbage-collected without stop()" and drop the connection).
+        finalizer.atexit = False
         _MANAGERS.add(self)
 
     @property
@@ -774,6 +779,18 @@ def kombu_failover(name: str) -> Any:
     from kombu.connection import failover_strategies
 
     return failover_strategies.get(name)
+
+
+@atexit.register
+def _stop_at_exit() -> None:
+    """At interpreter exit: close every started manager's connection politely, briefly."""
+    for manager in list(_MANAGERS):
+        if manager._core.supervisor is None:
+            continue
+        try:
+            manager.stop(timeout=1.0)
+        except Exception:  # noqa: BLE001 - exiting anyway
+            logger.debug("ignored error while stopping a manager at exit", exc_info=True)
 
 
 def _abandon(cores: list[Core]) -> None:

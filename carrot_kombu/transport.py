@@ -35,7 +35,6 @@ error, so kombu's and Celery's own retry logic applies) and fork safety.
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import socket
@@ -71,30 +70,39 @@ _registry_lock = threading.Lock()
 _registry: dict[tuple[Any, ...], ConnectionManager] = {}
 
 
-@atexit.register
-def _stop_managers() -> None:
-    """At interpreter exit: close the process's connections politely, briefly (never a GC warning)."""
-    with _registry_lock:
-        managers = [m for key, m in _registry.items() if key[0] == os.getpid()]
-    for manager in managers:
-        try:
-            manager.stop(timeout=1.0)
-        except Exception:  # noqa: BLE001 - exiting anyway
-            logger.debug("ignored error while stopping a transport manager at exit", exc_info=True)
-
-#: After a worker's consuming connection was lost, establishing waits up to
-#: CONSUMER_WAIT seconds for the manager, for CONSUMER_RECONNECT_WINDOW seconds.
+#: After a worker's consuming connection was lost, establishing *on the thread
+#: that ran it* (Celery's consumer reconnecting) waits up to CONSUMER_WAIT
+#: seconds for the manager, for CONSUMER_RECONNECT_WINDOW seconds.  Other
+#: threads (a task's ``.delay()``) are not held: they fail as on ``pyamqp://``
+#: and Celery's publish retry policy applies.
 CONSUMER_WAIT = 30.0
 CONSUMER_RECONNECT_WINDOW = 300.0
-_consumer_lost_at: dict[int, float] = {}
+_consumer_lost_at: dict[tuple[int, int], float] = {}
 
 
 def _consumer_lost(manager: ConnectionManager) -> None:
-    _consumer_lost_at.setdefault(id(manager), time.monotonic())
+    _consumer_lost_at.setdefault((id(manager), threading.get_ident()), time.monotonic())
 
 
 def _consumer_back(manager: ConnectionManager) -> None:
-    _consumer_lost_at.pop(id(manager), None)
+    _consumer_lost_at.pop((id(manager), threading.get_ident()), None)
+
+
+def _may_wait(status: Any, consumer_reconnecting: bool) -> bool:
+    """Whether establishing should wait for the manager instead of failing now.
+
+    While an attempt is in progress, right after a loss (the supervisor has
+    not noticed yet, or its first reconnect attempt has not failed yet: a blip
+    is over in a fraction of a second), or on a consumer's own reconnect.
+    Never after a refusal retrying will not fix, never once stopped; during
+    an outage (an attempt failed) everyone else fails at once, as on
+    ``pyamqp://``, and kombu's or Celery's retry policy applies.
+    """
+    if status.fatal or status.gave_up or status.state in (ConnectionState.STOPPED, ConnectionState.FAILED):
+        return False
+    if consumer_reconnecting or status.state in (ConnectionState.CONNECTING, ConnectionState.CONNECTED):
+        return True
+    return status.state is ConnectionState.DISCONNECTED and status.attempts == 0
 
 
 def _urls(client: Any) -> list[str]:
@@ -557,8 +565,9 @@ class Transport(base.Transport):  # type: ignore[misc]
         manager = manager_for_connection(self.client)
         manager.start()
         timeout = float(self.client.connect_timeout or 5.0)
-        lost_at = _consumer_lost_at.get(id(manager))
-        if lost_at is not None and time.monotonic() - lost_at < CONSUMER_RECONNECT_WINDOW:
+        lost_at = _consumer_lost_at.get((id(manager), threading.get_ident()))
+        consumer = lost_at is not None and time.monotonic() - lost_at < CONSUMER_RECONNECT_WINDOW
+        if consumer:
             # A worker's consuming connection was lost: this is most likely
             # Celery reconnecting it.  Waiting here for the manager (which
             # reconnects on its own, ~0.3 s after the broker is back) costs
@@ -570,14 +579,13 @@ class Transport(base.Transport):  # type: ignore[misc]
                 view = manager.connection(timeout=0)
             except Disconnected as down:
                 status = manager.status()
-                waiting = status.state is ConnectionState.CONNECTING or (
-                    lost_at is not None and not status.fatal and not status.gave_up)
-                if not waiting or time.monotonic() >= deadline:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not _may_wait(status, consumer):
                     raise _establish_error(down, status) from None
-                manager.wait_status(lambda s: s.state is ConnectionState.CONNECTED or s.fatal or s.gave_up
-                                    or (lost_at is None and s.state is not ConnectionState.CONNECTING),
-                                    min(1.0, max(0.0, deadline - time.monotonic())))
-                continue
+                try:
+                    view = manager.connection(timeout=min(0.25, remaining))
+                except Disconnected:
+                    continue
             try:
                 _mirror_endpoint(self.client, view)
                 return VirtualConnection(self, manager, view)

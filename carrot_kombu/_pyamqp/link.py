@@ -82,6 +82,16 @@ class AmqpLink(Link):
         # A close or shutdown here would also end the parent's connection
         # (same socket); only mark it dead so that nothing writes to it.
         self._state.disown(Disconnected("the process forked; this connection belongs to the parent"))
+        # Our copy of the descriptor goes (a prefork child must not hold the
+        # parent's socket); closing a descriptor sends nothing while the parent has it.
+        sock = getattr(self._raw._transport, "sock", None)
+        if sock is not None:
+            try:
+                fd = sock.detach()  # the object forgets it: no later close hits a reused number
+                if fd >= 0:
+                    os.close(fd)
+            except OSError:
+                pass
 
     # -- what it is ------------------------------------------------------------------------------
 
