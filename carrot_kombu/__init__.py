@@ -25,18 +25,20 @@ from .manager import ConnectionManager
 from .pool import Lease
 from .retry import Backoff
 from .status import ConnectionState, Status
-
-__version__ = "0.2.0"
+from ._version import __version__
+from .view import CallbackQueue, ConnectionView
 
 __all__ = (
     "Backoff",
     "Blocked",
     "BrokerUnavailable",
+    "CallbackQueue",
     "CarrotKombuError",
     "ChannelLimitReached",
     "ConfigurationError",
     "ConnectionManager",
     "ConnectionState",
+    "ConnectionView",
     "Consumer",
     "Disconnected",
     "Lease",

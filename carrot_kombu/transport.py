@@ -551,9 +551,9 @@ class Transport(base.Transport):  # type: ignore[misc]
         super().__init__(client, **kwargs)
 
     def driver_version(self) -> str:
-        from . import __version__
+        from ._version import __version__
 
-        return str(__version__)
+        return __version__
 
     def establish_connection(self) -> VirtualConnection:
         """A view of the manager's live connection; waits only while an attempt is in progress.
