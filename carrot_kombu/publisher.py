@@ -219,6 +219,23 @@ class Publisher:
                 p.wake()
             self._cond.notify_all()
 
+    def no_channel(self, error: Blocked) -> None:
+        """The broker blocked the connection while a confirm channel was being opened.
+
+        Messages not yet written cannot be (nothing was sent): their callers
+        get ``error`` now, not a timeout after their whole ``timeout``.
+        Written ones wait for a channel as usual (they may have been stored).
+        """
+        with self._cond.lock:
+            if self._channel is not None:
+                return
+            for p in list(self._pending.values()):
+                if p.outcome is None and not p.written:
+                    p.outcome, p.error = "blocked", error
+                    self._pending.pop(p.id, None)
+                    p.wake()
+            self._cond.notify_all()
+
     def reopen(self) -> None:
         """After ``start()`` again: publishing is allowed again."""
         with self._cond.lock:
@@ -527,6 +544,8 @@ def _raise_for(pending: _Pending, index: int, total: int) -> None:
         written = "; it was written and may have been stored" if pending.written else "; it was never sent"
         raise Disconnected(f"{pending.detail} before the broker confirmed the message{which}{written}",
                            pending.error)
+    if pending.outcome == "blocked":
+        raise Blocked(f"{pending.error}; the message was never sent{which}")
     if pending.outcome == "nack":
         raise Nacked(f"the broker refused the message (basic.nack){which}")
     if pending.outcome == "returned":

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from amqp.exceptions import ChannelError
 
-from .exceptions import ReplyTimeout
+from .exceptions import Blocked, ReplyTimeout
 from .publisher import Publisher
 from .topology import EntityRefused, Topology, declare_all, describe
 
@@ -120,7 +120,11 @@ class Recovery:
             with lock:  # the C-level exit releases it, however this thread is interrupted (see _sync)
                 lock.release()
                 if self.publisher.needs(link.generation):
-                    self.publisher.attach(link)
+                    try:
+                        self.publisher.attach(link)
+                    except Blocked as exc:
+                        self.publisher.no_channel(exc)  # waiting callers learn it now
+                        raise
         finally:
             if lock._is_owned():  # type: ignore[attr-defined]  # interrupted before the hand-over
                 lock.release()
