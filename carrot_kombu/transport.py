@@ -67,7 +67,56 @@ CONNECTION_OPTIONS = ("confirm_publish", "confirm_timeout")
 DEFAULT_POOL_LIMIT = 256
 
 _registry_lock = threading.Lock()
-_registry: dict[tuple[Any, ...], ConnectionManager] = {}
+_registry: dict[tuple[Any, ...], "_Entry"] = {}
+
+#: A manager no kombu connection has used for this many seconds (none open)
+#: is stopped and forgotten: its AMQP connection and threads go.
+IDLE_GRACE = 60.0
+
+
+class _Entry:
+    """A registry entry: the manager, its open kombu connections (weakly), when it was last asked for."""
+
+    __slots__ = ("manager", "views", "used_at")
+
+    def __init__(self, manager: ConnectionManager) -> None:
+        self.manager = manager
+        self.views: "weakref.WeakSet[VirtualConnection]" = weakref.WeakSet()
+        self.used_at = time.monotonic()
+
+    def idle(self, now: float) -> bool:
+        return now - self.used_at >= IDLE_GRACE and not any(not view._closed for view in list(self.views))
+
+
+_janitor: Optional[threading.Thread] = None
+
+
+def _start_janitor() -> None:
+    """Under ``_registry_lock``: one thread retires idle managers while the registry has any."""
+    global _janitor
+    if _janitor is None or not _janitor.is_alive():
+        _janitor = threading.Thread(target=_retire_idle, name="carrot-kombu-transport-janitor", daemon=True)
+        _janitor.start()
+
+
+def _retire_idle() -> None:
+    global _janitor
+    while True:
+        time.sleep(max(0.05, min(IDLE_GRACE / 2, 5.0)))
+        now = time.monotonic()
+        with _registry_lock:
+            idle = [key for key, entry in _registry.items() if entry.idle(now)]
+            retired = [_registry.pop(key).manager for key in idle]
+            done = not _registry
+            if done:
+                _janitor = None
+        for manager in retired:
+            try:
+                manager.stop(timeout=5.0)
+            except Exception:  # noqa: BLE001 - it is being dropped anyway
+                logger.debug("ignored error while retiring an idle transport manager", exc_info=True)
+        if done:
+            return
 
 
 #: After a worker's consuming connection was lost, establishing *on the thread
@@ -175,10 +224,22 @@ def manager_for_connection(client: Any) -> ConnectionManager:
     """
     key = _key(client)
     with _registry_lock:
-        manager = _registry.get(key)
-        if manager is None:
-            manager = _registry[key] = _build(client)
-    return manager
+        entry = _registry.get(key)
+        if entry is None:
+            entry = _registry[key] = _Entry(_build(client))
+            _start_janitor()
+        entry.used_at = time.monotonic()
+    return entry.manager
+
+
+def _opened(manager: ConnectionManager, view: "VirtualConnection") -> None:
+    """Count a kombu connection as using ``manager`` (until it is closed or collected)."""
+    with _registry_lock:
+        for entry in _registry.values():
+            if entry.manager is manager:
+                entry.views.add(view)
+                entry.used_at = time.monotonic()
+                return
 
 
 def _build(client: Any) -> ConnectionManager:
@@ -588,7 +649,9 @@ class Transport(base.Transport):  # type: ignore[misc]
                     continue
             try:
                 _mirror_endpoint(self.client, view)
-                return VirtualConnection(self, manager, view)
+                connection = VirtualConnection(self, manager, view)
+                _opened(manager, connection)
+                return connection
             except Disconnected as down:
                 raise _establish_error(down, manager.status()) from None
 

@@ -78,7 +78,7 @@ unstopped = []
 manager_module = sys.modules.get("carrot_kombu.manager")
 if manager_module is not None:
     transport = sys.modules.get("carrot_kombu.transport")
-    shared = [id(m) for m in transport._registry.values()] if transport is not None else []
+    shared = [id(e.manager) for e in transport._registry.values()] if transport is not None else []
     unstopped = [repr(m) for m in list(manager_module._MANAGERS)
                  if m._core.supervisor is not None and id(m) not in shared]
 print("DOCS-EXAMPLE-REPORT " + json.dumps({"unstopped": unstopped, "warnings": _collect.messages}),
