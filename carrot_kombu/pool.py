@@ -15,6 +15,7 @@ import logging
 import socket
 import threading
 import time
+import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -32,6 +33,9 @@ if TYPE_CHECKING:
 __all__ = ("ChannelPool", "Lease")
 
 logger = logging.getLogger("carrot_kombu")
+
+_COLLECTED = ("carrot_kombu: a lease was garbage-collected without release(); its channel went back "
+              "to the pool (use `with manager.channel() as lease:`)")
 
 #: Errors after which a channel is not handed out again.
 _SPOILING = (ChannelError, AMQPConnectionError, OSError, CarrotKombuError)
@@ -155,6 +159,9 @@ class ChannelPool:
         self._reclaimed: deque[int] = deque()
         #: Tokens in _reclaimed whose owner was collected knowingly (Lease.abandon): no warning.
         self._quiet: set[int] = set()
+        #: Each lease by token, weakly: one whose __del__ was interrupted (its
+        #: token never reached _reclaimed) is still found by reap().
+        self._refs: dict[int, "weakref.ref[Lease]"] = {}
         self._reaping = threading.RLock()  # for the hand-over in reap (see _sync)
         live.watch(self._live_changed)
 
@@ -199,6 +206,7 @@ class ChannelPool:
     def _reset(self) -> None:
         self._idle = []
         self._leased = {}
+        self._refs = {}
         self._verifying = set()
         self._opening = set()
         self._at_channel_max = False
@@ -214,15 +222,20 @@ class ChannelPool:
         self._cond = Monitor()
         self._reaping = threading.RLock()  # a parent's thread may have held it at fork
 
-    def reap(self) -> None:
-        """Take back the channels of leases collected without ``release()`` (any thread)."""
+    def reap(self, wait: bool = False) -> None:
+        """Take back the channels of leases collected without ``release()`` (any thread).
+
+        Args:
+            wait: If another thread is reaping, wait for it and reap after it
+                (else return at once: that thread takes the tokens queued now).
+        """
         # One reaper at a time: two would both peek the same token, and the
         # second popleft would drop the next one unseen (its channel leaked).
         lock = self._reaping
         if lock._is_owned():  # type: ignore[attr-defined]
             return  # reaping already, further up this thread's stack
         try:
-            if not lock.acquire(False):
+            if not lock.acquire(wait):
                 return
             with lock:  # the C-level exit releases it, however this thread is interrupted (see _sync)
                 lock.release()
@@ -243,13 +256,16 @@ class ChannelPool:
                 logger.debug("carrot_kombu took back the channel of a dropped kombu connection")
                 self._give_back(token, discard=True)
             elif known:
-                logger.warning(
-                    "carrot_kombu: a lease was garbage-collected without release(); its channel "
-                    "went back to the pool (use `with manager.channel() as lease:`)"
-                )
+                logger.warning(_COLLECTED)
                 self._give_back(token, discard=False)
             self._quiet.discard(token)
             reclaimed.popleft()
+        # A lease collected while its __del__ was interrupted never queued its token.
+        with self._cond.lock:
+            lost = [token for token, ref in self._refs.items() if ref() is None and token in self._leased]
+        for token in lost:
+            logger.warning(_COLLECTED)
+            self._give_back(token, discard=False)
 
     # -- user side -------------------------------------------------------------------
 
@@ -385,6 +401,7 @@ class ChannelPool:
         self._leased[lease._token] = chan
         if from_idle:
             self._idle.pop()
+        self._refs[lease._token] = weakref.ref(lease)
         return lease
 
     def _give_back(self, token: int, discard: bool) -> None:
@@ -396,6 +413,7 @@ class ChannelPool:
         try:
             with self._cond.lock:
                 chan = self._leased.get(token)
+                self._refs.pop(token, None)
                 link = self._live_link()
                 if chan is None:
                     return  # given back already, or stale: its connection is gone, and the channel with it

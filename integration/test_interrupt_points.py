@@ -176,6 +176,26 @@ def test_a_lease_getting_acking_and_publishing_interrupted_anywhere(walked) -> N
         lease.release()
 
 
+@pytest.mark.slow
+def test_a_consumer_made_and_cancelled_interrupted_at_every_point(walked) -> None:
+    """The full walk of consume() + cancel() (the default run takes every 6th point): make test-slow."""
+    manager, queue = walked
+    held: list[Any] = []
+
+    def consume_and_cancel() -> None:
+        held[:] = [manager.consume(queue, lambda body, message: message.ack(), declare=False)]
+        held[0].cancel()
+
+    def nothing_left(where: str) -> None:
+        if held:
+            held.pop().cancel()
+        _assert_no_consumer_left(manager, queue, f"an interrupt at {where}")
+
+    report = _walk(manager, queue, consume_and_cancel, limit=50000, check=nothing_left, step=1)
+    print(report)
+    assert report["interrupted"] >= 600, report
+
+
 def test_a_consumer_made_and_cancelled_interrupted_anywhere(walked) -> None:
     """Interrupted in consume() or cancel(): no subscription or worker thread outlives the call (helper-17).
 
@@ -214,7 +234,7 @@ def test_a_cancel_interrupted_anywhere_is_finished_by_cancelling_again(walked) -
     while True:
         n += 1
         consumer = manager.consume(queue, lambda body, message: message.ack(), declare=False)
-        with InterruptAt(n, ("carrot_kombu/consumers.py",)) as spot:
+        with InterruptAt(n, ("carrot_kombu/consumers.py", "carrot_kombu/_pyamqp/link.py")) as spot:
             try:
                 consumer.cancel()
             except Interrupt:
