@@ -34,6 +34,7 @@ from typing import Any, Iterator, Optional, Union
 from amqp.exceptions import AMQPError
 
 from ._connect import open_link
+from ._deadline import Deadline
 from ._link import Link, LinkHooks
 from ._live import LiveConnection
 from ._sync import Flag, Worker
@@ -392,15 +393,13 @@ class Supervisor:
 
     def _wait_probing(self, delay: float) -> bool:
         """Wait ``delay``, ending early when a broker accepts TCP connections again."""
-        deadline = time.monotonic() + delay
+        deadline = Deadline.after(delay)
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if deadline.expired():
                 return True
-            step = min(remaining, PROBE_INTERVAL * random.uniform(0.8, 1.2))
-            if self._stopping.wait(step):
+            if self._stopping.wait(deadline.within(PROBE_INTERVAL * random.uniform(0.8, 1.2))):
                 return False
-            if deadline - time.monotonic() <= 0:
+            if deadline.expired():
                 return True
             index = self._probe()
             if index is not None:

@@ -7,12 +7,11 @@ import logging
 import os
 import random
 import threading
-import time
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 from ._core import Core, abandon
-from ._timeouts import check_timeout
+from ._deadline import Deadline, check_timeout
 from .config import Settings, build_settings
 from .consumers import Consumer
 from .exceptions import CarrotKombuError, ConfigurationError, Disconnected
@@ -293,8 +292,8 @@ class ConnectionManager:
                 (``None``: until done; a polite close is bounded by
                 ``reply_timeout``, an attempt in progress by its timeout).
         """
-        timeout = check_timeout("timeout", timeout)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = Deadline.of("timeout", timeout)
+        timeout = deadline.timeout
         with self._lock:
             core = self._core
             supervisor = core.take_supervisor()
@@ -317,8 +316,8 @@ class ConnectionManager:
             else:
                 # The loop ended just now and is posting "stopped" itself (or a
                 # redone stop() already did): let it before the bus closes.
-                supervisor.wait_ended(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        core.bus.close(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                supervisor.wait_ended(deadline.remaining())
+        core.bus.close(deadline.remaining())
         core.stopping = None  # done: every step above is idempotent, so an interrupted stop() is redone whole
 
     def __enter__(self) -> "ConnectionManager":
@@ -429,11 +428,11 @@ class ConnectionManager:
                 connection (a resource alarm) past ``timeout`` or
                 ``blocked_timeout``.
         """
-        timeout = check_timeout("timeout", timeout)
+        deadline = Deadline.of("timeout", timeout)
         core = self._core
         if core.supervisor is None:
             raise Disconnected("manager is not started" if not self._started_once else "manager is stopped")
-        return core.pool.acquire(timeout)
+        return core.pool.acquire(deadline)
 
     def release(self, lease: Lease) -> None:
         """Give a lease back; same as ``lease.release()``."""
@@ -682,7 +681,7 @@ class ConnectionManager:
         failed, after every message of the batch was settled or ``timeout``
         passed.
         """
-        timeout = check_timeout("timeout", timeout)
+        deadline = Deadline.of("timeout", timeout)
         if headers is not None and not isinstance(headers, Mapping):
             raise TypeError(f"headers must be a mapping, got {type(headers).__name__}")
         core = self._core
@@ -698,7 +697,7 @@ class ConnectionManager:
         name = getattr(exchange, "name", exchange)
         publisher.publish_many(
             bodies, exchange=name, routing_key=routing_key, headers=dict(headers or {}),
-            serializer=serializer, mandatory=mandatory, timeout=timeout, properties=properties,
+            serializer=serializer, mandatory=mandatory, deadline=deadline, properties=properties,
         )
 
     def _check_can_publish(self, core: Core) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-import time
 import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any, Optional
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from amqp.exceptions import ChannelError
 from amqp.exceptions import ConnectionError as AMQPConnectionError
 
+from ._deadline import Deadline
 from ._sync import Monitor
 from .exceptions import Blocked, CarrotKombuError, ChannelLimitReached, Disconnected, PoolTimeout, PublishTimeout
 from .status import PoolStatus
@@ -269,10 +269,9 @@ class ChannelPool:
 
     # -- user side -------------------------------------------------------------------
 
-    def acquire(self, timeout: Optional[float]) -> Lease:
+    def acquire(self, deadline: Deadline) -> Lease:
         if self._reclaimed:
             self.reap()
-        deadline = None if timeout is None else time.monotonic() + timeout
         first = True
         ticket: Optional[object] = None
         while True:
@@ -286,7 +285,7 @@ class ChannelPool:
                             # Each call tries to open a channel at least once, even
                             # after another call found the broker's channel_max reached.
                             self._at_channel_max = first = False
-                        link = self._wait_for_slot(deadline, timeout, spoiled)
+                        link = self._wait_for_slot(deadline, spoiled)
                         if not isinstance(link, Lease):
                             ticket = ticket or object()  # made only when a channel is opened
                             self._opening.add(ticket)
@@ -296,7 +295,7 @@ class ChannelPool:
                             spoiled_on.close_channel(chan)
                 if isinstance(link, Lease):
                     return link
-                lease = self._open(link, ticket, deadline, timeout)
+                lease = self._open(link, ticket, deadline)
             except BaseException:
                 # Whatever raised, from the moment the ticket was taken (also
                 # an exception raised into this thread right after): given
@@ -310,7 +309,7 @@ class ChannelPool:
             if lease is not None:
                 return lease
 
-    def _wait_for_slot(self, deadline: Optional[float], timeout: Optional[float], spoiled: list[Any]) -> Any:
+    def _wait_for_slot(self, deadline: Deadline, spoiled: list[Any]) -> Any:
         """Under the lock: an idle channel's lease, or the link to open a new channel on."""
         while True:
             link = self._serving()
@@ -325,10 +324,9 @@ class ChannelPool:
             held = len(self._leased) + len(self._opening) + len(self._verifying)
             if held < self._limit and not self._at_channel_max:
                 return link
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise PoolTimeout(self._timeout_message(link, timeout))
-            self._cond.wait(remaining)
+            if deadline.expired():
+                raise PoolTimeout(self._timeout_message(link, deadline.timeout))
+            self._cond.wait(deadline.remaining())
 
     def _timeout_message(self, link: "Link", timeout: Optional[float]) -> str:
         if self._at_channel_max:
@@ -348,13 +346,14 @@ class ChannelPool:
             text += f"; the connection looks dead: no frame from the broker for {silent:.1f}s"
         return text
 
-    def _open(self, link: "Link", ticket: object, deadline: Optional[float], timeout: Optional[float]) -> Optional[Lease]:
+    def _open(self, link: "Link", ticket: object, deadline: Deadline) -> Optional[Lease]:
         """Open a channel for the ``ticket`` :meth:`acquire` holds; None to wait for a slot again.
 
         When this raises, :meth:`acquire` gives the ticket back.
         """
         try:
-            chan = link.open_channel(deadline)
+            timeout = deadline.timeout
+            chan = link.open_channel(deadline.at)
         except (socket.timeout, PublishTimeout, Blocked) as exc:
             if isinstance(exc, Blocked):
                 raise  # blocked_timeout passed first: the broker's block is the answer

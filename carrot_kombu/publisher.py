@@ -25,13 +25,13 @@ from __future__ import annotations
 import itertools
 import logging
 import re
-import time
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, Optional
 
 from amqp.exceptions import AMQPError
 from kombu.serialization import dumps
 
+from ._deadline import NEVER, Deadline
 from ._link import ConfirmChannel, ConfirmHooks, Link, Outbound, Waiter
 from ._sync import Monitor
 from .exceptions import (
@@ -182,7 +182,7 @@ class Publisher:
                 try:
                     # The confirm wakes ``pending``; so does the channel's close
                     # (_on_channel_closed wakes every pending message).
-                    channel.wait(pending, time.monotonic() + channel.reply_timeout,
+                    channel.wait(pending, Deadline.after(channel.reply_timeout).at,
                                  interrupt=lambda: channel.failure() is not None)
                 except Disconnected:
                     pass
@@ -273,11 +273,10 @@ class Publisher:
         headers: Optional[dict[str, Any]],
         serializer: Optional[str],
         mandatory: bool,
-        timeout: Optional[float],
+        deadline: Deadline,
         properties: dict[str, Any],
     ) -> None:
         """Check and encode every message, write them, then wait for all their confirms."""
-        deadline = None if timeout is None else time.monotonic() + timeout
         encoded = [self._encode(body, exchange, routing_key, headers, serializer, mandatory, properties)
                    for body in bodies]
         batch: list[_Pending] = []
@@ -285,12 +284,12 @@ class Publisher:
             chunk: list[_Pending] = []
             size = 0
             for pending in encoded:
-                if not self._admit(pending, deadline, timeout, wait=not chunk):
+                if not self._admit(pending, deadline, wait=not chunk):
                     # No slot: write what this batch holds first, so that every
                     # slot in use belongs to a written message (no deadlock).
                     self._write(chunk, deadline=deadline)
                     chunk, size = [], 0
-                    self._admit(pending, deadline, timeout)
+                    self._admit(pending, deadline)
                 batch.append(pending)
                 chunk.append(pending)
                 size += len(pending.message.body)
@@ -301,7 +300,7 @@ class Publisher:
             # Every message settles (or the deadline passes) before the first
             # failure is raised: the caller knows the fate of the whole batch.
             for index, pending in enumerate(batch):
-                self._wait(pending, deadline, timeout, index, len(batch))
+                self._wait(pending, deadline, index, len(batch))
             for index, pending in enumerate(batch):
                 _raise_for(pending, index, len(batch))
         finally:
@@ -326,7 +325,7 @@ class Publisher:
             props["application_headers"] = merged
         return _Pending(pid, Outbound(exchange, routing_key, props, data, mandatory))
 
-    def _admit(self, pending: _Pending, deadline: Optional[float], timeout: Optional[float], wait: bool = True) -> bool:
+    def _admit(self, pending: _Pending, deadline: Deadline, wait: bool = True) -> bool:
         """Take a pending slot; False if none is free and ``wait`` is False.
 
         Raises:
@@ -344,23 +343,20 @@ class Publisher:
                     return True
                 if not wait:
                     return False
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
+                if deadline.expired():
                     raise PublishTimeout(
-                        f"{self.max_pending} messages were already waiting for confirms for {timeout}s; "
+                        f"{self.max_pending} messages were already waiting for confirms for {deadline.timeout}s; "
                         "this one was not sent",
                         outcome="not_sent",
                     )
-                self._cond.wait(remaining)
+                self._cond.wait(deadline.remaining())
 
-    def _wait(self, pending: _Pending, deadline: Optional[float], timeout: Optional[float], index: int,
-              total: int) -> None:
+    def _wait(self, pending: _Pending, deadline: Deadline, index: int, total: int) -> None:
         """Wait for ``pending``'s outcome, reading the connection in this thread when nobody else does."""
         while not pending.ready():
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
+            if deadline.expired():
                 raise PublishTimeout(
-                    f"no confirm from the broker within {timeout}s"
+                    f"no confirm from the broker within {deadline.timeout}s"
                     + ("; the message was written and may have been stored" if pending.written
                        else "; the message was never sent (no connection)")
                     + (f" (message {index} of {total})" if total > 1 else ""),
@@ -373,27 +369,27 @@ class Publisher:
                 # Checked again after clear(): a settle or an attach from now on stays visible.
                 if pending.ready() or self._channel is not channel:
                     continue
-                event.wait(remaining)
+                event.wait(deadline.remaining())
                 continue
             try:
-                channel.wait_confirm(pending, deadline, lambda: (
+                channel.wait_confirm(pending, deadline.at, lambda: (
                     ("; the message was written and may have been stored" if pending.written
                      else "; the message was never sent")
                     + (f" (message {index} of {total})" if total > 1 else "")))
             except Disconnected:
                 # Lost meanwhile: the next connection publishes it again.
-                pending.event.wait(None if remaining is None else min(remaining, 0.05))
+                pending.event.wait(deadline.within(0.05))
 
     # -- writing ---------------------------------------------------------------------------
 
-    def _write(self, chunk: list[_Pending], alone: bool = False, deadline: Optional[float] = None) -> None:
+    def _write(self, chunk: list[_Pending], alone: bool = False, deadline: Deadline = NEVER) -> None:
         """Write ``chunk`` on the confirm channel with consecutive delivery tags (one socket write).
 
         Args:
             chunk: The messages.
             alone: The careful path's single message; other writers stay out
                 until it settles (see :meth:`_one_by_one`).
-            deadline: The caller's publish deadline (``time.monotonic()``).
+            deadline: The caller's publish deadline.
 
         Raises:
             Blocked: The broker blocked the connection (nothing was sent).
@@ -424,7 +420,7 @@ class Publisher:
                             del self._by_tag[tag]
 
         try:
-            channel.write([p.message for p in todo], on_queued=queued, deadline=deadline)
+            channel.write([p.message for p in todo], on_queued=queued, deadline=deadline.at)
         except (Blocked, PublishTimeout):
             for p in todo:
                 self._forget(p)

@@ -48,6 +48,7 @@ from kombu.transport import base
 
 from amqp.exceptions import AccessRefused, NotAllowed
 
+from ._deadline import Deadline
 from .config import mask_url
 from .exceptions import Blocked, BrokerUnavailable, ChannelLimitReached, Disconnected, PoolTimeout, ReplyTimeout
 from .manager import ConnectionManager
@@ -634,17 +635,16 @@ class Transport(base.Transport):  # type: ignore[misc]
             # reconnects on its own, ~0.3 s after the broker is back) costs
             # the broker nothing, unlike Celery's retry schedule (2, 4, 6 s...).
             timeout = max(timeout, CONSUMER_WAIT)
-        deadline = time.monotonic() + timeout
+        deadline = Deadline.after(timeout)
         while True:
             try:
                 view = manager.connection(timeout=0)
             except Disconnected as down:
                 status = manager.status()
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not _may_wait(status, consumer):
+                if deadline.expired() or not _may_wait(status, consumer):
                     raise _establish_error(down, status) from None
                 try:
-                    view = manager.connection(timeout=min(0.25, remaining))
+                    view = manager.connection(timeout=deadline.within(0.25))
                 except Disconnected:
                     continue
             try:

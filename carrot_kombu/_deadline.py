@@ -1,0 +1,65 @@
+"""A caller's time limit as a value: :class:`Deadline` (no imports from the package but ``_timeouts``).
+
+A public call turns its ``timeout`` argument into a ``Deadline`` once
+(:meth:`Deadline.of`, which also validates it) and passes that value down;
+nothing below converts seconds to a point in time again.  The clock is
+``time.monotonic``, read through :data:`clock` so that a test may replace it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from ._timeouts import check_timeout
+
+__all__ = ("Deadline", "NEVER", "clock", "check_timeout")
+
+#: The clock every deadline is on (``time.monotonic``).
+clock: Callable[[], float] = time.monotonic
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When a wait must end (``at``, on :data:`clock`; None: never) and the timeout it came from."""
+
+    at: Optional[float] = None
+    timeout: Optional[float] = None
+
+    @classmethod
+    def after(cls, timeout: Optional[float]) -> "Deadline":
+        """``timeout`` seconds from now (None: never); ``timeout`` must already be valid."""
+        return NEVER if timeout is None else cls(clock() + timeout, timeout)
+
+    @classmethod
+    def of(cls, name: str, timeout: object) -> "Deadline":
+        """A caller's ``timeout`` argument, checked (the error names ``name``).
+
+        Raises:
+            TypeError, ValueError: Not a number of seconds >= 0 (or None).
+        """
+        return cls.after(check_timeout(name, timeout))
+
+    def remaining(self) -> Optional[float]:
+        """Seconds left (never negative); None without a limit."""
+        return None if self.at is None else max(0.0, self.at - clock())
+
+    def expired(self) -> bool:
+        return self.at is not None and clock() >= self.at
+
+    def within(self, most: Optional[float]) -> Optional[float]:
+        """Seconds to wait now: what is left, but at most ``most`` (either may be None: no limit)."""
+        left = self.remaining()
+        if most is None:
+            return left
+        return most if left is None else min(left, most)
+
+    def earlier(self, at: Optional[float]) -> "Deadline":
+        """This deadline, or ``at`` if that comes first (the timeout reported stays this one's)."""
+        if at is None or (self.at is not None and self.at <= at):
+            return self
+        return Deadline(at, self.timeout)
+
+
+NEVER = Deadline()
