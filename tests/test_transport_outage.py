@@ -34,6 +34,11 @@ class Loop:
         self.readers.pop(fd, None)
 
 
+#: Reconnect quickly: these connections live less than a second, which the
+#: supervisor otherwise answers with Backoff.min (1 s) before the next attempt.
+FAST = {"backoff": {"min": 0.05, "max": 0.5}}
+
+
 @pytest.fixture
 def broker() -> Iterator[FakeBroker]:
     with FakeBroker(heartbeat=0) as fake:
@@ -56,7 +61,7 @@ def _wait(predicate: Any, timeout: float = 5.0) -> bool:
 def test_a_producer_fails_at_once_during_an_outage_even_after_the_consumer_lost_its_connection(broker):
     """Celery's consumer losing its connection made every establish in the process wait 30 s (17.2)."""
     url = f"carrot+amqp://guest:guest@127.0.0.1:{broker.port}//?heartbeat=0"
-    consuming = kombu.Connection(url, connect_timeout=2)
+    consuming = kombu.Connection(url, connect_timeout=2, transport_options=FAST)
     consuming.connect()
     consuming.transport.register_with_event_loop(consuming.connection, Loop())
     manager = _manager_of(consuming)
@@ -68,7 +73,7 @@ def test_a_producer_fails_at_once_during_an_outage_even_after_the_consumer_lost_
 
     def produce() -> None:
         started = time.monotonic()
-        producer = kombu.Connection(url, connect_timeout=2)
+        producer = kombu.Connection(url, connect_timeout=2, transport_options=FAST)
         try:
             producer.ensure_connection(max_retries=2, interval_start=0, interval_step=0.1, interval_max=0.1)
             outcome.append(("connected", time.monotonic() - started))
@@ -85,7 +90,7 @@ def test_a_producer_fails_at_once_during_an_outage_even_after_the_consumer_lost_
 def test_the_consumers_own_reconnect_waits_for_the_manager(broker):
     """The consumer's thread keeps the long wait: it is back as soon as the manager is."""
     url = f"carrot+amqp://guest:guest@127.0.0.1:{broker.port}//?heartbeat=0"
-    consuming = kombu.Connection(url, connect_timeout=2)
+    consuming = kombu.Connection(url, connect_timeout=2, transport_options=FAST)
     consuming.connect()
     consuming.transport.register_with_event_loop(consuming.connection, Loop())
     manager = _manager_of(consuming)
@@ -97,7 +102,7 @@ def test_the_consumers_own_reconnect_waits_for_the_manager(broker):
     again = FakeBroker(heartbeat=0, port=port)
     threading.Timer(0.5, again.start).start()  # the broker comes back while the consumer waits
     try:
-        fresh = kombu.Connection(url, connect_timeout=2)
+        fresh = kombu.Connection(url, connect_timeout=2, transport_options=FAST)
         started = time.monotonic()
         fresh.ensure_connection(max_retries=0)  # one attempt: it waits for the manager, no retry needed
         assert time.monotonic() - started < 10
@@ -110,7 +115,7 @@ def test_the_consumers_own_reconnect_waits_for_the_manager(broker):
 def test_establishing_right_after_a_blip_waits_for_the_reconnect_instead_of_failing(broker):
     """After a cut, establish failed at once and kombu slept 2 s while rpc:// results were lost (17.3)."""
     url = f"carrot+amqp://guest:guest@127.0.0.1:{broker.port}//?heartbeat=0"
-    first = kombu.Connection(url, connect_timeout=3)
+    first = kombu.Connection(url, connect_timeout=3, transport_options=FAST)
     first.connect()
     manager = _manager_of(first)
     peer = broker.accept()
@@ -119,7 +124,7 @@ def test_establishing_right_after_a_blip_waits_for_the_reconnect_instead_of_fail
             view = manager.connection(timeout=5)
             peer.drop()  # a blip: the broker still listens
             assert _wait(lambda: not view.alive, 5)
-            conn = kombu.Connection(url, connect_timeout=3)
+            conn = kombu.Connection(url, connect_timeout=3, transport_options=FAST)
             conn.ensure_connection(max_retries=0)  # one attempt, as kombu's revive makes
             with conn.channel() as chan:
                 chan.queue_declare("results")
