@@ -11,7 +11,7 @@ LOW_STAMP := $(LOW)/.installed-stamp
 # the two integration modules take it to the real broker, within CI's time budget)
 LOW_TESTS := tests integration/test_core.py integration/test_isolation_property.py
 
-.PHONY: demo test test-high test-low-end test-slow unit integration typecheck docs bench report clean
+.PHONY: demo test test-high test-low-end test-slow unit integration typecheck lint docs bench report clean
 
 $(STAMP): setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
@@ -32,6 +32,7 @@ demo: $(STAMP)
 test: test-high test-low-end
 
 test-high: $(STAMP)
+	$(PY) -m ruff check carrot_kombu tests integration benchmarks conftest.py
 	$(PY) -m pytest
 	$(PY) -m mypy
 	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
@@ -50,6 +51,9 @@ integration: $(STAMP)
 
 typecheck: $(STAMP)
 	$(PY) -m mypy
+
+lint: $(STAMP)
+	$(PY) -m ruff check carrot_kombu tests integration benchmarks conftest.py
 
 bench: $(STAMP)
 	$(PY) -m benchmarks

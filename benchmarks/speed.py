@@ -339,7 +339,7 @@ def sharing_row(ctx: Context) -> list[Row]:
             label=(f"4. Sharing: {n} thread{'s' if n > 1 else ''} publishing 1 KiB through leases of one "
                    f"manager, {sizes.sharing_messages:,} messages in all"),
             measured=f"{agg.text()} in aggregate",
-            comparison=(f"— (the baseline for the other thread counts; raw py-amqp: not run, threads "
+            comparison=("— (the baseline for the other thread counts; raw py-amqp: not run, threads "
                         "sharing one raw connection hang, see :doc:`behaviour`)" if baseline else
                         f"the {counts[0]}-thread aggregate: {rate(base)}"),
             ratio="1.00x" if baseline else f"{ratio(share)} the {counts[0]}-thread aggregate",

@@ -271,7 +271,7 @@ class BrokerNode:
                     return
             except OSError:
                 if time.monotonic() > deadline:
-                    raise NodeError(f"node {self.name} does not listen on {self.port}")
+                    raise NodeError(f"node {self.name} does not listen on {self.port}") from None
                 time.sleep(0.05)
 
     def ctl(self, *args: str, check: bool = True, timeout: float = 150) -> subprocess.CompletedProcess[str]:

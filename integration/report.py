@@ -18,7 +18,6 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 from .figures import ROOT, figures_dir

@@ -28,7 +28,6 @@ import uuid
 from typing import Any, Callable, Optional
 
 import kombu
-import pytest
 from amqp.exceptions import NotFound
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st

@@ -17,7 +17,6 @@ import threading
 import time
 from typing import Any
 
-import kombu
 import pytest
 from amqp.exceptions import AccessRefused, NotAllowed
 
@@ -375,7 +374,7 @@ def test_tls_verified_and_certificate_errors(tmp_path, caplog):
             def work(i):  # reader and writers share one SSL object
                 queue = unique("ck-tls")
                 with good.channel(timeout=30) as lease:
-                    for n in range(100):
+                    for _n in range(100):
                         lease.queue_declare(queue, auto_delete=True)
                         lease.basic_publish(lease.prepare_message(b"x" * 65536), routing_key=queue)
                         assert lease.basic_get(queue, no_ack=True) is not None

@@ -12,7 +12,16 @@ from typing import Any, Iterator
 
 import pytest
 
-from carrot_kombu import Backoff, Blocked, ConnectionManager, ConnectionState, Disconnected, Nacked, Rejected
+from carrot_kombu import (
+    Backoff,
+    Blocked,
+    ConnectionManager,
+    ConnectionState,
+    Disconnected,
+    Nacked,
+    PublishTimeout,
+    Rejected,
+)
 from tests.fakebroker import FakeBroker, Peer
 
 
@@ -105,7 +114,7 @@ def test_a_confirm_channel_closed_without_naming_a_publish_is_replaced_with_back
             p.close_channel(method.channel, 541, "INTERNAL_ERROR", 20, 10, wait=None)  # names channel.open
 
         peer.on("basic.publish", close_again)
-        took, cpu = cpu_seconds_of(lambda: pytest.raises(Exception, manager.publish, b"x", routing_key="q",
+        took, cpu = cpu_seconds_of(lambda: pytest.raises(PublishTimeout, manager.publish, b"x", routing_key="q",
                                                          timeout=2.0))
         # Rewritten at most once per backoff slot (0.2, 0.4, 0.8...), never in a hot loop.
         assert 1 <= closes <= 5, closes
@@ -160,7 +169,7 @@ def test_leases_are_fenced_when_the_broker_closes_the_connection(broker):
         peer.close_connection()
         assert manager.wait_status(lambda s: s.state is not ConnectionState.CONNECTED, 5)
         with pytest.raises(Disconnected):
-            lease.channel
+            _ = lease.channel
         second = broker.accept()
         assert manager.wait_connected(5)
         with manager.channel(timeout=5) as fresh:

@@ -93,7 +93,7 @@ def test_stale_lease_after_reconnect_raises_disconnected(connected, faults):
     with pytest.raises(Disconnected):
         old.queue_declare("q1")  # and after the reconnect: never into the new connection
     with pytest.raises(Disconnected):
-        old.channel
+        _ = old.channel
     assert not old.valid
     old.release()  # harmless
     with manager.channel() as fresh:
@@ -157,7 +157,7 @@ def test_many_threads_share_the_pool(connected):
 
     def work(i):
         try:
-            for n in range(50):
+            for _n in range(50):
                 with manager.channel(timeout=5) as lease:
                     peak.append(manager.status().pool.leased)
                     lease.queue_declare(f"q{i}")

@@ -17,7 +17,7 @@ import pytest
 from kombu.exceptions import OperationalError
 
 import carrot_kombu  # noqa: F401 - registers carrot+amqp://
-from carrot_kombu import ConnectionState
+from carrot_kombu import ConnectionState, Disconnected
 from tests.fakebroker import FakeBroker
 
 
@@ -67,7 +67,7 @@ def test_a_producer_fails_at_once_during_an_outage_even_after_the_consumer_lost_
     manager = _manager_of(consuming)
     broker.stop()  # the outage: nothing listens any more
     assert _wait(lambda: manager.status().attempts >= 1, 10), manager.status()
-    with pytest.raises(Exception):
+    with pytest.raises(Disconnected):
         consuming.transport.heartbeat_check(consuming.connection)  # the consumer sees the loss
     outcome: list[Any] = []
 
@@ -97,7 +97,7 @@ def test_the_consumers_own_reconnect_waits_for_the_manager(broker):
     port = broker.port
     broker.stop()
     assert _wait(lambda: manager.status().attempts >= 1, 10)
-    with pytest.raises(Exception):
+    with pytest.raises(Disconnected):
         consuming.transport.heartbeat_check(consuming.connection)
     again = FakeBroker(heartbeat=0, port=port)
     threading.Timer(0.5, again.start).start()  # the broker comes back while the consumer waits

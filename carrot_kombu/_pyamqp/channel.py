@@ -12,7 +12,6 @@ are handed over, confirms settled, deliveries queued; user callbacks run in
 from __future__ import annotations
 
 import logging
-import socket
 import uuid
 from typing import Any, Callable, Optional
 

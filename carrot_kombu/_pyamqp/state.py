@@ -894,7 +894,7 @@ class ChanState:
                     f"reply_timeout={self.conn.reply_timeout:g}s"
                 )
             # Until the one ahead is answered, failed or given up (forgotten).
-            self.conn.wait_for(ahead, deadline, lambda: ahead not in self.replies.values())
+            self.conn.wait_for(ahead, deadline, lambda: ahead not in self.replies.values())  # noqa: B023 - called within this iteration
             failure = self.failure()
             if failure is not None:
                 raise failure
