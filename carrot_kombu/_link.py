@@ -28,6 +28,7 @@ import kombu
 
 from ._pyamqp.outbound import Outbound
 from ._pyamqp import Waiter
+from ._sync import raised_by_library
 from .config import Endpoint
 from .exceptions import Disconnected
 
@@ -41,6 +42,7 @@ __all__ = (
     "Waiter",
     "establish_once",
     "guarded",
+    "quietly",
 )
 
 logger = logging.getLogger("carrot_kombu")
@@ -279,6 +281,20 @@ class Link:
     def socket_transport(self) -> Any:
         """py-amqp's transport object (``.sock``), where there is one."""
         return None
+
+
+def quietly(action: Callable[[], Any], what: str) -> None:
+    """Run a best-effort cleanup step (closing a channel...): a library error is logged, never raised.
+
+    An exception a signal handler raised into this thread is the caller's:
+    it goes through unchanged.
+    """
+    try:
+        action()
+    except Exception as exc:
+        if not raised_by_library(exc):
+            raise  # a signal handler's, for the caller
+        logger.debug("ignored error while %s", what, exc_info=True)
 
 
 def establish_once(conn: kombu.Connection) -> Any:

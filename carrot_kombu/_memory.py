@@ -17,7 +17,17 @@ from typing import Any, Callable, Optional
 import kombu
 from kombu.transport import resolve_transport
 
-from ._link import ConfirmChannel, ConfirmHooks, Link, Outbound, Subscription, Waiter, establish_once, guarded
+from ._link import (
+    ConfirmChannel,
+    ConfirmHooks,
+    Link,
+    Outbound,
+    Subscription,
+    Waiter,
+    establish_once,
+    guarded,
+    quietly,
+)
 from ._sync import SLICE, raised_by_library
 from .config import Endpoint, Settings
 from .exceptions import Disconnected
@@ -56,12 +66,7 @@ class MemoryLink(Link):
         return self.kombu.transport.create_channel(self._raw)
 
     def close_channel(self, chan: Any, wait: bool = False) -> None:
-        try:
-            chan.close()
-        except Exception as exc:
-            if not raised_by_library(exc):
-                raise  # a signal handler's, for the caller
-            logger.debug("ignored error while closing a channel", exc_info=True)
+        quietly(chan.close, "closing a channel")
 
     def reusable(self, chan: Any) -> bool:
         if getattr(chan, "closed", False) or not getattr(chan, "is_open", True):

@@ -17,8 +17,17 @@ from typing import Any, Callable, Optional
 import kombu
 from amqp import spec
 
-from .._link import ConfirmChannel, ConfirmHooks, Link, LinkHooks, Outbound, Subscription, establish_once, guarded
-from .._sync import raised_by_library
+from .._link import (
+    ConfirmChannel,
+    ConfirmHooks,
+    Link,
+    LinkHooks,
+    Outbound,
+    Subscription,
+    establish_once,
+    guarded,
+    quietly,
+)
 from ..config import Endpoint, Settings
 from ..exceptions import ChannelLimitReached, Disconnected
 from .connection import LinkOptions, SupervisedConnection, SupervisedTransport
@@ -119,15 +128,8 @@ class AmqpLink(Link):
                 raise
 
     def close_channel(self, chan: Any, wait: bool = False) -> None:
-        try:
-            if wait:
-                chan.close()  # waits for close-ok (bounded): the id is free afterwards
-            else:
-                chan.close_nowait()
-        except Exception as exc:
-            if not raised_by_library(exc):
-                raise  # a signal handler's, for the caller
-            logger.debug("ignored error while closing a channel", exc_info=True)
+        # chan.close waits for close-ok (bounded): the id is free afterwards.
+        quietly(chan.close if wait else chan.close_nowait, "closing a channel")
 
     def reusable(self, chan: Any) -> bool:
         return chan.carrot.reusable()  # type: ignore[no-any-return]
@@ -246,12 +248,7 @@ class AmqpSubscription(Subscription):
         chan, self._chan = self._chan, None
         if chan is None:
             return
-        try:
-            chan.basic_cancel(self._tag)
-        except Exception as exc:
-            if not raised_by_library(exc):
-                raise
-            logger.debug("ignored error cancelling a consumer", exc_info=True)
+        quietly(lambda: chan.basic_cancel(self._tag), "cancelling a consumer")
         self._link.close_channel(chan)  # nothing is written after this; unacked deliveries go back
 
     def close(self) -> None:
