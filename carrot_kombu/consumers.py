@@ -35,6 +35,11 @@ __all__ = ("Consumer", "Consumers")
 logger = logging.getLogger("carrot_kombu")
 
 Callback = Callable[[Any, Any], Any]
+
+#: Deliveries a consumer holds unacknowledged when the caller set no
+#: ``prefetch_count``: the reading thread always reads (heartbeats), so
+#: without a prefetch limit a backlog would be pulled into memory whole.
+DEFAULT_PREFETCH = 100
 _STOP = object()
 
 
@@ -125,8 +130,9 @@ class Consumer:
         """On the subscription's new channel, before subscribing: declare and set the prefetch."""
         if self.declare:
             declare_entity(channel, self.queue, self.server_named)
-        if self.prefetch_count is not None:
-            channel.basic_qos(0, self.prefetch_count, False)
+        prefetch = DEFAULT_PREFETCH if self.prefetch_count is None else self.prefetch_count
+        if prefetch:
+            channel.basic_qos(0, prefetch, False)
 
     def _still_active(self) -> bool:
         return self.active  # not cancelled while we were subscribing

@@ -557,7 +557,10 @@ class ConnectionManager:
         Args:
             queue: A kombu ``Queue`` or a queue name (``kombu.Queue(name)``).
             callback: ``callback(body, message)``, kombu message semantics.
-            prefetch_count: ``basic_qos`` prefetch for the consumer's channel.
+            prefetch_count: ``basic_qos`` prefetch for the consumer's channel:
+                at most this many deliveries are unacknowledged at once.
+                ``None`` (default): 100, so that a backlog is never pulled into
+                memory whole; ``0``: no limit (the whole backlog may arrive).
             no_ack: Automatic acknowledgement.
             arguments: ``basic.consume`` arguments.
             declare: Declare the queue (with its exchange and bindings) on

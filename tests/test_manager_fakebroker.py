@@ -198,3 +198,21 @@ def test_a_view_of_the_live_connection_dies_with_it(broker):
         manager.stop(timeout=5)
 
 
+
+
+def test_a_consumer_without_prefetch_holds_at_most_the_default_unacknowledged(broker):
+    """No prefetch_count used to mean no basic.qos: the whole backlog was pulled into memory (17.5)."""
+    from carrot_kombu.consumers import DEFAULT_PREFETCH
+
+    manager, peer = connect(broker)
+    try:
+        consumer = manager.consume("jobs", lambda body, message: message.ack(), declare=False)
+        qos = peer.wait_for(lambda: peer.received("basic.qos"))
+        assert qos[-1]["prefetch_count"] == DEFAULT_PREFETCH
+        unlimited = manager.consume("other", lambda body, message: message.ack(), declare=False, prefetch_count=0)
+        peer.wait_for(lambda: len(peer.received("basic.consume")) == 2)
+        assert len(peer.received("basic.qos")) == 1  # 0: no limit asked for, none set
+        consumer.cancel()
+        unlimited.cancel()
+    finally:
+        manager.stop(timeout=5)
