@@ -8,8 +8,8 @@ nothing below converts seconds to a point in time again.  The clock is
 
 from __future__ import annotations
 
+import threading
 import time
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 from ._timeouts import check_timeout
@@ -19,13 +19,30 @@ __all__ = ("Deadline", "NEVER", "clock", "check_timeout")
 #: The clock every deadline is on (``time.monotonic``).
 clock: Callable[[], float] = time.monotonic
 
+_MAX = threading.TIMEOUT_MAX
 
-@dataclass(frozen=True)
+
 class Deadline:
-    """When a wait must end (``at``, on :data:`clock`; None: never) and the timeout it came from."""
+    """When a wait must end (``at``, on :data:`clock`; None: never) and the timeout it came from.
 
-    at: Optional[float] = None
-    timeout: Optional[float] = None
+    A value: never changed after it is made (a plain slotted class, not a
+    frozen dataclass: one is made on every lease and publish).
+    """
+
+    __slots__ = ("at", "timeout")
+
+    def __init__(self, at: Optional[float] = None, timeout: Optional[float] = None) -> None:
+        self.at = at
+        self.timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"Deadline(at={self.at!r}, timeout={self.timeout!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Deadline) and (self.at, self.timeout) == (other.at, other.timeout)
+
+    def __hash__(self) -> int:
+        return hash((self.at, self.timeout))
 
     @classmethod
     def after(cls, timeout: Optional[float]) -> "Deadline":
@@ -39,6 +56,9 @@ class Deadline:
         Raises:
             TypeError, ValueError: Not a number of seconds >= 0 (or None).
         """
+        kind = type(timeout)
+        if (kind is float or kind is int) and 0 <= timeout <= _MAX:  # type: ignore[operator]
+            return cls(clock() + timeout, timeout)  # type: ignore[operator,arg-type]  # the common case
         return cls.after(check_timeout(name, timeout))
 
     def remaining(self) -> Optional[float]:

@@ -25,7 +25,9 @@ class LiveConnection:
 
     def __init__(self) -> None:
         self._cond = Monitor()
-        self._link: Optional["Link"] = None
+        #: The attached link (read by anyone; only attach/detach write it).
+        #: It may have died since: :meth:`current` hides a dead one.
+        self.link: Optional["Link"] = None
         self._down: Optional[BaseException] = None
         self._down_message = "not connected yet"
         self._watchers: list[Callable[[], None]] = []
@@ -35,7 +37,7 @@ class LiveConnection:
     def attach(self, link: "Link") -> None:
         """``link`` is served from now on."""
         with self._cond.lock:
-            self._link = link
+            self.link = link
             self._down = None
             self._cond.notify_all()
         self._changed()
@@ -43,10 +45,10 @@ class LiveConnection:
     def detach(self, message: str, reason: Optional[BaseException], generation: Optional[int] = None) -> bool:
         """No link is served any more; False if ``generation`` is not the live one (nothing changes)."""
         with self._cond.lock:
-            link = self._link
+            link = self.link
             if generation is not None and (link is None or link.generation != generation):
                 return False
-            self._link = None
+            self.link = None
             self._down_message, self._down = message, reason
             self._cond.notify_all()
         self._changed()
@@ -55,7 +57,7 @@ class LiveConnection:
     def set_down(self, message: str, reason: Optional[BaseException]) -> None:
         """Why there is no link (a failed attempt, giving up); ignored while a link is attached."""
         with self._cond.lock:
-            if self._link is None:
+            if self.link is None:
                 self._down_message, self._down = message, reason
                 self._cond.notify_all()
 
@@ -75,7 +77,7 @@ class LiveConnection:
 
     def forget_after_fork(self) -> Optional["Link"]:
         """In a forked child (single thread, no lock taken): no link; returns the parent's."""
-        link, self._link = self._link, None
+        link, self.link = self.link, None
         self._cond = Monitor()
         self._down, self._down_message = None, "the process forked; this connection belongs to the parent"
         return link
@@ -84,7 +86,7 @@ class LiveConnection:
 
     def current(self) -> Optional["Link"]:
         """The live link, or None (none attached, or it died)."""
-        link = self._link
+        link = self.link
         if link is None or link.dead is not None:
             return None
         return link
@@ -95,7 +97,7 @@ class LiveConnection:
         return None if link is None else link.generation
 
     def is_live(self, generation: int) -> bool:
-        link = self._link
+        link = self.link
         return link is not None and link.generation == generation and link.dead is None
 
     def require(self) -> "Link":
@@ -117,7 +119,7 @@ class LiveConnection:
 
     def down_error(self) -> Disconnected:
         """Why there is no live link, as users see it (a fresh instance)."""
-        link = self._link
+        link = self.link
         dead = None if link is None else link.dead
         if dead is not None:
             return Disconnected(f"connection lost: {type(dead).__name__}: {dead}", dead)
@@ -127,7 +129,7 @@ class LiveConnection:
         return Disconnected(text, reason)
 
     def down_reason(self) -> Optional[BaseException]:
-        link = self._link
+        link = self.link
         dead = None if link is None else link.dead
         return dead if dead is not None else self._down
 

@@ -428,11 +428,11 @@ class ConnectionManager:
                 connection (a resource alarm) past ``timeout`` or
                 ``blocked_timeout``.
         """
-        deadline = Deadline.of("timeout", timeout)
+        timeout = check_timeout("timeout", timeout)
         core = self._core
         if core.supervisor is None:
             raise Disconnected("manager is not started" if not self._started_once else "manager is stopped")
-        return core.pool.acquire(deadline)
+        return core.pool.acquire(timeout)
 
     def release(self, lease: Lease) -> None:
         """Give a lease back; same as ``lease.release()``."""

@@ -173,6 +173,9 @@ class ChannelPool:
 
     def _serving(self) -> Optional["Link"]:
         """Under the lock: the live link, with books started for it (None: no live link)."""
+        link = self._books_for
+        if link is not None and link is self._live.link and link.dead is None:
+            return link  # the common case, first: this runs on every lease
         link = self._live.current()
         if link is not self._books_for:
             self._reset()
@@ -191,7 +194,7 @@ class ChannelPool:
     def _live_link(self) -> Optional["Link"]:
         """Under the lock: the link of the books, if it is still the live one."""
         link = self._books_for
-        return link if link is not None and self._live.is_live(link.generation) else None
+        return link if link is not None and link is self._live.link and link.dead is None else None
 
     def shed_idle(self) -> bool:
         """Close every idle channel now (their ids are needed elsewhere); True if there was one."""
@@ -269,9 +272,15 @@ class ChannelPool:
 
     # -- user side -------------------------------------------------------------------
 
-    def acquire(self, deadline: Deadline) -> Lease:
+    def acquire(self, timeout: Optional[float]) -> Lease:
+        """A lease within ``timeout`` seconds (a checked value; None: no limit).
+
+        The deadline is made only when this call has to wait or open a
+        channel: a warm pool hands out an idle channel without one.
+        """
         if self._reclaimed:
             self.reap()
+        due: list[Deadline] = []  # [the deadline], once one is needed
         first = True
         ticket: Optional[object] = None
         while True:
@@ -285,7 +294,7 @@ class ChannelPool:
                             # Each call tries to open a channel at least once, even
                             # after another call found the broker's channel_max reached.
                             self._at_channel_max = first = False
-                        link = self._wait_for_slot(deadline, spoiled)
+                        link = self._wait_for_slot(timeout, due, spoiled)
                         if not isinstance(link, Lease):
                             ticket = ticket or object()  # made only when a channel is opened
                             self._opening.add(ticket)
@@ -295,7 +304,7 @@ class ChannelPool:
                             spoiled_on.close_channel(chan)
                 if isinstance(link, Lease):
                     return link
-                lease = self._open(link, ticket, deadline)
+                lease = self._open(link, ticket, due[0] if due else Deadline.after(timeout))
             except BaseException:
                 # Whatever raised, from the moment the ticket was taken (also
                 # an exception raised into this thread right after): given
@@ -309,12 +318,14 @@ class ChannelPool:
             if lease is not None:
                 return lease
 
-    def _wait_for_slot(self, deadline: Deadline, spoiled: list[Any]) -> Any:
+    def _wait_for_slot(self, timeout: Optional[float], due: list[Deadline], spoiled: list[Any]) -> Any:
         """Under the lock: an idle channel's lease, or the link to open a new channel on."""
         while True:
-            link = self._serving()
-            if link is None:
-                raise self._live.down_error()
+            link = self._books_for
+            if link is None or link is not self._live.link or link.dead is not None:
+                link = self._serving()  # (its common case inline: this runs on every lease)
+                if link is None:
+                    raise self._live.down_error()
             while self._idle:
                 chan = self._idle[-1]  # taken off only together with its lease's registration
                 if link.reusable(chan):
@@ -324,6 +335,9 @@ class ChannelPool:
             held = len(self._leased) + len(self._opening) + len(self._verifying)
             if held < self._limit and not self._at_channel_max:
                 return link
+            if not due:
+                due.append(Deadline.after(timeout))
+            deadline = due[0]
             if deadline.expired():
                 raise PoolTimeout(self._timeout_message(link, deadline.timeout))
             self._cond.wait(deadline.remaining())
@@ -413,7 +427,9 @@ class ChannelPool:
             with self._cond.lock:
                 chan = self._leased.get(token)
                 self._refs.pop(token, None)
-                link = self._live_link()
+                link = self._books_for
+                if link is not None and (link is not self._live.link or link.dead is not None):
+                    link = None  # (_live_link, inline: this runs on every release)
                 if chan is None:
                     return  # given back already, or stale: its connection is gone, and the channel with it
                 if link is None:
