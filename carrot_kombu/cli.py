@@ -510,6 +510,7 @@ exit codes:
   1  broker unreachable or timed out (demo: messages missing)
   2  refused by the broker (credentials, vhost, certificate), invalid URL or
      option, or no URL given
+  130  demo interrupted by Ctrl-C (its queue removed)
 
 Run "carrot-kombu COMMAND --help" for each command's details."""
 
