@@ -322,7 +322,7 @@ def bar_chart(path: Path, title: str, bars: Sequence[tuple[str, float, Optional[
     plt = _pyplot()
     scale = _UNITS[unit]
     fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(bars) + 1.4))
-    for index, (label, value, bound) in enumerate(bars):
+    for index, (_, value, bound) in enumerate(bars):
         y = len(bars) - 1 - index
         ax.barh(y, value / scale, color="tab:blue", height=0.55)
         ax.text(value / scale, y, f" {value / scale:g} {unit}", va="center", fontsize=8)
