@@ -11,7 +11,7 @@ LOW_STAMP := $(LOW)/.installed-stamp
 # the two integration modules take it to the real broker, within CI's time budget)
 LOW_TESTS := tests integration/test_core.py integration/test_isolation_property.py
 
-.PHONY: demo test test-high test-low-end test-slow unit integration typecheck lint docs bench report clean
+.PHONY: demo test test-high test-low-end test-slow unit integration typecheck lint docs bench report package clean
 
 $(STAMP): setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
@@ -36,6 +36,7 @@ test-high: $(STAMP)
 	$(PY) -m pytest
 	$(PY) -m mypy
 	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+	$(MAKE) package
 
 test-low-end: $(LOW_STAMP)
 	$(LOW)/bin/python -m pytest -q $(LOW_TESTS) --ignore=tests/test_integrations.py
@@ -60,6 +61,27 @@ bench: $(STAMP)
 
 report: $(STAMP)
 	$(PY) -m integration.report
+
+# The sdist and the wheel, built from a clean copy (build's isolated env) into
+# build/dist (never the repo root), then checked as PyPI would render them.
+DIST := build/dist
+package: $(STAMP)
+	rm -rf $(DIST)
+	$(PY) -m build --outdir $(DIST) .
+	$(PY) -m twine check --strict $(DIST)/*
+	$(PY) -c "$$SDIST_CHECK" $(DIST)/*.tar.gz
+
+# Fails on any sdist member outside the package and the top-level texts (junk).
+define SDIST_CHECK
+import sys, tarfile
+allowed = {"LICENSE", "CHANGELOG.md", "README.md", "PKG-INFO", "setup.cfg", "pyproject.toml", "MANIFEST.in"}
+with tarfile.open(sys.argv[1]) as sdist:
+    names = [m.name.split("/", 1)[1] for m in sdist.getmembers() if "/" in m.name]
+junk = [n for n in names if n not in allowed and n.split("/")[0] not in ("carrot_kombu", "carrot_kombu.egg-info")]
+missing = {"LICENSE", "CHANGELOG.md"} - set(names)
+sys.exit(f"sdist junk {junk} / missing {sorted(missing)}" if junk or missing else None)
+endef
+export SDIST_CHECK
 
 docs: $(STAMP)
 	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html

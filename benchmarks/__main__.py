@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick] [--write | --no-write] [--only KEY] [--url URL]``.
+"""``python -m benchmarks [--quick] [--write | --no-write] [--only KEY] [--url URL] [--charts-only]``.
 
 The full run takes several minutes and writes ``docs/benchmarks.rst``; it
 also starts a private RabbitMQ node (broker restarts) and a private 3-node
@@ -7,7 +7,9 @@ takes well under a minute, starts no private node (those rows say
 "skipped") and writes nothing unless ``--write`` is given.  Every row prints one ``[key] ...`` line per
 result on stdout; progress goes to stderr.  The raw figures of every run go
 to ``build/benchmarks/<mode>[-<keys>].json``.  Exit status 1 if a row failed to run (a
-missed goal is a result, not a failure).
+missed goal is a result, not a failure).  Writing the page also redraws its
+charts (``docs/charts/bench-*.svg``) from the new table; ``--charts-only``
+redraws them from the committed page without measuring anything.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Optional
 from . import ROW_KEYS
 from .machine import environment
 from .model import Context, Row
+from .charts import draw_benchmark_charts
 from .render import console, page, plain
 from .rows import ROWS
 from .settings import Sizes
@@ -47,6 +50,8 @@ def parse(argv: Optional[list[str]]) -> argparse.Namespace:
                         help=f"run only this row (repeatable): {', '.join(ROW_KEYS)}")
     parser.add_argument("--url", default=os.environ.get("CARROT_KOMBU_TEST_URL", DEFAULT_URL),
                         help="broker URL (default: $CARROT_KOMBU_TEST_URL or the local RabbitMQ)")
+    parser.add_argument("--charts-only", action="store_true",
+                        help="only redraw the page's charts from its table (measures nothing, needs no broker)")
     return parser.parse_args(argv)
 
 
@@ -83,6 +88,14 @@ def run_rows(ctx: Context, keys: list[str]) -> tuple[list[Row], list[str]]:
 def main(argv: Optional[list[str]] = None) -> int:
     """Run the benchmarks, print them, write the page when asked to."""
     args = parse(argv)
+    if args.charts_only:
+        if not args.output.exists():
+            print(f"--charts-only draws from {args.output}, which does not exist: run the benchmarks first",
+                  file=sys.stderr)
+            return 2
+        for path in draw_benchmark_charts(args.output.read_text(), into=args.output.parent / "charts"):
+            print(f"drew {path}", flush=True)
+        return 0
     sizes = Sizes.quick() if args.quick else Sizes.full()
     keys = [key for key in ROW_KEYS if not args.only or key in args.only]
     started = time.monotonic()
@@ -106,7 +119,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     write = args.write or not (args.no_write or args.quick or args.only or failed)
     if write:
         args.output.write_text(page(rows, env, sizes, seconds))
-        where = f"wrote {args.output}"
+        charts = draw_benchmark_charts(args.output.read_text(), into=args.output.parent / "charts")  # beside the page
+        where = f"wrote {args.output} and {len(charts)} chart(s)"
     else:
         why = "a row failed" if failed and not (args.quick or args.only or args.no_write) else "not asked to"
         where = f"did not write {args.output} ({why}; --write forces it)"

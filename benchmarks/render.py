@@ -5,8 +5,13 @@ from __future__ import annotations
 import re
 from typing import Any, Iterable
 
+from .charts import BENCHMARK_CHARTS, charts_section
 from .model import Row
 from .settings import Sizes
+
+#: Said under the charts: the chart the issue asked for that no row can draw yet.
+CHARTS_LEFT_OUT = ("There is no chart of consumers at scale: no row measures many consumers on one manager "
+                   "yet.")
 
 HEADINGS = ("Benchmark", "carrot_kombu", "Compared with", "Ratio", "Goal", "Result")
 
@@ -98,6 +103,7 @@ def page(rows: Iterable[Row], env: dict[str, Any], sizes: Sizes, seconds: float)
         lines.append("")
     else:
         lines += ["Every goal set for a row was met in this run.", ""]
+    lines += charts_section(BENCHMARK_CHARTS, "python -m benchmarks --charts-only", CHARTS_LEFT_OUT)
     lines.append(METHOD)
     return "\n".join(lines)
 

@@ -469,6 +469,9 @@ def demo(url: str, threads: int, messages: int, out: Optional[TextIO] = None) ->
     redact = redactor(url)
     try:
         summary = run_demo(url, threads=threads, messages=messages)
+    except KeyboardInterrupt:  # run_demo removed its queue on the way out
+        print(f"carrot-kombu demo on {masked(url)} interrupted; its queue was removed", file=out, flush=True)
+        return 130  # the shell's code for a run ended by SIGINT
     except CarrotKombuError as exc:
         print(f"carrot-kombu demo on {masked(url)} failed: {redact(str(exc))}", file=out, flush=True)
         return EXIT_REFUSED if isinstance(exc, ConfigurationError) else EXIT_UNREACHABLE
@@ -507,6 +510,7 @@ exit codes:
   1  broker unreachable or timed out (demo: messages missing)
   2  refused by the broker (credentials, vhost, certificate), invalid URL or
      option, or no URL given
+  130  demo interrupted by Ctrl-C (its queue removed)
 
 Run "carrot-kombu COMMAND --help" for each command's details."""
 

@@ -6,6 +6,9 @@ Run a worker::
 
 and call ``report_pid.delay("some-queue")``: the task publishes its worker
 process id to ``some-queue`` through that process's own pooled connection.
+That queue is the caller's: it outlives the worker's connection (the caller
+reads it from another one), so it cannot be exclusive, and the caller deletes
+it when done (``lease.queue_delete("some-queue")``).
 """
 
 from __future__ import annotations

@@ -2,10 +2,13 @@
 
 Usage::
 
-    python -m integration.report            # full run (1000-cut soak, 30 s storm)
-    python -m integration.report --render   # only re-render from build/figures
+    python -m integration.report                # full run (1000-cut soak, 30 s storm)
+    python -m integration.report --render       # only re-render from build/figures
+    python -m integration.report --charts-only  # only redraw docs/charts/reliability-*.svg from the page
 
 Nothing in the page is typed by hand: every number comes from a scenario run.
+The charts are drawn from the page's table (see :mod:`benchmarks.charts`), so
+``--charts-only`` needs neither a broker nor the figures of a run.
 """
 
 from __future__ import annotations
@@ -14,11 +17,15 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from benchmarks.charts import CHART_DIR, Spread, bar_chart, charts_section, duration, spread, spread_chart, table_rows
 
 from .figures import ROOT, figures_dir
 
@@ -112,6 +119,96 @@ ROWS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
 ]
 
 
+#: The page's charts: file name -> caption.
+CHARTS: dict[str, str] = {
+    "reliability-recovery.svg": "Recovery after each fault, until a lease works: median, p95 and max where the "
+                                "scenario repeats the fault, its one figure otherwise; with the goal.",
+    "reliability-detection.svg": "How long until a dead, frozen or blocked peer is noticed, against its bound.",
+    "reliability-cluster.svg": "Longest publishing gap when a node of the 3-node cluster fails (and plain kombu "
+                               "under the same fault), against the goal.",
+}
+CHARTS_COMMAND = "python -m integration.report --charts-only"
+
+
+def _cells(page: str) -> dict[str, str]:
+    """Scenario title -> its Measured cell, from the page's table."""
+    return {row[0]: row[1] for row in table_rows(page)[1:] if len(row) >= 2}
+
+
+def _first(pattern: str, text: Optional[str]) -> Optional[float]:
+    """The first duration captured by ``pattern`` in ``text`` (None when absent)."""
+    found = re.search(pattern, text or "")
+    return duration(found.group(1)) if found else None
+
+
+def _dead_peer_bound(text: Optional[str]) -> Optional[float]:
+    """2 x heartbeat + 1 s, the detection bound, from a cell naming ``heartbeat N s``."""
+    heartbeat = _first(r"heartbeat ([\d.]+ s)", text)
+    return None if heartbeat is None else 2 * heartbeat + 1
+
+
+def reliability_figures(page: str) -> dict[str, list[Any]]:
+    """What the charts show, read from the text of ``docs/reliability.rst`` (rows not measured are left out)."""
+    cells = _cells(page)
+    cell = {key: cells.get(title) for key, title, _ in ROWS}
+    recovery: list[tuple[str, Spread, Optional[float]]] = []
+    soak = cell["forced_close_soak"]
+    if soak and "median" in soak:
+        recovery.append(("proxy cut(), soak", spread(soak), None))
+        closes = soak.split("broker-side closes:", 1)[-1]
+        recovery.append(("close_connection (incl. ~0.6 s rabbitmqctl)", spread(closes), None))
+    restart = cell["broker_restart"]
+    if restart and "median" in restart:
+        recovery.append(("broker restart, Backoff(min=0.05)", spread(restart), None))
+    single = [
+        ("broker restart, default Backoff()", _first(r"a lease works ([\d.]+ s)", cell["liveness_restart_recovery"]), 1.0),
+        ("broker down at start, after heal", _first(r"connected ([\d.]+ s) after heal", cell["broker_down_at_start"]), None),
+    ]
+    recovery += [(label, Spread(value), goal) for label, value, goal in single if value is not None]
+    detection = [
+        ("dead peer, application busy", _first(r"detected after ([\d.]+ s)", cell["dead_peer"]),
+         _first(r"= ([\d.]+ s)\)", cell["dead_peer"])),
+        ("dead peer over TLS, mid-record", _first(r"detected after ([\d.]+ s)", cell["liveness_dead_peer_tls_consumer"]),
+         _dead_peer_bound(cell["liveness_dead_peer_tls_consumer"])),
+        ("dead peer over TCP, mid-message", _first(r"detected after ([\d.]+ s)", cell["liveness_dead_peer_tcp_consumer"]),
+         _dead_peer_bound(cell["liveness_dead_peer_tcp_consumer"])),
+        ("cluster node frozen: publishing resumes", _first(r"after ([\d.]+ s) \(bound", cell["cluster_freeze"]),
+         _first(r"\(bound ([\d.]+ s)\)", cell["cluster_freeze"])),
+        ("blocked broker: publish raises Blocked", _first(r"``Blocked`` after ([\d.]+ s)", cell["blocked"]),
+         _first(r"blocked_timeout ([\d.]+ s)", cell["blocked"])),
+    ]
+    gap, goal = r"longest publishing gap ([\d.]+ s)", r"\(goal ([\d.]+ s)\)"
+    cluster = [
+        (label, _first(gap, cell[key]), _first(goal, cell[key])) for key, label in (
+            ("cluster_stop_leader", "stop_app: connected node, quorum leader"),
+            ("cluster_stop_follower", "stop_app: connected node, a follower"),
+            ("cluster_kill9", "kill -9 of the connected node"),
+            ("cluster_kombu_baseline", "plain kombu, retry=True (same fault)"),
+        )
+    ]
+    return {
+        "recovery": recovery,
+        "detection": [row for row in detection if row[1] is not None],
+        "cluster": [row for row in cluster if row[1] is not None],
+    }
+
+
+def draw_charts(page: str, into: Path = CHART_DIR) -> list[Path]:
+    """Every chart of :data:`CHARTS` that the page has figures for."""
+    found = reliability_figures(page)
+    drawn = []
+    if found["recovery"]:
+        drawn.append(spread_chart(into / "reliability-recovery.svg", "Recovery time after a fault (until a lease works)",
+                                  found["recovery"]))
+    if found["detection"]:
+        drawn.append(bar_chart(into / "reliability-detection.svg", "Time until the client notices the fault and acts",
+                               found["detection"]))
+    if found["cluster"]:
+        drawn.append(bar_chart(into / "reliability-cluster.svg", "3-node cluster: longest publishing gap",
+                               found["cluster"]))
+    return drawn
+
+
 def render() -> str:
     found = {p.stem: json.loads(p.read_text()) for p in figures_dir().glob("*.json")}
     lines = [
@@ -140,6 +237,7 @@ def render() -> str:
         else:
             lines.append("     - not measured in this run")
     lines.append("")
+    lines += charts_section(CHARTS, CHARTS_COMMAND)
     return "\n".join(lines)
 
 
@@ -159,7 +257,13 @@ def _versions() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m integration.report")
     parser.add_argument("--render", action="store_true", help="only render the page from recorded figures")
+    parser.add_argument("--charts-only", action="store_true",
+                        help="only redraw the page's charts from its table (no scenario runs, no page write)")
     args = parser.parse_args(argv)
+    if args.charts_only:
+        for path in draw_charts(PAGE.read_text()):
+            print(f"drew {path.relative_to(ROOT)}")
+        return 0
     if not args.render:
         shutil.rmtree(figures_dir(), ignore_errors=True)
         env = dict(os.environ, **FULL_SIZES)
@@ -171,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
             print("some scenarios failed: the page lists them as not measured", file=sys.stderr)
     PAGE.write_text(render())
     print(f"wrote {PAGE}")
+    for path in draw_charts(PAGE.read_text()):
+        print(f"drew {path.relative_to(ROOT)}")
     return 0
 
 

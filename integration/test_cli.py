@@ -213,6 +213,41 @@ def test_cli_demo_on_the_real_broker(amqp_url):  # moved from integration/test_i
     assert result.returncode == 0 and "150 messages from 3 threads" in result.stdout and "-> OK" in result.stdout
 
 
+def demo_queues():
+    """The demo queues on the shared broker now, with their message counts (rabbitmqctl)."""
+    listing = subprocess.run(
+        ["rabbitmqctl", "list_queues", "name", "messages", "-q", "--no-table-headers"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    rows = (line.split("\t") for line in listing.stdout.splitlines())
+    return {row[0]: int(row[1]) for row in rows if len(row) == 2 and row[0].startswith("carrot-kombu-demo-")}
+
+
+@posix_only
+@pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="needs rabbitmqctl next to the broker")
+@pytest.mark.parametrize("how", ["SIGINT", "SIGKILL"])
+def test_an_interrupted_demo_leaves_no_queue_on_the_broker(amqp_url, how):
+    """Ctrl-C deletes the demo's queue in a ``finally``; after ``kill -9`` the broker drops it (exclusive)."""
+    before = set(demo_queues())
+    with running("demo", amqp_url, "--threads", "2", "--messages", "1000000") as run:
+        deadline = time.monotonic() + 60
+        ours = {}
+        while not ours:  # the run is mid-way: its queue exists and holds messages
+            assert run.proc.poll() is None and time.monotonic() < deadline, (run.lines, run.err)
+            ours = {name: n for name, n in demo_queues().items() if name not in before and n > 0}
+        run.proc.send_signal(getattr(signal, how))
+        code = run.finish(timeout=30)
+        if how == "SIGINT":
+            assert code == 130, (run.lines, run.err)
+            assert run.lines[-1].endswith("interrupted; its queue was removed"), (run.lines, run.err)
+    (name,) = ours
+    # The broker removes an exclusive queue when it notices the closed socket: at once on
+    # this host, but poll with a deadline rather than assume the order.
+    deadline = time.monotonic() + 30
+    while name in demo_queues():
+        assert time.monotonic() < deadline, f"{name} still on the broker after {how}"
+
+
 @pytest.mark.parametrize("urls, code", [("dead;live", 0), ("dead", 1)])
 def test_the_celery_subcommand_checks_the_apps_broker_and_its_failover_list(amqp_url, tmp_path, urls, code):
     """``celery -A app carrot-kombu``: exit 0 once one failover URL answers, 1 when none does (as ``check``)."""

@@ -9,6 +9,9 @@ literals may exist afterwards unless it existed before.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -18,7 +21,7 @@ import amqp
 import pytest
 from amqp.exceptions import NotFound
 
-from tests.test_docs_examples import Program, broker_programs, check_outcome, literal_names, run_program
+from tests.test_docs_examples import Program, all_blocks, broker_programs, check_outcome, literal_names, run_program
 
 PROGRAMS = broker_programs()
 
@@ -80,3 +83,28 @@ def test_example_runs_against_rabbitmq(program: Program, entities: Entities, tmp
         time.sleep(0.1)
         left = entities.snapshot(names) - before
     assert not left, f"{program.label} left {sorted(left)} on the broker: delete what the example creates"
+
+
+def test_the_celery_pytest_plugin_recipe_works_as_written(entities: Entities, tmp_path: Path) -> None:
+    """docs/celery.rst: under Celery's pytest plugin the carrot scheme is unknown until ``-p carrot_kombu``."""
+    (block,) = [b for b in all_blocks() if b.page == "docs/celery.rst" and "def celery_config" in b.code]
+    (tmp_path / "test_tasks.py").write_text(block.code, encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k not in ("CARROT_KOMBU_URL", "CELERY_BROKER_URL", "PYTHONPATH")}
+
+    def pytest_run(*plugins: str) -> subprocess.CompletedProcess[str]:
+        options = [arg for plugin in plugins for arg in ("-p", plugin)]
+        return subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *options, "test_tasks.py"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        )
+
+    try:
+        without = pytest_run("celery.contrib.pytest")
+        assert without.returncode != 0 and "KeyError: 'No such transport: carrot'" in without.stdout, without.stdout
+        recipe = pytest_run("celery.contrib.pytest", "carrot_kombu")
+        assert recipe.returncode == 0 and "1 passed" in recipe.stdout, recipe.stdout + recipe.stderr
+    finally:
+        with amqp.Connection("127.0.0.1:5672", userid="guest", password="guest", connect_timeout=10) as conn:
+            channel = conn.channel()
+            channel.queue_delete("docs-celery-pytest")
+            channel.exchange_delete("docs-celery-pytest")

@@ -34,7 +34,7 @@ import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -72,7 +72,21 @@ class _Collect(logging.Handler):
 
 _collect = _Collect()
 logging.getLogger("carrot_kombu").addHandler(_collect)  # never imports carrot_kombu itself
+
+# What each line of the example printed, so that the "# output" comments can be checked.
+import builtins, io
+_print = builtins.print
+_printed = []
+def _recording_print(*args, **kwargs):
+    frame = sys._getframe(1)
+    if frame.f_code.co_filename == sys.argv[1] and kwargs.get("file") is None:
+        text = io.StringIO()
+        _print(*args, **dict(kwargs, file=text))
+        _printed.append([frame.f_lineno, text.getvalue()])
+    _print(*args, **kwargs)
+builtins.print = _recording_print
 runpy.run_path(sys.argv[1], run_name="__main__")
+builtins.print = _print
 gc.collect()
 unstopped = []
 manager_module = sys.modules.get("carrot_kombu.manager")
@@ -81,7 +95,8 @@ if manager_module is not None:
     shared = [id(e.manager) for e in transport._registry.values()] if transport is not None else []
     unstopped = [repr(m) for m in list(manager_module._MANAGERS)
                  if m._core.supervisor is not None and id(m) not in shared]
-print("DOCS-EXAMPLE-REPORT " + json.dumps({"unstopped": unstopped, "warnings": _collect.messages}),
+print("DOCS-EXAMPLE-REPORT " + json.dumps({"unstopped": unstopped, "warnings": _collect.messages,
+                                           "printed": _printed}),
       file=sys.stderr, flush=True)
 '''
 
@@ -236,7 +251,7 @@ class Outcome:
     seconds: float
     stdout: str
     stderr: str
-    report: dict[str, list[str]]
+    report: dict[str, list[Any]]
 
     def describe(self) -> str:
         return f"exit {self.returncode} after {self.seconds:.1f}s\n--- stdout ---\n{self.stdout}\n--- stderr ---\n{self.stderr}"
@@ -278,6 +293,65 @@ def check_outcome(program: Program, outcome: Outcome) -> None:
     )
     abandoned = [w for w in outcome.report["warnings"] if "garbage-collected" in w]
     assert not abandoned, f"{program.label} left objects to the garbage collector: {abandoned}"
+    check_output_comments(program, outcome)
+
+
+# -- "# output" comments -------------------------------------------------------------------
+
+def output_comments(program: Program) -> dict[int, str]:
+    """``print(...)  # comment`` statements on one line: {line in program.code: comment}.
+
+    Such a comment says what the line prints (the documentation's convention):
+    the output, in which ``...`` stands for text left out, optionally followed
+    by an explanation after ``;`` or ``:`` or in brackets.
+    """
+    lines = program.code.splitlines()
+    found = {}
+    for node in ast.walk(ast.parse(program.code)):
+        if (isinstance(node, ast.Expr) and isinstance(node.value, ast.Call)
+                and isinstance(node.value.func, ast.Name) and node.value.func.id == "print"
+                and node.lineno == node.end_lineno and node.end_col_offset is not None):
+            rest = lines[node.lineno - 1][node.end_col_offset:].strip()
+            if rest.startswith("#"):
+                found[node.lineno] = rest[1:].strip()
+    return found
+
+
+def comment_matches(comment: str, printed: str) -> bool:
+    """Whether ``printed`` (one print's text, without its newline) is what ``comment`` says.
+
+    The output is the whole comment or the part before an explanation, which
+    starts with ``"; "``, ``": "`` or ``" ("``; ``...`` in it matches any text.
+    """
+    cuts = [len(comment), *(found.start() for found in re.finditer(r"[;:] | \(", comment))]
+    for cut in cuts:
+        claim = comment[:cut].rstrip()
+        pattern = ".*?".join(re.escape(part) for part in claim.split("..."))
+        if claim and re.fullmatch(pattern, printed, re.S):
+            return True
+    return False
+
+
+def check_output_comments(program: Program, outcome: Outcome) -> None:
+    """Every ``print(...)  # output`` line ran and printed what its comment says."""
+    printed: dict[int, list[str]] = {}
+    for line, text in outcome.report.get("printed", []):
+        printed.setdefault(line, []).append(text.rstrip("\n"))
+    for line, comment in output_comments(program).items():
+        where = _block_label(program, line)
+        assert line in printed, f"{where}: this print never ran, so its comment {comment!r} is unchecked"
+        for text in printed[line]:
+            assert comment_matches(comment, text), f"{where}: the comment says {comment!r}, the program printed {text!r}"
+
+
+def _block_label(program: Program, line: int) -> str:
+    """``page:line`` of line ``line`` (1-based) of ``program.code``."""
+    for block in program.blocks:
+        size = block.code.count("\n") + 1  # Program.code joins the blocks with one newline
+        if line <= size:
+            return f"{block.page}:{block.line + line - 1}"
+        line -= size
+    return f"{program.label}+{line}"
 
 
 def literal_names(code: str) -> set[str]:
@@ -362,3 +436,20 @@ def test_extraction_refuses_python_blocks_it_would_not_run(tmp_path: Path) -> No
     rst.write_text(".. code:: python\n\n   x = 1\n")
     with pytest.raises(AssertionError, match="code-block:: python"):
         list(rst_blocks(rst))
+
+
+def test_output_comments_are_compared_with_what_the_line_printed() -> None:
+    assert comment_matches("5", "5") and not comment_matches("5", "6")
+    assert comment_matches("{'job': 1}; callbacks run on the consumer's thread", "{'job': 1}")
+    assert comment_matches("[0.5, 1.0, 2.0]: then it gives up", "[0.5, 1.0, 2.0]")
+    assert comment_matches("404 NOT_FOUND - no exchange 'x' in vhost '/'", "404 NOT_FOUND - no exchange 'x' in vhost '/'")
+    assert comment_matches("bad field (use str, bytes, ...)", "bad field (use str, bytes, int)")
+    assert comment_matches("Pool: 0 leased, ... limit 10]>", "Pool: 0 leased, 0 idle, limit 10]>")
+    assert not comment_matches("Pool: 0 leased, 1 idle, limit 10]>", "Pool: 0 leased, 0 idle, limit 10]>")
+    assert not comment_matches("{'job': 1}; a note", "{'job': 2}")
+    program = Program((Block("page.rst", 10, "x = 2\nprint(x)  # 2\n"), Block("page.rst", 20, "print(x + 1)  # 4\n")))
+    assert output_comments(program) == {2: "2", 4: "4"}
+    with pytest.raises(AssertionError, match=r"page.rst:20: the comment says '4', the program printed '3'"):
+        check_output_comments(program, Outcome(0, 0.1, "2\n3\n", "", {"printed": [[2, "2\n"], [4, "3\n"]]}))
+    with pytest.raises(AssertionError, match=r"page.rst:11: this print never ran"):
+        check_output_comments(program, Outcome(0, 0.1, "", "", {"printed": []}))
