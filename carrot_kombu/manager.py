@@ -90,6 +90,12 @@ class ConnectionManager:
             (``queue_declare``, ``basic_get``, opening a channel...).  Then it
             raises :class:`~carrot_kombu.ReplyTimeout` and the channel is
             discarded; the connection itself is judged by its heartbeats.
+        restart_after_fork: In a forked child, a manager that was started in
+            the parent starts again at once (``True``), or stays stopped until
+            ``start()`` is called (``False``: for a child that may never need
+            the broker, such as a Celery prefork child before its first task;
+            the ``carrot+amqp://`` transport starts it when the child first
+            connects).  The parent's connection is never touched either way.
 
     Raises:
         ConfigurationError: If an option or URL is invalid (nothing is
@@ -118,6 +124,7 @@ class ConnectionManager:
         blocked_timeout: Optional[float] = 30.0,
         max_pending: int = 1000,
         reply_timeout: float = 10.0,
+        restart_after_fork: bool = True,
     ) -> None:
         self._settings: Settings = build_settings(
             url,
@@ -137,9 +144,9 @@ class ConnectionManager:
         # the current core, across restarts and forks.
         self._cores: list[Core] = [Core.build(self._settings, max_pending)]
         self._started_once = False
-        #: In a forked child, start only when first used (the kombu transport's
-        #: managers: a prefork child connects when it first needs the broker).
-        self._lazy_after_fork = False
+        if not isinstance(restart_after_fork, bool):
+            raise ConfigurationError(f"restart_after_fork must be a bool, got {restart_after_fork!r}")
+        self._restart_after_fork = restart_after_fork
         finalizer = weakref.finalize(self, _abandon, self._cores)
         # At interpreter exit a manager still alive is stopped politely by
         # _stop_at_exit (weakref's own exit hook runs first and would log
@@ -752,7 +759,7 @@ class ConnectionManager:
         old.supervisor = None  # the parent's thread: not in this process
         self._lock = threading.Lock()
         self._cores[0] = Core.build(self._settings, self._max_pending, previous=old, forked=True)
-        if was_started and not self._lazy_after_fork:
+        if was_started and self._restart_after_fork:
             self.start()
 
     # -- introspection -----------------------------------------------------------------------

@@ -260,10 +260,10 @@ def _build(client: Any) -> ConnectionManager:
         connection_timeout=float(client.connect_timeout or 5.0),
         transport_options=options or None,
         pool_limit=managed.pop("pool_limit", DEFAULT_POOL_LIMIT),
+        # In a forked child the manager starts when the child first needs it.
+        restart_after_fork=False,
         **managed,
     )
-    # In a forked child the manager starts when the child first needs it.
-    manager._lazy_after_fork = True
     return manager
 
 

@@ -473,3 +473,30 @@ def test_stopped_is_delivered_when_the_loop_ends_just_as_stop_gives_up_on_it(mak
     assert retired.is_set(), "the interleaving was not forced"
     assert events.names().count("stopped") == 1, events.names()
     assert manager.state is ConnectionState.STOPPED
+
+
+def test_restart_after_fork_false_leaves_the_childs_manager_stopped_until_start(make_manager):
+    """The transport's managers connect in a forked child only when the child first needs the broker."""
+    import os
+
+    from carrot_kombu import ConfigurationError, ConnectionManager, ConnectionState
+
+    with pytest.raises(ConfigurationError, match="restart_after_fork"):
+        ConnectionManager("memory://", restart_after_fork="no")
+    manager, _ = make_manager(restart_after_fork=False)
+    assert manager.wait_connected(5)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report the state, then start on demand
+        try:
+            state = manager.state.value
+            manager.start(wait=5)
+            os.write(write, f"{state} {manager.state.value}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    report = os.read(read, 100).decode()
+    os.close(read)
+    assert report == f"{ConnectionState.STOPPED.value} {ConnectionState.CONNECTED.value}", report
+    assert manager.state is ConnectionState.CONNECTED  # the parent's is untouched
