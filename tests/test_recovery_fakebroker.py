@@ -294,6 +294,36 @@ def test_an_undecodable_delivery_is_rejected_without_requeue_and_the_consumer_go
     assert received == ["ok"]
 
 
+def test_a_consume_the_broker_refuses_now_raises_and_nothing_stays_subscribed(broker, managers):
+    manager, peer, events = connect(broker, managers)
+
+    def missing(p: Peer, m: Method) -> None:
+        p.close_channel(m.channel, 404, "NOT_FOUND - no queue 'ghost' in vhost '/'", 60, 20, wait=None)
+
+    peer.on("basic.consume", missing)
+    with pytest.raises(Exception) as caught:
+        manager.consume("ghost", lambda body, message: None, declare=False)
+    assert getattr(caught.value, "reply_code", None) == 404
+    peer.on("basic.consume", None)
+    second = reconnect(broker, peer, events)
+    assert second.received("basic.consume") == []  # not registered: not resubscribed either
+    assert manager.status().degraded == ()
+
+
+def test_idle_pooled_channels_give_their_ids_to_a_consumer_at_channel_max(broker, managers):
+    manager, peer, events = connect(broker, managers, channel_max=4, pool_limit=3)
+    leases = [manager.open_channel(timeout=5) for _ in range(3)]
+    for lease in leases:
+        lease.release()
+    manager.publish(b"x", routing_key="q", timeout=5)  # the confirm channel: the fourth id
+    assert manager.status().pool.idle == 3
+    manager.consume("jobs", lambda body, message: message.ack())
+    consume = peer.expect("basic.consume")
+    assert consume["queue"] == "jobs" and consume.channel <= 4
+    assert manager.status().pool.idle < 3
+    manager.publish(b"y", routing_key="q", timeout=5)  # publishing goes on
+
+
 # -- the confirm channel -----------------------------------------------------------------------------
 
 

@@ -296,6 +296,75 @@ def test_channels_of_a_lost_connection_raise_and_never_write(broker):
         conn.close()
 
 
+def test_a_consumers_own_reconnect_waits_for_the_broker_while_other_threads_fail_fast(broker):
+    """Celery's consumer re-establishes on its thread and waits; a task's .delay() elsewhere fails at once."""
+    port = broker.port
+    conn = kombu.Connection(url_of(broker), connect_timeout=1)
+    conn.connect()
+    peer = broker.accept()
+    manager = transport.manager_for_connection(conn)
+    loop = type("Loop", (), {"add_reader": lambda self, *a: None, "remove": lambda self, fd: None})()
+    conn.transport.register_with_event_loop(conn.connection, loop)
+    revived: list[FakeBroker] = []
+    try:
+        peer.stop()
+        broker.stop()
+        assert manager.wait_status(lambda s: s.state is not ConnectionState.CONNECTED and s.attempts >= 1, 5)
+        with pytest.raises(conn.recoverable_connection_errors):
+            conn.drain_events(timeout=0.1)  # the loss, raised once on the consumer's thread
+
+        outcome: list[BaseException] = []
+        other = threading.Thread(target=lambda: outcome.extend(_connect_error(url_of(broker))))
+        other.start()
+        other.join(5)
+        assert outcome and isinstance(outcome[0], BrokerUnavailable), outcome  # not held during the outage
+
+        def revive() -> None:
+            manager.wait_status(lambda s: s.attempts >= 2, 5)
+            revived.append(FakeBroker(heartbeat=0, port=port).start())
+
+        threading.Thread(target=revive, daemon=True).start()
+        started = time.monotonic()
+        conn.ensure_connection(max_retries=1, interval_start=0, reraise_as_library_errors=False)
+        assert conn.connection.connected  # waited for the manager on this thread
+        assert time.monotonic() - started < transport.CONSUMER_WAIT
+    finally:
+        conn.close()
+        _retire(port)
+        for fake in revived:
+            fake.stop()
+
+
+def _connect_error(url: str) -> list[BaseException]:
+    other = kombu.Connection(url, connect_timeout=1)
+    try:
+        other.ensure_connection(max_retries=1, interval_start=0, reraise_as_library_errors=False)
+    except Exception as exc:  # noqa: BLE001 - returned for the assertion
+        return [exc]
+    finally:
+        other.close()
+    return []
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    ({"transport_options": {"heartbeat": 4}}, 4.0),  # the transport option
+    ({"heartbeat": 7}, 7.0),  # the kombu connection's own
+    ({"heartbeat": 120}, 10.0),  # Celery's default broker_heartbeat is not a choice
+    ({}, 10.0),
+])
+def test_the_managers_heartbeat_is_what_the_application_chose(kwargs, expected):
+    import celery  # noqa: F401 - the Celery default is recognised only with Celery loaded
+
+    port = closed_port()
+    conn = kombu.Connection(f"carrot+amqp://guest:guest@127.0.0.1:{port}//", **kwargs)
+    try:
+        manager = transport.manager_for_connection(conn)  # built, not started
+        assert manager.settings.endpoints[0].heartbeat == expected
+        assert manager.state is ConnectionState.STOPPED
+    finally:
+        _retire(port)
+
+
 # -- closing ------------------------------------------------------------------------------------
 
 
