@@ -7,6 +7,7 @@ import time
 from typing import Any, Callable
 
 import kombu
+import pytest
 
 from carrot_kombu import ConnectionState
 
@@ -74,3 +75,65 @@ def test_stop_ends_every_consumer_thread_and_start_brings_them_back(make_manager
     assert manager.wait_connected(5)
     manager.publish("again", routing_key="mq-stop", timeout=5)
     assert until(lambda: got == ["again"])
+
+
+def test_a_consume_whose_declare_fails_raises_and_leaves_nothing_behind(make_manager):
+    manager, _ = make_manager("memory://bad-declare")
+    assert manager.wait_connected(5)
+    broken = kombu.Queue("mq-broken", exchange=kombu.Exchange("mq-ex", type="no-such-type"), routing_key="r")
+    with pytest.raises(Exception):
+        manager.consume(broken, lambda body, message: None)
+    assert not pumps("mq-broken")  # its private connection was released
+    assert manager.status().degraded == ()
+    manager.publish("still fine", routing_key="q", timeout=5)
+
+
+class _Waiter:
+    """What the publisher waits on: ``ready()`` and an ``event`` set on every change."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.done = False
+
+    def ready(self) -> bool:
+        return self.done
+
+    def settle(self) -> None:
+        self.done = True
+        self.event.set()
+
+
+def test_the_memory_confirm_channel_waits_until_ready_the_deadline_or_an_interrupt():
+    from carrot_kombu._memory import MemoryConfirmChannel
+
+    channel = MemoryConfirmChannel(None, None)
+    assert channel.failure() is None
+    waiter = _Waiter()
+    started = time.monotonic()
+    assert channel.wait(waiter, time.monotonic() + 0.1) is False  # the deadline
+    assert 0.05 <= time.monotonic() - started < 2
+    assert channel.wait(waiter, None, interrupt=lambda: True) is False  # the interrupt, at once
+    timer = threading.Timer(0.05, waiter.settle)
+    timer.start()
+    assert channel.wait_confirm(waiter, time.monotonic() + 5, lambda: "") is True
+    timer.join()
+
+
+def test_closing_a_memory_channel_lets_an_application_exception_through(make_manager):
+    """An exception that is not the library's (a signal handler's) reaches the caller, never swallowed."""
+    manager, _ = make_manager("memory://close")
+    assert manager.wait_connected(5)
+    link = manager._core.live.current()
+
+    class Interrupted(Exception):
+        pass
+
+    class Chan:
+        def close(self) -> None:
+            raise Interrupted()
+
+    with pytest.raises(Interrupted):
+        link.close_channel(Chan())
+    real = link.open_channel()
+    link.close_channel(real)
+    link.close_channel(real)  # twice: harmless
