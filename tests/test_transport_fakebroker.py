@@ -25,6 +25,8 @@ from carrot_kombu import BrokerUnavailable, ConnectionState, Disconnected, trans
 from tests.fakebroker import FakeBroker, Method, Peer
 
 JSON = {"content_type": "application/json", "content_encoding": "utf-8"}
+#: Transport options that make the process's manager reconnect within tenths of a second.
+FAST = {"backoff": {"min": 0.05, "max": 0.2, "jitter": False}}
 
 
 @pytest.fixture
@@ -239,7 +241,7 @@ def test_confirm_publish_makes_every_publish_wait_for_its_confirm(broker):
 
 
 def test_a_loss_raises_a_kombu_connection_error_once_then_kombu_re_establishes(broker):
-    conn, peer = connect(broker)
+    conn, peer = connect(broker, transport_options=FAST)
     try:
         first = conn.connection
         manager = transport.manager_for_connection(conn)
@@ -278,7 +280,7 @@ def test_heartbeat_check_passes_while_alive_and_reports_the_loss(broker):
 
 
 def test_channels_of_a_lost_connection_raise_and_never_write(broker):
-    conn, peer = connect(broker)
+    conn, peer = connect(broker, transport_options=FAST)
     try:
         chan = conn.channel()
         peer.drop()
@@ -299,7 +301,7 @@ def test_channels_of_a_lost_connection_raise_and_never_write(broker):
 def test_a_consumers_own_reconnect_waits_for_the_broker_while_other_threads_fail_fast(broker):
     """Celery's consumer re-establishes on its thread and waits; a task's .delay() elsewhere fails at once."""
     port = broker.port
-    conn = kombu.Connection(url_of(broker), connect_timeout=1)
+    conn = kombu.Connection(url_of(broker), connect_timeout=1, transport_options=FAST)
     conn.connect()
     peer = broker.accept()
     manager = transport.manager_for_connection(conn)
@@ -336,7 +338,7 @@ def test_a_consumers_own_reconnect_waits_for_the_broker_while_other_threads_fail
 
 
 def _connect_error(url: str) -> list[BaseException]:
-    other = kombu.Connection(url, connect_timeout=1)
+    other = kombu.Connection(url, connect_timeout=1, transport_options=FAST)
     try:
         other.ensure_connection(max_retries=1, interval_start=0, reraise_as_library_errors=False)
     except Exception as exc:  # noqa: BLE001 - returned for the assertion
