@@ -376,12 +376,10 @@ def test_exclusive_queues_are_deleted_when_the_kombu_connection_closes(broker):
     chan.queue_declare("reply-1", exclusive=True)
     server_named = chan.queue_declare("", exclusive=True).queue
     chan.queue_declare("shared")
-    chan.queue_declare("reply-1", passive=True, exclusive=True)  # a passive check declares nothing
+    chan.queue_declare("someone-elses", passive=True, exclusive=True)  # a check declares nothing of ours
     conn.close()
-    deleted = {peer.expect("queue.delete")["queue"], peer.expect("queue.delete")["queue"]}
-    assert deleted == {"reply-1", server_named}
-    peer.expect("channel.close", channel=chan.channel_id)  # its channel goes back too
-    assert "shared" not in {m["queue"] for m in peer.received("queue.delete")}
+    peer.expect("channel.close", channel=chan.channel_id)  # after the deletes: its channel goes back
+    assert sorted(m["queue"] for m in peer.received("queue.delete")) == sorted(["reply-1", server_named])
     assert peer.is_open  # the shared AMQP connection stays
 
 
@@ -410,7 +408,8 @@ def test_a_kombu_connection_dropped_without_close_gives_its_channels_back(broker
 def test_a_refused_login_raises_access_refused_and_kombu_retries_do_not_hammer_the_broker():
     with FakeBroker(heartbeat=0, refuse_login=True) as broker:
         try:
-            conn = kombu.Connection(url_of(broker), connect_timeout=2)
+            conn = kombu.Connection(f"carrot+amqp://alice:s3cret@127.0.0.1:{broker.port}//?heartbeat=0",
+                                    connect_timeout=2)
             cpu = time.process_time()
             for _ in range(20):
                 with pytest.raises(AccessRefused) as caught:
@@ -418,7 +417,7 @@ def test_a_refused_login_raises_access_refused_and_kombu_retries_do_not_hammer_t
                 assert not isinstance(caught.value, conn.recoverable_connection_errors)  # kombu gives up
             assert time.process_time() - cpu < 2
             assert len(broker.peers) <= 2, broker.peers  # one login (maybe a second), not twenty
-            assert "guest" not in str(caught.value).replace("guest:**", "")
+            assert "s3cret" not in str(caught.value)
         finally:
             _retire(broker.port)
 
@@ -461,7 +460,7 @@ def test_keyword_settings_without_a_url_reach_the_broker(broker):
         conn.connect()
         peer = broker.accept()
         peer.wait_open()
-        assert peer.login == ("PLAIN", "alice", "s3cret") or peer.login[1:] == ("alice", "s3cret")
+        assert peer.login[1:] == ("alice", "s3cret")
         assert peer.virtual_host == "jobs"
         assert "s3cret" not in conn.as_uri()
     finally:
