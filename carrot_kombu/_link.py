@@ -300,13 +300,19 @@ def quietly(action: Callable[[], Any], what: str) -> None:
 def establish_once(conn: kombu.Connection) -> Any:
     """Exactly one connection attempt through kombu's public API (no retry, no sleep).
 
+    A failed attempt leaves nothing open (``conn`` is collected).
+
     Raises:
         Exception: What the transport raised (kombu's wrapping undone).
     """
     try:
-        conn.ensure_connection(max_retries=0)
-    except kombu.exceptions.OperationalError as exc:
-        raise (exc.__cause__ or exc) from None
+        try:
+            conn.ensure_connection(max_retries=0)
+        except kombu.exceptions.OperationalError as exc:
+            raise (exc.__cause__ or exc) from None
+    except BaseException:
+        quietly(conn.collect, "dropping a failed connection attempt")
+        raise
     return conn.connection
 
 

@@ -235,12 +235,4 @@ def connect(generation: int, endpoint: Endpoint, settings: Settings, connect_tim
         connect_timeout=connect_timeout or endpoint.connect_timeout,
         transport=_transport_for(endpoint), transport_options=dict(settings.transport_options),
     )
-    try:
-        raw = establish_once(conn)
-    except BaseException:
-        try:
-            conn.collect()
-        except Exception:
-            pass
-        raise
-    return MemoryLink(generation, endpoint, conn, raw)
+    return MemoryLink(generation, endpoint, conn, establish_once(conn))

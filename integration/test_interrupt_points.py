@@ -176,35 +176,8 @@ def test_a_lease_getting_acking_and_publishing_interrupted_anywhere(walked) -> N
         lease.release()
 
 
-@pytest.mark.slow
-def test_a_consumer_made_and_cancelled_interrupted_at_every_point(walked) -> None:
-    """The full walk of consume() + cancel() (the default run takes every 6th point): make test-slow."""
+def _walk_consume_and_cancel(walked: Any, step: int, limit: int) -> dict[str, Any]:
     manager, queue = walked
-    held: list[Any] = []
-
-    def consume_and_cancel() -> None:
-        held[:] = [manager.consume(queue, lambda body, message: message.ack(), declare=False)]
-        held[0].cancel()
-
-    def nothing_left(where: str) -> None:
-        if held:
-            held.pop().cancel()
-        _assert_no_consumer_left(manager, queue, f"an interrupt at {where}")
-
-    report = _walk(manager, queue, consume_and_cancel, limit=50000, check=nothing_left, step=1)
-    print(report)
-    assert report["interrupted"] >= 600, report
-
-
-def test_a_consumer_made_and_cancelled_interrupted_anywhere(walked) -> None:
-    """Interrupted in consume() or cancel(): no subscription or worker thread outlives the call (helper-17).
-
-    consume() interrupted before returning left a broker consumer nobody
-    could cancel; cancel() interrupted in its basic.cancel left the channel
-    open and the worker running, and a second cancel() did nothing.
-    """
-    manager, queue = walked
-
     held: list[Any] = []
 
     def consume_and_cancel() -> None:
@@ -216,8 +189,26 @@ def test_a_consumer_made_and_cancelled_interrupted_anywhere(walked) -> None:
             held.pop().cancel()  # what its owner does after an interrupted cancel(): cancel again
         _assert_no_consumer_left(manager, queue, f"an interrupt at {where}")
 
-    report = _walk(manager, queue, consume_and_cancel, limit=8000, check=nothing_left, step=6)
+    report = _walk(manager, queue, consume_and_cancel, limit=limit, check=nothing_left, step=step)
     print(report)
+    return report
+
+
+@pytest.mark.slow
+def test_a_consumer_made_and_cancelled_interrupted_at_every_point(walked) -> None:
+    """The full walk of consume() + cancel() (the default run takes every 6th point): make test-slow."""
+    report = _walk_consume_and_cancel(walked, step=1, limit=50000)
+    assert report["interrupted"] >= 600, report
+
+
+def test_a_consumer_made_and_cancelled_interrupted_anywhere(walked) -> None:
+    """Interrupted in consume() or cancel(): no subscription or worker thread outlives the call (helper-17).
+
+    consume() interrupted before returning left a broker consumer nobody
+    could cancel; cancel() interrupted in its basic.cancel left the channel
+    open and the worker running, and a second cancel() did nothing.
+    """
+    report = _walk_consume_and_cancel(walked, step=6, limit=8000)
     assert report["interrupted"] >= 100, report
 
 

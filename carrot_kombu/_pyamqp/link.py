@@ -308,15 +308,7 @@ def connect(generation: int, endpoint: Endpoint, settings: Settings, connect_tim
         transport=_TRANSPORT,
         transport_options=options,
     )
-    try:
-        raw = establish_once(conn)
-    except BaseException:
-        try:
-            conn.collect()
-        except Exception:
-            pass
-        raise
-    return AmqpLink(generation, endpoint, conn, raw)
+    return AmqpLink(generation, endpoint, conn, establish_once(conn))
 
 
 _TRANSPORT = guarded(SupervisedTransport)
