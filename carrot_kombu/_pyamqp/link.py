@@ -245,16 +245,20 @@ class AmqpSubscription(Subscription):
         self._chan = chan
 
     def cancel(self) -> None:
-        chan, self._chan = self._chan, None
+        # The channel is forgotten last: a cancel interrupted anywhere (an
+        # exception raised into this thread) is done again by the next one.
+        chan = self._chan
         if chan is None:
             return
         quietly(lambda: chan.basic_cancel(self._tag), "cancelling a consumer")
         self._link.close_channel(chan)  # nothing is written after this; unacked deliveries go back
+        self._chan = None
 
     def close(self) -> None:
-        chan, self._chan = self._chan, None
+        chan = self._chan
         if chan is not None:
             self._link.close_channel(chan)
+            self._chan = None
 
     def alive(self) -> bool:
         return self._link.dead is None
