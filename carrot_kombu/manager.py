@@ -182,9 +182,9 @@ class ConnectionManager:
         scheme = transport if isinstance(transport, str) else getattr(transport, "driver_type", "")
         derived: dict[str, Any] = {}
         if _is_carrot_transport(transport):
-            from .transport import _urls
+            from .urls import connection_urls
 
-            url: Union[str, list[str], None] = _urls(connection)
+            url: Union[str, list[str], None] = connection_urls(connection)
             if connection.ssl:
                 derived["ssl_options"] = dict(connection.ssl) if isinstance(connection.ssl, Mapping) else True
             if connection.heartbeat:
