@@ -11,6 +11,7 @@ from typing import Any, Optional
 from kombu.utils.url import parse_url
 
 from .retry import Backoff
+from .urls import split_urls, strip_transport_prefix
 
 __all__ = ("celery_options",)
 
@@ -63,9 +64,8 @@ def _chosen(conf: Any, key: str) -> bool:
 
 
 def _query(url: str) -> dict[str, Any]:
-    first = url.split(";", 1)[0].strip()
-    if first.startswith("carrot+"):
-        first = first[len("carrot+"):]
+    urls = split_urls(strip_transport_prefix(url))
+    first = urls[0] if urls else ""
     if "://" not in first:
         return {}
     try:

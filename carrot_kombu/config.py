@@ -25,13 +25,14 @@ import socket as _socket
 import ssl as _ssl
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar, Union
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from kombu.utils.url import as_url, url_to_parts
 
 from ._pyamqp._compat import ssl_option_names
 from .exceptions import ConfigurationError
 from .retry import Backoff
+from .urls import authority, mask_url, redactor, split_urls
 
 __all__ = ("Endpoint", "Settings", "AMQP_SCHEMES", "mask_url")
 
@@ -39,14 +40,6 @@ logger = logging.getLogger("carrot_kombu")
 
 #: Schemes served by the py-amqp transport.
 AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
-
-_SCHEME = r"[A-Za-z][A-Za-z0-9+.\-]*://"
-#: A ``;`` separates failover URLs only when the next URL's scheme follows (or
-#: nothing does): generated passwords often contain a ``;`` of their own.
-_URL_SEPARATOR = re.compile(rf";(?=\s*(?:{_SCHEME}|\Z))")
-_LEADING_SCHEME = re.compile(rf"\s*{_SCHEME}")
-#: ``host``, ``host:port`` or ``[v6]:port``: an authority with nothing secret in it.
-_PLAIN_AUTHORITY = re.compile(r"(?:\[[0-9A-Za-z:.%]*\]|[^:@\[\]]*)(?::[0-9]*)?")
 
 _TLS_QUERY_KEYS = {
     "ssl_ca_certs": "ca_certs",
@@ -206,8 +199,7 @@ class Settings:
         percent-decoded: the forms in which it appears in URLs and in errors
         that quote them.
         """
-        pattern = _secrets_pattern(self.secrets)
-        return pattern.sub("**", text) if pattern is not None else text
+        return redactor(self.secrets)(text)
 
 
 def build_settings(
@@ -294,56 +286,6 @@ def build_settings(
         blocked_timeout=None if blocked_timeout is None else float(blocked_timeout),
         reply_timeout=float(reply_timeout),
     )
-
-
-def mask_url(url: str) -> str:
-    """Mask the password of a URL, or of ``;``-separated failover URLs.
-
-    Safe on any string, parsable or not.  Before the last ``@``, only the text
-    up to the first ``:`` (the user name) is kept.  Without an ``@``, an
-    authority that is not ``host[:port]`` may be ``user:password``: then all
-    that follows the scheme is masked.
-    """
-    return ";".join(_mask_one(part) for part in _URL_SEPARATOR.split(url))
-
-
-def _mask_one(url: str) -> str:
-    match = _LEADING_SCHEME.match(url)
-    head = url[: match.end()] if match else ""
-    rest = url[len(head):]
-    if "@" in rest:
-        # rsplit: a password may contain '@' (unencoded), a host never does.
-        userinfo, hostpart = rest.rsplit("@", 1)
-        return f"{head}{userinfo.split(':', 1)[0]}:**@{hostpart}"
-    if _PLAIN_AUTHORITY.fullmatch(_authority(rest)):
-        return url
-    return f"{head}**"
-
-
-def _authority(rest: str) -> str:
-    """The text up to the first ``/``, ``?`` or ``#`` of a URL without its scheme."""
-    return re.split(r"[/?#]", rest, maxsplit=1)[0]
-
-
-def _secrets_pattern(secrets: Sequence[str]) -> Optional["re.Pattern[str]"]:
-    forms = {form for secret in secrets for form in (secret, unquote(secret)) if form}
-    if not forms:
-        return None
-    # Longest first, so that a password containing another one is removed whole.
-    return re.compile("|".join(_encodable(form) for form in sorted(forms, key=len, reverse=True)))
-
-
-def _encodable(secret: str) -> str:
-    """A regex matching ``secret`` with any of its characters percent-encoded."""
-    pieces = []
-    for char in secret:
-        encoded = "".join(
-            "%" + "".join(f"[{d.upper()}{d.lower()}]" if d.isalpha() else d for d in f"{byte:02X}")
-            for byte in char.encode("utf-8", "surrogatepass")
-        )
-        plus = "|\\+" if char == " " else ""
-        pieces.append(f"(?:{re.escape(char)}|{encoded}{plus})")
-    return "".join(pieces)
 
 
 # -- options ---------------------------------------------------------------------
@@ -593,8 +535,7 @@ def _endpoints(
 def _split_urls(url: Union[str, Sequence[str], None]) -> list[str]:
     if url is None:
         return []
-    parts = [p.strip() for text in _url_texts(url) for p in _URL_SEPARATOR.split(text)]
-    parts = [p for p in parts if p]
+    parts = [p for text in _url_texts(url) for p in split_urls(text)]
     if not parts:
         raise ConfigurationError("url must not be empty")
     return parts
@@ -638,7 +579,7 @@ def _require_scheme(url: str, shown: str) -> None:
 
 def _check_userinfo(url: str, shown: str) -> None:
     rest = url.split("://", 1)[1]
-    if "@" in rest[len(_authority(rest)):]:
+    if "@" in rest[len(authority(rest)):]:
         # e.g. a password with an unencoded '/', '#' or '?': the parser would take
         # part of the password for the path or the query, and show it.
         raise ConfigurationError(

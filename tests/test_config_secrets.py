@@ -246,3 +246,17 @@ def test_settings_repr_masks_secret_looking_option_values():
     for secret in ("KP-SECRET", "TOK-SECRET", "pw-XYZ"):
         assert secret not in text
     assert "client.pem" in repr(manager._settings) and "visible" in repr(manager._settings)
+
+
+@pytest.mark.parametrize("password", ["s3cret", "pa;ss", "p@ss", "sp ace", "p%2Fss", "ünï"])
+def test_the_cli_and_the_settings_redact_alike(password):
+    """One redactor (carrot_kombu.urls) serves both: every form of the password goes, raw or encoded."""
+    from urllib.parse import quote
+
+    from carrot_kombu import cli
+
+    url = f"amqp://app:{quote(password, safe='')}@broker.example//"
+    text = f"failed: {password} / {quote(password, safe='')}"
+    by_cli = cli.redactor(url)(text)
+    assert by_cli == "failed: ** / **"
+    assert ConnectionManager(url).settings.redact(text) == by_cli
