@@ -51,6 +51,7 @@ from amqp.exceptions import AccessRefused, NotAllowed
 from ._deadline import Deadline
 from .exceptions import Blocked, BrokerUnavailable, ChannelLimitReached, Disconnected, PoolTimeout, ReplyTimeout
 from .manager import ConnectionManager
+from .options import TRANSPORT_MANAGER_OPTIONS
 from .status import ConnectionState
 from .urls import TRANSPORT_PREFIX, connection_urls, current_url, mask_url, with_connection_credentials
 from .view import CallbackQueue, ConnectionView
@@ -60,7 +61,7 @@ __all__ = ("Transport", "VirtualConnection", "manager_for_connection")
 logger = logging.getLogger("carrot_kombu")
 
 #: Transport options that configure the process's manager (not py-amqp).
-MANAGER_OPTIONS = ("pool_limit", "backoff", "blocked_timeout", "max_pending", "reply_timeout", "heartbeat")
+MANAGER_OPTIONS = TRANSPORT_MANAGER_OPTIONS
 #: Transport options that belong to one kombu connection.
 CONNECTION_OPTIONS = ("confirm_publish", "confirm_timeout")
 #: Default pool size of a transport's manager: Celery keeps a channel per

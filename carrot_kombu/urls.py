@@ -185,29 +185,15 @@ def adopt_url(connection: Any) -> None:
     kombu failover switch keeps this transport): the manager reads its query
     (``?heartbeat=0``, ``channel_max``...) from there, and ``clone()`` keeps it.
     """
-    if not is_carrot_transport(connection.transport_cls):
-        return
     raw = connection.hostname
-    if not isinstance(raw, str) or "://" not in raw:
-        return
-    from kombu.utils.url import url_to_parts
-
-    try:
-        parts = url_to_parts(raw)
-    except ValueError:
-        return  # a bad port: the manager's configuration reports it (masked)
-    scheme = parts.scheme[len(TRANSPORT_PREFIX):] if parts.scheme.startswith(TRANSPORT_PREFIX) else parts.scheme
-    query = dict(parse_qsl(raw.partition("?")[2]))
-    parsed: dict[str, Any] = {
-        "hostname": parts.hostname or "localhost", "port": parts.port, "userid": parts.username,
-        "password": parts.password, "virtual_host": parts.path,
-        "heartbeat": _number(query.get("heartbeat")), "connect_timeout": _number(query.get("connect_timeout")),
-    }
-    if scheme == "amqps" and not connection.ssl:
+    parsed = _url_fields(raw) if is_carrot_transport(connection.transport_cls) else None
+    if parsed is None:
+        return  # not ours, no URL, or a bad port (the manager's configuration reports it, masked)
+    if parsed.pop("ssl", False) and not connection.ssl:
         parsed["ssl"] = True
-    parsed = {field: value for field, value in parsed.items() if value is not None}
     for field, value in parsed.items():
         setattr(connection, field, value)
+    assert isinstance(raw, str)
     # kombu's switch() to an alternate starts again from the constructor's
     # parameters, which for pyamqp:// include what the first URL said (an
     # alternate without credentials or ?heartbeat= inherits them): the same here.
@@ -218,9 +204,34 @@ def adopt_url(connection: Any) -> None:
     # make clone() unusable; the transport comes from transport_cls anyway.
     connection.uri_prefix = None
     if not connection.alt:
-        connection.alt = [raw if parts.scheme.startswith(TRANSPORT_PREFIX) else TRANSPORT_PREFIX + raw]
-        connection.cycle = connection.failover_strategy(connection.alt)
-        next(connection.cycle)  # as kombu: the first entry is the current one
+        _keep_in_alt(connection, raw if raw.startswith(TRANSPORT_PREFIX) else TRANSPORT_PREFIX + raw)
+
+
+def _keep_in_alt(connection: Any, url: str) -> None:
+    """Make ``url`` the connection's only alternate, as kombu does for a ``;``-separated list."""
+    connection.alt = [url]
+    connection.cycle = connection.failover_strategy(connection.alt)
+    next(connection.cycle)  # as kombu: the first entry is the current one
+
+
+def _url_fields(url: object) -> Optional[dict[str, Any]]:
+    """kombu ``Connection`` fields of ``url`` that it names (``ssl``: amqps://), or None if not a URL."""
+    from kombu.utils.url import url_to_parts
+
+    if not isinstance(url, str) or "://" not in url:
+        return None
+    try:
+        parts = url_to_parts(url)
+    except ValueError:
+        return None
+    query = dict(parse_qsl(url.partition("?")[2]))
+    fields: dict[str, Any] = {
+        "hostname": parts.hostname or "localhost", "port": parts.port, "userid": parts.username,
+        "password": parts.password, "virtual_host": parts.path,
+        "heartbeat": _number(query.get("heartbeat")), "connect_timeout": _number(query.get("connect_timeout")),
+        "ssl": parts.scheme.rpartition("+")[2] == "amqps" or None,
+    }
+    return {field: value for field, value in fields.items() if value is not None}
 
 
 def _number(text: Optional[str]) -> Optional[float]:
@@ -283,18 +294,18 @@ def connection_urls(client: Any) -> list[str]:
     for url in raw:
         if url.startswith(TRANSPORT_PREFIX):
             url = url[len(TRANSPORT_PREFIX):]
-        if "://" in url:
-            url = with_connection_credentials(url, client)
-        else:
-            host = url or "localhost"
-            user = client.userid or "guest"
-            password = client.password or "guest"
-            port = client.port or (5671 if client.ssl else 5672)
-            vhost = client.virtual_host or "/"
-            url = (f"{'amqps' if client.ssl else 'amqp'}://{quote(user, safe='')}:{quote(password, safe='')}"
-                   f"@{host}:{port}/{quote(vhost, safe='')}")
-        urls.append(url)
+        urls.append(with_connection_credentials(url, client) if "://" in url else _url_of_fields(url, client))
     return urls
+
+
+def _url_of_fields(host: str, client: Any) -> str:
+    """The URL of a kombu connection's fields, on ``host`` (defaults as py-amqp's)."""
+    user = client.userid or "guest"
+    password = client.password or "guest"
+    port = client.port or (5671 if client.ssl else 5672)
+    vhost = client.virtual_host or "/"
+    return (f"{'amqps' if client.ssl else 'amqp'}://{quote(user, safe='')}:{quote(password, safe='')}"
+            f"@{host or 'localhost'}:{port}/{quote(vhost, safe='')}")
 
 
 def with_connection_credentials(url: str, client: Any) -> str:
@@ -308,19 +319,27 @@ def with_connection_credentials(url: str, client: Any) -> str:
     scheme, _, rest = url.partition("://")
     end = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
     netloc, after = rest[:end], rest[end:]
+    userinfo, _, host = netloc.rpartition("@")
+    raw_user, colon, raw_password = userinfo.partition(":")
+    fill_user = not raw_user and bool(client.userid)
+    fill_password = not colon and bool(client.password)
+    path = _path_with_vhost(after, client.virtual_host)
+    if not (fill_user or fill_password or path != after):
+        return url
+    user = quote(client.userid, safe="") if fill_user else raw_user
+    secret = quote(client.password, safe="") if fill_password else raw_password
+    return f"{scheme}://{user}:{secret}@{host}{path}"
+
+
+def _path_with_vhost(after: str, vhost: Optional[str]) -> str:
+    """The path and query of a URL (``after`` its authority), with ``vhost`` if it names none.
+
+    "amqp://host", "amqp://host/" and "amqp://host/?query" name no virtual
+    host (kombu: "" is none); "/" is kombu's default and is never written.
+    """
     slash = after.startswith("/")
     tail = after[1:] if slash else after
-    userinfo, at, host = netloc.rpartition("@")
-    raw_user, colon, raw_password = userinfo.partition(":")
-    userid, password, vhost = client.userid, client.password, client.virtual_host
-    fill_user = not raw_user and bool(userid)
-    fill_password = not colon and bool(password)
     named_vhost, mark, query = tail.partition("?")
-    # "amqp://host", "amqp://host/" and "amqp://host/?query" name no virtual host (kombu: "" is none).
-    fill_vhost = named_vhost == "" and bool(vhost) and vhost != "/"
-    if not (fill_user or fill_password or fill_vhost):
-        return url
-    user = quote(userid, safe="") if fill_user else raw_user
-    secret = quote(password, safe="") if fill_password else raw_password
-    path = "/" + quote(vhost, safe="") + mark + query if fill_vhost else ("/" if slash else "") + tail
-    return f"{scheme}://{user}:{secret}@{host}{path}"
+    if named_vhost or not vhost or vhost == "/":
+        return after
+    return "/" + quote(vhost, safe="") + mark + query

@@ -28,6 +28,8 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import carrot_kombu.config as config_module
+import carrot_kombu.options as options_module
+import carrot_kombu.urls as urls_module
 from carrot_kombu import ConfigurationError, ConnectionManager
 from carrot_kombu.config import build_settings, mask_url
 
@@ -46,9 +48,11 @@ TEMPLATES = [
 
 
 def _literal_text() -> str:
-    tree = ast.parse(inspect.getsource(config_module))
+    """Every string literal of the modules that build configuration errors."""
+    trees = [ast.parse(inspect.getsource(module)) for module in (config_module, options_module, urls_module)]
     return "\n".join(
-        node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)
+        node.value for tree in trees for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
     )
 
 
