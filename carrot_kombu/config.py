@@ -122,8 +122,13 @@ def _mask_secret_values(value: Any) -> Any:
 class Settings:
     """Everything a :class:`~carrot_kombu.ConnectionManager` was configured with.
 
+    Built by :meth:`from_options` from the constructor's keyword arguments
+    (checked by the table :data:`carrot_kombu.options.OPTIONS`) and URL(s).
+
     Attributes:
         reply_timeout: Seconds a call waits for the broker's reply.
+        max_pending: Most messages waiting for their confirms at once.
+        restart_after_fork: A forked child starts the manager again at once.
     """
 
     endpoints: tuple[Endpoint, ...]
