@@ -365,7 +365,7 @@ class Option:
         check: ``check(name, value)``: the value to use, or
             :class:`~carrot_kombu.ConfigurationError` naming ``name``.
         type_doc: The documentation's "Type, default" cell.
-        carrot: The documentation's "Carrot equivalent" cell.
+        carrot_doc: The documentation's "Carrot equivalent" cell.
         doc: The documentation's "Notes" cell (reStructuredText, one line
             per source line).
         url_query: URL query parameters that override it.
@@ -380,7 +380,7 @@ class Option:
     default: Any
     check: Callable[[str, Any], Any]
     type_doc: str = ""
-    carrot: str = ""
+    carrot_doc: str = ""
     doc: str = ""
     url_query: tuple[str, ...] = ()
     transport_option: bool = False
@@ -615,10 +615,10 @@ def rst_table() -> str:
     rows: list[tuple[str, str, str, str]] = [_URL_ROW]
     for option in OPTIONS:
         if option.same_row:
-            name, type_doc, carrot, doc = rows[-1]
-            rows[-1] = (f"{name} / ``{option.name}``", type_doc, carrot, doc)
+            name, type_doc, carrot_doc, doc = rows[-1]
+            rows[-1] = (f"{name} / ``{option.name}``", type_doc, carrot_doc, doc)
         else:
-            rows.append((f"``{option.name}``", option.type_doc, option.carrot, option.doc))
+            rows.append((f"``{option.name}``", option.type_doc, option.carrot_doc, option.doc))
     lines = [".. list-table::", "   :header-rows: 1", "",
              "   * - Option", "     - Type, default", "     - Carrot equivalent", "     - Notes"]
     for row in rows:

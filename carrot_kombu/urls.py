@@ -40,8 +40,6 @@ __all__ = (
 
 #: The prefix that selects carrot_kombu's kombu transport (``carrot+amqp://``).
 TRANSPORT_PREFIX = "carrot+"
-#: kombu transport names (aliases) served by :class:`carrot_kombu.transport.Transport`.
-TRANSPORT_ALIASES = ("carrot", "carrot+amqp", "carrot+amqps")
 TRANSPORT_PATH = "carrot_kombu.transport:Transport"
 
 _SCHEME = r"[A-Za-z][A-Za-z0-9+.\-]*://"
