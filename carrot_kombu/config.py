@@ -30,13 +30,11 @@ from .exceptions import ConfigurationError
 from .options import (
     CERT_REQS,
     TLS_QUERY_KEYS,
+    URL_NUMBERS,
     URL_QUERY_KEYS,
-    check_frame_max,
     check_int,
     check_options,
-    check_positive,
     check_ssl_options,
-    heartbeat_seconds,
     parse_bool,
 )
 from .retry import Backoff
@@ -47,6 +45,7 @@ __all__ = ("Endpoint", "Settings", "AMQP_SCHEMES", "mask_url")
 logger = logging.getLogger("carrot_kombu")
 
 _T = TypeVar("_T")
+_NUMBER_NAMES = {int: "an integer", float: "a number"}
 
 #: Schemes served by the py-amqp transport.
 AMQP_SCHEMES = frozenset({"amqp", "amqps", "pyamqp"})
@@ -397,24 +396,15 @@ def _resolve_port(
 
 
 def _apply_numeric_query(endpoint: Endpoint, query: Mapping[str, str], shown: str) -> Endpoint:
+    """``endpoint`` with the numbers of the URL query (the table's ``url_number`` options), checked."""
     changes: dict[str, Any] = {}
-    if "heartbeat" in query:
-        changes["heartbeat"] = heartbeat_seconds(
-            f"url {shown!r}: heartbeat", _query_value(shown, "heartbeat", query, float, "a number")
-        )
-    for key in ("connect_timeout", "connection_timeout"):
-        if key in query:
-            timeout = _query_value(shown, key, query, float, "a number")
-            check_positive(f"url {shown!r}: {key}", timeout)
-            changes["connect_timeout"] = timeout
-    if "channel_max" in query:
-        channel_max = _query_value(shown, "channel_max", query, int, "an integer")
-        check_int(f"url {shown!r}: channel_max", channel_max, 0, 65535)
-        changes["channel_max"] = channel_max
-    if "frame_max" in query:
-        frame_max = _query_value(shown, "frame_max", query, int, "an integer")
-        check_frame_max(f"url {shown!r}: frame_max", frame_max)
-        changes["frame_max"] = frame_max
+    for option in URL_NUMBERS:
+        assert option.url_number is not None
+        for key in option.url_query:
+            if key in query:
+                text = _NUMBER_NAMES[option.url_number]
+                value = _query_value(shown, key, query, option.url_number, text)
+                changes[option.endpoint_field or option.name] = option.check(f"url {shown!r}: {key}", value)
     return replace(endpoint, **changes)
 
 

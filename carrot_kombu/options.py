@@ -9,7 +9,8 @@ it, and its documentation.  From :data:`OPTIONS` come:
 * the validation in :meth:`Settings.from_options <carrot_kombu.config.Settings.from_options>`
   (and so the constructor's; ``tests/test_options.py`` checks that the
   constructor's keyword arguments and defaults are the table's);
-* the URL query parameters the configuration accepts (:data:`URL_QUERY_KEYS`);
+* the URL query parameters the configuration accepts (:data:`URL_QUERY_KEYS`),
+  and how the numbers among them are read and checked (:data:`URL_NUMBERS`);
 * the transport options that configure a ``carrot+amqp://`` manager
   (:data:`TRANSPORT_MANAGER_OPTIONS`) and the Celery settings
   :meth:`~carrot_kombu.ConnectionManager.from_celery` takes (:data:`CELERY_SETTINGS`);
@@ -34,8 +35,10 @@ from ._pyamqp._compat import ssl_option_names
 from .exceptions import ConfigurationError
 from .retry import Backoff
 
-__all__ = ("Option", "CeleryKey", "OPTIONS", "OPTION_NAMES", "URL_QUERY_KEYS", "TRANSPORT_MANAGER_OPTIONS",
-           "CELERY_SETTINGS", "defaults", "check_options", "rst_table")
+__all__ = (
+    "Option", "CeleryKey", "OPTIONS", "OPTION_NAMES", "URL_NUMBERS", "URL_QUERY_KEYS", "TRANSPORT_MANAGER_OPTIONS",
+    "CELERY_SETTINGS", "defaults", "check_options", "rst_table",
+)
 
 logger = logging.getLogger("carrot_kombu")
 
@@ -369,6 +372,10 @@ class Option:
         doc: The documentation's "Notes" cell (reStructuredText, one line
             per source line).
         url_query: URL query parameters that override it.
+        url_number: For a number in the URL query: ``int`` or ``float``
+            (the text's conversion before ``check``).
+        endpoint_field: The :class:`~carrot_kombu.config.Endpoint` field a
+            URL query parameter sets, if not ``name``.
         transport_option: A ``carrot+amqp://`` transport option that
             configures the process's manager (not py-amqp).
         celery: The Celery setting ``from_celery`` takes for it.
@@ -383,6 +390,8 @@ class Option:
     carrot_doc: str = ""
     doc: str = ""
     url_query: tuple[str, ...] = ()
+    url_number: Optional[type] = None
+    endpoint_field: str = ""
     transport_option: bool = False
     celery: Optional[CeleryKey] = None
     same_row: bool = False
@@ -472,14 +481,14 @@ OPTIONS: tuple[Option, ...] = (
         "What to ask for; 0 means no preference. The connection uses the\n"
         "smaller of this and the broker's value (AMQP's negotiation).\n"
         "``frame_max`` is 0 or ≥ 4096.",
-        url_query=("channel_max",),
+        url_query=("channel_max",), url_number=int,
     ),
-    Option("frame_max", 0, _frame_max, url_query=("frame_max",), same_row=True),
+    Option("frame_max", 0, _frame_max, url_query=("frame_max",), url_number=int, same_row=True),
     Option(
         "heartbeat", 10, heartbeat_seconds, "seconds, ``10``", "``heartbeat`` (seconds in Carrot too)",
         "0 disables; rounded up to whole seconds (the protocol's unit). Sent and\n"
         "checked on the connection's own thread, whatever the application does.",
-        url_query=("heartbeat",), transport_option=True,
+        url_query=("heartbeat",), url_number=float, transport_option=True,
         celery=CeleryKey("broker_heartbeat", lambda value: value, keep_falsy=True, unless_query="heartbeat"),
     ),
     Option(
@@ -487,7 +496,7 @@ OPTIONS: tuple[Option, ...] = (
         "One attempt: TCP, TLS and AMQP handshake together. With several\n"
         "brokers an attempt is bounded by ``min(connection_timeout, max(5,\n"
         "heartbeat))``, so that a frozen node is left quickly.",
-        url_query=("connect_timeout", "connection_timeout"),
+        url_query=("connect_timeout", "connection_timeout"), url_number=float, endpoint_field="connect_timeout",
         celery=CeleryKey("broker_connection_timeout", float, take_default=True, unless_query="connect_timeout"),
     ),
     Option(
@@ -565,6 +574,8 @@ OPTIONS: tuple[Option, ...] = (
 )
 
 OPTION_NAMES: tuple[str, ...] = tuple(option.name for option in OPTIONS)
+#: Options a number in the URL query overrides (the numbers of an endpoint).
+URL_NUMBERS: tuple[Option, ...] = tuple(option for option in OPTIONS if option.url_number is not None)
 #: The URL query parameters the configuration accepts.
 URL_QUERY_KEYS: frozenset[str] = frozenset(key for option in OPTIONS for key in option.url_query)
 #: Transport options of ``carrot+amqp://`` that configure the process's manager (not py-amqp).
