@@ -64,6 +64,10 @@ def _register_transport_alias() -> None:
     for alias in ("carrot", "carrot+amqp", "carrot+amqps"):
         # kombu's failover re-parses "carrot+amqp://..." alternates by their whole scheme.
         TRANSPORT_ALIASES.setdefault(alias, "carrot_kombu.transport:Transport")
+    # ... and parse such URLs into the connection's fields, as kombu does for pyamqp://.
+    from .urls import adopt_kombu_urls
+
+    adopt_kombu_urls()
 
 
 _register_transport_alias()

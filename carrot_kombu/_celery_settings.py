@@ -10,7 +10,8 @@ from typing import Any, Optional
 
 from kombu.utils.url import parse_url
 
-from .retry import Backoff
+from .options import CELERY_SETTINGS
+from .urls import split_urls, strip_transport_prefix
 
 __all__ = ("celery_options",)
 
@@ -27,22 +28,16 @@ def celery_options(app: Any, url: Optional[str] = None) -> tuple[Any, dict[str, 
     query = _query(url or conf.get("broker_write_url") or conf.get("broker_url") or "")
     options: dict[str, Any] = {}
     ignored: list[str] = []
-    if "heartbeat" not in query:
-        if _chosen(conf, "broker_heartbeat"):
-            if conf.get("broker_heartbeat") is not None:
-                options["heartbeat"] = conf.get("broker_heartbeat")
-        else:
-            ignored.append(f"broker_heartbeat={conf.get('broker_heartbeat')!r} (Celery's default)")
-    if "connect_timeout" not in query and conf.get("broker_connection_timeout"):
-        options["connection_timeout"] = float(conf.get("broker_connection_timeout"))
-    if _chosen(conf, "broker_pool_limit") and conf.get("broker_pool_limit"):
-        options["pool_limit"] = int(conf.get("broker_pool_limit"))
-    retries = conf.get("broker_connection_max_retries")
-    if _chosen(conf, "broker_connection_max_retries"):
-        if retries:
-            options["backoff"] = Backoff(max_tries=int(retries))
-    elif retries:
-        ignored.append(f"broker_connection_max_retries={retries!r} (Celery's default)")
+    for option, key in CELERY_SETTINGS.items():
+        if key.unless_query in query:
+            continue  # Celery lets the URL's own query parameter win
+        value = conf.get(key.setting)
+        if not (value is not None if key.keep_falsy else value):
+            continue  # None (or, for most settings, 0): nothing chosen
+        if key.take_default or _chosen(conf, key.setting):
+            options[option] = key.convert(value)
+        elif key.log_default:
+            ignored.append(f"{key.setting}={value!r} (Celery's default)")
     if ignored:
         logger.info(
             "carrot_kombu.from_celery: not taking %s; carrot_kombu's defaults apply (heartbeat 10 s, "
@@ -63,9 +58,8 @@ def _chosen(conf: Any, key: str) -> bool:
 
 
 def _query(url: str) -> dict[str, Any]:
-    first = url.split(";", 1)[0].strip()
-    if first.startswith("carrot+"):
-        first = first[len("carrot+"):]
+    urls = split_urls(strip_transport_prefix(url))
+    first = urls[0] if urls else ""
     if "://" not in first:
         return {}
     try:

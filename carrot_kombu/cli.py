@@ -33,20 +33,19 @@ import argparse
 import datetime
 import json
 import os
-import re
 import signal
 import sys
 import threading
 import time
 from typing import Any, Callable, Optional, Sequence, TextIO
-from urllib.parse import unquote
 
-from .config import mask_url
 from .demo import run_demo
 from .exceptions import CarrotKombuError, ConfigurationError
 from .manager import ConnectionManager
 from .retry import Backoff
 from .status import ConnectionState, Status
+from .urls import Redact, mask_url, passwords_in, split_urls, strip_transport_prefix
+from .urls import redactor as redact_secrets
 
 __all__ = ("main",)
 
@@ -65,8 +64,6 @@ _POLL_SECONDS = 0.1
 #: Most seconds ``watch`` waits for the manager to stop after a signal.
 _STOP_SECONDS = 5.0
 
-Redact = Callable[[str], str]
-
 
 # -- URLs and secrets ----------------------------------------------------------------
 
@@ -80,65 +77,23 @@ def url_from_environment() -> Optional[str]:
     return None
 
 
-#: A ``;`` separates failover URLs only when a scheme (or nothing) follows:
-#: a generated password may contain a ``;`` of its own.
-_URL_SEPARATOR = re.compile(r";(?=\s*(?:[A-Za-z][A-Za-z0-9+.\-]*://|\Z))")
-
-
 def _parts(url: str) -> list[str]:
     """The failover URLs in ``url``."""
-    return [part.strip() for part in _URL_SEPARATOR.split(url) if part.strip()]
+    return split_urls(url)
 
 
-def without_transport_prefix(url: str) -> str:
-    """``url`` with the ``carrot+`` of each failover URL dropped (Celery's broker URL, as the transport takes it).
-
-    Only a scheme's prefix: a password that contains ``carrot+`` is left alone.
-    """
-    return ";".join(part[len("carrot+"):] if part.startswith("carrot+") else part for part in _parts(url))
+#: ``url`` with the ``carrot+`` of each failover URL dropped (Celery's broker URL, as the transport takes it).
+without_transport_prefix = strip_transport_prefix
 
 
 def masked(url: str) -> str:
     """``url`` with the password of each failover URL masked, even without a scheme."""
-    shown = []
-    for part in _parts(url):
-        if "://" in part:
-            shown.append(mask_url(part))
-        else:
-            shown.append(mask_url("x://" + part)[len("x://"):])
-    return ";".join(shown)
-
-
-def _passwords(url: str) -> set[str]:
-    """Every string of ``url`` that may be a password, raw and percent-decoded.
-
-    Generous on purpose: a URL with an unencoded ``@``, ``/`` or ``;`` in its
-    password is read differently by different parsers, so each reading counts.
-    """
-    found: set[str] = set()
-    for part in {*_parts(url), *url.split(";")}:
-        rest = part.split("://", 1)[-1]
-        end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
-        for text in (rest, rest[:end]):
-            if "@" not in text:
-                continue
-            for userinfo in (text.rsplit("@", 1)[0], text.split("@", 1)[0]):
-                if ":" in userinfo:
-                    password = userinfo.split(":", 1)[1]
-                    found.update((password, unquote(password)))
-    return {p for p in found if p}
+    return ";".join(mask_url(part) for part in split_urls(url))
 
 
 def redactor(url: str) -> Redact:
-    """A function replacing each password written in ``url`` by ``**`` (longest first)."""
-    secrets = sorted(_passwords(url), key=len, reverse=True)
-
-    def redact(text: str) -> str:
-        for secret in secrets:
-            text = text.replace(secret, "**")
-        return text
-
-    return redact
+    """A function replacing each password written in ``url`` by ``**`` (longest first, encoded or not)."""
+    return redact_secrets(passwords_in(url))
 
 
 def _error_text(error: BaseException, redact: Redact) -> str:

@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Se
 
 from ._core import Core, abandon
 from ._deadline import Deadline, check_timeout
-from .config import Settings, build_settings
+from .config import Settings
 from .consumers import Consumer
 from .exceptions import CarrotKombuError, ConfigurationError, Disconnected
+from .options import OPTION_NAMES
 from .pool import Lease
 from .retry import Backoff
 from .status import ConnectionState, Status
@@ -126,27 +127,18 @@ class ConnectionManager:
         reply_timeout: float = 10.0,
         restart_after_fork: bool = True,
     ) -> None:
-        self._settings: Settings = build_settings(
-            url,
-            username=username, password=password, virtual_host=virtual_host,
-            host=host, port=port, channel_max=channel_max, frame_max=frame_max,
-            heartbeat=heartbeat, connection_timeout=connection_timeout,
-            backoff=backoff, ssl_options=ssl_options,
-            client_properties=client_properties, socket_options=socket_options,
-            pool_limit=pool_limit, transport_options=transport_options,
-            blocked_timeout=blocked_timeout, reply_timeout=reply_timeout,
+        # Every keyword above is a row of carrot_kombu.options.OPTIONS (a test
+        # keeps them equal): Settings checks them all, by that table.
+        self._settings: Settings = Settings.from_options(
+            url, **{name: value for name, value in locals().items() if name in OPTION_NAMES}
         )
-        if isinstance(max_pending, bool) or not isinstance(max_pending, int) or max_pending < 1:
-            raise ConfigurationError(f"max_pending must be an integer >= 1, got {max_pending!r}")
-        self._max_pending = max_pending
+        self._max_pending = self._settings.max_pending
         self._lock = threading.Lock()
         # The finalizer holds this list (never the manager): it always sees
         # the current core, across restarts and forks.
         self._cores: list[Core] = [Core.build(self._settings, max_pending)]
         self._started_once = False
-        if not isinstance(restart_after_fork, bool):
-            raise ConfigurationError(f"restart_after_fork must be a bool, got {restart_after_fork!r}")
-        self._restart_after_fork = restart_after_fork
+        self._restart_after_fork = self._settings.restart_after_fork
         finalizer = weakref.finalize(self, _abandon, self._cores)
         # At interpreter exit a manager still alive is stopped politely by
         # _stop_at_exit (weakref's own exit hook runs first and would log
@@ -182,9 +174,9 @@ class ConnectionManager:
         scheme = transport if isinstance(transport, str) else getattr(transport, "driver_type", "")
         derived: dict[str, Any] = {}
         if _is_carrot_transport(transport):
-            from .transport import _urls
+            from .urls import connection_urls
 
-            url: Union[str, list[str], None] = _urls(connection)
+            url: Union[str, list[str], None] = connection_urls(connection)
             if connection.ssl:
                 derived["ssl_options"] = dict(connection.ssl) if isinstance(connection.ssl, Mapping) else True
             if connection.heartbeat:

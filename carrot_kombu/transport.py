@@ -49,10 +49,11 @@ from kombu.transport import base
 from amqp.exceptions import AccessRefused, NotAllowed
 
 from ._deadline import Deadline
-from .config import mask_url
 from .exceptions import Blocked, BrokerUnavailable, ChannelLimitReached, Disconnected, PoolTimeout, ReplyTimeout
 from .manager import ConnectionManager
+from .options import TRANSPORT_MANAGER_OPTIONS
 from .status import ConnectionState
+from .urls import TRANSPORT_PREFIX, connection_urls, current_url, mask_url, with_connection_credentials
 from .view import CallbackQueue, ConnectionView
 
 __all__ = ("Transport", "VirtualConnection", "manager_for_connection")
@@ -60,7 +61,7 @@ __all__ = ("Transport", "VirtualConnection", "manager_for_connection")
 logger = logging.getLogger("carrot_kombu")
 
 #: Transport options that configure the process's manager (not py-amqp).
-MANAGER_OPTIONS = ("pool_limit", "backoff", "blocked_timeout", "max_pending", "reply_timeout", "heartbeat")
+MANAGER_OPTIONS = TRANSPORT_MANAGER_OPTIONS
 #: Transport options that belong to one kombu connection.
 CONNECTION_OPTIONS = ("confirm_publish", "confirm_timeout")
 #: Default pool size of a transport's manager: Celery keeps a channel per
@@ -155,58 +156,9 @@ def _may_wait(status: Any, consumer_reconnecting: bool) -> bool:
     return status.state is ConnectionState.DISCONNECTED and status.attempts == 0
 
 
-def _urls(client: Any) -> list[str]:
-    """The broker URLs of a kombu connection, without the ``carrot+`` prefix."""
-    raw = [u for u in (client.alt or []) if isinstance(u, str)] or [client.hostname or "localhost"]
-    urls = []
-    for url in raw:
-        if url.startswith("carrot+"):
-            url = url[len("carrot+"):]
-        if "://" in url:
-            url = _with_connection_credentials(url, client)
-        else:
-            host = url or "localhost"
-            user = client.userid or "guest"
-            password = client.password or "guest"
-            port = client.port or (5671 if client.ssl else 5672)
-            vhost = client.virtual_host or "/"
-            from urllib.parse import quote
-
-            url = (f"{'amqps' if client.ssl else 'amqp'}://{quote(user, safe='')}:{quote(password, safe='')}"
-                   f"@{host}:{port}/{quote(vhost, safe='')}")
-        urls.append(url)
-    return urls
-
-
-def _with_connection_credentials(url: str, client: Any) -> str:
-    """``url`` with what it leaves out taken from the kombu connection, as kombu does for py-amqp.
-
-    kombu parses a ``pyamqp://`` URL and lets the URL's user, password and
-    virtual host win over ``Connection(userid=, password=, virtual_host=)``
-    (Celery's ``broker_user``, ``broker_password``, ``broker_vhost``); what
-    the URL does not name comes from those arguments.
-    """
-    from urllib.parse import quote
-
-    scheme, _, rest = url.partition("://")
-    end = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
-    netloc, after = rest[:end], rest[end:]
-    slash = after.startswith("/")
-    tail = after[1:] if slash else after
-    userinfo, at, host = netloc.rpartition("@")
-    raw_user, colon, raw_password = userinfo.partition(":")
-    userid, password, vhost = client.userid, client.password, client.virtual_host
-    fill_user = not raw_user and bool(userid)
-    fill_password = not colon and bool(password)
-    named_vhost, mark, query = tail.partition("?")
-    # "amqp://host", "amqp://host/" and "amqp://host/?query" name no virtual host (kombu: "" is none).
-    fill_vhost = named_vhost == "" and bool(vhost) and vhost != "/"
-    if not (fill_user or fill_password or fill_vhost):
-        return url
-    user = quote(userid, safe="") if fill_user else raw_user
-    secret = quote(password, safe="") if fill_password else raw_password
-    path = "/" + quote(vhost, safe="") + mark + query if fill_vhost else ("/" if slash else "") + tail
-    return f"{scheme}://{user}:{secret}@{host}{path}"
+#: The broker URLs of a kombu connection, without the ``carrot+`` prefix.
+_urls = connection_urls
+_with_connection_credentials = with_connection_credentials
 
 
 def _key(client: Any) -> tuple[Any, ...]:
@@ -278,7 +230,8 @@ def _heartbeat(client: Any, option: Any) -> float:
     (120 s) is not a choice: the manager sends heartbeats on its own thread,
     so a short one costs nothing.
     """
-    if option:
+    # ``is not None``, never truthiness: 0 is a choice (heartbeats off, as in kombu).
+    if option is not None:
         return float(option)
     chosen = _celery_heartbeat(client)
     if chosen is not None:
@@ -301,7 +254,7 @@ def _celery_heartbeat(client: Any) -> Optional[float]:
 
         conf = current_app.conf
         value = conf.get("broker_heartbeat")
-        if value and ("broker_heartbeat" in conf.changes or value != DEFAULTS.get("broker_heartbeat")):
+        if value is not None and ("broker_heartbeat" in conf.changes or value != DEFAULTS.get("broker_heartbeat")):
             return float(value)
     except Exception:  # no app configured, or an unusual Celery
         return None
@@ -710,8 +663,27 @@ class Transport(base.Transport):  # type: ignore[misc]
         return True
 
     def as_uri(self, uri: str, include_password: bool = False, mask: str = "**") -> str:
+        """The connection's current URL (password masked), as kombu's ``Connection.as_uri()``.
+
+        kombu passes its ``hostname``: a URL, or (keyword settings, or a URL
+        parsed into the fields) a host name; then the URL is the one of
+        ``alt`` the connection is on, else it is built from the fields.
+        """
+        if "://" not in uri:
+            uri = current_url(self.client) or self._uri_of_fields(include_password, mask)
         shown = uri if include_password else mask_url(uri)
-        return shown if shown.startswith("carrot+") else f"carrot+{shown}"
+        return shown if shown.startswith(TRANSPORT_PREFIX) else f"{TRANSPORT_PREFIX}{shown}"
+
+    def _uri_of_fields(self, include_password: bool, mask: str) -> str:
+        from kombu.utils.url import as_url
+
+        client = self.client
+        params = self.default_connection_params
+        password = client.password or params["password"]
+        return str(as_url(
+            "amqps" if client.ssl else "amqp", client.hostname or params["hostname"], client.port or params["port"],
+            client.userid or params["userid"], password if include_password else mask, client.virtual_host or "/",
+        ))
 
     @property
     def default_connection_params(self) -> dict[str, Any]:

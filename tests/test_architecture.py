@@ -11,7 +11,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "carrot_kombu"
 MAY_IMPORT_PYAMQP = {
     "carrot_kombu._link",  # the Outbound and Waiter values of the fence
     "carrot_kombu._connect",  # the one factory of links
-    "carrot_kombu.config",  # the ssl option names py-amqp accepts
+    "carrot_kombu.options",  # the ssl option names py-amqp accepts
     "carrot_kombu.transport",  # kombu's _default_channel, fenced in _pyamqp.kombu_client
 }
 

@@ -10,6 +10,8 @@ import ssl
 import pytest
 
 import carrot_kombu.config as config_module
+import carrot_kombu.options as options_module
+import carrot_kombu.urls as urls_module
 from carrot_kombu import ConfigurationError, ConnectionManager
 from carrot_kombu.config import build_settings
 
@@ -261,7 +263,7 @@ def test_unknown_ssl_option_is_named_with_everything_accepted():
     for name in (
         "ca_certs", "cert_reqs", "certfile", "ciphers", "context", "do_handshake_on_connect", "keyfile",
         "server_hostname", "server_side", "ssl_version", "suppress_ragged_eofs", "session",
-        "cacertfile", "verify", "server_name_indication", *config_module._PYAMQP_SSL_KEYS,
+        "cacertfile", "verify", "server_name_indication", *options_module._PYAMQP_SSL_KEYS,
     ):
         assert name in message
 
@@ -274,7 +276,7 @@ def test_every_py_amqp_ssl_option_is_accepted(tmp_path):
         "server_hostname": "h", "server_side": False, "do_handshake_on_connect": False,
         "suppress_ragged_eofs": True, "ciphers": "ECDHE+AESGCM", "ssl_version": ssl.PROTOCOL_TLS_CLIENT,
     }
-    if "tls_minimum_version" in config_module._PYAMQP_SSL_KEYS:  # amqp >= 5.4
+    if "tls_minimum_version" in options_module._PYAMQP_SSL_KEYS:  # amqp >= 5.4
         sni.update(tls_minimum_version=ssl.TLSVersion.TLSv1_2, tls_maximum_version=ssl.TLSVersion.TLSv1_3)
     assert endpoint(ConnectionManager(ssl_options=sni)).ssl == sni
     contextual = {
@@ -293,13 +295,13 @@ def test_ssl_option_names_match_the_installed_py_amqp():
     def params(function, *skip):
         return set(inspect.signature(function).parameters) - {"self", "sock", *skip}
 
-    assert params(SSLTransport._wrap_socket_sni) == config_module._PYAMQP_SSL_KEYS
+    assert params(SSLTransport._wrap_socket_sni) == options_module._PYAMQP_SSL_KEYS
     assert params(SSLTransport._wrap_socket, "sslopts") == {"context"}
     assert params(SSLTransport._wrap_context, "sslopts", "ctx_options") | params(
         ssl.create_default_context
-    ) == config_module._PYAMQP_CONTEXT_KEYS
+    ) == options_module._PYAMQP_CONTEXT_KEYS
     wrap_socket = params(ssl.SSLContext.wrap_socket)
-    assert config_module._PYAMQP_CONTEXT_WRAP_KEYS == wrap_socket
+    assert options_module._PYAMQP_CONTEXT_WRAP_KEYS == wrap_socket
 
 
 def test_context_keeps_py_amqp_s_split_between_context_and_wrap_socket(tmp_path):
@@ -369,8 +371,9 @@ def _complexity(function: ast.AST) -> int:
     return count
 
 
-def test_config_functions_stay_small():
-    tree = ast.parse(inspect.getsource(config_module))
+@pytest.mark.parametrize("module", [config_module, options_module, urls_module])
+def test_config_functions_stay_small(module):
+    tree = ast.parse(inspect.getsource(module))
     complex_ = {
         node.name: _complexity(node)
         for node in ast.walk(tree)

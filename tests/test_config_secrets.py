@@ -28,6 +28,8 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import carrot_kombu.config as config_module
+import carrot_kombu.options as options_module
+import carrot_kombu.urls as urls_module
 from carrot_kombu import ConfigurationError, ConnectionManager
 from carrot_kombu.config import build_settings, mask_url
 
@@ -46,9 +48,11 @@ TEMPLATES = [
 
 
 def _literal_text() -> str:
-    tree = ast.parse(inspect.getsource(config_module))
+    """Every string literal of the modules that build configuration errors."""
+    trees = [ast.parse(inspect.getsource(module)) for module in (config_module, options_module, urls_module)]
     return "\n".join(
-        node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)
+        node.value for tree in trees for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
     )
 
 
@@ -246,3 +250,17 @@ def test_settings_repr_masks_secret_looking_option_values():
     for secret in ("KP-SECRET", "TOK-SECRET", "pw-XYZ"):
         assert secret not in text
     assert "client.pem" in repr(manager._settings) and "visible" in repr(manager._settings)
+
+
+@pytest.mark.parametrize("password", ["s3cret", "pa;ss", "p@ss", "sp ace", "p%2Fss", "ünï"])
+def test_the_cli_and_the_settings_redact_alike(password):
+    """One redactor (carrot_kombu.urls) serves both: every form of the password goes, raw or encoded."""
+    from urllib.parse import quote
+
+    from carrot_kombu import cli
+
+    url = f"amqp://app:{quote(password, safe='')}@broker.example//"
+    text = f"failed: {password} / {quote(password, safe='')}"
+    by_cli = cli.redactor(url)(text)
+    assert by_cli == "failed: ** / **"
+    assert ConnectionManager(url).settings.redact(text) == by_cli

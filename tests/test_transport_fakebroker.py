@@ -467,15 +467,8 @@ def test_keyword_settings_without_a_url_reach_the_broker(broker):
         conn.close()
 
 
-@pytest.mark.xfail(strict=True, reason="Transport.as_uri shows only kombu's hostname for keyword settings")
 def test_as_uri_of_keyword_settings_names_the_broker(broker):
-    """Celery's banner and logs print as_uri(): with hostname=/port=/userid= it says only 'carrot+127.0.0.1'.
-
-    transport.py Transport.as_uri masks ``uri``, which kombu passes as
-    ``client.hostname`` when ``can_parse_url`` is True; the port, user and
-    virtual host are lost (kombu's pyamqp transport builds them from the
-    connection's fields).
-    """
+    """Celery's banner and logs print as_uri(): built from the connection's fields, password masked."""
     conn = kombu.Connection(hostname="127.0.0.1", port=broker.port, userid="alice", password="s3cret",
                             virtual_host="jobs", transport="carrot", heartbeat=0)
     assert conn.as_uri() == f"carrot+amqp://alice:**@127.0.0.1:{broker.port}/jobs"
