@@ -581,6 +581,15 @@ class ConnectionManager:
         again within 5 s of coming back (a poison message) waits
         ``Backoff.min``, doubling up to ``Backoff.max``, before the next try.
 
+        A callback that raises without having settled its message: the
+        delivery is rejected with requeue, and when it raises again on the
+        redelivered message, rejected without requeue (dead-lettered if the
+        queue has a dead-letter exchange, else dropped); each time a log
+        line with the exception and ``consumer_error(queue, error,
+        outcome)`` (``"requeued"``, ``"rejected"``, ``"settled"`` when the
+        callback had acked or rejected it, ``"no_ack"``).  The consumer goes
+        on with the next delivery.
+
         Args:
             queue: A kombu ``Queue`` or a queue name (``kombu.Queue(name)``).
             callback: ``callback(body, message)``, kombu message semantics.
@@ -772,7 +781,8 @@ class ConnectionManager:
         Events: ``connecting()``, ``connected()``, ``connect_failed(error,
         delay)`` (``delay`` is ``None`` when giving up), ``disconnected(error)``,
         ``blocked(reason)``, ``unblocked()``, ``stopped()``,
-        ``consumer_cancelled(queue)``, ``degraded(what, error)`` (a declared
+        ``consumer_cancelled(queue)``, ``consumer_error(queue, error,
+        outcome)`` (a :meth:`consume` callback raised), ``degraded(what, error)`` (a declared
         entity or a consumer the broker cannot serve right now) and
         ``recovered(what)``.  Callbacks run in order on one dispatcher
         thread, never under an internal lock; an exception in a callback is
