@@ -849,6 +849,8 @@ def _check_event_name(event: Any) -> None:
 
 def _check_publish_args(exchange: Any, routing_key: Any, serializer: Any, mandatory: Any) -> None:
     """The arguments of publish() that are not the message itself; TypeError naming the parameter."""
+    if type(exchange) is str and type(routing_key) is str and type(mandatory) is bool and serializer is None:  # noqa: E721
+        return  # the common call, checked without the import below (publish is a hot path)
     import kombu
 
     if not isinstance(exchange, (str, kombu.Exchange)):
