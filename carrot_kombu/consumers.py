@@ -13,6 +13,12 @@ worker, so a slow callback never stalls heartbeats or other channels.
 * ``cancel()`` writes nothing on the channel after its close: an ack the
   callback sends late is dropped (the broker requeues that delivery), never
   a connection error.
+* A callback that raises never leaves its delivery unacknowledged (with a
+  prefetch of 1 that stalled the consumer for good, silently): unless the
+  callback settled it itself, it is rejected with requeue the first time and
+  without requeue (dead-lettered, if the queue has a dead-letter exchange)
+  when it was already redelivered; logged, and reported as
+  ``consumer_error(queue, error, outcome)``.
 """
 
 from __future__ import annotations
@@ -206,8 +212,46 @@ class Consumer:
                 continue
             try:
                 self.callback(body, message)
-            except Exception:
-                logger.exception("carrot_kombu consumer callback for %r raised", self.queue.name)
+            except Exception as exc:
+                self._callback_failed(message, exc)
+
+    def _callback_failed(self, message: Any, exc: Exception) -> None:
+        """Settle a delivery whose callback raised: retried once, then rejected (see the module doc)."""
+        if self.no_ack:
+            outcome = "no_ack"  # the broker counted it delivered already
+        elif message.acknowledged:
+            outcome = "settled"  # the callback acked/rejected it before raising: its choice stands
+        elif _redelivered(message):
+            outcome = "rejected"
+        else:
+            outcome = "requeued"
+        logger.error("carrot_kombu consumer callback for %r raised; delivery %s %s", self.queue.name,
+                     getattr(message, "delivery_tag", None), _OUTCOMES[outcome], exc_info=exc)
+        if outcome in ("requeued", "rejected"):
+            try:
+                message.reject(requeue=outcome == "requeued")  # a lost connection's: dropped, redelivered anyway
+            except Exception:  # noqa: BLE001 - its channel is going: the broker redelivers it
+                logger.debug("could not reject a delivery whose callback raised", exc_info=True)
+        self._owner.callback_failed(self, exc, outcome)
+
+
+#: How the log line tells each outcome of a callback that raised.
+_OUTCOMES = {
+    "requeued": "rejected with requeue (first failure; redelivered once)",
+    "rejected": "rejected without requeue (it had been redelivered: dead-lettered if the queue has a DLX)",
+    "settled": "left as the callback settled it",
+    "no_ack": "already acknowledged (no_ack)",
+}
+
+
+def _redelivered(message: Any) -> bool:
+    """The broker's redelivered flag of a delivery."""
+    info = getattr(message, "delivery_info", None) or {}
+    if "redelivered" in info:
+        return bool(info["redelivered"])
+    # kombu's virtual transports (memory://) keep the flag in the payload only.
+    raw = getattr(message, "_raw", None)
+    return isinstance(raw, dict) and bool(raw.get("redelivered"))
 
 
 class Consumers:
@@ -272,6 +316,10 @@ class Consumers:
     def forget(self, link: "Link") -> None:
         for consumer in self.snapshot():
             consumer.forget(link.generation)
+
+    def callback_failed(self, consumer: Consumer, error: BaseException, outcome: str) -> None:
+        """On the consumer's worker: report a callback that raised."""
+        self._bus.post("consumer_error", consumer.queue.name, error, outcome)
 
     def broker_cancelled(self, consumer: Consumer, subscription: "Subscription") -> None:
         """On the reading thread: report once, drop the channel, ask for a new subscription."""

@@ -25,6 +25,7 @@ EVENTS = {
     "unblocked": (),
     "stopped": (),
     "consumer_cancelled": ("queue",),
+    "consumer_error": ("queue", "error", "outcome"),
     "degraded": ("what", "error"),
     "recovered": ("what",),
 }

@@ -19,7 +19,7 @@ from .options import OPTION_NAMES
 from .pool import Lease
 from .retry import Backoff
 from .status import ConnectionState, Status
-from .topology import declare_entity
+from .topology import check_entity, declare_entity
 
 if TYPE_CHECKING:
     import kombu
@@ -477,11 +477,22 @@ class ConnectionManager:
         and retried, without keeping the rest from working.  While
         disconnected they are only registered.
 
+        Every entity is checked first, connected or not: one that could
+        never be declared raises here and nothing is registered (it would
+        otherwise fail every later connection, where nobody can be told).
+
         Raises:
+            TypeError: An argument is not a kombu ``Queue``/``Exchange`` (a
+                queue name alone: ``kombu.Queue("jobs")``), or a part of it
+                has the wrong type; the message names it.
+            ValueError: A name or routing key over 255 bytes, an argument
+                table AMQP cannot encode; the message names the field.
             Exception: What the broker answered now (e.g. ``PreconditionFailed``
                 for an exchange declared before with other arguments); the
                 refused entities are *not* registered.
         """
+        for index, entity in enumerate(entities):
+            check_entity(entity, f"declare() argument {index + 1}")
         topology = self._core.topology
         added = topology.add_entities(entities)
         try:
@@ -506,7 +517,11 @@ class ConnectionManager:
         manager does not report ``connected`` and retries with its backoff.
         If it raises now, it is not registered and the error propagates.
         Returns ``fn`` (usable as a decorator).
+
+        Raises:
+            TypeError: ``fn`` is not callable.
         """
+        _check_callable("add_setup() fn", fn)
         topology = self._core.topology
         added = topology.add_setup(fn)
         try:
@@ -523,7 +538,12 @@ class ConnectionManager:
         return fn
 
     def remove_setup(self, fn: Callable[[Any], Any]) -> None:
-        """Stop running ``fn`` on new connections (no error if absent)."""
+        """Stop running ``fn`` on new connections (no error if absent).
+
+        Raises:
+            TypeError: ``fn`` is not callable (it could never have been added).
+        """
+        _check_callable("remove_setup() fn", fn)
         self._core.topology.remove_setup(fn)
 
     # -- consumers that survive reconnects ----------------------------------------------------
@@ -553,6 +573,15 @@ class ConnectionManager:
         again within 5 s of coming back (a poison message) waits
         ``Backoff.min``, doubling up to ``Backoff.max``, before the next try.
 
+        A callback that raises without having settled its message: the
+        delivery is rejected with requeue, and when it raises again on the
+        redelivered message, rejected without requeue (dead-lettered if the
+        queue has a dead-letter exchange, else dropped); each time a log
+        line with the exception and ``consumer_error(queue, error,
+        outcome)`` (``"requeued"``, ``"rejected"``, ``"settled"`` when the
+        callback had acked or rejected it, ``"no_ack"``).  The consumer goes
+        on with the next delivery.
+
         Args:
             queue: A kombu ``Queue`` or a queue name (``kombu.Queue(name)``).
             callback: ``callback(body, message)``, kombu message semantics.
@@ -570,19 +599,36 @@ class ConnectionManager:
             The consumer; ``consumer.cancel()`` ends it.
 
         Raises:
+            TypeError: ``queue`` is not a name or a kombu ``Queue``,
+                ``callback`` is not callable, ``prefetch_count`` is not an
+                int, ``no_ack``/``declare`` not a bool, ``arguments`` not a
+                mapping; the message names the parameter.
+            ValueError: ``prefetch_count`` outside 0-65535 (a
+                :class:`~carrot_kombu.ConfigurationError`), a queue name over
+                255 bytes or ``arguments`` AMQP cannot encode; the message
+                names the field.  Nothing is registered.
             Exception: What the broker answered now (e.g. 404 for a queue that
                 does not exist with ``declare=False``); nothing stays registered.
         """
         import kombu
 
+        from .topology import check_table
+
         if isinstance(queue, str):
-            queue = kombu.Queue(queue)
-        if not callable(callback):
-            raise ConfigurationError("consume: callback must be callable")
-        if prefetch_count is not None and (
-            isinstance(prefetch_count, bool) or not isinstance(prefetch_count, int) or not 0 <= prefetch_count <= 65535
-        ):
-            raise ConfigurationError(f"consume: prefetch_count must be 0-65535, got {prefetch_count!r}")
+            queue = kombu.Queue(_checked_name("consume() queue", queue))
+        elif not isinstance(queue, kombu.Queue):
+            raise TypeError(f"consume() queue must be a str or a kombu Queue, got {type(queue).__name__}")
+        check_entity(queue, "consume() queue")
+        _check_callable("consume() callback", callback)
+        if prefetch_count is not None:
+            if isinstance(prefetch_count, bool) or not isinstance(prefetch_count, int):
+                raise TypeError(f"consume() prefetch_count must be an int or None, got {type(prefetch_count).__name__}")
+            if not 0 <= prefetch_count <= 65535:
+                raise ConfigurationError(f"consume() prefetch_count must be 0-65535, got {prefetch_count!r}")
+        for name, flag in (("no_ack", no_ack), ("declare", declare)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"consume() {name} must be a bool, got {type(flag).__name__}")
+        check_table("consume() arguments", arguments)
         core = self._core
         consumer = Consumer(core.consumers, queue, callback, prefetch_count, no_ack,
                             dict(arguments or {}) or None, declare=declare)
@@ -686,6 +732,7 @@ class ConnectionManager:
         deadline = Deadline.of("timeout", timeout)
         if headers is not None and not isinstance(headers, Mapping):
             raise TypeError(f"headers must be a mapping, got {type(headers).__name__}")
+        _check_publish_args(exchange, routing_key, serializer, mandatory)
         core = self._core
         self._check_can_publish(core)
         publisher = core.publisher
@@ -726,16 +773,28 @@ class ConnectionManager:
         Events: ``connecting()``, ``connected()``, ``connect_failed(error,
         delay)`` (``delay`` is ``None`` when giving up), ``disconnected(error)``,
         ``blocked(reason)``, ``unblocked()``, ``stopped()``,
-        ``consumer_cancelled(queue)``, ``degraded(what, error)`` (a declared
+        ``consumer_cancelled(queue)``, ``consumer_error(queue, error,
+        outcome)`` (a :meth:`consume` callback raised), ``degraded(what, error)`` (a declared
         entity or a consumer the broker cannot serve right now) and
         ``recovered(what)``.  Callbacks run in order on one dispatcher
         thread, never under an internal lock; an exception in a callback is
         logged and ignored.
+
+        Raises:
+            TypeError: ``callback`` is not callable.
+            ConfigurationError: ``event`` is not one of these names.
         """
+        _check_event_name(event)
+        _check_callable("on() callback", callback)
         return self._core.bus.on(event, callback)
 
     def off(self, event: str, callback: Callable[..., Any]) -> None:
-        """Unsubscribe ``callback`` from ``event`` (no error if absent)."""
+        """Unsubscribe ``callback`` from ``event`` (no error if absent).
+
+        Raises:
+            ConfigurationError: ``event`` is not an event name.
+        """
+        _check_event_name(event)
         self._core.bus.off(event, callback)
 
     # -- fork safety -------------------------------------------------------------------------
@@ -768,6 +827,39 @@ class ConnectionManager:
             f"<ConnectionManager [{status.state.value} {status.broker} | "
             f"Pool: {pool.leased} leased, {pool.idle} idle, limit {pool.limit}]>"
         )
+
+
+def _check_callable(name: str, value: Any) -> None:
+    if not callable(value):
+        raise TypeError(f"{name} must be callable, got {type(value).__name__}")
+
+
+def _check_event_name(event: Any) -> None:
+    if not isinstance(event, str):
+        raise TypeError(f"event must be a str (an event name), got {type(event).__name__}")
+
+
+def _check_publish_args(exchange: Any, routing_key: Any, serializer: Any, mandatory: Any) -> None:
+    """The arguments of publish() that are not the message itself; TypeError naming the parameter."""
+    if type(exchange) is str and type(routing_key) is str and type(mandatory) is bool and serializer is None:  # noqa: E721
+        return  # the common call, checked without the import below (publish is a hot path)
+    import kombu
+
+    if not isinstance(exchange, (str, kombu.Exchange)):
+        raise TypeError(f"exchange must be a str or a kombu Exchange, got {type(exchange).__name__}")
+    if not isinstance(routing_key, str):
+        raise TypeError(f"routing_key must be a str, got {type(routing_key).__name__}")
+    if serializer is not None and not isinstance(serializer, str):
+        raise TypeError(f"serializer must be a str (a kombu serializer name) or None, got {type(serializer).__name__}")
+    if not isinstance(mandatory, bool):
+        raise TypeError(f"mandatory must be a bool, got {type(mandatory).__name__}")
+
+
+def _checked_name(name: str, value: str) -> str:
+    from .topology import check_shortstr
+
+    check_shortstr(name, value)
+    return value
 
 
 def _is_carrot_transport(transport: Any) -> bool:

@@ -4,6 +4,10 @@ Rules (``docs/guarantees.rst``):
 
 * ``declare()`` while connected declares at once; an entity the broker
   refuses is *not* registered (it would fail every reconnect).
+* ``declare()`` checks each entity first (:func:`check_entity`): a wrong
+  type raises ``TypeError``, a name over 255 bytes or an argument AMQP cannot
+  encode raises ``ValueError`` naming the field, and nothing is registered;
+  connected or not.
 * On a new connection every registered entity is declared again.  One that
   fails there no longer blocks the connection: the manager connects, serves
   everything else and reports the entity as *degraded* (``status()``, the
@@ -28,7 +32,9 @@ from .exceptions import CarrotKombuError, ReplyTimeout
 if TYPE_CHECKING:
     from ._link import Link
 
-__all__ = ("EntityRefused", "Topology", "declare_all", "declare_entity", "describe", "is_server_named")
+__all__ = (
+    "EntityRefused", "Topology", "check_entity", "check_shortstr", "check_table", "declare_all", "declare_entity", "describe", "is_server_named",
+)
 
 SetupFn = Callable[[Any], Any]
 
@@ -36,7 +42,105 @@ SetupFn = Callable[[Any], Any]
 def describe(entity: Any) -> str:
     """``"queue 'jobs'"``, ``"exchange 'events'"`` (for status and logs)."""
     kind = "queue" if hasattr(entity, "queue_arguments") else "exchange"
-    return f"{kind} {getattr(entity, 'name', '')!r}"
+    return f"{kind} {_short(getattr(entity, 'name', ''))}"
+
+
+def _short(value: Any) -> str:
+    """A repr fit for one line of an error message (a 10 kB name is not)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:50] + "...(" + str(len(text)) + " chars)"
+
+
+def check_shortstr(name: str, value: Any) -> None:
+    """``value`` is a ``str`` of at most 255 UTF-8 bytes; else TypeError/ValueError naming ``name``."""
+    from ._pyamqp.fields import check_shortstr as check
+
+    check(name, value)
+
+
+def check_table(name: str, table: Any) -> None:
+    """``table`` is ``None`` or a mapping py-amqp can encode; else TypeError/ValueError naming ``name``."""
+    from ._pyamqp.fields import check_table as check
+
+    check(name, table)
+
+
+#: Queue options kombu turns into ``x-`` arguments (seconds or counts, never negative).
+_QUEUE_NUMBERS = ("expires", "message_ttl", "max_length", "max_length_bytes", "max_priority")
+
+
+def check_entity(entity: Any, field: str = "entity") -> None:
+    """Refuse, now, an entity that could never be declared (so it never reaches a reconnect).
+
+    Only what the client can know: types, short-string lengths, and that
+    every argument table goes through py-amqp's encoder.  What the broker
+    decides (an unknown exchange type, arguments that clash with an existing
+    queue) is left to the broker.
+
+    Args:
+        entity: A kombu ``Queue`` or ``Exchange``.
+        field: How the caller's parameter is named in the error (``"queue"``,
+            ``"declare() argument 2"``).
+
+    Raises:
+        TypeError: Not a kombu ``Queue``/``Exchange``, or a part of the wrong
+            type; the message names the field.
+        ValueError: A name over 255 bytes, a negative size or TTL, an argument
+            AMQP cannot encode; the message names the field.
+    """
+    import kombu
+
+    if isinstance(entity, kombu.Queue):
+        _check_queue(entity, field)
+    elif isinstance(entity, kombu.Exchange):
+        _check_exchange(entity, f"{field} ({describe(entity)})")
+    else:
+        hint = f" (use kombu.Queue({_short(entity)}))" if isinstance(entity, str) else ""
+        raise TypeError(f"{field} must be a kombu Queue or Exchange, got {type(entity).__name__}{hint}")
+
+
+def _check_exchange(exchange: Any, label: str) -> None:
+    check_shortstr(f"{label} name", exchange.name)
+    check_shortstr(f"{label} type", exchange.type)
+    check_table(f"{label} arguments", exchange.arguments)
+
+
+def _check_queue(queue: Any, field: str) -> None:
+    import math
+
+    import kombu
+    from kombu.transport.base import to_rabbitmq_queue_arguments
+
+    label = f"{field} ({describe(queue)})"
+    check_shortstr(f"{label} name", queue.name or "")
+    if queue.exchange is not None:
+        if not isinstance(queue.exchange, kombu.Exchange):
+            raise TypeError(f"{label} exchange must be a kombu Exchange, got {type(queue.exchange).__name__}")
+        _check_exchange(queue.exchange, f"{label} exchange")
+    check_shortstr(f"{label} routing_key", queue.routing_key or "")
+    for name in ("queue_arguments", "binding_arguments", "consumer_arguments"):
+        check_table(f"{label} {name}", getattr(queue, name))
+    for name in _QUEUE_NUMBERS:
+        value = getattr(queue, name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{label} {name} must be a number, got {type(value).__name__}")
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{label} {name} must be a finite number >= 0, got {value!r}")
+    # What kombu will send (``expires=1.5`` becomes ``x-expires: 1500``): encodable too.
+    numbers = {name: getattr(queue, name) for name in _QUEUE_NUMBERS}
+    check_table(f"{label} queue_arguments", to_rabbitmq_queue_arguments(dict(queue.queue_arguments or {}), **numbers))
+    for index, binding in enumerate(queue.bindings or ()):
+        where = f"{label} bindings[{index}]"
+        if not isinstance(binding, kombu.binding):
+            raise TypeError(f"{where} must be a kombu binding, got {type(binding).__name__}")
+        if binding.exchange is not None:
+            if not isinstance(binding.exchange, kombu.Exchange):
+                raise TypeError(f"{where} exchange must be a kombu Exchange, got {type(binding.exchange).__name__}")
+            _check_exchange(binding.exchange, f"{where} exchange")
+        check_shortstr(f"{where} routing_key", binding.routing_key or "")
+        check_table(f"{where} arguments", binding.arguments)
 
 
 class Topology:
@@ -135,8 +239,12 @@ def declare_all(
 ) -> list[tuple[Any, BaseException]]:
     """Declare each entity; a refusal closes only its channel, the others go on.
 
+    An entity that can no longer be encoded (changed since it was
+    registered: ``queue.queue_arguments["x"] = object()``) fails alone with
+    its ``TypeError``/``ValueError``, before anything is sent for it.
+
     Returns:
-        The entities that failed, with the broker's error.
+        The entities that failed, with the broker's (or the check's) error.
 
     Raises:
         Exception: A connection-level failure (nothing more can be declared).
@@ -145,6 +253,11 @@ def declare_all(
     channel: Optional[Any] = None
     try:
         for entity in entities:
+            try:
+                check_entity(entity)
+            except (TypeError, ValueError) as exc:
+                failed.append((entity, exc))
+                continue
             if channel is None:
                 channel = link.open_channel()
             try:

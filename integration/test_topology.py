@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import queue
 
 import kombu
 import pytest
@@ -65,3 +66,69 @@ def test_an_entity_declared_offline_that_closes_the_connection_is_dropped_not_re
     with pytest.raises(Disconnected, match="503"):
         manager.declare(bogus)  # declared live, the caller gets the broker's answer
     assert manager.wait_connected(10)
+
+
+@pytest.mark.parametrize(
+    "bad, error",
+    [
+        ("jobs", TypeError),  # a queue name alone, not a kombu Queue
+        (kombu.Queue("q" * 256), ValueError),  # AMQP short strings: 255 bytes at most
+        (kombu.Queue("ck-args", queue_arguments={"x-max-length": object()}), TypeError),  # no AMQP field type
+    ],
+)
+def test_an_invalid_entity_registered_while_disconnected_is_refused_and_the_manager_connects(rabbit, proxy, bad, error):
+    """17.4: before, declare() registered it silently and every later attempt failed: never connected."""
+    proxy.refuse()  # the port is closed: the manager is started but disconnected
+    manager, events, _ = rabbit(proxy.url(), backoff={"min": 0.05, "max": 0.2, "jitter": False})
+    assert events.wait_count("connect_failed", 1, timeout=10)
+    good = kombu.Queue(unique("ck-good"), auto_delete=True)
+    with pytest.raises(error):
+        manager.declare(bad)
+    manager.declare(good)  # registered only (disconnected)
+    proxy.heal()
+    assert manager.wait_connected(10), manager.status()
+    assert manager.status().degraded == ()
+    with manager.channel() as lease:
+        assert lease.queue_declare(good.name, passive=True).queue == good.name
+
+
+def test_an_entity_the_broker_refuses_on_reconnect_degrades_alone(rabbit, proxy):
+    """406 PRECONDITION_FAILED (it exists with other arguments): the rest and the connection come up."""
+    setup, _, _ = rabbit()
+    assert setup.wait_connected(10)
+    clash = unique("ck-clash")
+    with setup.channel() as lease:
+        lease.exchange_declare(clash, "direct", auto_delete=True)
+        lease.queue_declare(clash + "-anchor", auto_delete=False)  # keeps the exchange: bound to it below
+        lease.queue_bind(clash + "-anchor", clash, "k")
+
+    proxy.refuse()
+    manager, events, _ = rabbit(proxy.url(), backoff={"min": 0.05, "max": 0.5, "jitter": False})
+    degraded, recovered = queue.Queue(), queue.Queue()  # events arrive on their own thread
+    manager.on("degraded", lambda what, err: degraded.put((what, err)))
+    manager.on("recovered", recovered.put)
+    assert events.wait_count("connect_failed", 1, timeout=10)
+    before = kombu.Queue(unique("ck-before"), auto_delete=True)
+    after = kombu.Queue(unique("ck-after"), auto_delete=True)
+    manager.declare(before, kombu.Exchange(clash, type="fanout", auto_delete=True), after)  # disconnected: registered
+    proxy.heal()
+    assert manager.wait_connected(10), manager.status()
+    what = f"exchange {clash!r}"
+    assert manager.wait_status(lambda s: what in dict(s.degraded), 5)
+    assert "PRECONDITION_FAILED" in dict(manager.status().degraded)[what]
+    event = degraded.get(timeout=5)
+    assert event[0] == what and "406" in event[1]
+    with manager.channel() as lease:  # declared before and after the refused one
+        assert lease.queue_declare(before.name, passive=True).queue == before.name
+        assert lease.queue_declare(after.name, passive=True).queue == after.name
+    manager.publish(b"x", routing_key=before.name, timeout=5)  # the connection serves
+    with setup.channel() as lease:  # someone fixes the broker's side: retried and declared
+        lease.queue_delete(clash + "-anchor")
+        lease.exchange_delete(clash)
+    assert manager.wait_status(lambda s: s.degraded == (), 10)
+    assert recovered.get(timeout=5) == what
+    assert degraded.empty()  # reported once
+    with setup.channel() as lease:
+        lease.exchange_delete(clash)
+        lease.queue_delete(before.name)
+        lease.queue_delete(after.name)

@@ -13,6 +13,7 @@ MAY_IMPORT_PYAMQP = {
     "carrot_kombu._connect",  # the one factory of links
     "carrot_kombu.options",  # the ssl option names py-amqp accepts
     "carrot_kombu.transport",  # kombu's _default_channel, fenced in _pyamqp.kombu_client
+    "carrot_kombu.topology",  # _pyamqp.fields: py-amqp's table encoder checks what declare() registers
 }
 
 #: py-amqp/kombu private names we rely on: only inside _pyamqp/.

@@ -83,7 +83,7 @@ def test_bad_consume_and_max_pending_arguments(make_manager):
     with pytest.raises(ConfigurationError, match="max_pending"):
         ConnectionManager("memory://", max_pending=0)
     manager, _ = make_manager("memory://")
-    with pytest.raises(ConfigurationError, match="callable"):
+    with pytest.raises(TypeError, match="callback must be callable"):
         manager.consume("q", None)
     with pytest.raises(ConfigurationError, match="prefetch_count"):
         manager.consume("q", lambda b, m: None, prefetch_count=-1)

@@ -105,3 +105,26 @@ def test_stop_from_a_setup_function_never_reports_connected(make_manager, faults
     assert "connected" not in events.names()
     with pytest.raises(Disconnected):
         manager.open_channel()
+
+
+def test_an_entity_changed_since_registration_into_something_unencodable_degrades_alone(make_manager, faults):
+    """17.4: it used to fail every connection attempt (the manager never connected again)."""
+    manager, events = make_manager(start=False)
+    broken = kombu.Queue("ck-broken")
+    good = kombu.Queue("ck-fine")
+    manager.declare(broken, good)  # valid when registered...
+    broken.queue_arguments = {"x-bad": object()}  # ...changed afterwards, as users do
+    degraded = []
+    manager.on("degraded", lambda what, error: degraded.append((what, error)))
+    manager.start()
+    assert manager.wait_connected(5), manager.status()
+    assert events.count("connect_failed") == 0
+    with manager.channel() as lease:
+        assert lease.queue_declare("ck-fine", passive=True)[0] == "ck-fine"  # the others were declared
+    assert manager.wait_status(lambda s: "queue 'ck-broken'" in dict(s.degraded), 5)
+    assert "x-bad" in dict(manager.status().degraded)["queue 'ck-broken'"]
+    broken.queue_arguments = {}  # fixed: retried (every Backoff.max) and declared
+    assert manager.wait_status(lambda s: s.degraded == (), 5)
+    with manager.channel() as lease:
+        assert lease.queue_declare("ck-broken", passive=True)[0] == "ck-broken"
+    assert [w for w, _ in degraded] == ["queue 'ck-broken'"]
