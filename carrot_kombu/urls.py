@@ -195,9 +195,9 @@ def adopt_url(connection: Any) -> None:
     # kombu's switch() to an alternate starts again from the constructor's
     # parameters, which for pyamqp:// include what the first URL said (an
     # alternate without credentials or ?heartbeat= inherits them): the same here.
-    initial = getattr(connection, "_initial_params", None)
-    if isinstance(initial, dict):
-        initial.update(parsed)
+    from ._pyamqp.kombu_client import update_initial_params
+
+    update_initial_params(connection, parsed)
     # info()['hostname'] is prefixed with uri_prefix: "carrot+localhost" would
     # make clone() unusable; the transport comes from transport_cls anyway.
     connection.uri_prefix = None

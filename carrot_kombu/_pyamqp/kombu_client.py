@@ -4,7 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ("forget_default_channel",)
+__all__ = ("forget_default_channel", "update_initial_params")
+
+
+def update_initial_params(client: Any, fields: dict[str, Any]) -> None:
+    """Make kombu's failover ``switch()`` start again from ``fields`` too.
+
+    kombu's switch to an alternate starts again from the constructor's
+    parameters (``Connection._initial_params``), which for ``pyamqp://``
+    include what the first URL said.
+    """
+    initial = getattr(client, "_initial_params", None)
+    if isinstance(initial, dict):
+        initial.update(fields)
 
 
 def forget_default_channel(client: Any, chan: Any) -> None:
