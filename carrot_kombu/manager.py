@@ -170,46 +170,7 @@ class ConnectionManager:
         Raises:
             ConfigurationError: For a transport other than py-amqp or memory.
         """
-        transport = connection.transport_cls
-        scheme = transport if isinstance(transport, str) else getattr(transport, "driver_type", "")
-        derived: dict[str, Any] = {}
-        if _is_carrot_transport(transport):
-            from .urls import connection_urls
-
-            url: Union[str, list[str], None] = connection_urls(connection)
-            if connection.ssl:
-                derived["ssl_options"] = dict(connection.ssl) if isinstance(connection.ssl, Mapping) else True
-            if connection.heartbeat:
-                derived["heartbeat"] = connection.heartbeat
-            if connection.connect_timeout:
-                derived["connection_timeout"] = float(connection.connect_timeout)
-        elif scheme == "memory":
-            url = "memory://"
-        elif scheme in ("amqp", "amqps", "pyamqp"):
-            alternates = [u for u in connection.alt if u]
-            url = alternates or None
-            if url and connection.failover_strategy is kombu_failover("shuffle"):
-                random.shuffle(url)
-            derived.update(
-                host=connection.hostname or "localhost",
-                username=connection.userid or "guest",
-                password=connection.password or "guest",
-                virtual_host=connection.virtual_host or "/",
-            )
-            if connection.port:
-                derived["port"] = connection.port
-            if connection.ssl:
-                derived["ssl_options"] = dict(connection.ssl) if isinstance(connection.ssl, Mapping) else True
-            if connection.heartbeat:
-                derived["heartbeat"] = connection.heartbeat
-            if connection.connect_timeout:
-                derived["connection_timeout"] = float(connection.connect_timeout)
-            if connection.transport_options:
-                derived["transport_options"] = dict(connection.transport_options)
-        else:
-            raise ConfigurationError(
-                f"from_connection: transport {scheme!r} is not supported (py-amqp or memory)"
-            )
+        url, derived = _settings_of(connection)
         derived.update(options)
         return cls(url, **derived)
 
@@ -860,6 +821,51 @@ def _checked_name(name: str, value: str) -> str:
 
     check_shortstr(name, value)
     return value
+
+
+def _settings_of(connection: "kombu.Connection") -> tuple[Union[str, list[str], None], dict[str, Any]]:
+    """The URL(s) and options a kombu connection stands for (see :meth:`ConnectionManager.from_connection`).
+
+    Raises:
+        ConfigurationError: For a transport other than py-amqp or memory.
+    """
+    transport = connection.transport_cls
+    scheme = transport if isinstance(transport, str) else getattr(transport, "driver_type", "")
+    if _is_carrot_transport(transport):
+        from .urls import connection_urls
+
+        return connection_urls(connection), _connection_options(connection, transport_options=False)
+    if scheme == "memory":
+        return "memory://", {}
+    if scheme not in ("amqp", "amqps", "pyamqp"):
+        raise ConfigurationError(f"from_connection: transport {scheme!r} is not supported (py-amqp or memory)")
+    url: Optional[list[str]] = [u for u in connection.alt if u] or None
+    if url and connection.failover_strategy is kombu_failover("shuffle"):
+        random.shuffle(url)
+    derived: dict[str, Any] = dict(
+        host=connection.hostname or "localhost",
+        username=connection.userid or "guest",
+        password=connection.password or "guest",
+        virtual_host=connection.virtual_host or "/",
+    )
+    if connection.port:
+        derived["port"] = connection.port
+    derived.update(_connection_options(connection, transport_options=True))
+    return url, derived
+
+
+def _connection_options(connection: "kombu.Connection", transport_options: bool) -> dict[str, Any]:
+    """ssl, heartbeat, connect timeout (and transport options) a kombu connection sets."""
+    derived: dict[str, Any] = {}
+    if connection.ssl:
+        derived["ssl_options"] = dict(connection.ssl) if isinstance(connection.ssl, Mapping) else True
+    if connection.heartbeat:
+        derived["heartbeat"] = connection.heartbeat
+    if connection.connect_timeout:
+        derived["connection_timeout"] = float(connection.connect_timeout)
+    if transport_options and connection.transport_options:
+        derived["transport_options"] = dict(connection.transport_options)
+    return derived
 
 
 def _is_carrot_transport(transport: Any) -> bool:
