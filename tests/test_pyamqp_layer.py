@@ -118,6 +118,27 @@ def test_a_frame_over_the_negotiated_frame_max_is_fatal(harness) -> None:
         conn.channel()
 
 
+@pytest.mark.parametrize("garbage,text", [
+    (struct.pack(">BHI", 1, 0, 20004) + b"\x00\x0a\x00\x3c" + b"y" * 20000 + b"\xce", "frame_max"),
+    (b"\x01\x00\x00\x00\x00\x00\x04\x00\x0a\x00\x3d\xff", "0xce"),  # frame end 0xff
+    (b"\x03\x00\x01\x00\x00\x00\x02hi\xce", "expecting type"),  # a body frame out of the blue
+], ids=["oversize", "frame-end", "frame-type"])
+def test_a_frame_error_seen_by_a_reading_caller_reaches_it_as_disconnected(harness, garbage, text) -> None:
+    # Issue 17.12.  No service thread: the caller waiting for its reply reads the socket itself.
+    broker = harness.broker(manual={"queue.declare"})
+    conn = harness.connection(broker, frame_max=8192)
+    peer = broker.accept()
+    ch = conn.channel()
+    other = conn.channel()
+    peer.send_raw(garbage)
+    with pytest.raises(Disconnected) as raised:
+        ch.queue_declare("q")
+    assert isinstance(conn.carrot.dead, UnexpectedFrame) and text in str(conn.carrot.dead)
+    assert text in str(raised.value)
+    with pytest.raises(Disconnected):  # every later request too, on any channel
+        other.queue_declare("r")
+
+
 @pytest.mark.parametrize("step", ["start", "tune", "open-ok"])
 def test_a_silent_handshake_step_fails_within_connect_timeout(harness, step) -> None:
     broker = harness.broker(silent_at=step)
