@@ -32,7 +32,7 @@ from amqp.exceptions import (
     UnexpectedFrame,
 )
 
-from carrot_kombu import Blocked, ChannelLimitReached, Disconnected, ReplyTimeout
+from carrot_kombu import Blocked, ChannelLimitReached, Disconnected, PublishTimeout, ReplyTimeout
 from carrot_kombu._pyamqp import (
     EventQueue,
     LinkOptions,
@@ -959,6 +959,35 @@ def test_close_is_polite_and_reports_lost(harness) -> None:
     assert isinstance(lost, Disconnected) and not conn.connected
     conn.close()  # a second close does nothing
     assert len(hooks.lost) == 1
+
+
+def test_a_channel_open_waits_for_open_ok_until_its_deadline_at_most(harness) -> None:
+    broker = harness.broker(manual={"channel.open"})
+    conn, hooks = harness.started(broker)
+    broker.accept()
+    started = time.monotonic()
+    with pytest.raises(socket.timeout):
+        conn.channel(deadline=started + 0.3)
+    assert 0.25 < time.monotonic() - started < 1.0
+    # The thread-local shim the link still uses gives the same bound.
+    started = time.monotonic()
+    with conn.carrot.caller_deadline(started + 0.3), pytest.raises(socket.timeout):
+        conn.channel()
+    assert 0.25 < time.monotonic() - started < 1.0
+    assert conn.connected and hooks.lost == []
+
+
+def test_a_channel_open_on_a_blocked_connection_gives_up_at_its_deadline(harness) -> None:
+    broker = harness.broker()
+    conn, hooks = harness.started(broker, blocked_timeout=30)
+    peer = broker.accept()
+    peer.send_method(0, "connection.blocked", "low on memory")
+    eventually(lambda: conn.carrot.blocked is not None, what="the client sees the block")
+    started = time.monotonic()
+    with pytest.raises(PublishTimeout) as raised:
+        conn.channel(deadline=started + 0.3)
+    assert raised.value.outcome == "not_sent" and 0.25 < time.monotonic() - started < 1.0
+    assert conn.connected and hooks.lost == []
 
 
 def test_close_without_close_ok_returns_after_its_timeout(harness) -> None:
