@@ -34,6 +34,7 @@ from amqp.exceptions import (
 
 from carrot_kombu import Blocked, ChannelLimitReached, Disconnected, PublishTimeout, ReplyTimeout
 from carrot_kombu._pyamqp import (
+    ChannelPhase,
     EventQueue,
     LinkOptions,
     SafeMessage,
@@ -1275,6 +1276,25 @@ def test_basic_cancel_runs_the_deliveries_its_consumer_already_got(harness) -> N
     assert len(conn.carrot.events) == 1  # b's delivery still waits for a drainer
     conn.drain_events(WAIT)
     assert ran[-1] == ("b", b"b1", threading.current_thread().name)
+
+
+def test_a_channel_moves_through_its_phases_once(harness) -> None:
+    broker = harness.broker(manual={"channel.close"})
+    conn, _ = harness.started(broker)
+    peer = broker.accept()
+    ch = conn.channel()
+    assert ch.carrot.phase is ChannelPhase.OPEN and ch.carrot.reusable()
+    ch.close_nowait()
+    # channel.close written, its close-ok not yet come: closing, nothing else written on it.
+    assert ch.carrot.phase is ChannelPhase.CLOSING and ch.carrot.closing and not ch.carrot.closed
+    assert "closing" in repr(ch) and not ch.carrot.reusable()
+    ch.close_nowait()
+    ch.close()  # a close had begun: neither writes a second channel.close
+    eventually(lambda: peer.received("channel.close"), what="the broker gets channel.close")
+    assert len(peer.received("channel.close")) == 1
+    peer.send_method(ch.channel_id, "channel.close-ok")
+    eventually(lambda: ch.carrot.phase is ChannelPhase.CLOSED, what="close-ok frees the channel")
+    assert ch.carrot.closing and ch.carrot.closed and "closed" in repr(ch)
 
 
 def test_a_channel_reports_it_is_gone_once(harness) -> None:
