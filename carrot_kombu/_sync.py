@@ -16,7 +16,7 @@ releases it) or free.  A wake-up lost to an interrupted notifier costs a
 waiter at most :data:`SLICE` seconds: waits re-check their predicate that often.
 
 A lock taken without ``with`` (a non-blocking or timed ``acquire``) is an
-RLock handed over to a ``with`` at once::
+RLock handed over to a ``with`` at once (:func:`run_locked` does it)::
 
     try:
         if not lock.acquire(False):
@@ -33,23 +33,66 @@ interrupt landing just before it skipped it, and the lock stayed held for
 ever.  With the hand-over, that takes a second interrupt within the few
 bytecodes before ``lock.release()``.  A caller that may already hold the lock
 (re-entry from its own callback) must not use the ``finally``: it would give
-back the outer level.
+back the outer level: it checks :func:`owned` first and takes a plain
+``with``.
 
 No imports from the package: the fenced py-amqp layer uses this too.
 """
 
 from __future__ import annotations
 
+import enum
 import os
 import threading
 from _thread import allocate_lock
 from time import monotonic
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Literal, Optional, TypeVar, Union
 
-__all__ = ("Flag", "Monitor", "SLICE", "Worker", "raised_by_library")
+__all__ = ("Flag", "Monitor", "NOT_ACQUIRED", "SLICE", "Worker", "owned", "raised_by_library", "run_locked")
+
+T = TypeVar("T")
 
 #: Longest a waiter sleeps before it looks at its predicate again.
 SLICE = 0.25
+
+
+class _NotAcquired(enum.Enum):
+    NOT_ACQUIRED = "not acquired"
+
+
+#: What :func:`run_locked` returns when the lock was not acquired.
+NOT_ACQUIRED = _NotAcquired.NOT_ACQUIRED
+
+
+def owned(lock: Any) -> bool:
+    """Whether the calling thread holds ``lock`` (a ``threading.RLock``)."""
+    return bool(lock._is_owned())
+
+
+def run_locked(
+    lock: Any, fn: Callable[[], T], blocking: bool = True, timeout: float = -1
+) -> Union[T, Literal[_NotAcquired.NOT_ACQUIRED]]:
+    """``fn()`` with ``lock`` (an RLock) held, taken as ``lock.acquire(blocking, timeout)``; the hand-over idiom.
+
+    The lock is released whatever interrupts this thread (see the module
+    docstring).  Not for a thread that may already hold ``lock`` (the
+    ``finally`` would give back the outer level): check :func:`owned` and
+    use a plain ``with lock:`` then.
+
+    Returns:
+        What ``fn`` returned, or :data:`NOT_ACQUIRED` (``fn`` did not run).
+    """
+    try:
+        if not lock.acquire(blocking, timeout):
+            return NOT_ACQUIRED
+        # The ``with`` takes a second level and the first is given back at
+        # once: from then on its C-level exit releases the lock.
+        with lock:
+            lock.release()
+            return fn()
+    finally:
+        if lock._is_owned():  # interrupted before the hand-over
+            lock.release()
 
 
 class Monitor:

@@ -24,9 +24,8 @@ import amqp
 import pytest
 
 from carrot_kombu import Disconnected
-from carrot_kombu._pyamqp import SupervisedConnection
-from carrot_kombu._pyamqp.state import ConnState
-from carrot_kombu._sync import SLICE, Flag, Worker
+from carrot_kombu._pyamqp import ConnState, SupervisedConnection
+from carrot_kombu._sync import NOT_ACQUIRED, SLICE, Flag, Worker, owned, run_locked
 from carrot_kombu.events import EventBus
 
 from .interrupts import Interrupt, InterruptAt
@@ -34,7 +33,8 @@ from .test_pyamqp_support import WAIT, Harness, harness, no_leaks  # noqa: F401
 
 #: Our fenced layer: where a reply wait, a write and a frame's dispatch run.
 LAYER = tuple(f"carrot_kombu/{name}" for name in (
-    "_pyamqp/state.py", "_pyamqp/channel.py", "_pyamqp/wire.py", "_pyamqp/connection.py",
+    "_pyamqp/reader.py", "_pyamqp/connstate.py", "_pyamqp/chanstate.py", "_pyamqp/callbacks.py",
+    "_pyamqp/replies.py", "_pyamqp/channel.py", "_pyamqp/wire.py", "_pyamqp/connection.py",
     "_pyamqp/frames.py", "_sync.py",
 ))
 #: A frame's dispatch interrupted half way is the documented way to lose a connection.
@@ -140,6 +140,46 @@ def test_waiting_on_a_set_flag_interrupted_anywhere_leaves_it_set() -> None:
         assert seen == [True], f"another waiter missed the set flag after an interrupt at {where}"
 
     assert _walk_plain(lambda: flag.wait(1), check) >= 2
+
+
+def test_run_locked_interrupted_anywhere_never_leaves_the_lock_held() -> None:
+    """The hand-over idiom (the reader lock, the drain lock): no interrupt point leaks the lock."""
+    lock = threading.RLock()
+    seen: list[object] = []
+
+    def check(where: str) -> None:
+        assert not owned(lock), f"run_locked left the lock held after an interrupt at {where}"
+        other = threading.Thread(target=lambda: seen.append(run_locked(lock, lambda: "other", timeout=1)))
+        other.start()
+        other.join(5)
+        assert seen[-1] == "other", f"another thread could not take the lock after an interrupt at {where}"
+
+    assert _walk_plain(lambda: run_locked(lock, lambda: "mine"), check) >= 3
+    assert run_locked(lock, lambda: "mine") == "mine" and not owned(lock)
+
+
+def test_run_locked_returns_not_acquired_while_another_thread_holds_the_lock() -> None:
+    lock = threading.RLock()
+    taken, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock:
+            taken.set()
+            release.wait(5)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert taken.wait(5)
+    ran: list[int] = []
+    try:
+        assert run_locked(lock, lambda: ran.append(1), blocking=False) is NOT_ACQUIRED
+        began = monotonic()
+        assert run_locked(lock, lambda: ran.append(2), timeout=0.1) is NOT_ACQUIRED
+        assert monotonic() - began >= 0.09
+    finally:
+        release.set()
+        holder.join(5)
+    assert ran == [] and run_locked(lock, lambda: 3, blocking=False) == 3
 
 
 def test_waiting_for_an_ended_worker_interrupted_anywhere_still_sees_it_ended() -> None:

@@ -32,8 +32,9 @@ from amqp.exceptions import (
     UnexpectedFrame,
 )
 
-from carrot_kombu import Blocked, ChannelLimitReached, Disconnected, ReplyTimeout
+from carrot_kombu import Blocked, ChannelLimitReached, Disconnected, PublishTimeout, ReplyTimeout
 from carrot_kombu._pyamqp import (
+    ChannelPhase,
     EventQueue,
     LinkOptions,
     SafeMessage,
@@ -116,6 +117,27 @@ def test_a_frame_over_the_negotiated_frame_max_is_fatal(harness) -> None:
     assert isinstance(exc, UnexpectedFrame) and "frame_max" in str(exc)
     with pytest.raises(Disconnected):
         conn.channel()
+
+
+@pytest.mark.parametrize("garbage,text", [
+    (struct.pack(">BHI", 1, 0, 20004) + b"\x00\x0a\x00\x3c" + b"y" * 20000 + b"\xce", "frame_max"),
+    (b"\x01\x00\x00\x00\x00\x00\x04\x00\x0a\x00\x3d\xff", "0xce"),  # frame end 0xff
+    (b"\x03\x00\x01\x00\x00\x00\x02hi\xce", "expecting type"),  # a body frame out of the blue
+], ids=["oversize", "frame-end", "frame-type"])
+def test_a_frame_error_seen_by_a_reading_caller_reaches_it_as_disconnected(harness, garbage, text) -> None:
+    # Issue 17.12.  No service thread: the caller waiting for its reply reads the socket itself.
+    broker = harness.broker(manual={"queue.declare"})
+    conn = harness.connection(broker, frame_max=8192)
+    peer = broker.accept()
+    ch = conn.channel()
+    other = conn.channel()
+    peer.send_raw(garbage)
+    with pytest.raises(Disconnected) as raised:
+        ch.queue_declare("q")
+    assert isinstance(conn.carrot.dead, UnexpectedFrame) and text in str(conn.carrot.dead)
+    assert text in str(raised.value)
+    with pytest.raises(Disconnected):  # every later request too, on any channel
+        other.queue_declare("r")
 
 
 @pytest.mark.parametrize("step", ["start", "tune", "open-ok"])
@@ -940,6 +962,35 @@ def test_close_is_polite_and_reports_lost(harness) -> None:
     assert len(hooks.lost) == 1
 
 
+def test_a_channel_open_waits_for_open_ok_until_its_deadline_at_most(harness) -> None:
+    broker = harness.broker(manual={"channel.open"})
+    conn, hooks = harness.started(broker)
+    broker.accept()
+    started = time.monotonic()
+    with pytest.raises(socket.timeout):
+        conn.channel(deadline=started + 0.3)
+    assert 0.25 < time.monotonic() - started < 1.0
+    # The thread-local shim the link still uses gives the same bound.
+    started = time.monotonic()
+    with conn.carrot.caller_deadline(started + 0.3), pytest.raises(socket.timeout):
+        conn.channel()
+    assert 0.25 < time.monotonic() - started < 1.0
+    assert conn.connected and hooks.lost == []
+
+
+def test_a_channel_open_on_a_blocked_connection_gives_up_at_its_deadline(harness) -> None:
+    broker = harness.broker()
+    conn, hooks = harness.started(broker, blocked_timeout=30)
+    peer = broker.accept()
+    peer.send_method(0, "connection.blocked", "low on memory")
+    eventually(lambda: conn.carrot.blocked is not None, what="the client sees the block")
+    started = time.monotonic()
+    with pytest.raises(PublishTimeout) as raised:
+        conn.channel(deadline=started + 0.3)
+    assert raised.value.outcome == "not_sent" and 0.25 < time.monotonic() - started < 1.0
+    assert conn.connected and hooks.lost == []
+
+
 def test_close_without_close_ok_returns_after_its_timeout(harness) -> None:
     broker = harness.broker(manual={"connection.close"})
     conn, hooks = harness.started(broker)
@@ -1225,6 +1276,25 @@ def test_basic_cancel_runs_the_deliveries_its_consumer_already_got(harness) -> N
     assert len(conn.carrot.events) == 1  # b's delivery still waits for a drainer
     conn.drain_events(WAIT)
     assert ran[-1] == ("b", b"b1", threading.current_thread().name)
+
+
+def test_a_channel_moves_through_its_phases_once(harness) -> None:
+    broker = harness.broker(manual={"channel.close"})
+    conn, _ = harness.started(broker)
+    peer = broker.accept()
+    ch = conn.channel()
+    assert ch.carrot.phase is ChannelPhase.OPEN and ch.carrot.reusable()
+    ch.close_nowait()
+    # channel.close written, its close-ok not yet come: closing, nothing else written on it.
+    assert ch.carrot.phase is ChannelPhase.CLOSING and ch.carrot.closing and not ch.carrot.closed
+    assert "closing" in repr(ch) and not ch.carrot.reusable()
+    ch.close_nowait()
+    ch.close()  # a close had begun: neither writes a second channel.close
+    eventually(lambda: peer.received("channel.close"), what="the broker gets channel.close")
+    assert len(peer.received("channel.close")) == 1
+    peer.send_method(ch.channel_id, "channel.close-ok")
+    eventually(lambda: ch.carrot.phase is ChannelPhase.CLOSED, what="close-ok frees the channel")
+    assert ch.carrot.closing and ch.carrot.closed and "closed" in repr(ch)
 
 
 def test_a_channel_reports_it_is_gone_once(harness) -> None:

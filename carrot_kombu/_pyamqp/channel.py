@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 from amqp import spec
 from amqp.exceptions import (
@@ -36,7 +36,9 @@ from .frames import (
     encode_publish_args,
     method_name,
 )
-from .state import ChanState, ConnState, Reply
+from .chanstate import ChanState
+from .connstate import ConnState
+from .replies import Reply
 
 __all__ = ("SupervisedChannel", "SafeMessage")
 
@@ -103,7 +105,7 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         state = self.carrot
         flags = [
             name for name, on in (
-                ("open", getattr(self, "is_open", False)), ("closing", state.closing), ("closed", state.closed),
+                ("open", getattr(self, "is_open", False)), (state.phase.value, state.closing),
                 ("confirm", state.confirm_mode), ("unverified", state.unverified),
             ) if on
         ]
@@ -115,6 +117,12 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
 
     # -- writing ----------------------------------------------------------------------------
 
+    def open(self, deadline: Optional[float] = None) -> None:
+        """py-amqp's channel.open; ``deadline`` (``time.monotonic()``) bounds the wait for open-ok."""
+        if self.is_open:
+            return
+        self.send_method(spec.Channel.Open, "s", ("",), wait=spec.Channel.OpenOk, deadline=deadline)
+
     def send_method(
         self,
         sig: Any,
@@ -124,7 +132,9 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         wait: Any = None,
         callback: Any = None,
         returns_tuple: bool = False,
+        deadline: Optional[float] = None,
     ) -> Any:
+        """py-amqp's send_method; ``deadline`` (``time.monotonic()``) bounds a blocked wait and the reply's."""
         state: ChanState = self.carrot
         frames = self._frames(sig, encode_args(sig, format, args or ()), content)
         if sig in _STATEFUL:
@@ -132,13 +142,13 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         reply = state.expect(wait if isinstance(wait, list) else [wait]) if wait else None
         written = False
         try:
-            self._write(sig, frames, content is not None, reply is not None)
+            self._write(sig, frames, content is not None, reply is not None, request_deadline=deadline)
             written = True
             if callback:
                 callback()
             if reply is None:
                 return None
-            result = state.conn.await_reply(reply, None, method_name(sig))
+            result = state.conn.await_reply(reply, None, method_name(sig), deadline)
         except BaseException as exc:
             if written and reply is not None and not reply.ready() and not isinstance(exc, Disconnected):
                 # Its reply may still come: nobody else may get it as theirs.
@@ -168,13 +178,15 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         confirm_reply: Optional[Reply] = None,
         on_queued: Optional[Callable[[int, bool], None]] = None,
         deadline: Optional[float] = None,
+        request_deadline: Optional[float] = None,
     ) -> int:
         """Queue ``frames`` atomically with this channel's state; returns the first delivery tag.
 
         ``deadline`` (``time.monotonic()``) bounds the waits before the frames
         are queued (a blocked connection, a full buffer) and this thread's
         sending: past it, what is queued is sent by the next writer or the
-        service thread.
+        service thread.  ``request_deadline`` (a request's caller, e.g. a
+        lease's timeout) bounds only the wait while the broker blocks us.
 
         Raises:
             Disconnected: The connection is lost (nothing was written).
@@ -183,10 +195,35 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
             ChannelError: The broker closed this channel (its error).
         """
         state: ChanState = self.carrot
-        conn: ConnState = state.conn
-        if sig in _SETTLE and (state.closing or state.closed or state.error is not None) and conn.dead is None:
+        if self._dropped(sig):
             logger.debug("dropped %s on channel %s: it is closing (the broker requeues)", method_name(sig), self.channel_id)
             return 0
+        self._before_queueing(sig, has_content, request_deadline if deadline is None else deadline, deadline)
+        with state.lock:
+            if self._dropped(sig):
+                return 0
+            failure = state.failure()
+            if failure is not None:
+                raise failure
+            first, must_flush = self._queue(frames, expects_reply, publishes, confirm_reply, on_queued)
+            if sig == spec.Confirm.Select:
+                state.confirm_mode = True
+            if not expects_reply:
+                state.unverified = True
+        if must_flush:
+            self._flush(expects_reply, deadline)
+        return first
+
+    def _dropped(self, sig: Any) -> bool:
+        """A settlement on a channel that is closing: dropped (the broker requeues), not an error."""
+        state: ChanState = self.carrot
+        return sig in _SETTLE and state.writes_dropped() and state.conn.dead is None
+
+    def _before_queueing(self, sig: Any, has_content: bool, unblock_deadline: Optional[float],
+                         room_deadline: Optional[float]) -> None:
+        """Fail early, wait out a block, wait for room; marks what it raises as not written."""
+        state: ChanState = self.carrot
+        conn: ConnState = state.conn
         wire = conn.wire
         assert wire is not None
         try:
@@ -194,8 +231,8 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
             if failure is not None:
                 raise failure
             if conn.blocked is not None and (has_content or sig in _SYNC_REQUESTS):
-                conn.wait_unblocked(deadline)
-            if not wire.wait_room(deadline):
+                conn.wait_unblocked(unblock_deadline)
+            if not wire.wait_room(room_deadline):
                 raise PublishTimeout(
                     "the outgoing buffer stayed full past the publish timeout; the message was not sent",
                     outcome="not_sent",
@@ -203,66 +240,72 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         except BaseException as exc:
             exc.carrot_not_written = True  # type: ignore[attr-defined]  # read by SupervisedConnection.channel
             raise
-        with state.lock:
-            if sig in _SETTLE and (state.closing or state.closed or state.error is not None) and conn.dead is None:
-                return 0
-            failure = state.failure()
-            if failure is not None:
-                raise failure
-            # Delivery tags are booked *before* the frames are queued and
-            # unbooked only if they were not: whatever interrupts this thread,
-            # tags always match what the broker receives.  Confirms are
-            # dispatched under this lock too, so none can precede the booking.
-            first = state.next_tag
-            numbered = state.confirm_mode and publishes > 0
-            try:
-                # Inside the try: an interrupt anywhere in the booking (the
-                # publisher's on_queued is Python code) is undone below, or
-                # every later confirm would settle the wrong message.
+
+    def _queue(self, frames: list[Any], expects_reply: bool, publishes: int, confirm_reply: Optional[Reply],
+               on_queued: Optional[Callable[[int, bool], None]]) -> tuple[int, bool]:
+        """Under ``state.lock``: book delivery tags, queue the frames; (first tag, must flush).
+
+        Delivery tags are booked *before* the frames are queued and unbooked
+        only if they were not: whatever interrupts this thread, tags always
+        match what the broker receives.  Confirms are dispatched under the
+        lock too, so none can precede the booking.
+        """
+        state: ChanState = self.carrot
+        wire = state.conn.wire
+        assert wire is not None
+        first = state.next_tag
+        numbered = state.confirm_mode and publishes > 0
+        try:
+            # Inside the try: an interrupt anywhere in the booking (the
+            # publisher's on_queued is Python code) is undone below, or
+            # every later confirm would settle the wrong message.
+            if numbered:
+                state.next_tag = first + publishes
+                if confirm_reply is not None:
+                    state.confirm_waiters[first + publishes - 1] = confirm_reply
+                if on_queued is not None:
+                    on_queued(first, True)
+            return first, wire.enqueue(frames, wait_room=False)
+        except BaseException as exc:
+            if not wire.holds(frames):
                 if numbered:
-                    state.next_tag = first + publishes
-                    if confirm_reply is not None:
-                        state.confirm_waiters[first + publishes - 1] = confirm_reply
-                    if on_queued is not None:
-                        on_queued(first, True)
-                must_flush = wire.enqueue(frames, wait_room=False)
-            except BaseException as exc:
-                if not wire.holds(frames):
-                    if numbered:
-                        state.next_tag = first
-                        state.confirm_waiters.pop(first + publishes - 1, None)
-                        if on_queued is not None:
-                            on_queued(first, False)
-                    if isinstance(exc, OSError):
-                        failure = conn.wire_failure(exc)
-                        if failure is exc:
-                            raise
-                        raise failure from exc
-                    raise
-                must_flush = False  # queued, then interrupted: the next writer sends it
-                if expects_reply:
-                    state.spoil("a request was interrupted while being queued")
-                if not isinstance(exc, OSError):
-                    raise
-            if sig == spec.Confirm.Select:
-                state.confirm_mode = True
-            if not expects_reply:
-                state.unverified = True
-        if must_flush:
-            try:
-                wire.flush(until=deadline)
-            except OSError as exc:
-                failure = conn.wire_failure(exc)
-                if failure is exc:
-                    raise
-                raise failure from exc
-            except BaseException:
-                # Interrupted while sending: the rest goes out with the next
-                # writer, and a reply to it would come to nobody.
-                if expects_reply:
-                    state.spoil("a request was interrupted while being sent")
+                    self._unbook(first, publishes, on_queued)
+                self._raise_for(exc)
+            # Queued, then interrupted: the next writer sends it.
+            if expects_reply:
+                state.spoil("a request was interrupted while being queued")
+            if not isinstance(exc, OSError):
                 raise
-        return first
+            return first, False
+
+    def _unbook(self, first: int, publishes: int, on_queued: Optional[Callable[[int, bool], None]]) -> None:
+        state: ChanState = self.carrot
+        state.next_tag = first
+        state.confirm_waiters.pop(first + publishes - 1, None)
+        if on_queued is not None:
+            on_queued(first, False)
+
+    def _flush(self, expects_reply: bool, deadline: Optional[float]) -> None:
+        state: ChanState = self.carrot
+        wire = state.conn.wire
+        assert wire is not None
+        try:
+            wire.flush(until=deadline)
+        except OSError as exc:
+            self._raise_for(exc)
+        except BaseException:
+            # Interrupted while sending: the rest goes out with the next
+            # writer, and a reply to it would come to nobody.
+            if expects_reply:
+                state.spoil("a request was interrupted while being sent")
+            raise
+
+    def _raise_for(self, exc: BaseException) -> NoReturn:
+        """Raise what the writer's caller gets for ``exc`` (being handled): ``Disconnected`` for the socket's failure."""
+        failure = self.carrot.conn.wire_failure(exc) if isinstance(exc, OSError) else exc
+        if failure is exc:
+            raise exc
+        raise failure from exc
 
     def _send_nowait(self, sig: Any, fmt: str = "", args: tuple[Any, ...] = ()) -> None:
         """A reply of the reading thread itself (close-ok, flow-ok, reject): never waits."""
@@ -471,33 +514,13 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         """Close the channel: nothing is written on it after the close (late acks are dropped)."""
         state: ChanState = self.carrot
         conn = state.conn
-        if conn.wire is None:
-            return
-        frame = encode_method(
-            self.channel_id or 0, spec.Channel.Close,
-            encode_args(spec.Channel.Close, argsig, (reply_code, reply_text, method_sig[0], method_sig[1])),
-        )
         reply = Reply([spec.Channel.CloseOk])
-        with state.lock:
-            if state.closing or state.closed or self.connection is None:
-                return
-            state.closing = True
-            self.is_closing = True
-            gone = conn.dead is not None or state.error is not None
-            if not gone:
-                state.replies[spec.Channel.CloseOk] = reply
-                try:
-                    must_flush = conn.wire.enqueue([frame], wait_room=False)
-                    state.close_sent = True
-                except OSError:
-                    gone = True
-        state.gone()
-        if gone:
-            self._collect_locally()
+        must_flush = self._start_close((reply_code, reply_text, method_sig[0], method_sig[1]), argsig, reply)
+        if must_flush is None:
             return
         try:
             if must_flush:
-                conn.wire.flush()
+                conn.wire.flush()  # type: ignore[union-attr]
             conn.await_reply(reply, None, "Channel.Close")
         except BaseException as exc:
             if conn.dead is None:
@@ -517,21 +540,34 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         Nothing is written on the channel after its close; its id is freed
         when the close-ok arrives.
         """
+        if self._start_close((0, "", 0, 0), "BsBB", None):
+            try:
+                self.carrot.conn.wire.flush(block=False)  # type: ignore[union-attr]
+            except OSError:
+                pass
+
+    def _start_close(self, args: tuple[Any, ...], argsig: str, reply: Optional[Reply]) -> Optional[bool]:
+        """OPEN -> CLOSING and queue channel.close (``reply`` registered for its close-ok).
+
+        Returns:
+            Whether the caller must flush; None if nothing is left to do (a
+            close had begun, or the channel is gone and was collected here).
+        """
         state: ChanState = self.carrot
         conn = state.conn
         wire = conn.wire
         if wire is None:
-            return
-        frame = encode_method(self.channel_id or 0, spec.Channel.Close,
-                              encode_args(spec.Channel.Close, "BsBB", (0, "", 0, 0)))
+            return None
+        frame = encode_method(self.channel_id or 0, spec.Channel.Close, encode_args(spec.Channel.Close, argsig, args))
         must_flush = False
         with state.lock:
-            if state.closing or state.closed or self.connection is None:
-                return
-            state.closing = True
+            if self.connection is None or not state.begin_close():
+                return None
             self.is_closing = True
             gone = conn.dead is not None or state.error is not None
             if not gone:
+                if reply is not None:
+                    state.replies[spec.Channel.CloseOk] = reply
                 try:
                     must_flush = wire.enqueue([frame], wait_room=False)
                     state.close_sent = True
@@ -540,22 +576,19 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         state.gone()
         if gone:
             self._collect_locally()
-        elif must_flush:
-            try:
-                wire.flush(block=False)
-            except OSError:
-                pass
+            return None
+        return must_flush
 
     def _collect_locally(self) -> None:
         state: ChanState = self.carrot
-        state.closed = True
+        state.mark_closed()
         self.is_open = False
         with state.conn.id_lock:
             super().collect()
 
     def collect(self) -> None:
         state: ChanState = self.carrot
-        state.closed = True
+        state.mark_closed()
         with state.conn.id_lock:
             super().collect()
         state.gone()
@@ -565,7 +598,7 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
     def dispatch_method(self, method_sig: Any, payload: Any, content: Any) -> None:
         """Runs on the reading thread: internal handling only; user code is queued."""
         state: ChanState = self.carrot
-        if (state.closing or state.closed) and method_sig not in _CLOSE_METHODS:
+        if state.closing and method_sig not in _CLOSE_METHODS:
             return  # after our close, only its answer counts (AMQP); deliveries are requeued
         amqp_method = self._METHODS.get(method_sig)
         if amqp_method is None:
@@ -612,7 +645,7 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         must_flush = False
         with state.lock:
             state.error = error
-            state.closing = True
+            state.begin_close()
             crossed = state.close_sent  # our close is on its way: its close-ok frees the id
             if wire is not None and state.conn.dead is None:
                 try:

@@ -27,7 +27,7 @@ from kombu.transport import pyamqp
 from ..exceptions import ChannelLimitReached, Disconnected
 from .channel import SupervisedChannel
 from .frames import decode_args, encode_args, encode_method, tolerant_frame_handler
-from .state import ConnState
+from .connstate import ConnState
 
 __all__ = ("SupervisedConnection", "SupervisedTransport", "LinkOptions")
 
@@ -136,8 +136,17 @@ class SupervisedConnection(pyamqp.Connection):  # type: ignore[misc]
 
     # -- channels ------------------------------------------------------------------------------
 
-    def channel(self, channel_id: Any = None, callback: Any = None) -> Any:
+    def channel(self, channel_id: Any = None, callback: Any = None, deadline: Optional[float] = None) -> Any:
         """Open a channel (its reply bounded by ``reply_timeout``).
+
+        Args:
+            channel_id: py-amqp's: an open channel with this id is returned as it is.
+            callback: py-amqp's: called with the channel once open.
+            deadline: The caller's own limit (``time.monotonic()``, a lease's
+                timeout): bounds the wait for open-ok, and for the broker's
+                unblock before channel.open is written.  None: the deadline
+                of an enclosing ``ConnState.caller_deadline`` block, if any
+                (a shim, to go).
 
         Raises:
             Disconnected: The connection is lost.
@@ -158,8 +167,10 @@ class SupervisedConnection(pyamqp.Connection):  # type: ignore[misc]
                     f"all {self.channel_max} channels the broker allows on this connection are open "
                     f"(negotiated channel_max {self.channel_max})"
                 ) from None
+        if deadline is None:
+            deadline = state.shim_deadline()
         try:
-            chan.open()
+            chan.open(deadline)
         except BaseException as exc:
             cstate = chan.carrot
             if state.dead is not None or getattr(exc, "carrot_not_written", False):
@@ -234,6 +245,11 @@ class SupervisedConnection(pyamqp.Connection):  # type: ignore[misc]
         if not state.running:
             super().close(reply_code, reply_text, method_sig, argsig)
             return
+        closed = Disconnected("connection closed")
+        # Before connection.close is written: the broker's end of stream after
+        # its close-ok may reach fail() (on the reading thread) before this
+        # thread gets there, and must be reported as this close, not as a loss.
+        state.begin_close(closed)
         if state.dead is None:
             reply = state.expect_conn_reply(spec.Connection.CloseOk)
             frame = encode_method(0, spec.Connection.Close, encode_args(
@@ -244,7 +260,7 @@ class SupervisedConnection(pyamqp.Connection):  # type: ignore[misc]
                 state.await_reply(reply, timeout, "Connection.Close")
             except Exception as exc:
                 logger.debug("no close-ok from the broker: %r", exc)
-        state.fail(Disconnected("connection closed"))
+        state.fail(closed)
 
     def collect(self) -> None:
         """Drop every channel without I/O (py-amqp's would shut the socket down through TLS)."""
@@ -261,7 +277,7 @@ class SupervisedConnection(pyamqp.Connection):  # type: ignore[misc]
         with state.id_lock:
             channels = [ch for ch in (self.channels or {}).values() if ch is not self]
         for chan in channels:
-            chan.carrot.closed = True
+            chan.carrot.mark_closed()
             chan.carrot.fail_all(state.disconnected())
         transport = self._transport
         if transport is not None:
