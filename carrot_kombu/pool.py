@@ -22,7 +22,7 @@ from amqp.exceptions import ChannelError
 from amqp.exceptions import ConnectionError as AMQPConnectionError
 
 from ._deadline import Deadline
-from ._sync import Monitor
+from ._sync import Monitor, owned, run_locked
 from .exceptions import Blocked, CarrotKombuError, ChannelLimitReached, Disconnected, PoolTimeout, PublishTimeout
 from .status import PoolStatus
 
@@ -235,17 +235,9 @@ class ChannelPool:
         # One reaper at a time: two would both peek the same token, and the
         # second popleft would drop the next one unseen (its channel leaked).
         lock = self._reaping
-        if lock._is_owned():  # type: ignore[attr-defined]
+        if owned(lock):
             return  # reaping already, further up this thread's stack
-        try:
-            if not lock.acquire(wait):
-                return
-            with lock:  # the C-level exit releases it, however this thread is interrupted (see _sync)
-                lock.release()
-                self._reap()
-        finally:
-            if lock._is_owned():  # type: ignore[attr-defined]  # interrupted before the hand-over
-                lock.release()
+        run_locked(lock, self._reap, blocking=wait)
 
     def _reap(self) -> None:
         reclaimed = self._reclaimed

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from amqp.exceptions import ChannelError
 
+from ._sync import owned, run_locked
 from .exceptions import Blocked, ReplyTimeout
 from .publisher import Publisher
 from .topology import EntityRefused, Topology, declare_all, describe
@@ -112,22 +113,17 @@ class Recovery:
                 message waits for that channel within its own timeout.
         """
         lock = self._lock
-        if lock._is_owned():  # type: ignore[attr-defined]
+        if owned(lock):
             return  # attaching already, further up this thread's stack
-        try:
-            if not lock.acquire(blocking=wait):
-                return
-            with lock:  # the C-level exit releases it, however this thread is interrupted (see _sync)
-                lock.release()
-                if self.publisher.needs(link.generation):
-                    try:
-                        self.publisher.attach(link)
-                    except Blocked as exc:
-                        self.publisher.no_channel(exc)  # waiting callers learn it now
-                        raise
-        finally:
-            if lock._is_owned():  # type: ignore[attr-defined]  # interrupted before the hand-over
-                lock.release()
+        run_locked(lock, lambda: self._attach(link), blocking=wait)
+
+    def _attach(self, link: "Link") -> None:
+        if self.publisher.needs(link.generation):
+            try:
+                self.publisher.attach(link)
+            except Blocked as exc:
+                self.publisher.no_channel(exc)  # waiting callers learn it now
+                raise
 
     def retry(self, link: "Link", item: Degraded) -> Optional[BaseException]:
         """Try a degraded entity or consumer again; its error, or None once it works.

@@ -44,7 +44,7 @@ class InterruptAt:
     """``with InterruptAt(n, files) as spot:`` raises :class:`Interrupt` at the ``n``-th point.
 
     ``files``: parts of the source paths whose code is interrupted
-    (``"carrot_kombu/_pyamqp/state.py"``, or ``"/carrot_kombu/"`` for all of it).
+    (``"carrot_kombu/_pyamqp/reader.py"``, or ``"/carrot_kombu/"`` for all of it).
 
     Attributes:
         points: How many interrupt points the block passed (all of them if

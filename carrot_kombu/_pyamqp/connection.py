@@ -144,9 +144,8 @@ class SupervisedConnection(pyamqp.Connection):  # type: ignore[misc]
             callback: py-amqp's: called with the channel once open.
             deadline: The caller's own limit (``time.monotonic()``, a lease's
                 timeout): bounds the wait for open-ok, and for the broker's
-                unblock before channel.open is written.  None: the deadline
-                of an enclosing ``ConnState.caller_deadline`` block, if any
-                (a shim, to go).
+                unblock before channel.open is written.  None: bounded by
+                ``reply_timeout`` (and ``blocked_timeout``) alone.
 
         Raises:
             Disconnected: The connection is lost.
@@ -167,8 +166,6 @@ class SupervisedConnection(pyamqp.Connection):  # type: ignore[misc]
                     f"all {self.channel_max} channels the broker allows on this connection are open "
                     f"(negotiated channel_max {self.channel_max})"
                 ) from None
-        if deadline is None:
-            deadline = state.shim_deadline()
         try:
             chan.open(deadline)
         except BaseException as exc:

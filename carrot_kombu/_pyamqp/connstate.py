@@ -11,9 +11,8 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from contextlib import contextmanager
 from time import monotonic
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from .._sync import SLICE, Flag
 from .._timeouts import check_timeout
@@ -51,8 +50,6 @@ class ConnState(Reader):
         #: the connection from then on (the broker's end of stream after its
         #: close-ok) is reported as this.
         self._closing: Optional[BaseException] = None
-        #: Per thread: the deadline of the call in progress (caller_deadline, a shim).
-        self._caller_deadline = threading.local()
         self._event_queues: "list[EventQueue]" = [self.events]
         # blocked by the broker (resource alarm)
         self.blocked_at = 0.0
@@ -79,26 +76,6 @@ class ConnState(Reader):
         """Start the service thread (heartbeats, liveness, reading while no caller does)."""
         self.hooks = hooks
         self.start_service(name)
-
-    @contextmanager
-    def caller_deadline(self, deadline: Optional[float]) -> Iterator[None]:
-        """Within the block, this thread's channel opens wait until ``deadline`` at most.
-
-        Deprecated shim: pass ``deadline`` to ``SupervisedConnection.channel``
-        instead (it reads this only when given none).
-        """
-        local = self._caller_deadline
-        previous = getattr(local, "at", None)
-        local.at = previous if deadline is None else deadline if previous is None else min(previous, deadline)
-        try:
-            yield
-        finally:
-            local.at = previous
-
-    def shim_deadline(self) -> Optional[float]:
-        """The deadline a ``caller_deadline`` block set for this thread (None outside one)."""
-        at: Optional[float] = getattr(self._caller_deadline, "at", None)
-        return at
 
     def add_event_queue(self, queue: EventQueue) -> None:
         self._event_queues.append(queue)

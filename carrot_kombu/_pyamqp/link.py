@@ -31,7 +31,8 @@ from .._link import (
 from ..config import Endpoint, Settings
 from ..exceptions import ChannelLimitReached, Disconnected
 from .connection import LinkOptions, SupervisedConnection, SupervisedTransport
-from .state import ConnHooks, EventQueue, Waiter
+from .callbacks import EventQueue
+from .replies import ConnHooks, Waiter
 
 __all__ = ("AmqpLink", "AmqpConfirmChannel", "AmqpSubscription", "connect")
 
@@ -118,14 +119,13 @@ class AmqpLink(Link):
     # -- channels --------------------------------------------------------------------------------
 
     def open_channel(self, deadline: Optional[float] = None) -> Any:
-        with self._state.caller_deadline(deadline):
-            try:
-                return self._raw.channel()
-            except ChannelLimitReached:
-                # Idle pooled channels hold ids a consumer or the publisher needs more.
-                if self.make_room is not None and self.make_room():
-                    return self._raw.channel()
-                raise
+        try:
+            return self._raw.channel(deadline=deadline)
+        except ChannelLimitReached:
+            # Idle pooled channels hold ids a consumer or the publisher needs more.
+            if self.make_room is not None and self.make_room():
+                return self._raw.channel(deadline=deadline)
+            raise
 
     def close_channel(self, chan: Any, wait: bool = False) -> None:
         # chan.close waits for close-ok (bounded): the id is free afterwards.
