@@ -33,6 +33,7 @@ from .._sync import SLICE, Flag, Worker
 from .._timeouts import check_timeout
 from ..exceptions import Blocked, CarrotKombuError, Disconnected, PublishTimeout, ReplyTimeout
 from .frames import HEARTBEAT
+from .green import read_fd, write_fd
 from .wire import Wire
 
 __all__ = ("ConnState", "ChanState", "EventQueue", "Reply", "ConnHooks")
@@ -177,7 +178,7 @@ class EventQueue:
         if self._pipe is not None and not self._armed:
             self._armed = True
             try:
-                os.write(self._pipe[1], b"\0")
+                write_fd(self._pipe[1], b"\0")  # never a green hub wait (see .green)
             except OSError:
                 pass
 
@@ -186,7 +187,7 @@ class EventQueue:
         if self._pipe is not None and self._armed and not self._items:
             self._armed = False
             try:
-                while os.read(self._pipe[0], 4096):
+                while read_fd(self._pipe[0], 4096):
                     pass
             except OSError:
                 pass
