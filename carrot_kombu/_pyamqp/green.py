@@ -30,6 +30,7 @@ import os
 import select
 import socket
 import sys
+import time
 from typing import Any, Protocol, Sequence
 
 import _socket
@@ -37,15 +38,82 @@ import _socket
 #: The C module behind ``os``: monkey-patchers replace ``os`` functions, not these.
 _raw_os: Any = sys.modules.get("posix", os)
 
-__all__ = ("Poller", "SelectPoller", "close_socket", "is_green", "poller", "read_fd", "shutdown_socket", "write_fd")
+__all__ = (
+    "PatchedTooLate",
+    "Poller",
+    "SelectPoller",
+    "check_patched_in_time",
+    "close_socket",
+    "is_green",
+    "poller",
+    "read_fd",
+    "green_kombu_sleep",
+    "shutdown_socket",
+    "write_fd",
+)
 
 _POLLIN = select.POLLIN | select.POLLPRI if hasattr(select, "POLLIN") else 1
 _POLLOUT = select.POLLOUT if hasattr(select, "POLLOUT") else 4
 
 
+class PatchedTooLate(RuntimeError):
+    """carrot_kombu was imported before eventlet or gevent monkey-patched the standard library."""
+
+
 def is_green(sock: Any) -> bool:
-    """Whether waits on ``sock`` must go through a green hub (the socket or ``select`` is monkey-patched)."""
-    return not isinstance(sock, _socket.socket) or not hasattr(select, "poll")
+    """Whether waits on ``sock`` must go through a green hub (the socket or ``select`` is monkey-patched).
+
+    Raises:
+        PatchedTooLate: Green, but carrot_kombu's locks were made before the
+            patching: they would block the whole process, so refuse.
+    """
+    green = not isinstance(sock, _socket.socket) or not hasattr(select, "poll")
+    if green:
+        check_patched_in_time()
+        green_kombu_sleep()
+    return green
+
+
+def green_kombu_sleep() -> bool:
+    """Make kombu's retry loop sleep cooperatively if it captured the real ``time.sleep``; True if it did.
+
+    ``celery -P gevent`` imports ``kombu.utils.functional`` (``from time
+    import sleep``) *before* gevent patches ``time``, and gevent, unlike
+    eventlet, does not rebind names bound earlier.  The worker's reconnect
+    loop (``retry_over_time``: "Trying again in 2.00 seconds...") then
+    freezes the whole process in one-second real sleeps, and our
+    supervisor, a green thread, never gets to reconnect while Celery waits
+    for it.  Only done when the process is green (the caller checks).
+    """
+    functional: Any = sys.modules.get("kombu.utils.functional")
+    slept = getattr(functional, "sleep", None)
+    patched = time.sleep
+    if functional is None or slept is None or slept is patched or not _is_builtin(slept):
+        return False
+    functional.sleep = patched
+    return True
+
+
+def _is_builtin(fn: Any) -> bool:
+    return type(fn).__name__ == "builtin_function_or_method" and getattr(fn, "__module__", "") == "time"
+
+
+def check_patched_in_time() -> None:
+    """Refuse when ``_thread`` is green now but was not when :mod:`carrot_kombu._sync` took its lock factory.
+
+    Raises:
+        PatchedTooLate: Naming the fix (patch first) and the alternative (a prefork or threads pool).
+    """
+    import _thread
+
+    from .. import _sync
+
+    if vars(_sync)["allocate_lock"] is not _thread.allocate_lock:  # bound when _sync was imported
+        raise PatchedTooLate(
+            "carrot_kombu was imported before eventlet/gevent monkey-patched the standard library, so its "
+            "locks would block every green thread: call eventlet.monkey_patch() or gevent.monkey.patch_all() "
+            "before importing carrot_kombu, kombu or celery (`celery worker -P eventlet|gevent` does it by "
+            "itself), or run the worker with -P prefork or -P threads")
 
 
 class Poller(Protocol):
