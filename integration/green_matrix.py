@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -35,8 +36,9 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
+from urllib.parse import urlparse
 
-from .broker import unique
+from .broker import rabbitmqctl, unique
 from .celery_apps import Producer, celery_worker, marks, wait_for, write_mark_app
 from .nodes import BrokerNode, private_nodes
 from .proxy import FaultProxy
@@ -84,16 +86,22 @@ class Outcome:
 class _Broker:
     """Where the processes connect, and how the outage is made."""
 
-    def __init__(self, outage: str, stack: ExitStack, node: Optional[BrokerNode], shared_port: int) -> None:
+    def __init__(self, outage: str, stack: ExitStack, node: Optional[BrokerNode], shared_url: str) -> None:
         self.outage = outage
         self.node = node
         self.proxy: Optional[FaultProxy] = None
         if outage == "node":
             assert node is not None, "a node outage needs a private node"
             self.port = node.port
+            self.userinfo = "guest:guest"
         else:
-            self.proxy = stack.enter_context(FaultProxy("127.0.0.1", shared_port))
+            shared = urlparse(shared_url)
+            self.proxy = stack.enter_context(FaultProxy(shared.hostname or "127.0.0.1", shared.port or 5672))
             self.port = self.proxy.port
+            self.userinfo = f"{shared.username or 'guest'}:{shared.password or 'guest'}"
+
+    def url(self, scheme: str) -> str:
+        return f"{scheme}://{self.userinfo}@127.0.0.1:{self.port}//"
 
     def down(self) -> None:
         if self.proxy is not None:
@@ -104,6 +112,16 @@ class _Broker:
             assert self.node is not None
             self.node.stop_app()
 
+    def unacked(self, queue: str) -> int:
+        """Deliveries of ``queue`` the broker still waits an ack for (one rabbitmqctl call, ~1 s)."""
+        args = ("list_queues", "name", "messages_unacknowledged", "-q", "--no-table-headers")
+        out = self.node.ctl(*args).stdout if self.node is not None and self.proxy is None else rabbitmqctl(*args)
+        for line in out.splitlines():
+            fields = line.split()
+            if len(fields) == 2 and fields[0] == queue:
+                return int(fields[1])
+        return 0
+
     def up(self) -> None:
         if self.proxy is not None:
             self.proxy.heal()
@@ -113,14 +131,14 @@ class _Broker:
 
 
 def run(pool: str, scheme: str, outage: str, where: Path, *, node: Optional[BrokerNode] = None,
-        shared_port: int = 5672, outage_seconds: float = 5.0, settle: float = 60.0) -> Outcome:
+        shared_url: str = "amqp://guest:guest@127.0.0.1:5672//", outage_seconds: float = 5.0, settle: float = 60.0) -> Outcome:
     """One worker of ``pool`` over ``scheme`` through one ``outage``; see the module docstring."""
     outcome = Outcome(pool, scheme, outage, 0.0 if outage == "cut" else outage_seconds)
     with ExitStack() as stack:
-        broker = _Broker(outage, stack, node, shared_port)
+        broker = _Broker(outage, stack, node, shared_url)
         name = unique(f"ckgreen_{pool}").replace("-", "_")
         queue = unique(f"ck-green-{pool}")
-        app = write_mark_app(where / name, name, f"{scheme}://guest:guest@127.0.0.1:{broker.port}//", queue,
+        app = write_mark_app(where / name, name, broker.url(scheme), queue,
                              task_publish_retry_policy=RETRY_POLICY)
         worker = stack.enter_context(celery_worker(app, pool, CONCURRENCY[pool]))
         producer = stack.enter_context(Producer(app))
@@ -135,6 +153,10 @@ def run(pool: str, scheme: str, outage: str, where: Path, *, node: Optional[Brok
             outcome.worker_log = worker.output()
             outcome.lost = [BEFORE]
             return outcome  # never worked: nothing to learn from an outage
+        # The task ran; its ack may still be on its way.  An outage before the
+        # broker has it redelivers the task (at-least-once, both transports
+        # alike): wait for it so that "ran twice" counts what the outage did.
+        wait_for(lambda: broker.unacked(queue) == 0, 30, interval=0.2)
         down_at = time.monotonic()
         broker.down()
         during = threading.Thread(target=fire, args=(DURING,), name="during")
@@ -180,6 +202,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--schemes", default=",".join(SCHEMES))
     parser.add_argument("--settle", type=float, default=60.0, help="how long to wait for the tasks after the outage")
     parser.add_argument("--json", type=Path, help="also write the outcomes here")
+    parser.add_argument("--broker", default=os.environ.get("CARROT_KOMBU_TEST_URL", "amqp://guest:guest@127.0.0.1:5672//"),
+                        help="the shared broker behind the fault proxy (cut, refuse)")
     args = parser.parse_args(argv)
     outcomes: list[Outcome] = []
     with tempfile.TemporaryDirectory(prefix="ck-green-") as tmp, ExitStack() as stack:
@@ -187,7 +211,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         for pool in args.pools.split(","):
             for scheme in args.schemes.split(","):
                 started = time.monotonic()
-                outcome = run(pool, scheme, args.outage, Path(tmp), node=node, outage_seconds=args.seconds,
+                outcome = run(pool, scheme, args.outage, Path(tmp), node=node, shared_url=args.broker,
+                              outage_seconds=args.seconds,
                               settle=args.settle)
                 outcomes.append(outcome)
                 summary = {k: v for k, v in asdict(outcome).items() if k != "worker_log"}
