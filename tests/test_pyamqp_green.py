@@ -105,6 +105,12 @@ print(json.dumps(out))
 '''
 
 
+def need(module: str) -> None:
+    """eventlet and gevent come with the test extra; the low-end run (make test-low-end) has neither."""
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not installed (it is in the test extra: pip install -e '.[test]')")
+
+
 def run_under(hub: str) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "-W", "ignore", "-c", SCRIPT, hub], capture_output=True, text=True,
@@ -115,8 +121,8 @@ def run_under(hub: str) -> dict:
 
 @pytest.mark.parametrize("hub", ["eventlet", "gevent", "threads"])
 def test_the_wire_waits_cooperatively_under_each_hub(hub) -> None:
-    if hub != "threads" and importlib.util.find_spec(hub) is None:
-        pytest.fail(f"{hub} is not installed: it is in the test extra (pip install -e '.[test]')")
+    if hub != "threads":
+        need(hub)
     out = run_under(hub)
     assert out["poller"] == ("SelectPoller" if hub != "threads" else "poll")
     assert out["read"] is True and out["frames"] == [[8, 0, ""]]
@@ -144,6 +150,7 @@ except RuntimeError as exc:
 
 
 def test_a_green_wire_refuses_when_carrot_kombu_was_imported_before_the_patching() -> None:
+    need("eventlet")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "-W", "ignore", "-c", LATE], capture_output=True, text=True, timeout=60,
                           env=env, cwd=ROOT)
@@ -167,6 +174,7 @@ print(before, kombu.utils.functional.sleep is time.sleep)
 
 def test_a_green_wire_makes_kombus_retry_loop_sleep_cooperatively() -> None:
     """Celery's reconnect loop (kombu ``retry_over_time``) must not freeze the supervisor's green thread."""
+    need("gevent")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "-W", "ignore", "-c", KOMBU_FIRST], capture_output=True, text=True,
                           timeout=60, env=env, cwd=ROOT)
