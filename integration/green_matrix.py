@@ -180,7 +180,19 @@ def run(pool: str, scheme: str, outage: str, where: Path, *, node: Optional[Brok
             outcome.accepted = broker.proxy.accepted
         if not outcome.ok:
             outcome.worker_log = worker.output()
+    if outage != "node":
+        _delete(shared_url, queue)  # the shared broker keeps nothing of ours (a private node is discarded)
     return outcome
+
+
+def _delete(url: str, queue: str) -> None:
+    """Delete ``queue`` and Celery's exchange of the same name on the shared broker (plain py-amqp)."""
+    import kombu
+
+    with kombu.Connection(url, connect_timeout=10) as conn:
+        channel = conn.channel()
+        channel.queue_delete(queue)
+        channel.exchange_delete(queue)
 
 
 def table(outcomes: list[Outcome]) -> str:
