@@ -451,3 +451,58 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv))
+
+
+# -- an app whose task leaves a mark on disk (for outages: no result backend involved) --------------
+
+MARK_APP_TEMPLATE = """\
+import os
+import time
+
+from celery import Celery
+
+MARKS = {marks!r}
+
+app = Celery({name!r})
+app.conf.update({config!r})
+
+
+@app.task(name="echo")
+def echo(x):
+    # One file per task, named by its argument, one line per run saying when
+    # (time.monotonic(): comparable with the test process's clock on Linux).
+    with open(os.path.join(MARKS, str(x)), "a") as out:
+        out.write(repr(time.monotonic()) + "\\n")
+    return x
+"""
+
+
+def write_mark_app(where: Path, name: str, broker_url: str, queue: str, **config: Any) -> AppModule:
+    """Write app module ``name`` whose ``echo(x)`` task appends to ``<where>/marks/<x>`` (see :func:`marks`).
+
+    No result backend: whether a task ran is read from disk, so a result
+    consumer that did not survive an outage cannot hide a task that did.
+    """
+    settings = dict(
+        broker_url=broker_url,
+        result_backend=None,
+        task_default_queue=queue,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+    )
+    settings.update(config)
+    (where / "marks").mkdir(parents=True, exist_ok=True)
+    (where / f"{name}.py").write_text(
+        MARK_APP_TEMPLATE.format(name=name, config=settings, marks=str(where / "marks")))
+    return AppModule(where, name, queue)
+
+
+def marks(app: AppModule) -> dict[int, list[float]]:
+    """The tasks of a :func:`write_mark_app` app that ran: argument -> ``time.monotonic()`` of each run."""
+    found: dict[int, list[float]] = {}
+    for path in (app.dir / "marks").iterdir():
+        if path.name.isdigit():
+            lines = path.read_text().split("\n")[:-1]  # a line still being written has no newline yet
+            if lines:
+                found[int(path.name)] = [float(line) for line in lines]
+    return found

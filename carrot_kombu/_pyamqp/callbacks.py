@@ -15,6 +15,7 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .._sync import NOT_ACQUIRED, owned, run_locked
+from .green import read_fd, write_fd
 from .replies import Waiter
 
 if TYPE_CHECKING:
@@ -79,7 +80,7 @@ class EventQueue:
         if self._pipe is not None and not self._armed:
             self._armed = True
             try:
-                os.write(self._pipe[1], b"\0")
+                write_fd(self._pipe[1], b"\0")  # never a green hub wait (see .green)
             except OSError:
                 pass
 
@@ -88,7 +89,7 @@ class EventQueue:
         if self._pipe is not None and self._armed and not self._items:
             self._armed = False
             try:
-                while os.read(self._pipe[0], 4096):
+                while read_fd(self._pipe[0], 4096):
                     pass
             except OSError:
                 pass

@@ -34,6 +34,7 @@ from amqp.exceptions import UnexpectedFrame
 
 from .._sync import Monitor, raised_by_library as _from_library
 from .frames import FrameParser
+from .green import close_socket, is_green, poller, read_fd, shutdown_socket, write_fd
 
 __all__ = ("Wire",)
 
@@ -52,9 +53,6 @@ HIGH_WATER = 4 << 20
 #: Longest single ``poll()``: waits are re-checked at least this often.
 _POLL_SLICE = 1.0
 
-_POLLIN = select.POLLIN | select.POLLPRI
-_POLLOUT = select.POLLOUT
-_POLL_ERR = select.POLLERR | select.POLLHUP | select.POLLNVAL
 
 
 class Wire:
@@ -93,11 +91,10 @@ class Wire:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        self._rpoll = select.poll()
-        self._rpoll.register(self._fd, _POLLIN)
-        self._rpoll.register(self._wake_r, _POLLIN)
-        self._wpoll = select.poll()
-        self._wpoll.register(self._fd, _POLLOUT)
+        # select.poll on OS threads; a cooperative select under eventlet/gevent (see .green).
+        green = is_green(sock)
+        self._rpoll = poller((self._fd, self._wake_r), green=green)
+        self._wpoll = poller((self._fd,), write=True, green=green)
         self._on_failed = on_failed
         # -- writer state, behind _wcond --
         self._wcond = Monitor()
@@ -231,13 +228,13 @@ class Wire:
     def wake_reader(self) -> None:
         """Make a reader waiting in :meth:`read` return now."""
         try:
-            os.write(self._wake_w, b"\0")
+            write_fd(self._wake_w, b"\0")
         except (BlockingIOError, OSError):
             pass  # the pipe is full (a wake-up is pending anyway) or closed
 
     def _drain_wake(self) -> None:
         try:
-            while os.read(self._wake_r, 4096):
+            while read_fd(self._wake_r, 4096):
                 pass
         except (BlockingIOError, OSError):
             pass
@@ -513,7 +510,7 @@ class Wire:
     def _shutdown(self) -> None:
         try:
             # On the raw socket, under no lock: a TLS shutdown would need the SSL object.
-            socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
+            shutdown_socket(self._sock)
         except (OSError, ValueError):
             pass
         self.wake_reader()
@@ -529,7 +526,7 @@ class Wire:
             except OSError:
                 pass
         try:
-            socket.socket.close(self._sock)
+            close_socket(self._sock)
         except OSError:
             pass
 
@@ -543,6 +540,5 @@ def _as_oserror(exc: BaseException) -> OSError:
 
 def poll_readable(sock: Any, timeout: float) -> bool:
     """True when ``sock`` has something to read within ``timeout`` (tests, probes)."""
-    p = select.poll()
-    p.register(sock.fileno(), _POLLIN)
-    return bool(p.poll(int(timeout * 1000)))
+    waits = poller((sock.fileno(),), green=not hasattr(select, "poll"))
+    return bool(waits.poll(int(timeout * 1000)))
