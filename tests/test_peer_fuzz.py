@@ -665,15 +665,35 @@ class Session:
         if heartbeats:  # the 1 ms heartbeat flood is the fake's own CPU, not the client's
             peer.set_heartbeats(False)
         try:
+            threads_before = _thread_cpu()
             wall, cpu = time.monotonic(), time.process_time()
             threading.Event().wait(QUIET_WINDOW)  # the quiet window itself: nothing to wait for
             wall, cpu = time.monotonic() - wall, time.process_time() - cpu
+            threads_after = _thread_cpu()
         finally:
             if heartbeats and not final:
                 peer.set_heartbeats(True)
         self.log.append(f"quiet window: {cpu:.3f}s CPU in {wall:.3f}s")
         if cpu > QUIET_CPU_LIMIT:
-            raise self.fail(case, f"CPU spin: {cpu:.3f}s of CPU in a quiet {wall:.3f}s window")
+            names = {t.native_id: t.name for t in threading.enumerate()}
+            busiest = sorted(((threads_after[tid] - threads_before.get(tid, 0.0), names.get(tid, f"tid {tid}"))
+                              for tid in threads_after), reverse=True)[:5]
+            raise self.fail(case, f"CPU spin: {cpu:.3f}s of CPU in a quiet {wall:.3f}s window; "
+                                  f"busiest threads: {[(round(c, 3), n) for c, n in busiest]}")
+
+
+def _thread_cpu() -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of this process, by native id."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended meanwhile
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return out
 
 
 def _fds() -> int:
