@@ -30,7 +30,12 @@ connection) and the command to run it again::
 
     PEER_FUZZ_SEED=17017 pytest tests/test_peer_fuzz.py -k "session3"
 
-``PEER_FUZZ_CASES`` sets the total number of cases (default 2000).
+``PEER_FUZZ_CASES`` sets the total number of cases (default 2000).  After each
+case's frames a ``channel.flow`` round trip (a barrier) makes sure the client
+handled them before the user call, so a case replays alike.  Bugs found here
+are reproduced by ``xfail(strict=True)`` tests at the end of the file; the fuzz
+tolerates (and counts) each while its ``KNOWN_*`` flag is on, and
+``PEER_FUZZ_STRICT=1`` turns every tolerance off to check a fix.
 """
 
 from __future__ import annotations
