@@ -532,6 +532,12 @@ class Peer:
         self._sock = sock
         sock.setblocking(False)
         try:
+            # Answers go out at once, as RabbitMQ's do (it sets nodelay): without
+            # it Nagle holds a small answer until the client's delayed ACK (40 ms).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # an AF_UNIX socketpair
+        try:
             name = sock.getpeername()
         except OSError:
             name = None
