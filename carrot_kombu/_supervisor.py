@@ -435,6 +435,10 @@ class Supervisor:
             # report connected after it.
             link.close(self._stop_timeout)
             return None
+        # A replacement deferred on an earlier link is moot: this one's confirm
+        # channel was attached by the recovery (else the wake-up below would
+        # stay in the past and the loop would spin, found by the peer fuzz).
+        self._publisher_wanted = None
         self._live.attach(link)
         self._degrade(self._recovery.attached(link))
         self._board.connected(link.endpoint.masked_url, link.negotiated(), link.server())
@@ -460,7 +464,7 @@ class Supervisor:
         next_tick = time.monotonic() + interval
         while True:
             wake = min([next_tick] + [r.due for r in self._retries.values()]
-                       + ([self._publisher_due] if self._publisher_wanted is not None else []))
+                       + ([self._publisher_due] if self._publisher_wanted == link.generation else []))
             try:
                 msg: Optional[Message] = self._inbox.get(timeout=max(0.0, wake - time.monotonic()))
             except queue.Empty:

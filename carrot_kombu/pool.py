@@ -383,8 +383,10 @@ class ChannelPool:
                     self._cond.notify_all()
             return None
         except BaseException as exc:
-            if isinstance(exc, (Disconnected, ChannelError)) or not isinstance(exc, _SPOILING):
+            if isinstance(exc, Disconnected) or not isinstance(exc, _SPOILING):
                 raise
+            # A refused channel.open (the broker closed the channel it was
+            # opening) is one of ours too: reason keeps the broker's error.
             raise Disconnected(f"could not open a channel: {type(exc).__name__}: {exc}", exc) from exc
         with self._cond.lock:
             if self._books_for is link and self._live.is_live(link.generation):

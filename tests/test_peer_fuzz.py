@@ -82,15 +82,15 @@ QUIET_CPU_LIMIT = 0.3
 #: one is open the fuzz tolerates (and counts) it; set it to False once fixed.
 #: A wrong-way content method makes the reading caller raise a raw UnexpectedFrame.
 _STRICT = os.environ.get("PEER_FUZZ_STRICT") == "1"  # tolerate no known bug (to check a fix)
-KNOWN_RAW_UNEXPECTED_FRAME = not _STRICT
+KNOWN_RAW_UNEXPECTED_FRAME = False  # fixed
 #: An unsolicited channel.close-ok on the confirm channel breaks every later
 #: publish on that connection (struct.error): not sent there while open.
-KNOWN_CLOSE_OK_BREAKS_PUBLISHER = not _STRICT
+KNOWN_CLOSE_OK_BREAKS_PUBLISHER = False  # fixed
 #: open_channel() raises py-amqp's ChannelError when the broker closes the channel it opens.
-KNOWN_OPEN_CHANNEL_RAW_ERROR = not _STRICT
+KNOWN_OPEN_CHANNEL_RAW_ERROR = False  # fixed
 #: The supervisor spins when a confirm-channel replacement deferred by backoff
 #: outlives its connection.
-KNOWN_SUPERVISOR_SPIN = not _STRICT
+KNOWN_SUPERVISOR_SPIN = False  # fixed
 
 HUGE_TAGS = (0, 1, 2, 2**63, 2**64 - 1, 10**9, 2**32, 2**63 - 1)
 CODES = (200, 311, 312, 313, 320, 402, 403, 404, 405, 406, 501, 502, 503, 504, 505, 506, 530, 540, 541)
@@ -798,12 +798,9 @@ def test_a_hostile_broker_never_breaks_the_users_contract(number: int, quiet_lib
           f"{ {k: round(v, 2) for k, v in session.times.items()} }, slowest cases: {session.slowest}")
 
 
-# -- bugs the fuzz found (minimal reproductions; the fuzz tolerates them until fixed) -----------
+# -- bugs the fuzz found (minimal reproductions, fixed; each failed before its fix) ---------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "17.x: a frame error met by a caller that leads reading escapes raw: Wire.pump re-raises "
-    "UnexpectedFrame as is and ConnState.wait_for only turns OSError into Disconnected"))
 def test_a_frame_error_read_by_a_waiting_publisher_reaches_it_as_disconnected() -> None:
     """basic.publish (a content method py-amqp does not expect) from the broker on channel 0.
 
@@ -849,9 +846,6 @@ def _connected(broker: FakeBroker) -> tuple[ConnectionManager, Peer]:
     return manager, peer
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "17.x: an unsolicited channel.close-ok collects the publisher's confirm channel (py-amqp sets "
-    "channel_id None) but the publisher keeps writing on it: encode_method packs None -> struct.error"))
 def test_an_unsolicited_close_ok_on_the_confirm_channel_never_reaches_publishers_raw() -> None:
     with FakeBroker(heartbeat=0) as broker:
         manager, peer = _connected(broker)
@@ -871,9 +865,6 @@ def test_an_unsolicited_close_ok_on_the_confirm_channel_never_reaches_publishers
             manager.stop(timeout=3)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "17.x: open_channel() raises py-amqp's raw ChannelError when the broker answers channel.open "
-    "with channel.close (pool.py _open -> link.open_channel -> chan.open(); not translated)"))
 def test_a_channel_open_refused_by_the_broker_raises_a_library_error() -> None:
     with FakeBroker(heartbeat=0) as broker:
         manager, peer = _connected(broker)
@@ -886,9 +877,6 @@ def test_a_channel_open_refused_by_the_broker_raises_a_library_error() -> None:
             manager.stop(timeout=3)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "17.x: Supervisor._publisher_wanted keeps the generation of a lost link: _pump's wake-up is "
-    "then always the past _publisher_due and inbox.get(timeout=0) spins until a publish needs a channel"))
 def test_a_deferred_confirm_channel_replacement_does_not_spin_after_a_reconnect() -> None:
     with FakeBroker(heartbeat=0) as broker:
         manager = ConnectionManager(broker.url, heartbeat=0, backoff=Backoff(min=1.0, max=2.0, jitter=False))

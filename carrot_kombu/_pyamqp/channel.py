@@ -629,8 +629,23 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
                 logger.exception("carrot_kombu: channel on_open callback failed")
 
     def _on_close_ok(self) -> None:
+        state: ChanState = self.carrot
+        if not state.close_sent:
+            # No close of ours to answer (a broker bug or a hostile peer): the
+            # channel cannot be trusted.  Its id stays taken (the broker may
+            # still count it open); waiters and the internal owner learn it as
+            # a close naming no method, the publisher's replacement backs off.
+            error = ChannelError("the broker sent channel.close-ok for a close never sent", spec.Channel.CloseOk)
+            with state.lock:
+                state.error = state.error or error
+                state.begin_close()
+            state.fail_all(error)
+            hook = state.on_closed
+            if hook is not None:
+                hook(error, (0, 0))
+            return
         self.collect()
-        self.carrot.resolve(spec.Channel.CloseOk, ())
+        state.resolve(spec.Channel.CloseOk, ())
 
     def _on_close(self, reply_code: int, reply_text: str, class_id: int, method_id: int) -> None:
         """The broker closed this channel (404, 406...): answer, discard it, never revive it.
