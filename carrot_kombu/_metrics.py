@@ -25,7 +25,7 @@ import time
 from bisect import bisect_left
 from typing import Callable, Iterable, Optional, Protocol
 
-__all__ = ("Histogram", "Metrics", "OUTCOMES", "CONFIRM_BUCKETS", "POOL_WAIT_BUCKETS", "now", "on_histogram")
+__all__ = ("Histogram", "Metrics", "OUTCOMES", "CONFIRM_BUCKETS", "POOL_WAIT_BUCKETS", "now", "off_histogram", "on_histogram")
 
 #: ``published_total`` outcomes, in the order they are exported.
 OUTCOMES = ("confirmed", "nacked", "returned", "timeout", "failed")
@@ -60,6 +60,12 @@ def on_histogram(listener: Callable[["Metrics", str, float], None]) -> None:
     """Tell ``listener`` of every histogram observation from now on (idempotent)."""
     if listener not in _LISTENERS:
         _LISTENERS.append(listener)
+
+
+def off_histogram(listener: Callable[["Metrics", str, float], None]) -> None:
+    """Undo :func:`on_histogram` (idempotent)."""
+    if listener in _LISTENERS:
+        _LISTENERS.remove(listener)
 
 
 class Histogram:

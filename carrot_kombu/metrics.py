@@ -34,7 +34,7 @@ from .status import ConnectionState
 if TYPE_CHECKING:
     from ._core import Core
 
-__all__ = ("Family", "collect", "instrument", "register", "text", "unregister")
+__all__ = ("Family", "collect", "instrument", "register", "text", "uninstrument", "unregister")
 
 PREFIX = "carrot_kombu"
 
@@ -345,14 +345,31 @@ def instrument(meter_provider: Any = None) -> Any:
                 meter.create_observable_counter(otel_name, [_observer(name)], unit=unit, description=help_)
             else:
                 histogram = meter.create_histogram(otel_name, unit=unit, description=help_)
-                _histogram_sinks.append((name, histogram))
+                _histogram_sinks.append((provider, name, histogram))
         _instrumented[id(provider)] = (provider, meter)
         _metrics.on_histogram(_record)
         return meter
 
 
-#: (family name, OpenTelemetry histogram) of every instrumented provider.
-_histogram_sinks: list[tuple[str, Any]] = []
+#: (provider, family name, OpenTelemetry histogram) of every instrumented provider.
+_histogram_sinks: list[tuple[Any, str, Any]] = []
+
+
+def uninstrument(meter_provider: Any = None) -> None:
+    """Stop recording histograms into ``meter_provider``'s instruments (before shutting it down).
+
+    Its observable instruments stay with the provider (OpenTelemetry cannot
+    remove them); they stop when the provider shuts down.
+    """
+    if meter_provider is None:
+        from opentelemetry import metrics as otel
+
+        meter_provider = otel.get_meter_provider()
+    with _lock:
+        _instrumented.pop(id(meter_provider), None)
+        _histogram_sinks[:] = [sink for sink in _histogram_sinks if sink[0] is not meter_provider]
+        if not _histogram_sinks:
+            _metrics.off_histogram(_record)
 
 _HISTOGRAM_OF = {"confirm_seconds": "carrot_kombu_publish_confirm_seconds",
                  "pool_wait_seconds": "carrot_kombu_pool_wait_seconds"}
@@ -361,7 +378,7 @@ _HISTOGRAM_OF = {"confirm_seconds": "carrot_kombu_publish_confirm_seconds",
 def _record(metrics: Metrics, which: str, value: float) -> None:
     family = _HISTOGRAM_OF[which]
     attributes = {"manager": _label_of(metrics)}
-    for name, histogram in list(_histogram_sinks):
+    for _provider, name, histogram in list(_histogram_sinks):
         if name == family:
             histogram.record(value, attributes)
 

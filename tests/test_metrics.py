@@ -321,23 +321,29 @@ def test_opentelemetry_sees_the_same_numbers(managers):
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
+    from carrot_kombu import _metrics
+
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader])
-    metrics.instrument(provider)
-    manager = managers(name="otel")
-    manager.publish_many([b"a", b"b"], routing_key="q")
-    with manager.channel():
-        pass
-    points = {}
-    for resource in reader.get_metrics_data().resource_metrics:
-        for scope in resource.scope_metrics:
-            for metric in scope.metrics:
-                for point in metric.data.data_points:
-                    attrs = dict(point.attributes)
-                    if attrs.get("manager") == "otel":
-                        points[(metric.name, attrs.get("outcome"))] = point
-    assert points[("carrot_kombu.connected", None)].value == 1
-    assert points[("carrot_kombu.published", "confirmed")].value == 2
-    assert points[("carrot_kombu.publish_confirm_seconds", None)].count == 2
-    assert points[("carrot_kombu.pool_wait_seconds", None)].count >= 1
-    provider.shutdown()
+    assert metrics.instrument(provider) is metrics.instrument(provider)  # idempotent
+    try:
+        manager = managers(name="otel")
+        manager.publish_many([b"a", b"b"], routing_key="q")
+        with manager.channel():
+            pass
+        points = {}
+        for resource in reader.get_metrics_data().resource_metrics:
+            for scope in resource.scope_metrics:
+                for metric in scope.metrics:
+                    for point in metric.data.data_points:
+                        attrs = dict(point.attributes)
+                        if attrs.get("manager") == "otel":
+                            points[(metric.name, attrs.get("outcome"))] = point
+        assert points[("carrot_kombu.connected", None)].value == 1
+        assert points[("carrot_kombu.published", "confirmed")].value == 2
+        assert points[("carrot_kombu.publish_confirm_seconds", None)].count == 2
+        assert points[("carrot_kombu.pool_wait_seconds", None)].count >= 1
+    finally:
+        metrics.uninstrument(provider)
+        provider.shutdown()
+    assert not _metrics._LISTENERS  # nothing recorded for a provider that is gone
