@@ -86,7 +86,7 @@ _FAMILIES: tuple[tuple[str, str, str, str, tuple[float, ...]], ...] = (
     ("carrot_kombu_pool_waiting", "gauge", "open_channel() calls waiting for a free channel now", "", ()),
     ("carrot_kombu_pool_limit", "gauge", "Most channels the pool leases at once", "", ()),
     ("carrot_kombu_pool_wait_seconds", "histogram",
-     "Seconds open_channel() waited for a free channel (0 when one was free)", "seconds", POOL_WAIT_BUCKETS),
+     "Seconds open_channel() calls that found no free channel waited for one", "seconds", POOL_WAIT_BUCKETS),
     ("carrot_kombu_consumers", "gauge", "consume() subscriptions of the manager", "", ()),
     ("carrot_kombu_delivered", "counter", "Deliveries handed to consume() callbacks", "", ()),
 )

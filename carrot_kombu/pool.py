@@ -314,7 +314,7 @@ class ChannelPool:
 
     def _wait_for_slot(self, deadline: Deadline, spoiled: list[Any]) -> Any:
         """Under the lock: an idle channel's lease, or the link to open a new channel on."""
-        waited_from = 0.0  # when this call started waiting for a slot (0.0: it did not)
+        waited_from = 0.0  # when this call started waiting for a slot (0.0: it did not: not observed)
         try:
             while True:
                 link = self._serving()
@@ -339,7 +339,8 @@ class ChannelPool:
                 finally:
                     self._waiting.discard(ticket)
         finally:
-            self._metrics.pool_wait_seconds.observe(waited_from and now() - waited_from)
+            if waited_from:
+                self._metrics.pool_wait_seconds.observe(now() - waited_from)
 
     def _timeout_message(self, link: "Link", timeout: Optional[float]) -> str:
         if self._at_channel_max:

@@ -460,16 +460,17 @@ class Publisher:
             tags = range(self._low, top + 1) if multiple else (delivery_tag,)
             if multiple or delivery_tag == self._low:
                 self._low = max(self._low, top + 1)
+            at = now()  # one reading per confirm frame, however many messages it settles
             for tag in tags:
                 pending = self._by_tag.pop(tag, None)
                 if pending is not None:
-                    self._settle_one(pending, "returned" if pending.detail else outcome)
+                    self._settle_one(pending, "returned" if pending.detail else outcome, at)
             self._cond.notify_all()
 
-    def _settle_one(self, pending: _Pending, outcome: str) -> None:
+    def _settle_one(self, pending: _Pending, outcome: str, at: float) -> None:
         if pending.outcome is None:
             pending.outcome = outcome
-            pending.settled_at = now()
+            pending.settled_at = at
         self._pending.pop(pending.id, None)
         pending.wake()
 
