@@ -106,6 +106,10 @@ class _Settled(Protocol):
     settled_at: float
 
 
+class _Expires(Protocol):
+    def expired(self) -> bool: ...
+
+
 class Metrics:
     """The counters of one manager (see the module docstring for who writes which)."""
 
@@ -127,14 +131,15 @@ class Metrics:
         #: Deliveries handed to ``consume()`` callbacks (the consumers' workers).
         self.delivered = 0
 
-    def publish_ended(self, messages: Iterable[_Settled], started: float, expired: bool) -> None:
+    def publish_ended(self, messages: Iterable[_Settled], started: float, deadline: _Expires) -> None:
         """A ``publish``/``publish_many`` call ends: count each message's outcome.
 
         Args:
             messages: Every message of the call (settled or not).
             started: :func:`now` when the call began.
-            expired: The call's deadline has passed: an unsettled message timed out
+            deadline: The call's; once passed, an unsettled message timed out
                 (else the call was cut short: the manager stopped, an interrupt).
+                Asked only about an unsettled message.
         """
         # The histogram's observe() inlined: this runs for every message of publish_many.
         published = self.published
@@ -153,7 +158,7 @@ class Metrics:
                 if latencies is not None:
                     latencies.append(latency)
             elif outcome is None:
-                published["timeout" if expired else "failed"] += 1
+                published["timeout" if deadline.expired() else "failed"] += 1
             else:
                 published[_EXPORTED.get(outcome, "failed")] += 1
         if confirmed:

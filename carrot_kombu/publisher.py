@@ -312,7 +312,7 @@ class Publisher:
             for pending in batch:
                 if pending.outcome is None:
                     self._forget(pending)
-            self.metrics.publish_ended(encoded, started, deadline.expired())
+            self.metrics.publish_ended(encoded, started, deadline)
 
     def _encode(
         self, body: Any, exchange: str, routing_key: str, headers: Optional[dict[str, Any]],

@@ -124,8 +124,10 @@ def test_outcomes_map_to_the_exported_names():
     m = Metrics()
     settled = [SimpleNamespace(outcome=o, settled_at=10.5) for o in
                ("ack", "nack", "returned", "rejected", "aborted", "blocked", None)]
-    m.publish_ended(settled, started=10.0, expired=True)
-    m.publish_ended([SimpleNamespace(outcome=None, settled_at=0.0)], started=10.0, expired=False)
+    passed = SimpleNamespace(expired=lambda: True)
+    m.publish_ended(settled, started=10.0, deadline=passed)
+    m.publish_ended([SimpleNamespace(outcome=None, settled_at=0.0)], started=10.0,
+                    deadline=SimpleNamespace(expired=lambda: False))
     assert m.published == {"confirmed": 1, "nacked": 1, "returned": 1, "timeout": 1, "failed": 4}
     counts, total = m.confirm_seconds.cumulative()
     assert counts[-1] == 1 and total == pytest.approx(0.5)
@@ -225,6 +227,12 @@ def test_labels_connection_name_default_and_duplicates(registry, managers):
     seq = {m: m._core.metrics.sequence for m in (named, twin, anonymous)}
     assert f"orders #{seq[named]}" in labels and f"orders #{seq[twin]}" in labels
     assert any(re.fullmatch(rf"carrot_kombu pid=\d+ #{seq[anonymous]}", label) for label in labels)
+
+
+def test_the_connection_name_of_transport_options_labels_too(registry, managers):
+    # How Celery's broker_transport_options reach the carrot+amqp:// transport's managers.
+    managers(start=False, transport_options={"client_properties": {"connection_name": "celery-worker"}})
+    assert value(registry, "carrot_kombu_connected", "celery-worker") == 0
 
 
 def test_one_collector_serves_managers_made_after_registration(registry, managers):
