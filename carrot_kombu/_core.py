@@ -13,6 +13,7 @@ import logging
 from typing import Optional
 
 from ._live import LiveConnection
+from ._metrics import Metrics
 from ._supervisor import Inbox, Supervisor
 from .config import Settings
 from .consumers import Consumers
@@ -47,9 +48,11 @@ class Core:
         self.publisher = publisher
         self.consumers = consumers
         self.inbox = inbox
-        self.board = StateBoard(settings.endpoints[0].masked_url)
+        #: The counters of carrot_kombu.metrics: the publisher's, kept across runs.
+        self.metrics = publisher.metrics
+        self.board = StateBoard(settings.endpoints[0].masked_url, self.metrics)
         self.live = LiveConnection()
-        self.pool = ChannelPool(settings.pool_limit, self.live)
+        self.pool = ChannelPool(settings.pool_limit, self.live, self.metrics)
         self.recovery = Recovery(topology, publisher, consumers)
         #: The running supervisor (None when stopped).
         self.supervisor: Optional[Supervisor] = None
@@ -84,8 +87,9 @@ class Core:
             bus = previous.bus.fork()
             topology = previous.topology
             topology.after_fork()
-        publisher = Publisher(max_pending, need_channel=inbox.replace_publisher_channel)
-        consumers = Consumers(bus, resubscribe=inbox.resubscribe)
+        metrics = Metrics()  # a forked child counts from zero, like any new process
+        publisher = Publisher(max_pending, need_channel=inbox.replace_publisher_channel, metrics=metrics)
+        consumers = Consumers(bus, resubscribe=inbox.resubscribe, metrics=metrics)
         return cls(settings, bus=bus, topology=topology, publisher=publisher, consumers=consumers, inbox=inbox)
 
     def start(self) -> None:

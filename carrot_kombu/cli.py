@@ -11,6 +11,9 @@ and the reference page ``docs/cli.rst``.
   object) per event; Ctrl-C or SIGTERM stops the manager, prints a final
   ``stopped`` and exits 0.  Exit 2 for a bad URL or no URL.
 * ``demo [URL]``: the main job: publish and consume through pooled leases.
+* ``metrics [URL] [--timeout S]``: one scrape of :mod:`carrot_kombu.metrics`
+  in the Prometheus text format: of a manager connected to the broker URL,
+  or fetched from an application's ``http(s)://`` metrics endpoint.
 
 The URL comes from the argument, then ``$CARROT_KOMBU_URL``, then
 ``$CELERY_BROKER_URL``.  ``check`` and ``watch`` refuse to run without one
@@ -37,6 +40,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import replace
 from typing import Any, Callable, Optional, Sequence, TextIO
 
 from .demo import run_demo
@@ -416,6 +420,79 @@ def _catch_stop_signals(callback: Callable[[int], Any]) -> Callable[[], None]:
     return restore
 
 
+# -- metrics -------------------------------------------------------------------------
+
+#: The connection name of the ``metrics`` command's manager (its ``manager`` label).
+METRICS_CONNECTION_NAME = "carrot-kombu metrics"
+
+
+def metrics(url: Optional[str], timeout: float, out: Optional[TextIO] = None) -> int:
+    """Print one scrape of carrot_kombu metrics in the Prometheus text format.
+
+    An ``http(s)://`` URL is an application's metrics endpoint: fetched
+    once, its ``carrot_kombu_*`` series printed.  A broker URL: a manager
+    connects (within ``timeout``), takes and gives back one channel, and its
+    own metrics are printed, also when it could not connect.
+    """
+    from . import metrics as exported
+
+    out = out or sys.stdout
+    if not url:
+        print(f"FAILED: {NO_URL}", file=out, flush=True)
+        return EXIT_REFUSED
+    if url.split("://", 1)[0].lower() in ("http", "https"):
+        return _scrape(url, timeout, out)
+    url = without_transport_prefix(url)
+    redact = redactor(url)
+    try:
+        manager = ConnectionManager(
+            url, backoff=Backoff(min=0.1, max=0.1, jitter=False, max_tries=len(_parts(url)) or 1),
+            connection_timeout=timeout, pool_limit=1, client_properties={"connection_name": METRICS_CONNECTION_NAME},
+        )
+    except ConfigurationError as exc:
+        print(f"FAILED {masked(url)}: configuration: {redact(str(exc))}", file=out, flush=True)
+        return EXIT_REFUSED
+    code = EXIT_OK
+    manager.start()
+    try:
+        if manager.wait_connected(timeout):
+            try:
+                with manager.channel(timeout=timeout):
+                    pass
+            except CarrotKombuError:
+                code = EXIT_UNREACHABLE
+        else:
+            code = EXIT_REFUSED if manager.status().fatal else EXIT_UNREACHABLE
+        ours = [
+            replace(family, samples=[s for s in family.samples if s[0]["manager"] == METRICS_CONNECTION_NAME])
+            for family in exported.collect()
+        ]
+        print(exported.text(ours), end="", file=out, flush=True)
+    finally:
+        manager.stop(timeout=1.0)
+    return code
+
+
+def _scrape(url: str, timeout: float, out: TextIO) -> int:
+    """Fetch a metrics endpoint once; print its carrot_kombu families (exit 1 if it has none or fails)."""
+    from urllib.request import urlopen
+
+    try:
+        with urlopen(url, timeout=timeout) as response:  # noqa: S310 - an http(s) URL the user gave
+            body = response.read().decode("utf-8", "replace")
+    except (OSError, ValueError) as exc:
+        print(f"FAILED {masked(url)}: {_error_text(exc, redactor(url))}", file=out, flush=True)
+        return EXIT_UNREACHABLE
+    lines = [line for line in body.splitlines()
+             if line.startswith(("carrot_kombu_", "# HELP carrot_kombu_", "# TYPE carrot_kombu_"))]
+    if not lines:
+        print(f"FAILED {masked(url)}: no carrot_kombu metrics there "
+              "(call carrot_kombu.metrics.register() in the application)", file=out, flush=True)
+        return EXIT_UNREACHABLE
+    print("\n".join(lines), file=out, flush=True)
+    return EXIT_OK
+
+
 # -- demo ----------------------------------------------------------------------------
 
 
@@ -520,6 +597,28 @@ exit codes:
   0  stopped by Ctrl-C or SIGTERM
   2  invalid URL or no URL given ($CARROT_KOMBU_URL, $CELERY_BROKER_URL)"""
 
+_METRICS_DESCRIPTION = """\
+Print one scrape of carrot_kombu's metrics in the Prometheus text format,
+for when no Prometheus server is at hand.
+
+With a broker URL: connect a manager (no retry beyond one attempt per
+failover URL), take and give back one channel, and print its metrics (also
+when it could not connect: carrot_kombu_connected 0 then).
+
+With an http:// or https:// URL: fetch that metrics endpoint of a running
+application (one that called carrot_kombu.metrics.register() and serves
+prometheus_client's registry) once and print its carrot_kombu_* series."""
+
+_METRICS_EPILOG = """\
+exit codes:
+  0  connected (or the endpoint served carrot_kombu metrics)
+  1  unreachable or timed out, or no carrot_kombu metrics at the endpoint
+  2  refused by the broker, invalid URL or option, or no URL given
+
+examples:
+  carrot-kombu metrics amqp://guest:guest@localhost:5672//
+  carrot-kombu metrics http://localhost:9100/metrics"""
+
 _DEMO_DESCRIPTION = """\
 Start a manager, publish a batch of messages from several threads through
 pooled channel leases, consume them back and print a summary. Without a URL
@@ -555,6 +654,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_watch.add_argument("url", nargs="?", metavar="URL", help=_URL_HELP.format(""))
     p_watch.add_argument("--json", action="store_true", help="one JSON object per line and event")
+    p_metrics = sub.add_parser(
+        "metrics", help="print one scrape of the metrics in the Prometheus text format",
+        description=_METRICS_DESCRIPTION, epilog=_METRICS_EPILOG, formatter_class=raw,
+    )
+    p_metrics.add_argument("url", nargs="?", metavar="URL",
+                           help=_URL_HELP.format("") + "; or an application's http(s):// metrics endpoint")
+    p_metrics.add_argument("--timeout", type=float, default=10.0, metavar="S",
+                           help="seconds allowed to connect (or to fetch the endpoint); default 10")
     p_demo = sub.add_parser(
         "demo", help="publish and consume a batch through pooled leases",
         description=_DEMO_DESCRIPTION, epilog=_DEMO_EPILOG, formatter_class=raw,
@@ -576,6 +683,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return check(url, args.timeout, args.json)
     if args.command == "watch":
         return watch(url, as_json=args.json)
+    if args.command == "metrics":
+        if not args.timeout > 0:
+            parser.error("--timeout must be > 0")
+        return metrics(url, args.timeout)
     if args.threads < 1 or args.messages < 1:
         parser.error("--threads and --messages must be >= 1")
     return demo(url or "memory://", args.threads, args.messages)

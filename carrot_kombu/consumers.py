@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import kombu
 
+from ._metrics import Metrics
 from .topology import declare_entity, is_server_named
 
 if TYPE_CHECKING:
@@ -210,6 +211,7 @@ class Consumer:
                 if not self.no_ack:
                     subscription.reject(message, raw)
                 continue
+            self._owner.metrics.delivered += 1  # one statement: atomic enough (see _metrics)
             try:
                 self.callback(body, message)
             except Exception as exc:
@@ -262,7 +264,9 @@ class Consumers:
         resubscribe: Asks the supervisor to subscribe a consumer again (must not block).
     """
 
-    def __init__(self, bus: "EventBus", resubscribe: Optional[Callable[[Consumer], None]] = None) -> None:
+    def __init__(self, bus: "EventBus", resubscribe: Optional[Callable[[Consumer], None]] = None,
+                 metrics: Optional[Metrics] = None) -> None:
+        self.metrics = metrics or Metrics()
         self._lock = threading.Lock()
         self._consumers: list[Consumer] = []
         self._bus = bus

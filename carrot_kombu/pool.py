@@ -22,6 +22,7 @@ from amqp.exceptions import ChannelError
 from amqp.exceptions import ConnectionError as AMQPConnectionError
 
 from ._deadline import Deadline
+from ._metrics import Metrics, now
 from ._sync import Monitor, owned, run_locked
 from .exceptions import Blocked, CarrotKombuError, ChannelLimitReached, Disconnected, PoolTimeout, PublishTimeout
 from .status import PoolStatus
@@ -142,7 +143,8 @@ class ChannelPool:
     longer live.
     """
 
-    def __init__(self, limit: int, live: "LiveConnection") -> None:
+    def __init__(self, limit: int, live: "LiveConnection", metrics: Optional[Metrics] = None) -> None:
+        self._metrics = metrics or Metrics()
         self._cond = Monitor()
         self._live = live
         self._configured_limit = limit
@@ -153,6 +155,7 @@ class ChannelPool:
         self._leased: dict[int, Any] = {}
         self._verifying: set[Any] = set()
         self._opening: set[object] = set()  # one ticket per acquire() opening a channel now
+        self._waiting: set[object] = set()  # one ticket per acquire() waiting for a slot now
         self._tokens = 0
         self._at_channel_max = False
         #: Tokens of leases collected without release() (filled by Lease.__del__).
@@ -312,27 +315,38 @@ class ChannelPool:
 
     def _wait_for_slot(self, timeout: Optional[float], due: list[Deadline], spoiled: list[Any]) -> Any:
         """Under the lock: an idle channel's lease, or the link to open a new channel on."""
-        while True:
-            link = self._books_for
-            if link is None or link is not self._live.link or link.dead is not None:
-                link = self._serving()  # (its common case inline: this runs on every lease)
-                if link is None:
-                    raise self._live.down_error()
-            while self._idle:
-                chan = self._idle[-1]  # taken off only together with its lease's registration
-                if link.reusable(chan):
-                    return self._lease(chan, link.generation, from_idle=True)
-                self._idle.pop()
-                spoiled.append(chan)
-            held = len(self._leased) + len(self._opening) + len(self._verifying)
-            if held < self._limit and not self._at_channel_max:
-                return link
-            if not due:
-                due.append(Deadline.after(timeout))
-            deadline = due[0]
-            if deadline.expired():
-                raise PoolTimeout(self._timeout_message(link, deadline.timeout))
-            self._cond.wait(deadline.remaining())
+        waited_from = 0.0  # when this call started waiting for a slot (0.0: it did not: not observed)
+        try:
+            while True:
+                link = self._books_for
+                if link is None or link is not self._live.link or link.dead is not None:
+                    link = self._serving()  # (its common case inline: this runs on every lease)
+                    if link is None:
+                        raise self._live.down_error()
+                while self._idle:
+                    chan = self._idle[-1]  # taken off only together with its lease's registration
+                    if link.reusable(chan):
+                        return self._lease(chan, link.generation, from_idle=True)
+                    self._idle.pop()
+                    spoiled.append(chan)
+                held = len(self._leased) + len(self._opening) + len(self._verifying)
+                if held < self._limit and not self._at_channel_max:
+                    return link
+                if not due:
+                    due.append(Deadline.after(timeout))
+                deadline = due[0]
+                if deadline.expired():
+                    raise PoolTimeout(self._timeout_message(link, deadline.timeout))
+                waited_from = waited_from or now()
+                ticket = object()
+                try:
+                    self._waiting.add(ticket)  # inside the try: interrupted anywhere, never left counted
+                    self._cond.wait(deadline.remaining())
+                finally:
+                    self._waiting.discard(ticket)
+        finally:
+            if waited_from:
+                self._metrics.pool_wait_seconds.observe(now() - waited_from)
 
     def _timeout_message(self, link: "Link", timeout: Optional[float]) -> str:
         if self._at_channel_max:
@@ -484,5 +498,5 @@ class ChannelPool:
         with self._cond.lock:
             return PoolStatus(
                 leased=len(self._leased), idle=len(self._idle), limit=self._limit, verifying=len(self._verifying),
-                opening=len(self._opening),
+                opening=len(self._opening), waiting=len(self._waiting),
             )

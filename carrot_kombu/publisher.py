@@ -33,6 +33,7 @@ from kombu.serialization import dumps
 
 from ._deadline import NEVER, Deadline
 from ._link import ConfirmChannel, ConfirmHooks, Link, Outbound, Waiter
+from ._metrics import Metrics, now
 from ._sync import Monitor
 from .exceptions import (
     Blocked,
@@ -65,7 +66,7 @@ _USER_ID = re.compile(r"user_id property set to '(.*)' but authenticated user")
 class _Pending(Waiter):
     """One message between admission and its confirm; encoded once, framed per channel."""
 
-    __slots__ = ("id", "message", "outcome", "detail", "error", "written", "tag")
+    __slots__ = ("id", "message", "outcome", "detail", "error", "written", "tag", "settled_at")
 
     def __init__(self, pid: int, message: Outbound) -> None:
         super().__init__()
@@ -76,6 +77,7 @@ class _Pending(Waiter):
         self.error: Optional[BaseException] = None
         self.written = False
         self.tag = 0
+        self.settled_at = 0.0  # when the broker's confirm was read (for the confirm latency)
 
     def ready(self) -> bool:
         return self.outcome is not None
@@ -92,7 +94,9 @@ class Publisher:
             publish (replacing it at once could loop).
     """
 
-    def __init__(self, max_pending: int, need_channel: Optional[Callable[[int, bool], None]] = None) -> None:
+    def __init__(self, max_pending: int, need_channel: Optional[Callable[[int, bool], None]] = None,
+                 metrics: Optional[Metrics] = None) -> None:
+        self.metrics = metrics or Metrics()
         self.max_pending = max_pending
         self._need_channel = need_channel
         self._cond = Monitor()
@@ -277,6 +281,7 @@ class Publisher:
         properties: dict[str, Any],
     ) -> None:
         """Check and encode every message, write them, then wait for all their confirms."""
+        started = now()
         encoded = [self._encode(body, exchange, routing_key, headers, serializer, mandatory, properties)
                    for body in bodies]
         batch: list[_Pending] = []
@@ -307,6 +312,7 @@ class Publisher:
             for pending in batch:
                 if pending.outcome is None:
                     self._forget(pending)
+            self.metrics.publish_ended(encoded, started, deadline)
 
     def _encode(
         self, body: Any, exchange: str, routing_key: str, headers: Optional[dict[str, Any]],
@@ -454,15 +460,17 @@ class Publisher:
             tags = range(self._low, top + 1) if multiple else (delivery_tag,)
             if multiple or delivery_tag == self._low:
                 self._low = max(self._low, top + 1)
+            at = now()  # one reading per confirm frame, however many messages it settles
             for tag in tags:
                 pending = self._by_tag.pop(tag, None)
                 if pending is not None:
-                    self._settle_one(pending, "returned" if pending.detail else outcome)
+                    self._settle_one(pending, "returned" if pending.detail else outcome, at)
             self._cond.notify_all()
 
-    def _settle_one(self, pending: _Pending, outcome: str) -> None:
+    def _settle_one(self, pending: _Pending, outcome: str, at: float) -> None:
         if pending.outcome is None:
             pending.outcome = outcome
+            pending.settled_at = at
         self._pending.pop(pending.id, None)
         pending.wake()
 

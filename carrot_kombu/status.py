@@ -6,6 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
+from ._metrics import Metrics
 from ._sync import Monitor
 
 __all__ = ("ConnectionState", "Status", "StateBoard")
@@ -40,13 +41,15 @@ class ConnectionState(str, enum.Enum):
 class PoolStatus:
     """Channels of the pool: ``leased`` to borrowers, ``idle``, ``verifying``
     (released after a write the broker could still refuse; idle once it
-    answered), ``opening`` (being opened for a borrower now), at most ``limit``."""
+    answered), ``opening`` (being opened for a borrower now), at most ``limit``;
+    ``waiting``: callers of ``open_channel()`` waiting for one of them."""
 
     leased: int = 0
     idle: int = 0
     limit: int = 0
     verifying: int = 0
     opening: int = 0
+    waiting: int = 0
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ class Status:
             "blocked_reason": self.blocked_reason,
             "pool": {
                 "leased": self.pool.leased, "idle": self.pool.idle, "verifying": self.pool.verifying,
-                "opening": self.pool.opening, "limit": self.pool.limit,
+                "opening": self.pool.opening, "limit": self.pool.limit, "waiting": self.pool.waiting,
             },
             "heartbeat": self.heartbeat,
             "frame_max": self.frame_max,
@@ -119,10 +122,12 @@ class StateBoard:
         self.update(state=ConnectionState.CONNECTING, next_attempt_at=None)
 
     def connecting(self, broker: str) -> None:
+        self.metrics.connection_attempts += 1  # the supervisor thread only
         self.update(state=ConnectionState.CONNECTING, broker=broker, next_attempt_at=None)
 
     def connected(self, broker: str, negotiated: dict[str, Any], server: dict[str, Optional[str]]) -> None:
         current = self.current
+        self.metrics.reconnects += current.connected_since is not None  # the supervisor thread only
         self.update(
             state=ConnectionState.CONNECTED,
             connected_since=time.time(),
@@ -174,7 +179,8 @@ class StateBoard:
 
     # -- plumbing ------------------------------------------------------------------------
 
-    def __init__(self, broker: str) -> None:
+    def __init__(self, broker: str, metrics: Optional[Metrics] = None) -> None:
+        self.metrics = metrics or Metrics()
         self._cond = Monitor()
         self._status = Status(broker=broker)
         self._next_attempt_at: Optional[float] = None
