@@ -103,11 +103,10 @@ def instrument(tracer_provider: Optional[trace.TracerProvider] = None) -> None:
         _state = _Tracing(tracer)
         if _originals:
             return
-        publish_many = ConnectionManager.__dict__["publish_many"]
-        consume = ConnectionManager.__dict__["consume"]
-        _originals.update(publish_many=publish_many, consume=consume)
-        setattr(ConnectionManager, "publish_many", _traced_publish_many(publish_many))
-        setattr(ConnectionManager, "consume", _traced_consume(consume))
+        for name, wrap in _WRAPPERS.items():
+            original = ConnectionManager.__dict__[name]
+            _originals[name] = original
+            setattr(ConnectionManager, name, wrap(original))
 
 
 def uninstrument() -> None:
@@ -246,6 +245,13 @@ def _traced_callback(queue: Any, callback: Callback) -> Callback:
 def _span_name(operation: str, destination: object) -> str:
     """``<operation> <destination>``, the operation alone when there is no destination name."""
     return f"{operation} {destination}" if destination else operation
+
+
+#: The public methods wrapped, and how (``publish`` calls ``publish_many``).
+_WRAPPERS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
+    "publish_many": _traced_publish_many,
+    "consume": _traced_consume,
+}
 
 
 def _failed(span: trace.Span, exc: BaseException) -> None:
