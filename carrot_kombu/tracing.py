@@ -51,9 +51,6 @@ from .manager import ConnectionManager
 
 __all__ = ("instrument", "instrumented", "uninstrument")
 
-#: The ``messaging.system`` of every span.
-SYSTEM = "rabbitmq"
-
 # Attribute names of the OpenTelemetry messaging semantic conventions (written
 # out: the semantic-conventions package keeps them in a module it may move).
 _SYSTEM = "messaging.system"
@@ -73,21 +70,12 @@ Callback = Callable[[Any, Any], Any]
 _CONFIRMED = Status(StatusCode.OK)
 
 
-class _Tracing:
-    """What an instrumented process traces with (replaced whole by :func:`instrument`)."""
-
-    __slots__ = ("tracer",)
-
-    def __init__(self, tracer: trace.Tracer) -> None:
-        self.tracer = tracer
-
-
 _lock = threading.Lock()
 #: The methods as they were before :func:`instrument`; empty when not instrumented.
 _originals: dict[str, Callable[..., Any]] = {}
-#: Read once per call by the wrappers: ``None`` after :func:`uninstrument`
+#: The tracer, read once per call by the wrappers: ``None`` after :func:`uninstrument`
 #: makes a wrapper still referenced somewhere (a consumer's callback) a pass-through.
-_state: Optional[_Tracing] = None
+_tracer: Optional[trace.Tracer] = None
 
 
 def instrument(tracer_provider: Optional[trace.TracerProvider] = None) -> None:
@@ -100,10 +88,10 @@ def instrument(tracer_provider: Optional[trace.TracerProvider] = None) -> None:
     Args:
         tracer_provider: Where spans go; ``None``: OpenTelemetry's global one.
     """
-    global _state
+    global _tracer
     tracer = trace.get_tracer("carrot_kombu", __version__, tracer_provider)
     with _lock:
-        _state = _Tracing(tracer)
+        _tracer = tracer
         if _originals:
             return
         for name, wrap in _WRAPPERS.items():
@@ -118,9 +106,9 @@ def uninstrument() -> None:
     Consumers started while instrumented keep their wrapped callback, which
     then calls the callback untraced.  No error if not instrumented.
     """
-    global _state
+    global _tracer
     with _lock:
-        _state = None
+        _tracer = None
         for name, original in _originals.items():
             setattr(ConnectionManager, name, original)
         _originals.clear()
@@ -128,7 +116,7 @@ def uninstrument() -> None:
 
 def instrumented() -> bool:
     """Whether :func:`instrument` is in force."""
-    return _state is not None
+    return _tracer is not None
 
 
 # -- publishing ------------------------------------------------------------------------------
@@ -138,8 +126,8 @@ def _traced_publish_many(original: Callable[..., None]) -> Callable[..., None]:
     @functools.wraps(original)
     def publish_many(self: ConnectionManager, bodies: Any, *, exchange: Any = "", routing_key: str = "",
                      headers: Optional[Mapping[str, Any]] = None, **options: Any) -> None:
-        tracing = _state
-        if tracing is None:
+        tracer = _tracer
+        if tracer is None:
             original(self, bodies, exchange=exchange, routing_key=routing_key, headers=headers, **options)
             return
         # Counted first (a generator is consumed here once and handed on as a list).
@@ -147,7 +135,7 @@ def _traced_publish_many(original: Callable[..., None]) -> Callable[..., None]:
         name = getattr(exchange, "name", exchange)
         destination = name if name else routing_key  # the default exchange routes by the key alone
         attributes: dict[str, Union[str, int]] = {
-            _SYSTEM: SYSTEM,
+            _SYSTEM: "rabbitmq",
             _OPERATION_TYPE: "send",
             _OPERATION_NAME: "publish",
             _DESTINATION: destination if isinstance(destination, str) else str(destination),
@@ -158,8 +146,8 @@ def _traced_publish_many(original: Callable[..., None]) -> Callable[..., None]:
         message_id = options.get("message_id")
         if message_id is not None:
             attributes[_MESSAGE_ID] = str(message_id)
-        span = tracing.tracer.start_span(_span_name("publish", attributes[_DESTINATION]), kind=SpanKind.PRODUCER,
-                                         attributes=attributes)
+        span = tracer.start_span(_span_name("publish", attributes[_DESTINATION]), kind=SpanKind.PRODUCER,
+                                 attributes=attributes)
         # attach/detach rather than trace.use_span(): the same, without a generator per call.
         token = context.attach(trace.set_span_in_context(span))
         try:
@@ -209,7 +197,7 @@ def _fields_of(propagator: TextMapPropagator) -> frozenset[str]:
 def _traced_consume(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def consume(self: ConnectionManager, queue: Any, callback: Callback, **options: Any) -> Any:
-        if _state is None or not callable(callback):
+        if _tracer is None or not callable(callback):
             return original(self, queue, callback, **options)  # the original names a bad callback
         return original(self, queue, _traced_callback(queue, callback), **options)
 
@@ -221,8 +209,8 @@ def _traced_callback(queue: Any, callback: Callback) -> Callback:
 
     @functools.wraps(callback)
     def traced(body: Any, message: Any) -> Any:
-        tracing = _state
-        if tracing is None:
+        tracer = _tracer
+        if tracer is None:
             return callback(body, message)
         headers = getattr(message, "headers", None)
         parent = propagate.extract(headers) if isinstance(headers, Mapping) and headers else None
@@ -230,7 +218,7 @@ def _traced_callback(queue: Any, callback: Callback) -> Callback:
         exchange = info.get("exchange") or ""
         routing_key = info.get("routing_key") or ""
         attributes: dict[str, Union[str, int]] = {
-            _SYSTEM: SYSTEM,
+            _SYSTEM: "rabbitmq",
             _OPERATION_TYPE: "process",
             _OPERATION_NAME: "process",
             _DESTINATION: exchange or routing_key,
@@ -246,8 +234,8 @@ def _traced_callback(queue: Any, callback: Callback) -> Callback:
         raw = getattr(message, "body", None)
         if isinstance(raw, (bytes, str)):
             attributes[_BODY_SIZE] = len(raw)
-        span = tracing.tracer.start_span(_span_name("process", queue_name), context=parent, kind=SpanKind.CONSUMER,
-                                         attributes=attributes)
+        span = tracer.start_span(_span_name("process", queue_name), context=parent, kind=SpanKind.CONSUMER,
+                                 attributes=attributes)
         token = context.attach(trace.set_span_in_context(span))
         try:
             return callback(body, message)
