@@ -1,0 +1,267 @@
+"""OpenTelemetry tracing for confirmed publishing and consumers, opt in.
+
+:func:`instrument` wraps two public methods of
+:class:`~carrot_kombu.ConnectionManager` at class level, the way
+OpenTelemetry's instrumentations do, and :func:`uninstrument` puts the
+originals back: a process that never calls :func:`instrument` runs the
+library's own code and pays nothing.
+
+* ``publish_many`` (and so ``publish``, which calls it): a ``PRODUCER`` span
+  from the call until the broker's confirm, named ``publish <destination>``,
+  with the messaging semantic conventions' attributes; status ``OK`` when
+  confirmed, ``ERROR`` with the exception recorded otherwise (``Nacked``,
+  ``Rejected``, ``Unroutable``, ``PublishTimeout``, ``Disconnected``,
+  ``Blocked``, a ``TypeError`` for a message that cannot be sent...).  The
+  span's context goes into the message headers through the configured
+  propagator (``traceparent``, ``tracestate`` with the default one).
+  A batch of several messages shares one span and one context: the headers
+  are one mapping for the whole batch, and the error ``publish_many`` raises
+  names one message, so the batch is what can be reported.
+* ``consume``: the callback is wrapped in a ``CONSUMER`` span named
+  ``process <queue>``, child of the context extracted from
+  ``message.headers`` (the producer's span), current while the callback runs.
+
+Headers that already carry a field the propagator writes (a ``traceparent``
+put there by the caller, or by another instrumentation such as
+``opentelemetry-instrumentation-celery``) are kept as they are: nothing is
+added or overwritten, and the producer span is a child of the current
+context.  Celery's own publishes and deliveries on ``carrot+amqp://`` go
+through kombu, not through these methods, so they are traced by the Celery
+instrumentation alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Mapping
+from typing import Any, Callable, Optional, Union
+
+try:
+    from opentelemetry import context, propagate, trace
+    from opentelemetry.propagators.textmap import TextMapPropagator
+    from opentelemetry.trace import SpanKind, Status, StatusCode
+except ImportError as exc:  # pragma: no cover - depends on the installed extras
+    raise ImportError(
+        "carrot_kombu.tracing needs OpenTelemetry: pip install 'carrot_kombu[opentelemetry]'"
+    ) from exc
+
+from ._version import __version__
+from .manager import ConnectionManager
+
+__all__ = ("instrument", "instrumented", "uninstrument")
+
+# Attribute names of the OpenTelemetry messaging semantic conventions (written
+# out: the semantic-conventions package keeps them in a module it may move).
+_SYSTEM = "messaging.system"
+_OPERATION_TYPE = "messaging.operation.type"
+_OPERATION_NAME = "messaging.operation.name"
+_DESTINATION = "messaging.destination.name"
+_SUBSCRIPTION = "messaging.destination.subscription.name"
+_ROUTING_KEY = "messaging.rabbitmq.destination.routing_key"
+_DELIVERY_TAG = "messaging.rabbitmq.message.delivery_tag"
+_MESSAGE_ID = "messaging.message.id"
+_BATCH_COUNT = "messaging.batch.message_count"
+_BODY_SIZE = "messaging.message.body.size"
+_ERROR_TYPE = "error.type"
+
+Callback = Callable[[Any, Any], Any]
+
+_CONFIRMED = Status(StatusCode.OK)
+
+
+_lock = threading.Lock()
+#: The methods as they were before :func:`instrument`; empty when not instrumented.
+_originals: dict[str, Callable[..., Any]] = {}
+#: The tracer, read once per call by the wrappers: ``None`` after :func:`uninstrument`
+#: makes a wrapper still referenced somewhere (a consumer's callback) a pass-through.
+_tracer: Optional[trace.Tracer] = None
+
+
+def instrument(tracer_provider: Optional[trace.TracerProvider] = None) -> None:
+    """Trace ``publish``/``publish_many`` and ``consume`` of every manager.
+
+    Applies to every :class:`~carrot_kombu.ConnectionManager` of the process,
+    present and future; consumers started before this call are not traced.
+    Calling it again only switches the tracer provider.
+
+    Args:
+        tracer_provider: Where spans go; ``None``: OpenTelemetry's global one.
+    """
+    global _tracer
+    tracer = trace.get_tracer("carrot_kombu", __version__, tracer_provider)
+    with _lock:
+        _tracer = tracer
+        if _originals:
+            return
+        for name, wrap in _WRAPPERS.items():
+            original = ConnectionManager.__dict__[name]
+            _originals[name] = original
+            setattr(ConnectionManager, name, wrap(original))
+
+
+def uninstrument() -> None:
+    """Undo :func:`instrument`: the original methods are back, nothing is traced.
+
+    Consumers started while instrumented keep their wrapped callback, which
+    then calls the callback untraced.  No error if not instrumented.
+    """
+    global _tracer
+    with _lock:
+        _tracer = None
+        for name, original in _originals.items():
+            setattr(ConnectionManager, name, original)
+        _originals.clear()
+
+
+def instrumented() -> bool:
+    """Whether :func:`instrument` is in force."""
+    return _tracer is not None
+
+
+# -- publishing ------------------------------------------------------------------------------
+
+
+def _traced_publish_many(original: Callable[..., None]) -> Callable[..., None]:
+    @functools.wraps(original)
+    def publish_many(self: ConnectionManager, bodies: Any, *, exchange: Any = "", routing_key: str = "",
+                     headers: Optional[Mapping[str, Any]] = None, **options: Any) -> None:
+        tracer = _tracer
+        if tracer is None:
+            original(self, bodies, exchange=exchange, routing_key=routing_key, headers=headers, **options)
+            return
+        # Counted first (a generator is consumed here once and handed on as a list).
+        bodies = list(bodies)
+        name = getattr(exchange, "name", exchange)
+        destination = name if name else routing_key  # the default exchange routes by the key alone
+        attributes: dict[str, Union[str, int]] = {
+            _SYSTEM: "rabbitmq",
+            _OPERATION_TYPE: "send",
+            _OPERATION_NAME: "publish",
+            _DESTINATION: destination if isinstance(destination, str) else str(destination),
+            _ROUTING_KEY: routing_key if isinstance(routing_key, str) else str(routing_key),
+        }
+        if len(bodies) != 1:
+            attributes[_BATCH_COUNT] = len(bodies)
+        message_id = options.get("message_id")
+        if message_id is not None:
+            attributes[_MESSAGE_ID] = str(message_id)
+        span = tracer.start_span(_span_name("publish", attributes[_DESTINATION]), kind=SpanKind.PRODUCER,
+                                 attributes=attributes)
+        # attach/detach rather than trace.use_span(): the same, without a generator per call.
+        token = context.attach(trace.set_span_in_context(span))
+        try:
+            if headers is None or isinstance(headers, Mapping):
+                headers = _with_context(headers)
+            # else: the original names the bad field; the span records it
+            original(self, bodies, exchange=exchange, routing_key=routing_key, headers=headers, **options)
+        except BaseException as exc:
+            _failed(span, exc)
+            raise
+        else:
+            span.set_status(_CONFIRMED)
+        finally:
+            context.detach(token)
+            span.end()
+
+    return publish_many
+
+
+def _with_context(headers: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+    """A copy of ``headers`` with the current context injected, unless they already carry one."""
+    carrier = dict(headers) if headers else {}
+    propagator = propagate.get_global_textmap()
+    if not (carrier and _fields_of(propagator).intersection(carrier)):
+        # The caller's (or Celery's) propagation fields are kept whole: mixing
+        # their traceparent with our tracestate would make a context nobody sent.
+        propagator.inject(carrier)
+    return carrier
+
+
+_fields_cache: tuple[object, frozenset[str]] = (None, frozenset())
+
+
+def _fields_of(propagator: TextMapPropagator) -> frozenset[str]:
+    """``propagator.fields``, kept while the configured propagator stays the same (a composite builds it per call)."""
+    global _fields_cache
+    cached, fields = _fields_cache
+    if cached is not propagator:
+        fields = frozenset(propagator.fields)
+        _fields_cache = (propagator, fields)
+    return fields
+
+
+# -- consuming -------------------------------------------------------------------------------
+
+
+def _traced_consume(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def consume(self: ConnectionManager, queue: Any, callback: Callback, **options: Any) -> Any:
+        if _tracer is None or not callable(callback):
+            return original(self, queue, callback, **options)  # the original names a bad callback
+        return original(self, queue, _traced_callback(queue, callback), **options)
+
+    return consume
+
+
+def _traced_callback(queue: Any, callback: Callback) -> Callback:
+    queue_name = str(getattr(queue, "name", queue))
+
+    @functools.wraps(callback)
+    def traced(body: Any, message: Any) -> Any:
+        tracer = _tracer
+        if tracer is None:
+            return callback(body, message)
+        headers = getattr(message, "headers", None)
+        parent = propagate.extract(headers) if isinstance(headers, Mapping) and headers else None
+        info = getattr(message, "delivery_info", None) or {}
+        exchange = info.get("exchange") or ""
+        routing_key = info.get("routing_key") or ""
+        attributes: dict[str, Union[str, int]] = {
+            _SYSTEM: "rabbitmq",
+            _OPERATION_TYPE: "process",
+            _OPERATION_NAME: "process",
+            _DESTINATION: exchange or routing_key,
+            _ROUTING_KEY: routing_key,
+            _SUBSCRIPTION: queue_name,
+        }
+        message_id = (getattr(message, "properties", None) or {}).get("message_id")
+        if message_id is not None:
+            attributes[_MESSAGE_ID] = str(message_id)
+        tag = getattr(message, "delivery_tag", None)
+        if isinstance(tag, int):
+            attributes[_DELIVERY_TAG] = tag
+        raw = getattr(message, "body", None)
+        if isinstance(raw, (bytes, str)):
+            attributes[_BODY_SIZE] = len(raw)
+        span = tracer.start_span(_span_name("process", queue_name), context=parent, kind=SpanKind.CONSUMER,
+                                 attributes=attributes)
+        token = context.attach(trace.set_span_in_context(span))
+        try:
+            return callback(body, message)
+        except BaseException as exc:
+            _failed(span, exc)
+            raise
+        finally:
+            context.detach(token)
+            span.end()
+
+    return traced
+
+
+def _span_name(operation: str, destination: object) -> str:
+    """``<operation> <destination>``, the operation alone when there is no destination name."""
+    return f"{operation} {destination}" if destination else operation
+
+
+#: The public methods wrapped, and how (``publish`` calls ``publish_many``).
+_WRAPPERS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
+    "publish_many": _traced_publish_many,
+    "consume": _traced_consume,
+}
+
+
+def _failed(span: trace.Span, exc: BaseException) -> None:
+    span.record_exception(exc)
+    span.set_attribute(_ERROR_TYPE, type(exc).__name__)
+    span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
