@@ -5,11 +5,15 @@ STAMP := $(VENV)/.installed-stamp
 # The low end of the supported range (setup.cfg: amqp>=5.2, kombu>=5.3): the
 # library's suite runs there too, against the fenced py-amqp layer.
 LOW ?= .venv-low
-LOW_PINS := "amqp==5.2.0" "kombu==5.3.7" "vine==5.0.0" "backoff==2.2.1" "pytest>=7" "hypothesis>=6"
+LOW_PINS := "amqp==5.2.0" "kombu==5.3.7" "vine==5.0.0" "backoff==2.2.1" "pytest>=7" "hypothesis>=6" "pytest-xdist>=3"
 LOW_STAMP := $(LOW)/.installed-stamp
 # (the unit suite drives the fenced py-amqp layer through a scripted fake broker;
 # the two integration modules take it to the real broker, within CI's time budget)
-LOW_TESTS := tests integration/test_core.py integration/test_isolation_property.py
+LOW_INTEGRATION := integration/test_core.py integration/test_isolation_property.py
+# The unit suite mostly waits (heartbeats, deadlines, a fake broker's pauses):
+# its modules run in parallel worker processes.  Integration tests share the
+# broker and start private nodes: they run one at a time.
+UNIT_WORKERS ?= 4
 
 .PHONY: demo test test-high test-low-end test-slow unit integration typecheck lint docs bench report package clean
 
@@ -33,19 +37,21 @@ test: test-high test-low-end
 
 test-high: $(STAMP)
 	$(PY) -m ruff check carrot_kombu tests integration benchmarks conftest.py
-	$(PY) -m pytest
+	$(PY) -m pytest tests -n $(UNIT_WORKERS)
+	$(PY) -m pytest integration
 	$(PY) -m mypy
 	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
 	$(MAKE) package
 
 test-low-end: $(LOW_STAMP)
-	$(LOW)/bin/python -m pytest -q $(LOW_TESTS) --ignore=tests/test_integrations.py
+	$(LOW)/bin/python -m pytest -q tests -n $(UNIT_WORKERS) --ignore=tests/test_integrations.py
+	$(LOW)/bin/python -m pytest -q $(LOW_INTEGRATION)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
 
 unit: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n $(UNIT_WORKERS)
 
 integration: $(STAMP)
 	$(PY) -m pytest integration
