@@ -176,6 +176,8 @@ class Supervisor:
         self._endpoint_index = 0
         self._stop_timeout = 5.0
         self._last_failure: BaseException = CarrotKombuError("no attempt yet")
+        #: When the attempt in progress (or the last one) started: logs say how long each took.
+        self._attempt_started = 0.0
         self._failed_url = ""
         self._retries: dict[int, _Retry] = {}
         #: Degraded items that came back: when, after how many attempts (see FLAP_WINDOW).
@@ -295,7 +297,12 @@ class Supervisor:
                     return
                 failed_in_row += 1
                 if failed_in_row % endpoints:
-                    continue  # another broker is still untried in this round: no wait
+                    # Another broker is still untried in this round: no wait, but
+                    # said, so a slow failover shows every step in the log.
+                    logger.info("carrot_kombu could not connect to %s in %.2fs (%s); trying %s at once",
+                                self._failed_url, self._attempt_took(), self._describe(self._last_failure),
+                                settings.endpoints[self._endpoint_index].masked_url)
+                    continue
                 if delays is None:
                     delays = settings.backoff.delays()
                 if not self._after_failure(delays):
@@ -313,14 +320,18 @@ class Supervisor:
                 self._endpoint_index = (self._endpoint_index + 1) % endpoints
             # Brokers that accept and then drop every connection: once a whole
             # round of them did, wait before the next round (no spinning).
-            if short and short_in_row % endpoints == 0 and not self._wait(settings.backoff.min):
-                return
+            if short and short_in_row % endpoints == 0:
+                logger.warning("carrot_kombu: the last %d connection(s) were each lost within %.0fs; "
+                               "next attempt in %.2fs", endpoints, SHORT_LIVED, settings.backoff.min)
+                if not self._wait(settings.backoff.min):
+                    return
 
     def _attempt(self, alternates: bool) -> Optional[Link]:
         settings = self._settings
         endpoint = settings.endpoints[self._endpoint_index]
         self._board.connecting(endpoint.masked_url)
         self._post("connecting")
+        self._attempt_started = time.monotonic()
         generation = next(_GENERATIONS)
         timeout = endpoint.connect_timeout
         if alternates:
@@ -349,6 +360,9 @@ class Supervisor:
         self._retries = {}
         self._degrade(degraded)
         return link
+
+    def _attempt_took(self) -> float:
+        return time.monotonic() - self._attempt_started
 
     def _set_attempting(self, connection: Any) -> None:
         self._attempting = connection
@@ -438,7 +452,7 @@ class Supervisor:
         self._live.attach(link)
         self._degrade(self._recovery.attached(link))
         self._board.connected(link.endpoint.masked_url, link.negotiated(), link.server())
-        logger.info("carrot_kombu connected to %s", link.endpoint.masked_url)
+        logger.info("carrot_kombu connected to %s in %.2fs", link.endpoint.masked_url, self._attempt_took())
         self._post("connected")
         lost = self._pump(link)
         if lost is None:
