@@ -11,10 +11,11 @@ Choosing the next attempt:
   once (a node that just failed is not retried first);
 * failed attempts rotate through the brokers without waiting; only when
   every broker failed in a row does the backoff policy apply;
-* during a backoff wait after a network failure, a cheap TCP probe checks
-  every 0.25 s whether a broker accepts connections again, and ends the wait
-  early (at most one early AMQP attempt per backoff slot: a herd of clients
-  never hammers the broker with handshakes);
+* during a backoff wait after a round in which a broker refused TCP or was
+  still starting (541 INTERNAL_ERROR, "vhost is down"), a cheap TCP probe
+  checks every 0.25 s whether a broker accepts connections, and ends the
+  wait early (at most one early AMQP attempt per backoff slot: a herd of
+  clients never hammers the broker with handshakes);
 * refusals a retry will not fix (credentials, vhost, certificate) are
   retried only every ``Backoff.max`` seconds, and never probed.
 """
@@ -44,7 +45,7 @@ from .exceptions import CarrotKombuError, Disconnected, SetupFailed
 from .pool import ChannelPool
 from .publisher import Publisher
 from .recovery import Degraded, Recovery
-from .retry import failed_before_tcp, is_fatal, is_unavailable
+from .retry import failed_before_tcp, is_fatal, is_starting, is_unavailable
 from .status import StateBoard
 
 __all__ = ("Inbox", "Supervisor", "is_fatal", "failed_before_tcp", "SetupFailed")
@@ -179,6 +180,9 @@ class Supervisor:
         #: When the attempt in progress (or the last one) started: logs say how long each took.
         self._attempt_started = 0.0
         self._failed_url = ""
+        #: Some attempt of the current round failed in a way a TCP probe can see end
+        #: (refused TCP, or a node still starting): its backoff wait probes.
+        self._round_probes = False
         self._retries: dict[int, _Retry] = {}
         #: Degraded items that came back: when, after how many attempts (see FLAP_WINDOW).
         self._recovered: dict[int, tuple[float, int]] = {}
@@ -314,6 +318,7 @@ class Supervisor:
                 return
             short = time.monotonic() - started < SHORT_LIVED
             delays, failed_in_row = None, 0  # the schedule restarts after a success
+            self._round_probes = False
             short_in_row = short_in_row + 1 if short else 0
             if endpoints > 1:
                 # Rotate away from the node that just failed: try the next one at once.
@@ -371,6 +376,8 @@ class Supervisor:
 
     def _failed(self, endpoint: Endpoint, exc: BaseException) -> None:
         self._last_failure = exc
+        if failed_before_tcp(exc) or is_starting(exc):
+            self._round_probes = True
         self._failed_url = endpoint.masked_url
         self._endpoint_index = (self._endpoint_index + 1) % len(self._settings.endpoints)
 
@@ -401,7 +408,10 @@ class Supervisor:
         if fatal:
             self._publisher.fail_waiting(f"the broker refused the connection ({message})", public)
         self._post("connect_failed", public, delay)
-        if fatal or not failed_before_tcp(exc):
+        # Whichever broker failed last: one that refused TCP or was starting
+        # may be ready before the delay is over (the order of a round is chance).
+        probes, self._round_probes = self._round_probes, False
+        if fatal or not probes:
             return self._wait(delay)
         return self._wait_probing(delay)
 

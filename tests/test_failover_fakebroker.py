@@ -10,6 +10,7 @@ could be used.
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 import time
 from typing import Any, Iterator
 
@@ -144,3 +145,36 @@ def test_a_node_that_closes_a_new_connection_with_541_is_left_for_the_next_at_on
         manager.stop(timeout=5)
         for fake in brokers:
             fake.stop()
+
+
+def test_when_no_other_node_is_up_a_node_still_starting_is_tried_again_soon_not_after_the_backoff() -> None:
+    """Two nodes: the other is down (refused); the lost one is back but still starting (541).
+
+    The round failed on both, so the backoff applies, but as after a refused
+    connection the wait ends as soon as a node accepts TCP: the starting node
+    is asked again within about a probe interval, not after ``Backoff.min``.
+    """
+    x = FakeBroker(heartbeat=0).start()
+    down = FakeBroker(heartbeat=0).start()
+    down_url = down.url
+    down.stop()  # its port now refuses connections
+    manager = ConnectionManager([x.url, down_url], heartbeat=0, backoff=SLOW)
+    timeline = Timeline(manager)
+    try:
+        manager.start()
+        peer = x.accept()
+        assert manager.wait_connected(5)
+        x.options = replace(x.options, manual=frozenset({"connection.open"}))
+        lost_at = time.monotonic()
+        peer.drop()
+        answer_open_with_541(x.accept())  # the down node refused first: this ends the round
+        x.options = replace(x.options, manual=frozenset())
+        x.accept()
+        assert wait_on(manager, x), manager.status()
+        took = time.monotonic() - lost_at
+        manager.publish(b"after", routing_key="q", timeout=5)
+        assert timeline.names(lost_at).count("connect_failed") == 1  # one failed round, reported
+        assert took < SLOW.min / 2, f"{took:.2f}s to use the node again"
+    finally:
+        manager.stop(timeout=5)
+        x.stop()
