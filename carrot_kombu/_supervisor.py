@@ -179,6 +179,9 @@ class Supervisor:
         self._last_failure: BaseException = CarrotKombuError("no attempt yet")
         #: When the attempt in progress (or the last one) started: logs say how long each took.
         self._attempt_started = 0.0
+        #: When recovery of the new connection started (declares, consumers, confirm channel):
+        #: on a cluster it waits for the broker (a quorum queue electing a leader, say).
+        self._restore_started = 0.0
         self._failed_url = ""
         #: Some attempt of the current round failed in a way a TCP probe can see end
         #: (refused TCP, or a node still starting): its backoff wait probes.
@@ -354,6 +357,7 @@ class Supervisor:
             return None
         # The connection's own thread must own the socket before anything else uses it.
         link.start(self._hooks())
+        self._restore_started = time.monotonic()
         try:
             degraded = self._recovery.restore(link)
         except Exception as exc:
@@ -462,7 +466,8 @@ class Supervisor:
         self._live.attach(link)
         self._degrade(self._recovery.attached(link))
         self._board.connected(link.endpoint.masked_url, link.negotiated(), link.server())
-        logger.info("carrot_kombu connected to %s in %.2fs", link.endpoint.masked_url, self._attempt_took())
+        logger.info("carrot_kombu connected to %s in %.2fs (recovery %.2fs)", link.endpoint.masked_url,
+                    self._attempt_took(), time.monotonic() - self._restore_started)
         self._post("connected")
         lost = self._pump(link)
         if lost is None:
