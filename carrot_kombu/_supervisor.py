@@ -11,10 +11,11 @@ Choosing the next attempt:
   once (a node that just failed is not retried first);
 * failed attempts rotate through the brokers without waiting; only when
   every broker failed in a row does the backoff policy apply;
-* during a backoff wait after a network failure, a cheap TCP probe checks
-  every 0.25 s whether a broker accepts connections again, and ends the wait
-  early (at most one early AMQP attempt per backoff slot: a herd of clients
-  never hammers the broker with handshakes);
+* during a backoff wait after a round in which a broker refused TCP or was
+  still starting (541 INTERNAL_ERROR, "vhost is down"), a cheap TCP probe
+  checks every 0.25 s whether a broker accepts connections, and ends the
+  wait early (at most one early AMQP attempt per backoff slot: a herd of
+  clients never hammers the broker with handshakes);
 * refusals a retry will not fix (credentials, vhost, certificate) are
   retried only every ``Backoff.max`` seconds, and never probed.
 """
@@ -44,7 +45,7 @@ from .exceptions import CarrotKombuError, Disconnected, SetupFailed
 from .pool import ChannelPool
 from .publisher import Publisher
 from .recovery import Degraded, Recovery
-from .retry import failed_before_tcp, is_fatal, is_unavailable
+from .retry import failed_before_tcp, is_fatal, is_starting, is_unavailable
 from .status import StateBoard
 
 __all__ = ("Inbox", "Supervisor", "is_fatal", "failed_before_tcp", "SetupFailed")
@@ -176,7 +177,15 @@ class Supervisor:
         self._endpoint_index = 0
         self._stop_timeout = 5.0
         self._last_failure: BaseException = CarrotKombuError("no attempt yet")
+        #: When the attempt in progress (or the last one) started: logs say how long each took.
+        self._attempt_started = 0.0
+        #: When recovery of the new connection started (declares, consumers, confirm channel):
+        #: on a cluster it waits for the broker (a quorum queue electing a leader, say).
+        self._restore_started = 0.0
         self._failed_url = ""
+        #: Some attempt of the current round failed in a way a TCP probe can see end
+        #: (refused TCP, or a node still starting): its backoff wait probes.
+        self._round_probes = False
         self._retries: dict[int, _Retry] = {}
         #: Degraded items that came back: when, after how many attempts (see FLAP_WINDOW).
         self._recovered: dict[int, tuple[float, int]] = {}
@@ -295,7 +304,12 @@ class Supervisor:
                     return
                 failed_in_row += 1
                 if failed_in_row % endpoints:
-                    continue  # another broker is still untried in this round: no wait
+                    # Another broker is still untried in this round: no wait, but
+                    # said, so a slow failover shows every step in the log.
+                    logger.info("carrot_kombu could not connect to %s in %.2fs (%s); trying %s at once",
+                                self._failed_url, self._attempt_took(), self._describe(self._last_failure),
+                                settings.endpoints[self._endpoint_index].masked_url)
+                    continue
                 if delays is None:
                     delays = settings.backoff.delays()
                 if not self._after_failure(delays):
@@ -307,20 +321,25 @@ class Supervisor:
                 return
             short = time.monotonic() - started < SHORT_LIVED
             delays, failed_in_row = None, 0  # the schedule restarts after a success
+            self._round_probes = False
             short_in_row = short_in_row + 1 if short else 0
             if endpoints > 1:
                 # Rotate away from the node that just failed: try the next one at once.
                 self._endpoint_index = (self._endpoint_index + 1) % endpoints
             # Brokers that accept and then drop every connection: once a whole
             # round of them did, wait before the next round (no spinning).
-            if short and short_in_row % endpoints == 0 and not self._wait(settings.backoff.min):
-                return
+            if short and short_in_row % endpoints == 0:
+                logger.warning("carrot_kombu: the last %d connection(s) were each lost within %.0fs; "
+                               "next attempt in %.2fs", endpoints, SHORT_LIVED, settings.backoff.min)
+                if not self._wait(settings.backoff.min):
+                    return
 
     def _attempt(self, alternates: bool) -> Optional[Link]:
         settings = self._settings
         endpoint = settings.endpoints[self._endpoint_index]
         self._board.connecting(endpoint.masked_url)
         self._post("connecting")
+        self._attempt_started = time.monotonic()
         generation = next(_GENERATIONS)
         timeout = endpoint.connect_timeout
         if alternates:
@@ -338,6 +357,7 @@ class Supervisor:
             return None
         # The connection's own thread must own the socket before anything else uses it.
         link.start(self._hooks())
+        self._restore_started = time.monotonic()
         try:
             degraded = self._recovery.restore(link)
         except Exception as exc:
@@ -350,6 +370,9 @@ class Supervisor:
         self._degrade(degraded)
         return link
 
+    def _attempt_took(self) -> float:
+        return time.monotonic() - self._attempt_started
+
     def _set_attempting(self, connection: Any) -> None:
         self._attempting = connection
         if self._stopping.is_set():
@@ -357,6 +380,8 @@ class Supervisor:
 
     def _failed(self, endpoint: Endpoint, exc: BaseException) -> None:
         self._last_failure = exc
+        if failed_before_tcp(exc) or is_starting(exc):
+            self._round_probes = True
         self._failed_url = endpoint.masked_url
         self._endpoint_index = (self._endpoint_index + 1) % len(self._settings.endpoints)
 
@@ -387,7 +412,10 @@ class Supervisor:
         if fatal:
             self._publisher.fail_waiting(f"the broker refused the connection ({message})", public)
         self._post("connect_failed", public, delay)
-        if fatal or not failed_before_tcp(exc):
+        # Whichever broker failed last: one that refused TCP or was starting
+        # may be ready before the delay is over (the order of a round is chance).
+        probes, self._round_probes = self._round_probes, False
+        if fatal or not probes:
             return self._wait(delay)
         return self._wait_probing(delay)
 
@@ -442,7 +470,8 @@ class Supervisor:
         self._live.attach(link)
         self._degrade(self._recovery.attached(link))
         self._board.connected(link.endpoint.masked_url, link.negotiated(), link.server())
-        logger.info("carrot_kombu connected to %s", link.endpoint.masked_url)
+        logger.info("carrot_kombu connected to %s in %.2fs (recovery %.2fs)", link.endpoint.masked_url,
+                    self._attempt_took(), time.monotonic() - self._restore_started)
         self._post("connected")
         lost = self._pump(link)
         if lost is None:

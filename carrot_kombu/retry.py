@@ -11,11 +11,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
 import backoff as _backoff
-from amqp.exceptions import AccessRefused, AMQPError, NotAllowed, NotFound, ResourceLocked
+from amqp.exceptions import AccessRefused, AMQPError, InternalError, NotAllowed, NotFound, ResourceLocked
 
 from .exceptions import CarrotKombuError, ConfigurationError, ReplyTimeout, SetupFailed
 
-__all__ = ("Backoff", "failed_before_tcp", "is_fatal", "is_unavailable")
+__all__ = ("Backoff", "failed_before_tcp", "is_fatal", "is_starting", "is_unavailable")
 
 
 @dataclass(frozen=True)
@@ -200,6 +200,26 @@ def failed_before_tcp(exc: Optional[BaseException]) -> bool:
         if isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError) and exc.errno in _UNREACHABLE:
             return True
         # ``reason`` is ours (CarrotKombuError) or a string (ssl.SSLError's, UnicodeError's).
+        reason = getattr(exc, "reason", None)
+        exc = reason if isinstance(reason, BaseException) else exc.__cause__
+        seen += 1
+    return False
+
+
+def is_starting(exc: Optional[BaseException]) -> bool:
+    """The broker answered a connection attempt with 541 INTERNAL_ERROR: a node not ready yet.
+
+    A RabbitMQ node that has just (re)started accepts connections before its
+    virtual hosts run, and closes them with ``541 INTERNAL_ERROR - access to
+    vhost '/' refused ...: vhost '/' is down``, at ``connection.open`` or at
+    the first ``channel.open``.  Like a refused TCP connection, that node
+    will serve again soon: another node is tried at once, and a backoff wait
+    may end as soon as a TCP probe finds a node up.
+    """
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, InternalError):
+            return True
         reason = getattr(exc, "reason", None)
         exc = reason if isinstance(reason, BaseException) else exc.__cause__
         seen += 1

@@ -472,6 +472,28 @@ class Cluster:
         members = row.get("members") or []
         return sorted(i for i in map(self.index_of, members) if i is not None)
 
+    def quorum_online(self, queue: str, timeout: Optional[float] = None) -> list[int]:
+        """Indices of the quorum queue's members that run (``list_queues online``, from its leader's node)."""
+        _, row = self.locate_queue(queue, "online", timeout=timeout)
+        online = row.get("online") or []
+        return sorted(i for i in map(self.index_of, online) if i is not None)
+
+    def wait_quorum_online(self, queue: str, members: Sequence[int], timeout: float = 30) -> None:
+        """Wait until every node in ``members`` runs its member of quorum queue ``queue``.
+
+        ``start_app`` returns once the node accepts AMQP connections, which may
+        be before its queue members rejoined: stopping a second node of three
+        then leaves a quorum queue without a majority, and it stops serving.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            online = self.quorum_online(queue)
+            if set(members) <= set(online):
+                return
+            if time.monotonic() > deadline:
+                raise NodeError(f"{self!r}: quorum queue {queue!r} has {online} online, expected {list(members)}")
+            time.sleep(0.2)
+
     def home_node(self, queue: str, timeout: Optional[float] = None) -> Optional[int]:
         """Index of the node that hosts classic queue ``queue`` (for a quorum queue: its leader)."""
         return self.locate_queue(queue, timeout=timeout)[0]
