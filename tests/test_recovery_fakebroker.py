@@ -194,6 +194,8 @@ def test_setup_functions_run_now_and_on_every_new_connection_and_a_failing_one_f
     assert manager.add_setup(setup) is setup
     assert [m["prefetch_count"] for m in peer.received("basic.qos")] == [7]
     second = reconnect(broker, peer, events)
+    # (the peer records a method when its thread parses it: wait for that, bounded)
+    second.wait_for(lambda: second.received("basic.qos"), what="the setup's basic.qos")
     assert [m["prefetch_count"] for m in second.received("basic.qos")] == [7]
     assert len(calls) == 2
 
