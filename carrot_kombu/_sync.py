@@ -213,14 +213,22 @@ class Worker:
     handler) releases the running thread's state lock: from then on the
     thread counts as stopped while it still runs, and every later ``join``
     and ``is_alive`` lies.  :attr:`ended` is set by the thread itself, last.
+
+    An exception raised into ``Thread.start`` itself can also leave a thread
+    that got an id but died in its bootstrap (``del _limbo[self]``: KeyError)
+    before running anything: it never sets :attr:`ended`.  Such a thread
+    counts as ended once it is gone (``began`` is set by the thread first,
+    so ``is_alive`` is only trusted for one that never began).
     """
 
-    __slots__ = ("thread", "ended")
+    __slots__ = ("thread", "ended", "began")
 
     def __init__(self, target: Callable[[], Any], name: str) -> None:
         self.ended = Flag()
+        self.began = False
 
         def run() -> None:
+            self.began = True
             try:
                 target()
             finally:
@@ -231,9 +239,12 @@ class Worker:
     def start(self) -> None:
         self.thread.start()
 
+    def _died_unstarted(self) -> bool:
+        return not self.began and self.thread.ident is not None and not self.thread.is_alive()
+
     def running(self) -> bool:
-        """Started and not ended (a worker never started counts as ended)."""
-        return self.thread.ident is not None and not self.ended.is_set()
+        """Started and not ended (a worker never started, or dead before it began, counts as ended)."""
+        return self.thread.ident is not None and not self.ended.is_set() and not self._died_unstarted()
 
     def wait(self, timeout: Optional[float]) -> bool:
         """True once the thread ended; False after ``timeout``, or if called from the thread itself."""
@@ -241,7 +252,15 @@ class Worker:
             return False
         if self.thread.ident is None:
             return True
-        return self.ended.wait(timeout)
+        deadline = None if timeout is None else monotonic() + max(0.0, timeout)
+        while True:
+            if self._died_unstarted():
+                return True
+            step = SLICE if deadline is None else min(SLICE, deadline - monotonic())
+            if step <= 0:
+                return self.ended.is_set()
+            if self.ended.wait(step):
+                return True
 
 
 _LIBRARIES = tuple(

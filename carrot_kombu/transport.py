@@ -440,7 +440,21 @@ class VirtualConnection:
         check), so that kombu and Celery see the loss (Celery then forgets
         what it reserved, the rpc:// result consumer subscribes again).
         """
-        return not self._closed and (self._view.alive or not self.loss_reported)
+        if self._closed:
+            return False
+        if self._view.alive or self.loss_reported:
+            return self._view.alive
+        # Dead, not yet said: kombu may hold one of its channels as the
+        # client's default channel and keep using it (each use raising from
+        # the channel, which never reports the loss here): that channel is
+        # forgotten, so the next use opens a channel through channel(),
+        # which raises once and reports the loss (then kombu re-establishes).
+        from ._pyamqp.kombu_client import default_channel, forget_default_channel
+
+        chan = default_channel(self.client)
+        if chan is not None and id(chan) in self._leases:
+            forget_default_channel(self.client, chan)
+        return True
 
     def drain_events(self, timeout: Optional[float] = None) -> None:
         """Run this connection's queued callbacks here; ``socket.timeout`` if none within ``timeout``.

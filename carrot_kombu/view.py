@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from ._timeouts import check_timeout
 from .exceptions import Disconnected
 
 if TYPE_CHECKING:
@@ -21,11 +22,12 @@ class CallbackQueue:
     connection died), for event loops.  :meth:`close` frees the descriptor.
     """
 
-    __slots__ = ("_queue", "_drop")
+    __slots__ = ("_queue", "_drop", "_closed")
 
     def __init__(self, queue: Any, drop: Callable[[Any], None]) -> None:
         self._queue = queue
         self._drop = drop
+        self._closed = False
 
     def drain(self, timeout: Optional[float]) -> None:
         """Run the next queued callback, waiting up to ``timeout`` for one.
@@ -33,14 +35,23 @@ class CallbackQueue:
         Raises:
             socket.timeout: Nothing arrived in time.
             Disconnected: The connection is lost.
+            TypeError, ValueError: ``timeout`` is not a number of seconds >= 0 (or None).
         """
-        self._queue.drain(timeout)
+        self._queue.drain(check_timeout("timeout", timeout))
 
     def fileno(self) -> int:
+        """Readable while callbacks are queued (or the connection died).
+
+        Raises:
+            ValueError: The queue was closed.
+        """
+        if self._closed:
+            raise ValueError("this callback queue is closed")
         return int(self._queue.fileno())
 
     def close(self) -> None:
         """Stop queueing here and close the descriptor (idempotent, any thread, never blocks)."""
+        self._closed = True
         self._drop(self._queue)
 
     @property
@@ -116,14 +127,32 @@ class ConnectionView:
             Disconnected: The connection's transport runs callbacks itself (``memory://``).
         """
         link = self._link
+        self.check()  # a dead connection hands out no queue (its descriptors would never be used)
         drop = getattr(link, "drop_callback_queue", None)
         if drop is None:
             raise Disconnected("this transport has no callback queues")
         return CallbackQueue(link.callback_queue(), drop)
 
     def adopt(self, chan: Any, callbacks: CallbackQueue, on_gone: Callable[[Any], None]) -> None:
-        """Route the callbacks of a leased ``chan`` to ``callbacks``; ``on_gone(chan)`` once it closes."""
-        self._link.adopt(chan, callbacks.raw, on_gone)
+        """Route the kombu callbacks of a leased channel to ``callbacks``; ``on_gone(chan)`` once it closes.
+
+        ``on_gone`` runs on the thread that reads the connection, the moment
+        the channel closes: it is for bookkeeping that never blocks and never
+        calls the manager (the kombu transport gives the channel's lease back
+        there).  Anything more (user code) belongs in a queued callback.
+
+        Raises:
+            TypeError: ``chan`` is not a channel of this connection's leases,
+                or ``callbacks`` not a :class:`CallbackQueue`.
+        """
+        if not isinstance(callbacks, CallbackQueue):
+            raise TypeError(f"callbacks must be a CallbackQueue, got {type(callbacks).__name__}")
+        if not callable(on_gone):
+            raise TypeError("on_gone must be callable")
+        try:
+            self._link.adopt(chan, callbacks.raw, on_gone)
+        except AttributeError:
+            raise TypeError(f"chan must be a channel leased from this manager, got {type(chan).__name__}") from None
 
     def __repr__(self) -> str:
         return f"<ConnectionView {self.broker} generation={self.generation} {'alive' if self.alive else 'dead'}>"

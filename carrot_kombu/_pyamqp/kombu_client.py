@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ("forget_default_channel", "update_initial_params")
+__all__ = ("default_channel", "forget_default_channel", "update_initial_params")
 
 
 def update_initial_params(client: Any, fields: dict[str, Any]) -> None:
@@ -17,6 +17,11 @@ def update_initial_params(client: Any, fields: dict[str, Any]) -> None:
     initial = getattr(client, "_initial_params", None)
     if isinstance(initial, dict):
         initial.update(fields)
+
+
+def default_channel(client: Any) -> Any:
+    """kombu's cached default channel of ``client`` (None if none is open yet)."""
+    return getattr(client, "_default_channel", None)
 
 
 def forget_default_channel(client: Any, chan: Any) -> None:
