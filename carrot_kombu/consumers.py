@@ -214,10 +214,10 @@ class Consumer:
             self._owner.metrics.delivered += 1  # one statement: atomic enough (see _metrics)
             try:
                 self.callback(body, message)
-            except Exception as exc:
+            except BaseException as exc:  # noqa: BLE001 - also sys.exit() in handler code: the consumer goes on
                 self._callback_failed(message, exc)
 
-    def _callback_failed(self, message: Any, exc: Exception) -> None:
+    def _callback_failed(self, message: Any, exc: BaseException) -> None:
         """Settle a delivery whose callback raised: retried once, then rejected (see the module doc)."""
         if self.no_ack:
             outcome = "no_ack"  # the broker counted it delivered already

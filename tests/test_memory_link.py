@@ -137,3 +137,29 @@ def test_closing_a_memory_channel_lets_an_application_exception_through(make_man
     real = link.open_channel()
     link.close_channel(real)
     link.close_channel(real)  # twice: harmless
+
+
+def test_a_callback_that_raises_systemexit_does_not_end_its_consumer(make_manager):
+    """sys.exit() in handler code used to kill the consumer's thread silently: the queue stalled (red-team)."""
+    import queue as _queue
+
+    manager, _ = make_manager("memory://systemexit")
+    assert manager.wait_connected(5)
+    errors: "_queue.SimpleQueue[tuple]" = _queue.SimpleQueue()
+    manager.on("consumer_error", lambda queue, error, outcome: errors.put((queue, type(error).__name__, outcome)))
+    seen: "_queue.SimpleQueue[str]" = _queue.SimpleQueue()
+
+    def handle(body, message):
+        seen.put(body)
+        if body == "exit":
+            raise SystemExit(3)
+        message.ack()
+
+    consumer = manager.consume("mq-systemexit", handle)
+    manager.publish("exit", routing_key="mq-systemexit", timeout=5)
+    assert errors.get(timeout=5) == ("mq-systemexit", "SystemExit", "requeued")
+    manager.publish("after", routing_key="mq-systemexit", timeout=5)
+    bodies = set()
+    while "after" not in bodies:
+        bodies.add(seen.get(timeout=5))  # the consumer still runs (the requeued "exit" may come first)
+    consumer.cancel()
