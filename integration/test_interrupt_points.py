@@ -23,7 +23,7 @@ from typing import Any, Callable
 import amqp
 import pytest
 
-from carrot_kombu import ConnectionManager
+from carrot_kombu import ConnectionManager, Disconnected
 from tests.interrupts import Interrupt, InterruptAt
 
 from .broker import unique
@@ -95,8 +95,15 @@ def _assert_no_consumer_left(manager: ConnectionManager, queue: str, after: str)
     """Within 5 s: no broker consumer on ``queue`` and no consumer worker thread for it."""
     deadline = time.monotonic() + 5
     while True:
-        with manager.channel(timeout=5) as lease:
-            consumers = lease.queue_declare(queue, passive=True).consumer_count
+        try:
+            with manager.channel(timeout=5) as lease:
+                consumers = lease.queue_declare(queue, passive=True).consumer_count
+        except Disconnected:
+            # One of the documented losses (an interrupt in the middle of a
+            # frame's dispatch): look again once the manager is back.
+            assert manager.wait_connected(10), f"no reconnect after {after}"
+            deadline = max(deadline, time.monotonic() + 5)
+            continue
         workers = [t for t in threading.enumerate() if t.name == f"carrot-kombu-consumer-{queue}" and t.is_alive()]
         if (consumers, workers) == (0, []) or time.monotonic() > deadline:
             break
