@@ -156,6 +156,34 @@ def _may_wait(status: Any, consumer_reconnecting: bool) -> bool:
     return status.state is ConnectionState.DISCONNECTED and status.attempts == 0
 
 
+def _wait_for_view(manager: ConnectionManager, timeout: float) -> ConnectionView:
+    """The manager's live connection, waiting for it while :func:`_may_wait` says so (at most ``timeout``).
+
+    Raises:
+        BrokerUnavailable, AccessRefused, NotAllowed: None (see :func:`_establish_error`).
+    """
+    lost_at = _consumer_lost_at.get((id(manager), threading.get_ident()))
+    consumer = lost_at is not None and time.monotonic() - lost_at < CONSUMER_RECONNECT_WINDOW
+    if consumer:
+        # A worker's consuming connection was lost: this is most likely
+        # Celery reconnecting it.  Waiting here for the manager (which
+        # reconnects on its own, ~0.3 s after the broker is back) costs
+        # the broker nothing, unlike Celery's retry schedule (2, 4, 6 s...).
+        timeout = max(timeout, CONSUMER_WAIT)
+    deadline = Deadline.after(timeout)
+    while True:
+        try:
+            return manager.connection(timeout=0)
+        except Disconnected as down:
+            status = manager.status()
+            if deadline.expired() or not _may_wait(status, consumer):
+                raise _establish_error(down, status) from None
+            try:
+                return manager.connection(timeout=deadline.within(0.25))
+            except Disconnected:
+                continue
+
+
 #: The broker URLs of a kombu connection, without the ``carrot+`` prefix.
 _urls = connection_urls
 _with_connection_credentials = with_connection_credentials
@@ -287,6 +315,8 @@ class VirtualConnection:
         self.manager = manager
         self._view = view
         self.events: CallbackQueue = view.callback_queue()
+        #: Every callback queue this connection had (see _replace_if_unused): the finalizer closes them.
+        self._queues: list[CallbackQueue] = [self.events]
         self._leases: dict[int, Any] = {}
         #: Exclusive queues declared through this connection (deleted by close()).
         self._exclusive: set[str] = set()
@@ -294,11 +324,13 @@ class VirtualConnection:
         # is collected, its channels go back (py-amqp closes them with its
         # socket; here they would stay leased for the process's life).  Only
         # weak references lead back here from the channels (see channel()).
-        weakref.finalize(self, _collected, self._leases, self.events)
+        weakref.finalize(self, _collected, self._leases, self._queues)
         self._lock = threading.Lock()
         self._closed = False
         #: The loss was raised to kombu once: from now on kombu may re-establish.
         self.loss_reported = False
+        #: A channel was handed out: kombu holds something of this AMQP connection.
+        self._handed_out = False
         #: Registered with an event loop: this is a worker's consuming connection.
         self.in_event_loop = False
         options = self.client.transport_options or {}
@@ -351,7 +383,10 @@ class VirtualConnection:
 
         Raises:
             Disconnected: This connection is lost.
+            BrokerUnavailable: It was lost before it handed anything out,
+                and no other connection came within ``connect_timeout``.
         """
+        self._replace_if_unused()
         self.check()
         lease = self.manager.open_channel(timeout=float(self.client.connect_timeout or 5.0))
         if lease.generation != self._view.generation:
@@ -367,8 +402,41 @@ class VirtualConnection:
         chan.queue_declare = self._recording_exclusive(chan.queue_declare)
         with self._lock:
             self._leases[id(chan)] = lease
+            self._handed_out = True
         self._view.adopt(chan, self.events, lambda chan: _call_if_alive(gone, chan))
         return chan
+
+    def _replace_if_unused(self) -> None:
+        """Move to the manager's next connection if this one died before it handed anything out.
+
+        kombu's ``ensure`` (``Producer.publish(retry=True)``, Celery's
+        publish retry policy) establishes a connection, then opens its
+        default channel outside its retry block.  On ``pyamqp://`` that
+        connection is new; here it is the manager's, which may be dying at
+        that moment (lost, not yet noticed when it was handed out).  Nothing
+        of it reached kombu yet (no channel, no event loop, no loss raised),
+        so nothing is lost by moving on: this waits for the next connection
+        as establishing does (at most ``connect_timeout``; at once during an
+        outage).
+        """
+        dead = self._view
+        if dead.alive or self._closed or self._handed_out or self.in_event_loop or self.loss_reported:
+            return
+        view = _wait_for_view(self.manager, float(self.client.connect_timeout or 5.0))
+        try:
+            events = view.callback_queue()
+        except Disconnected as down:  # lost again already
+            raise _establish_error(down, self.manager.status()) from None
+        with self._lock:
+            replaced = self._view is dead and not self._handed_out
+            if replaced:
+                old, self.events, self._view = self.events, events, view
+                self._queues.append(events)
+        (old if replaced else events).close()
+        if replaced:
+            _mirror_endpoint(self.client, view)
+            logger.debug("carrot_kombu: a kombu connection lost before its first channel moved to generation %s",
+                         view.generation)
 
     def _recording_exclusive(self, declare: Any) -> Any:
         """``queue_declare`` that notes this connection's exclusive queues.
@@ -522,7 +590,7 @@ def _call_if_alive(method: "weakref.WeakMethod[Any]", chan: Any) -> None:
         bound(chan)
 
 
-def _collected(leases: dict[int, Any], events: CallbackQueue) -> None:
+def _collected(leases: dict[int, Any], queues: list[CallbackQueue]) -> None:
     """A kombu connection was dropped without ``close()``: its channels go back (any thread, never blocks).
 
     Its callback queue is closed too (two descriptors each, until EMFILE otherwise).
@@ -530,7 +598,8 @@ def _collected(leases: dict[int, Any], events: CallbackQueue) -> None:
     for lease in list(leases.values()):
         lease.abandon()
     leases.clear()
-    events.close()
+    for events in queues:
+        events.close()
 
 
 class _ConnectionView:
@@ -593,34 +662,14 @@ class Transport(base.Transport):  # type: ignore[misc]
         """
         manager = manager_for_connection(self.client)
         manager.start()
-        timeout = float(self.client.connect_timeout or 5.0)
-        lost_at = _consumer_lost_at.get((id(manager), threading.get_ident()))
-        consumer = lost_at is not None and time.monotonic() - lost_at < CONSUMER_RECONNECT_WINDOW
-        if consumer:
-            # A worker's consuming connection was lost: this is most likely
-            # Celery reconnecting it.  Waiting here for the manager (which
-            # reconnects on its own, ~0.3 s after the broker is back) costs
-            # the broker nothing, unlike Celery's retry schedule (2, 4, 6 s...).
-            timeout = max(timeout, CONSUMER_WAIT)
-        deadline = Deadline.after(timeout)
-        while True:
-            try:
-                view = manager.connection(timeout=0)
-            except Disconnected as down:
-                status = manager.status()
-                if deadline.expired() or not _may_wait(status, consumer):
-                    raise _establish_error(down, status) from None
-                try:
-                    view = manager.connection(timeout=deadline.within(0.25))
-                except Disconnected:
-                    continue
-            try:
-                _mirror_endpoint(self.client, view)
-                connection = VirtualConnection(self, manager, view)
-                _opened(manager, connection)
-                return connection
-            except Disconnected as down:
-                raise _establish_error(down, manager.status()) from None
+        view = _wait_for_view(manager, float(self.client.connect_timeout or 5.0))
+        try:
+            _mirror_endpoint(self.client, view)
+            connection = VirtualConnection(self, manager, view)
+            _opened(manager, connection)
+            return connection
+        except Disconnected as down:
+            raise _establish_error(down, manager.status()) from None
 
     def create_channel(self, connection: VirtualConnection) -> Any:
         return connection.channel()
