@@ -63,7 +63,12 @@ logger = logging.getLogger("carrot_kombu")
 #: Transport options that configure the process's manager (not py-amqp).
 MANAGER_OPTIONS = TRANSPORT_MANAGER_OPTIONS
 #: Transport options that belong to one kombu connection.
-CONNECTION_OPTIONS = ("confirm_publish", "confirm_timeout")
+CONNECTION_OPTIONS = ("confirm_publish", "confirm_timeout", "default_prefetch_count")
+#: The prefetch a kombu consumer that acks gets when its channel never set one
+#: (``basic_qos``): without it the broker pushes the whole backlog, which
+#: py-amqp leaves in the socket (TCP back-pressure) but the manager's reader
+#: would queue in memory.  As ``ConnectionManager.consume()``'s default; 0 = none.
+DEFAULT_PREFETCH_COUNT = 100
 #: Default pool size of a transport's manager: Celery keeps a channel per
 #: pooled producer connection, plus the worker's consumers, pidbox, results.
 DEFAULT_POOL_LIMIT = 256
@@ -336,6 +341,7 @@ class VirtualConnection:
         options = self.client.transport_options or {}
         self.confirm_publish = bool(options.get("confirm_publish"))
         self.confirm_timeout = options.get("confirm_timeout")
+        self.default_prefetch_count = _prefetch_option(options.get("default_prefetch_count", DEFAULT_PREFETCH_COUNT))
 
     # -- what kombu and Celery read --------------------------------------------------------
 
@@ -400,6 +406,8 @@ class VirtualConnection:
         if self.confirm_publish:
             chan.basic_publish = chan.basic_publish_confirm
         chan.queue_declare = self._recording_exclusive(chan.queue_declare)
+        if self.default_prefetch_count:
+            _bound_consumers(chan, self.default_prefetch_count)
         with self._lock:
             self._leases[id(chan)] = lease
             self._handed_out = True
@@ -582,6 +590,46 @@ def _mirror_endpoint(client: Any, endpoint: Any) -> None:
             if "+" in parsed.scheme:
                 client.transport_cls = parsed.scheme
             return
+
+
+def _prefetch_option(value: Any) -> int:
+    """The ``default_prefetch_count`` transport option, checked.
+
+    Raises:
+        TypeError: Not an int.
+        ValueError: Out of AMQP's short range (0-65535).
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"transport option default_prefetch_count must be an int, got {type(value).__name__}")
+    if not 0 <= value <= 0xFFFF:
+        raise ValueError(f"transport option default_prefetch_count must be in 0..65535, got {value}")
+    return value
+
+
+def _bound_consumers(chan: Any, prefetch_count: int) -> None:
+    """A consumer that acks on a channel that never set a prefetch gets ``prefetch_count`` first.
+
+    Per consumer (``global=False``), as kombu's ``Consumer(prefetch_count=)``.
+    A channel that set its own QoS (``basic_qos``, even 0: Celery does) is
+    left alone; ``no_ack`` consumers are not bounded by any prefetch (the
+    broker ignores it for them).
+    """
+    basic_qos, basic_consume = chan.basic_qos, chan.basic_consume
+    chosen = [False]
+
+    def qos(*args: Any, **kwargs: Any) -> Any:
+        result = basic_qos(*args, **kwargs)
+        chosen[0] = True
+        return result
+
+    def consume(*args: Any, **kwargs: Any) -> Any:
+        no_ack = kwargs.get("no_ack", args[3] if len(args) > 3 else False)
+        if not no_ack and not chosen[0]:
+            basic_qos(0, prefetch_count, False)
+            chosen[0] = True
+        return basic_consume(*args, **kwargs)
+
+    chan.basic_qos, chan.basic_consume = qos, consume
 
 
 def _call_if_alive(method: "weakref.WeakMethod[Any]", chan: Any) -> None:
