@@ -691,6 +691,13 @@ class ConnectionManager:
         passed.
         """
         deadline = Deadline.of("timeout", timeout)
+        # A str/bytes is iterable (one message per character) and a mapping
+        # iterates its keys: each is almost surely one message meant for publish().
+        if isinstance(bodies, (str, bytes, bytearray, memoryview, Mapping)) or not isinstance(bodies, Iterable):
+            raise TypeError(
+                f"publish_many() bodies must be an iterable of message bodies (a list...), got {type(bodies).__name__}"
+                + ("; to publish one message use publish()" if isinstance(bodies, (str, bytes, bytearray, Mapping)) else "")
+            )
         if headers is not None and not isinstance(headers, Mapping):
             raise TypeError(f"headers must be a mapping, got {type(headers).__name__}")
         _check_publish_args(exchange, routing_key, serializer, mandatory)

@@ -198,8 +198,26 @@ def _key(client: Any) -> tuple[Any, ...]:
     ssl = client.ssl
     ssl_key = tuple(sorted((k, repr(v)) for k, v in ssl.items())) if isinstance(ssl, dict) else bool(ssl)
     options = client.transport_options or {}
-    managed = tuple(sorted((k, repr(options[k])) for k in MANAGER_OPTIONS if k in options))
-    return (os.getpid(), tuple(_urls(client)), ssl_key, managed)
+    # Everything that shapes the AMQP connection: the manager's options and
+    # py-amqp's (``client_properties``...).  Two kombu connections that differ
+    # there get two AMQP connections, as on ``pyamqp://``; sharing one would
+    # silently apply the first one's settings to both.
+    managed, amqp_options = _split_options(client)
+    shaping = tuple(sorted((k, repr(v)) for k, v in {**managed, **amqp_options}.items()))
+    return (os.getpid(), tuple(_urls(client)), ssl_key, shaping)
+
+
+#: Transport options that are kombu's or Celery's retry settings, not py-amqp arguments.
+_RETRY_OPTIONS = ("max_retries", "interval_start", "interval_step", "interval_max", "retry_policy")
+
+
+def _split_options(client: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A kombu connection's transport options: (the manager's, py-amqp's)."""
+    options = dict(client.transport_options or {})
+    managed = {k: options.pop(k) for k in MANAGER_OPTIONS if k in options}
+    for key in CONNECTION_OPTIONS + _RETRY_OPTIONS:
+        options.pop(key, None)
+    return managed, options
 
 
 def manager_for_connection(client: Any) -> ConnectionManager:
@@ -229,13 +247,7 @@ def _opened(manager: ConnectionManager, view: "VirtualConnection") -> None:
 
 
 def _build(client: Any) -> ConnectionManager:
-    options = dict(client.transport_options or {})
-    managed = {k: options.pop(k) for k in MANAGER_OPTIONS if k in options}
-    for key in CONNECTION_OPTIONS:
-        options.pop(key, None)
-    # kombu/Celery retry settings are not py-amqp arguments.
-    for key in ("max_retries", "interval_start", "interval_step", "interval_max", "retry_policy"):
-        options.pop(key, None)
+    managed, options = _split_options(client)
     ssl = client.ssl
     heartbeat = _heartbeat(client, managed.pop("heartbeat", None))
     manager = ConnectionManager(

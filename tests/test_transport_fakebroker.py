@@ -561,3 +561,25 @@ def test_a_bad_default_prefetch_count_names_the_option(broker, value, error):
     with pytest.raises(error, match="default_prefetch_count"):
         conn.connect()
     conn.release()
+
+
+def test_client_properties_in_transport_options_reach_the_broker_per_kombu_connection(broker):
+    """Celery's ``broker_transport_options={"client_properties": ...}`` (17 red-team): applied, as on pyamqp://.
+
+    Two kombu connections that differ there get two AMQP connections: one
+    shared connection could carry only the first one's properties.
+    """
+    first, peer_a = connect(broker, transport_options=dict(FAST, client_properties={"connection_name": "a", "tag": 1}))
+    same = kombu.Connection(url_of(broker), transport_options=dict(FAST, client_properties={"connection_name": "a", "tag": 1}))
+    other = kombu.Connection(url_of(broker), transport_options=dict(FAST, client_properties={"connection_name": "b"}))
+    try:
+        same.connect()
+        assert same.connection.manager is first.connection.manager  # the same settings share one
+        other.connect()
+        peer_b = broker.accept()
+        assert other.connection.manager is not first.connection.manager
+        props = {peer.start_ok[0]["connection_name"]: peer.start_ok[0] for peer in (peer_a, peer_b)}
+        assert set(props) == {"a", "b"} and props["a"]["tag"] == 1
+    finally:
+        for conn in (first, same, other):
+            conn.close()
