@@ -99,3 +99,27 @@ def test_an_open_connection_keeps_its_manager(broker, monkeypatch):
             chan.queue_declare("jobs")
     finally:
         conn.close()
+
+
+def test_callback_queues_dropped_without_close_give_their_descriptors_back(broker):
+    """A ``ConnectionView.callback_queue()`` an integration forgets to close: its pipe goes with it (17 red-team)."""
+    from carrot_kombu import ConnectionManager
+
+    manager = ConnectionManager(f"amqp://guest:guest@127.0.0.1:{broker.port}//?heartbeat=0")
+    manager.start(wait=5)
+    try:
+        view = manager.connection(timeout=5)
+        gc.collect()
+        before = _fds()
+        queues = [view.callback_queue() for _ in range(50)]
+        assert _fds() - before >= 50  # a pipe each (2 descriptors)
+        del queues
+        gc.collect()
+        assert _fds() - before < 5, (before, _fds())
+        kept = view.callback_queue()
+        kept.close()
+        kept.close()  # idempotent; and the finalizer does not run again
+        with pytest.raises(ValueError, match="closed"):
+            kept.fileno()
+    finally:
+        manager.stop(timeout=5)
