@@ -119,6 +119,9 @@ class Publisher:
         #: fix: new publishes fail at once until a connection works again.
         self._refused: Optional[tuple[str, Optional[BaseException]]] = None
         self.used = False  # no confirm channel is opened until the first publish
+        #: Whether the manager has a live connection (set by the owner of the
+        #: live connection): only to say in a PublishTimeout what was missing.
+        self.connected: Callable[[], bool] = lambda: self._generation is not None
 
     # -- supervisor side -------------------------------------------------------------
 
@@ -331,6 +334,12 @@ class Publisher:
             props["application_headers"] = merged
         return _Pending(pid, Outbound(exchange, routing_key, props, data, mandatory))
 
+    def _missing(self) -> str:
+        """What kept a message unwritten, for a timeout's message: the connection, or only the confirm channel."""
+        if self.connected():
+            return "connected, but no confirm channel: the broker has not opened one (channel.open/confirm.select)"
+        return "no connection"
+
     def _admit(self, pending: _Pending, deadline: Deadline, wait: bool = True) -> bool:
         """Take a pending slot; False if none is free and ``wait`` is False.
 
@@ -364,7 +373,7 @@ class Publisher:
                 raise PublishTimeout(
                     f"no confirm from the broker within {deadline.timeout}s"
                     + ("; the message was written and may have been stored" if pending.written
-                       else "; the message was never sent (no connection)")
+                       else f"; the message was never sent ({self._missing()})")
                     + (f" (message {index} of {total})" if total > 1 else ""),
                     outcome="unknown" if pending.written else "not_sent",
                 )

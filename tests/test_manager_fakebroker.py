@@ -216,3 +216,17 @@ def test_a_consumer_without_prefetch_holds_at_most_the_default_unacknowledged(br
         unlimited.cancel()
     finally:
         manager.stop(timeout=5)
+
+
+def test_a_publish_timeout_says_whether_the_connection_or_only_the_confirm_channel_was_missing():
+    """It said '(no connection)' while connected but without a confirm channel (17 red-team)."""
+    with FakeBroker(heartbeat=0, manual={"confirm.select"}) as broker:  # the confirm channel never opens
+        manager, _peer = connect(broker, reply_timeout=1.0)
+        try:
+            with pytest.raises(PublishTimeout) as caught:
+                manager.publish(b"x", routing_key="q", timeout=0.5)
+            assert "connected, but no confirm channel" in str(caught.value), caught.value
+            assert "no connection" not in str(caught.value)
+            assert caught.value.outcome == "not_sent"
+        finally:
+            manager.stop(timeout=5)
