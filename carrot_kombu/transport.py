@@ -197,7 +197,6 @@ _with_connection_credentials = with_connection_credentials
 def _key(client: Any) -> tuple[Any, ...]:
     ssl = client.ssl
     ssl_key = tuple(sorted((k, repr(v)) for k, v in ssl.items())) if isinstance(ssl, dict) else bool(ssl)
-    options = client.transport_options or {}
     # Everything that shapes the AMQP connection: the manager's options and
     # py-amqp's (``client_properties``...).  Two kombu connections that differ
     # there get two AMQP connections, as on ``pyamqp://``; sharing one would
