@@ -66,7 +66,12 @@ def test_a_consumer_without_qos_does_not_take_the_whole_backlog(scheme, amqp_url
                 assert taken < BACKLOG  # the baseline: TCP back-pressure stops the broker too
 
 
-def test_cancel_runs_no_buffered_delivery_and_gives_them_back(amqp_url, backlog):
+def test_cancel_runs_only_what_the_prefetch_let_in(amqp_url, backlog):
+    """kombu's ``Consumer.cancel()`` runs the deliveries already received, as py-amqp does: now at most the prefetch.
+
+    It used to run the whole backlog in the caller (14 s for 2 600 in the
+    issue); the rest of the backlog stays in the broker.
+    """
     got: list[Any] = []
     with kombu.Connection(f"carrot+{amqp_url}", connect_timeout=5) as conn:
         consumer = kombu.Consumer(conn, [kombu.Queue(backlog, no_declare=True)], callbacks=[lambda body, msg: got.append(msg)])
@@ -74,14 +79,8 @@ def test_cancel_runs_no_buffered_delivery_and_gives_them_back(amqp_url, backlog)
         conn.drain_events(timeout=5)
         assert len(got) == 1
         _unacked_settles(amqp_url, backlog, at_least=DEFAULT_PREFETCH_COUNT)
-        started = time.monotonic()
         consumer.cancel()
-        took = time.monotonic() - started
-        assert len(got) == 1, "cancel() ran buffered deliveries in the caller"
-        assert took < 2.0
-        # every buffered delivery went back: only the one delivered to the callback is still out
-        deadline = time.monotonic() + 10
-        while _ready(amqp_url, backlog) != BACKLOG - 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _ready(amqp_url, backlog) == BACKLOG - 1
-        got[0].ack()
+        assert 1 < len(got) <= DEFAULT_PREFETCH_COUNT, len(got)
+        for message in got:
+            message.ack()
+        assert _ready(amqp_url, backlog) == BACKLOG - len(got)

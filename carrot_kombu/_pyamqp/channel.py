@@ -487,30 +487,20 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         return tag
 
     def basic_cancel(self, consumer_tag: str, nowait: bool = False, argsig: str = "sb") -> Any:
-        """Cancel a consumer; deliveries queued for it and not yet run go back to the queue.
+        """Cancel a consumer; deliveries that reached it before the cancel run now, in this thread.
 
-        py-amqp runs, while it waits for cancel-ok, only what arrives in that
-        wait; here everything the consumer received and nobody drained yet
-        is queued (up to its prefetch: thousands without one), and running it
-        all in the caller made ``cancel()`` take seconds.  They are rejected
-        with ``requeue=True`` instead (the broker delivers them again, to
-        another consumer), never run here.  A ``no_ack`` consumer's
-        deliveries are already settled: they stay queued and run in the next
-        ``drain_events`` (lost otherwise).
+        py-amqp dispatches them to the callback while it waits for cancel-ok
+        (kombu's own suite relies on it: ``with consumer: drain_events()``
+        then expects every message already sent); here they were queued for
+        ``drain_events``, so they are run here instead (the same deliveries,
+        in the same order, in the caller).  How many there can be is bounded
+        as with py-amqp: there by the socket's buffers (TCP back-pressure),
+        here by the consumer's prefetch (the kombu transport gives one to a
+        consumer that set none, see ``default_prefetch_count``).
         """
-        no_ack = consumer_tag in self.no_ack_consumers
         result = super().basic_cancel(consumer_tag, nowait, argsig)
-        if no_ack:
-            return result
-
-        def buffered(fn: Any, args: tuple[Any, ...]) -> bool:
-            return _consumer_tag(args) == consumer_tag and getattr(args[0], "channel", None) is self
-
-        for _fn, args in self.carrot.events.take(buffered):
-            try:
-                self.basic_reject(args[0].delivery_info["delivery_tag"], True)
-            except Disconnected:
-                break  # the broker requeues every unacked delivery of a lost connection itself
+        for fn, args in self.carrot.events.take(lambda fn, args: _consumer_tag(args) == consumer_tag):
+            fn(*args)
         return result
 
     def consume_internal(
