@@ -260,6 +260,7 @@ class ConnectionManager:
         if supervisor is None:
             return
         core.publisher.abort("the manager stopped")
+        core.live.close("manager stopped")  # a caller waiting in connection(timeout=...) returns now
         # Keep a slice of the time for delivering "stopped" on the event thread.
         reserve = 0.0 if timeout is None else min(0.25, timeout / 4)
         if not supervisor.stop(None if timeout is None else timeout - reserve):

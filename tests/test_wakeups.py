@@ -111,3 +111,27 @@ def test_closing_a_kombu_connection_wakes_its_drainer(broker):
                        if any(f":{broker.port}/" in u for u in key[1])]
         for entry in entries:
             entry.manager.stop(timeout=5)
+
+
+@pytest.mark.parametrize("call", ["connection", "wait_connected", "publish"])
+def test_stop_wakes_a_caller_waiting_for_the_connection(call):
+    """Disconnected (the broker is gone, the manager retries): callers waiting for a connection end at stop()."""
+    broker = FakeBroker(heartbeat=0)
+    broker.start()
+    manager, _peer = _manager(broker)
+    try:
+        manager.publish(b"first", routing_key="q", timeout=5)  # the confirm channel exists
+        broker.stop()
+        assert manager.wait_status(lambda s: s.attempts >= 1, 5)
+        calls = {
+            "connection": lambda: manager.connection(timeout=30),
+            "wait_connected": lambda: manager.wait_connected(30) and None,
+            "publish": lambda: manager.publish(b"x", routing_key="q", timeout=30),
+        }
+        waiter = Blocked(calls[call])
+        assert not waiter.returned.wait(0.2), waiter.error  # it waits (or failed at once: shown)
+        manager.stop(timeout=5)
+        assert waiter.returned.wait(AT_ONCE), f"{call} still waiting after stop()"
+    finally:
+        manager.stop(timeout=5)
+        broker.stop()
