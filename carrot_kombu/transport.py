@@ -91,11 +91,21 @@ class _Entry:
         self.views: "weakref.WeakSet[VirtualConnection]" = weakref.WeakSet()
         self.used_at = time.monotonic()
 
+    def due(self) -> Optional[float]:
+        """When this manager may be retired (monotonic), or None while a kombu connection is open."""
+        if any(not view._closed for view in list(self.views)):
+            return None
+        return self.used_at + IDLE_GRACE
+
     def idle(self, now: float) -> bool:
-        return now - self.used_at >= IDLE_GRACE and not any(not view._closed for view in list(self.views))
+        due = self.due()
+        return due is not None and now >= due
 
 
 _janitor: Optional[threading.Thread] = None
+#: Set when a kombu connection closes: the janitor looks again at once instead
+#: of finishing a sleep computed when every connection was still open.
+_janitor_wake = threading.Event()
 
 
 def _start_janitor() -> None:
@@ -109,7 +119,6 @@ def _start_janitor() -> None:
 def _retire_idle() -> None:
     global _janitor
     while True:
-        time.sleep(max(0.05, min(IDLE_GRACE / 2, 5.0)))
         now = time.monotonic()
         with _registry_lock:
             idle = [key for key, entry in _registry.items() if entry.idle(now)]
@@ -117,6 +126,7 @@ def _retire_idle() -> None:
             done = not _registry
             if done:
                 _janitor = None
+            dues = [due for due in (entry.due() for entry in _registry.values()) if due is not None]
         for manager in retired:
             try:
                 manager.stop(timeout=5.0)
@@ -124,6 +134,10 @@ def _retire_idle() -> None:
                 logger.debug("ignored error while retiring an idle transport manager", exc_info=True)
         if done:
             return
+        # Until the first manager falls due (a close wakes us sooner); at most
+        # 5 s, so a changed IDLE_GRACE or a clock step is seen soon enough.
+        _janitor_wake.wait(max(0.05, min(min(dues, default=now + 5.0) - now, 5.0)))
+        _janitor_wake.clear()
 
 
 #: After a worker's consuming connection was lost, establishing *on the thread
@@ -559,6 +573,7 @@ class VirtualConnection:
         if self._closed:
             return
         self._closed = True
+        _janitor_wake.set()
         with self._lock:
             leases = list(self._leases.values())
             self._leases.clear()  # the same dict: the finalizer holds it
