@@ -52,6 +52,9 @@ def connect(broker: FakeBroker, managers: list[ConnectionManager], **options: An
     manager.start()
     peer = broker.accept()
     assert manager.wait_connected(5)
+    # Events reach listeners on the event thread, after the status: counted
+    # here, so that reconnect() never takes this one for the next connection's.
+    assert events.wait_count("connected", 1), events.names()
     return manager, peer, events
 
 
