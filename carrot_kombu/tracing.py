@@ -33,8 +33,9 @@ instrumentation alone.
 from __future__ import annotations
 
 import functools
+import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Callable, Optional, Union
 
 try:
@@ -67,7 +68,12 @@ _ERROR_TYPE = "error.type"
 
 Callback = Callable[[Any, Any], Any]
 
+logger = logging.getLogger("carrot_kombu")
+
 _CONFIRMED = Status(StatusCode.OK)
+
+#: Iterables ``publish_many`` refuses as a batch (one message, not a list of them).
+_NOT_A_BATCH = (str, bytes, bytearray, memoryview, Mapping)
 
 
 _lock = threading.Lock()
@@ -130,8 +136,6 @@ def _traced_publish_many(original: Callable[..., None]) -> Callable[..., None]:
         if tracer is None:
             original(self, bodies, exchange=exchange, routing_key=routing_key, headers=headers, **options)
             return
-        # Counted first (a generator is consumed here once and handed on as a list).
-        bodies = list(bodies)
         name = getattr(exchange, "name", exchange)
         destination = name if name else routing_key  # the default exchange routes by the key alone
         attributes: dict[str, Union[str, int]] = {
@@ -141,8 +145,6 @@ def _traced_publish_many(original: Callable[..., None]) -> Callable[..., None]:
             _DESTINATION: destination if isinstance(destination, str) else str(destination),
             _ROUTING_KEY: routing_key if isinstance(routing_key, str) else str(routing_key),
         }
-        if len(bodies) != 1:
-            attributes[_BATCH_COUNT] = len(bodies)
         message_id = options.get("message_id")
         if message_id is not None:
             attributes[_MESSAGE_ID] = str(message_id)
@@ -151,6 +153,13 @@ def _traced_publish_many(original: Callable[..., None]) -> Callable[..., None]:
         # attach/detach rather than trace.use_span(): the same, without a generator per call.
         token = context.attach(trace.set_span_in_context(span))
         try:
+            # Counted inside the span: an iterable that raises is a failed publish
+            # too.  (A generator is consumed here once and handed on as a list.)
+            if not isinstance(bodies, _NOT_A_BATCH) and isinstance(bodies, Iterable):
+                bodies = list(bodies)
+                if len(bodies) != 1:
+                    span.set_attribute(_BATCH_COUNT, len(bodies))
+            # else: the original refuses it (TypeError naming ``bodies``); the span records it
             if headers is None or isinstance(headers, Mapping):
                 headers = _with_context(headers)
             # else: the original names the bad field; the span records it
@@ -212,30 +221,11 @@ def _traced_callback(queue: Any, callback: Callback) -> Callback:
         tracer = _tracer
         if tracer is None:
             return callback(body, message)
-        headers = getattr(message, "headers", None)
-        parent = propagate.extract(headers) if isinstance(headers, Mapping) and headers else None
-        info = getattr(message, "delivery_info", None) or {}
-        exchange = info.get("exchange") or ""
-        routing_key = info.get("routing_key") or ""
-        attributes: dict[str, Union[str, int]] = {
-            _SYSTEM: "rabbitmq",
-            _OPERATION_TYPE: "process",
-            _OPERATION_NAME: "process",
-            _DESTINATION: exchange or routing_key,
-            _ROUTING_KEY: routing_key,
-            _SUBSCRIPTION: queue_name,
-        }
-        message_id = (getattr(message, "properties", None) or {}).get("message_id")
-        if message_id is not None:
-            attributes[_MESSAGE_ID] = str(message_id)
-        tag = getattr(message, "delivery_tag", None)
-        if isinstance(tag, int):
-            attributes[_DELIVERY_TAG] = tag
-        raw = getattr(message, "body", None)
-        if isinstance(raw, (bytes, str)):
-            attributes[_BODY_SIZE] = len(raw)
-        span = tracer.start_span(_span_name("process", queue_name), context=parent, kind=SpanKind.CONSUMER,
-                                 attributes=attributes)
+        try:
+            span = _consumer_span(tracer, queue_name, message)
+        except Exception:  # noqa: BLE001 - tracing must never cost a delivery
+            logger.debug("could not start the consumer span for a message of %r", queue_name, exc_info=True)
+            return callback(body, message)
         token = context.attach(trace.set_span_in_context(span))
         try:
             return callback(body, message)
@@ -247,6 +237,57 @@ def _traced_callback(queue: Any, callback: Callback) -> Callback:
             span.end()
 
     return traced
+
+
+def _consumer_span(tracer: trace.Tracer, queue_name: str, message: Any) -> trace.Span:
+    """The CONSUMER span of one delivery, child of the context its headers carry (if they parse)."""
+    parent = _extracted(getattr(message, "headers", None))
+    info = getattr(message, "delivery_info", None) or {}
+    exchange = info.get("exchange") or ""
+    routing_key = info.get("routing_key") or ""
+    attributes: dict[str, Union[str, int]] = {
+        _SYSTEM: "rabbitmq",
+        _OPERATION_TYPE: "process",
+        _OPERATION_NAME: "process",
+        _DESTINATION: exchange or routing_key,
+        _ROUTING_KEY: routing_key,
+        _SUBSCRIPTION: queue_name,
+    }
+    message_id = (getattr(message, "properties", None) or {}).get("message_id")
+    if message_id is not None:
+        attributes[_MESSAGE_ID] = str(message_id)
+    tag = getattr(message, "delivery_tag", None)
+    if isinstance(tag, int):
+        attributes[_DELIVERY_TAG] = tag
+    raw = getattr(message, "body", None)
+    if isinstance(raw, (bytes, str)):
+        attributes[_BODY_SIZE] = len(raw)
+    return tracer.start_span(_span_name("process", queue_name), context=parent, kind=SpanKind.CONSUMER,
+                             attributes=attributes)
+
+
+def _extracted(headers: Any) -> Optional[context.Context]:
+    """The context in a delivery's headers; None if there is none or it does not parse.
+
+    Any producer may send any header: only text values are offered to the
+    propagator (bytes decoded as UTF-8), and a propagator that fails on them
+    gives a root span, never a lost delivery.
+    """
+    if not isinstance(headers, Mapping) or not headers:
+        return None
+    carrier: dict[str, str] = {}
+    for key, value in headers.items():
+        if isinstance(value, (bytes, bytearray)):
+            value = bytes(value).decode("utf-8", "replace")
+        if isinstance(key, str) and isinstance(value, str):
+            carrier[key] = value
+    if not carrier:
+        return None
+    try:
+        return propagate.extract(carrier)
+    except Exception:  # noqa: BLE001 - a malformed context is no context
+        logger.debug("ignored a trace context that does not parse", exc_info=True)
+        return None
 
 
 def _span_name(operation: str, destination: object) -> str:

@@ -300,6 +300,54 @@ def test_a_message_that_cannot_be_sent_ends_its_span_in_error(spans, memory):
     assert producer.status.status_code is StatusCode.ERROR
 
 
+@pytest.mark.parametrize("headers", [
+    {"traceparent": 12345},
+    {"traceparent": True},
+    {"traceparent": 1.5},
+    {"traceparent": b"00-not-a-context"},
+    {"traceparent": "garbage"},
+    {"baggage": 7},
+    {"baggage": b"k=v"},
+    {"tracestate": {"a": 1}},
+    {"traceparent": None, "baggage": [1, 2]},
+], ids=repr)
+def test_a_delivery_whose_headers_carry_no_valid_context_is_delivered_under_a_root_span(spans, memory, headers):
+    """Any producer may send any header: a context that does not parse never costs the delivery (red team 19.1)."""
+    name = unique("trace")
+    memory.declare(kombu.Queue(name))
+    inbox = Inbox()
+    consumer = memory.consume(name, inbox)
+    try:
+        memory.publish(b"x", routing_key=name, headers=headers)
+        body, got, current = inbox.next()
+        (process,) = finished(spans, SpanKind.CONSUMER)
+    finally:
+        consumer.cancel()
+    assert body == b"x" and got == headers
+    assert process.status.status_code is not StatusCode.ERROR
+    assert current.get_span_context().span_id == process.context.span_id
+
+
+def test_an_iterable_that_raises_is_a_failed_publish_span(spans, memory):
+    def bodies() -> Iterator[bytes]:
+        yield b"one"
+        raise ValueError("the source failed")
+
+    with pytest.raises(ValueError, match="the source failed"):
+        memory.publish_many(bodies(), routing_key="q")
+    (producer,) = finished(spans, SpanKind.PRODUCER)
+    assert producer.status.status_code is StatusCode.ERROR
+    assert producer.attributes["error.type"] == "ValueError"
+
+
+@pytest.mark.parametrize("bodies", ["hello", b"hello", {"a": 1}])
+def test_one_message_given_as_a_batch_is_refused_as_without_tracing(spans, memory, bodies):
+    with pytest.raises(TypeError, match="bodies"):
+        memory.publish_many(bodies, routing_key="q")
+    (producer,) = finished(spans, SpanKind.PRODUCER)
+    assert producer.attributes["error.type"] == "TypeError"
+
+
 def test_a_stopped_manager_publish_is_a_disconnected_error_span(spans):
     manager = ConnectionManager("memory://")
     with pytest.raises(Disconnected):
