@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import pathlib
@@ -10,6 +11,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
+from typing import Optional
 
 import kombu
 import pytest
@@ -325,6 +327,73 @@ def test_cli_metrics_scrapes_an_http_endpoint(registry, managers):
     printed = out.getvalue()
     assert 'carrot_kombu_connected{manager="served"} 1.0' in printed
     assert "other_metric" not in printed
+
+
+class _Endpoint:
+    """A metrics endpoint on a thread: answers ``body``, slowly if asked; records the Authorization header."""
+
+    def __init__(self, body: bytes, trickle: float = 0.0) -> None:
+        self.authorization: list[Optional[str]] = []
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's name
+                endpoint.authorization.append(self.headers.get("Authorization"))
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.end_headers()
+                try:
+                    for line in body.splitlines(keepends=True):
+                        self.wfile.write(line)
+                        self.wfile.flush()
+                        if trickle:
+                            time.sleep(trickle)  # the misbehaving endpoint under test: one line at a time
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (what the timeout test wants)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_cli_metrics_sends_url_credentials_as_basic_auth_and_never_prints_them(registry, managers, capsys):
+    managers(name="served")
+    endpoint = _Endpoint(generate_latest(registry))
+    try:
+        out = io.StringIO()
+        assert cli.metrics(f"http://scraper:S3cret%40pw@127.0.0.1:{endpoint.port}/metrics", 5.0, out=out) == cli.EXIT_OK
+        assert endpoint.authorization == ["Basic " + base64.b64encode(b"scraper:S3cret@pw").decode()]
+        assert "S3cret" not in out.getvalue()
+    finally:
+        endpoint.close()
+    # Without a port (urllib took the password for one and crashed, printing it: red team 19.2).
+    out = io.StringIO()
+    assert cli.metrics("http://scraper:S3cretPW@127.0.0.1/metrics", 2.0, out=out) == cli.EXIT_UNREACHABLE
+    captured = capsys.readouterr()
+    assert "S3cretPW" not in out.getvalue() + captured.out + captured.err
+    assert out.getvalue().startswith("FAILED http://scraper:**@127.0.0.1/metrics")
+
+
+def test_cli_metrics_timeout_bounds_an_endpoint_that_trickles_its_answer(registry, managers):
+    managers(name="served")
+    endpoint = _Endpoint(generate_latest(registry), trickle=0.2)
+    try:
+        out = io.StringIO()
+        began = time.monotonic()
+        code = cli.metrics(f"http://127.0.0.1:{endpoint.port}/metrics", 1.0, out=out)
+        took = time.monotonic() - began
+    finally:
+        endpoint.close()
+    assert code == cli.EXIT_UNREACHABLE and "within" in out.getvalue(), out.getvalue()
+    assert took < 1.5, took  # red team 19.3: it ran for minutes
 
 
 def test_opentelemetry_sees_the_same_numbers(managers):
