@@ -227,8 +227,21 @@ def test_labels_connection_name_default_and_duplicates(registry, managers):
     anonymous = managers(start=False)
     labels = {dict(labels)["manager"] for name, labels in scrape(registry) if name == "carrot_kombu_connected"}
     seq = {m: m._core.metrics.sequence for m in (named, twin, anonymous)}
-    assert f"orders #{seq[named]}" in labels and f"orders #{seq[twin]}" in labels
+    assert "orders" in labels and f"orders #{seq[twin]}" in labels  # the first keeps the name
     assert any(re.fullmatch(rf"carrot_kombu pid=\d+ #{seq[anonymous]}", label) for label in labels)
+
+
+def test_a_label_is_kept_for_the_managers_life_and_never_shared(registry, managers):
+    """A series that changed its name mid-life broke rate(); one label for two managers merged them (red team 19.4)."""
+    first = managers(name="y")
+    first.publish(b"x", routing_key="q")
+    assert value(registry, "carrot_kombu_published_total", "y", outcome="confirmed") == 1
+    twin = managers(name="y")
+    impostor = managers(name=f"y #{twin._core.metrics.sequence}")  # literally the twin's suffixed name
+    lines = [line for line in generate_latest(registry).decode().splitlines()
+             if line.startswith("carrot_kombu_connected{")]
+    assert len(lines) == len(set(lines)) == 3, lines  # no two series alike
+    assert value(registry, "carrot_kombu_published_total", "y", outcome="confirmed") == 1  # still "y"
 
 
 def test_the_connection_name_of_transport_options_labels_too(registry, managers):
