@@ -237,7 +237,7 @@ def test_a_label_is_kept_for_the_managers_life_and_never_shared(registry, manage
     first.publish(b"x", routing_key="q")
     assert value(registry, "carrot_kombu_published_total", "y", outcome="confirmed") == 1
     twin = managers(name="y")
-    impostor = managers(name=f"y #{twin._core.metrics.sequence}")  # literally the twin's suffixed name
+    managers(name=f"y #{twin._core.metrics.sequence}")  # another, literally named the twin's suffixed name
     lines = [line for line in generate_latest(registry).decode().splitlines()
              if line.startswith("carrot_kombu_connected{")]
     assert len(lines) == len(set(lines)) == 3, lines  # no two series alike
