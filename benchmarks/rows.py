@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .aio import asyncio_row
 from .celery_tasks import celery_row
 from .failover import failover_row
 from .faults import dead_peer_row, recovery_row
@@ -19,4 +20,5 @@ ROWS: dict[str, tuple[str, RowFunction]] = {
     "failover": ("7. Failover on a 3-node cluster", failover_row),
     "dead_peer": ("8. Dead-peer detection", dead_peer_row),
     "memory": ("9. Memory", memory_row),
+    "asyncio": ("10. asyncio: carrot_kombu.aio vs aio-pika", asyncio_row),
 }
