@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from collections import deque
 from typing import Any, AsyncIterator, Callable, Iterable, Mapping, NamedTuple, Optional, Union
 
@@ -36,7 +37,7 @@ from .consumers import Consumer
 from .events import EVENTS
 from .exceptions import CarrotKombuError, ConfigurationError, Disconnected
 from .manager import ConnectionManager
-from .publisher import Submission
+from .publisher import Publisher, Submission
 from .status import ConnectionState, Status
 
 __all__ = ("AsyncConnectionManager", "AsyncConsumer", "AsyncMessage", "Event")
@@ -299,17 +300,20 @@ class AsyncConnectionManager:
                        timeout: Optional[float], republish: bool, properties: dict[str, Any]) -> None:
         loop = asyncio.get_running_loop()
         done = loop.create_future()
+        wakeups = _wakeups(loop)
 
         def settled(submission: Submission) -> None:
             # On the thread that settled the last message (often the reading
             # thread), under the publisher's lock: only hand off.
-            _soon(loop, _resolve, done)
+            wakeups.post(_resolve, done)
 
         submission = self._manager._submit(
             bodies, exchange=exchange, routing_key=routing_key, headers=headers, serializer=serializer,
             mandatory=mandatory, timeout=timeout, republish=republish, properties=properties,
-            on_settled=settled,
+            on_settled=settled, flush=False,
         )
+        # One socket write per loop iteration for every task that published in it.
+        wakeups.flush_soon(self._manager._core.publisher)
         remaining = submission.deadline.remaining()
         timer = None if remaining is None or submission.settled else loop.call_later(remaining, submission.expire)
         try:
@@ -436,6 +440,7 @@ class AsyncConsumer:
         self._slots = threading.Semaphore(prefetch_count)
         self._closed = False
         self._starting: Optional[asyncio.Future[None]] = None
+        self._wakeups: Optional[_Wakeups] = None
 
     @property
     def consumer(self) -> Optional[Consumer]:
@@ -448,6 +453,7 @@ class AsyncConsumer:
             raise CarrotKombuError("this consumer was cancelled")
         if self._starting is None:
             loop = self._loop = asyncio.get_running_loop()
+            self._wakeups = _wakeups(loop)
             self._ready = asyncio.Event()
             self._starting = loop.run_in_executor(None, self._subscribe)
             self._owner._consumers.add(self)
@@ -464,11 +470,11 @@ class AsyncConsumer:
     def _deliver(self, body: Any, message: Any) -> None:
         # The consumer's worker thread: wait for a buffer slot, then hand over.
         self._slots.acquire()
-        loop = self._loop
-        if self._closed or loop is None:
+        wakeups = self._wakeups
+        if self._closed or wakeups is None:
             self._slots.release()
             return  # not settled: the cancel's channel close sends it back to the queue
-        if not _soon(loop, self._put, AsyncMessage(body, message)):
+        if not wakeups.post(self._put, AsyncMessage(body, message)):
             self._slots.release()
 
     def _put(self, item: Any) -> None:
@@ -547,6 +553,70 @@ class AsyncConsumer:
 def _resolve(future: "asyncio.Future[None]") -> None:
     if not future.done():
         future.set_result(None)
+
+
+class _Wakeups:
+    """Calls from other threads into one loop, coalesced: one ``call_soon_threadsafe`` per burst.
+
+    A confirm frame (or a burst of deliveries) settles many awaiting tasks:
+    each would otherwise write to the loop's self-pipe and cost the loop an
+    iteration.  The first post of a burst schedules :meth:`_drain`; the
+    others only append.
+    """
+
+    __slots__ = ("_loop", "_lock", "_todo", "_scheduled", "_flushes", "__weakref__")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._todo: deque[tuple[Callable[[Any], None], Any]] = deque()
+        self._scheduled = False
+        self._flushes: dict[int, Publisher] = {}  # the loop's own: no lock
+
+    def flush_soon(self, publisher: Publisher) -> None:
+        """On the loop: flush ``publisher`` once, after what this iteration's tasks write."""
+        if not self._flushes:
+            self._loop.call_soon(self._flush)
+        self._flushes[id(publisher)] = publisher
+
+    def _flush(self) -> None:
+        flushes, self._flushes = self._flushes, {}
+        for publisher in flushes.values():
+            publisher.flush()
+
+    def post(self, callback: Callable[[Any], None], arg: Any) -> bool:
+        """From any thread: ``callback(arg)`` on the loop soon; False if the loop is closed."""
+        with self._lock:
+            self._todo.append((callback, arg))
+            if self._scheduled:
+                return True
+            self._scheduled = True
+        if _soon(self._loop, self._drain):
+            return True
+        with self._lock:
+            self._scheduled = False
+            self._todo.clear()
+        return False
+
+    def _drain(self) -> None:
+        with self._lock:
+            todo, self._todo = self._todo, deque()
+            self._scheduled = False
+        for callback, arg in todo:
+            callback(arg)
+
+
+_WAKEUPS: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Wakeups]" = weakref.WeakKeyDictionary()
+_WAKEUPS_LOCK = threading.Lock()
+
+
+def _wakeups(loop: asyncio.AbstractEventLoop) -> _Wakeups:
+    """The loop's coalescing inbox (made on first use, on the loop's thread)."""
+    found = _WAKEUPS.get(loop)
+    if found is None:
+        with _WAKEUPS_LOCK:
+            found = _WAKEUPS.setdefault(loop, _Wakeups(loop))
+    return found
 
 
 def _soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> bool:

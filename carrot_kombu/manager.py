@@ -771,13 +771,14 @@ class ConnectionManager:
     def _submit(
         self, bodies: Iterable[Any], *, exchange: Any, routing_key: str, headers: Optional[Mapping[str, Any]],
         serializer: Optional[str], mandatory: bool, timeout: Optional[float], republish: bool,
-        properties: dict[str, Any], on_settled: Callable[[Submission], None],
+        properties: dict[str, Any], on_settled: Callable[[Submission], None], flush: bool = True,
     ) -> Submission:
         """Publish without waiting (``publish_async``, :mod:`carrot_kombu.aio`): ``on_settled`` reports.
 
         ``on_settled`` runs on whichever thread settles the last message,
         under the publisher's lock: it must only hand off.  The caller
-        enforces the deadline (``submission.expire()``).
+        enforces the deadline (``submission.expire()``).  With ``flush=False``
+        the caller must call ``publisher.flush()`` soon.
         """
         deadline = Deadline.of("timeout", timeout)
         publisher = self._publisher_for(headers, exchange, routing_key, serializer, mandatory, republish)
@@ -786,7 +787,7 @@ class ConnectionManager:
             bodies, exchange=name, routing_key=routing_key, headers=dict(headers or {}), serializer=serializer,
             mandatory=mandatory, properties=properties, republish=republish,
         )
-        submission, rest = publisher.submit(pendings, deadline, on_settled)
+        submission, rest = publisher.submit(pendings, deadline, on_settled, flush)
         if rest:
             publisher.waiting.call(lambda: publisher.send_waiting(submission, rest))
         return submission

@@ -438,9 +438,12 @@ class Publisher:
         return [self._encode(body, exchange, routing_key, headers, serializer, mandatory, properties, republish)
                 for body in bodies]
 
-    def submit(self, pendings: list[_Pending], deadline: Deadline,
-               on_settled: Callable[["Submission"], None]) -> tuple["Submission", list[_Pending]]:
+    def submit(self, pendings: list[_Pending], deadline: Deadline, on_settled: Callable[["Submission"], None],
+               flush: bool = True) -> tuple["Submission", list[_Pending]]:
         """Admit and write ``pendings`` without ever waiting; their outcome goes to ``on_settled``.
+
+        ``flush=False`` only queues the frames: the caller calls :meth:`flush`
+        soon (an event loop, once per iteration, for every task's messages).
 
         Returns:
             The submission, and the messages that could not go without
@@ -465,7 +468,8 @@ class Publisher:
             raise
         rest = pendings[len(admitted):]
         for index in range(0, len(admitted), _CHUNK_MESSAGES):
-            if not self._write(admitted[index:index + _CHUNK_MESSAGES], deadline=deadline, nowait=True):
+            if not self._write(admitted[index:index + _CHUNK_MESSAGES], deadline=deadline, nowait=True,
+                               flush=flush):
                 rest = admitted[index:] + rest
                 break
         submission.start()
@@ -499,6 +503,12 @@ class Publisher:
         except (Disconnected, Blocked, PublishTimeout) as exc:
             self._fail([p for p in pendings if not p.written], exc)
 
+    def flush(self) -> None:
+        """Send what ``submit(flush=False)`` queued (never waits; the rest goes with the next writer)."""
+        channel = self._channel
+        if channel is not None:
+            channel.flush()
+
     def _fail(self, pendings: list[_Pending], error: BaseException) -> None:
         """Settle unwritten messages with ``error`` (raised to their caller as it is)."""
         with self._cond.lock:
@@ -518,7 +528,7 @@ class Publisher:
     # -- writing ---------------------------------------------------------------------------
 
     def _write(self, chunk: list[_Pending], alone: bool = False, deadline: Deadline = NEVER,
-               nowait: bool = False) -> bool:
+               nowait: bool = False, flush: bool = True) -> bool:
         """Write ``chunk`` on the confirm channel with consecutive delivery tags (one socket write).
 
         Args:
@@ -530,6 +540,7 @@ class Publisher:
                 blocks the connection or the outgoing buffer is full, nothing
                 is written and False is returned (the messages stay admitted,
                 for :meth:`send_waiting`).
+            flush: False: only queue the frames; the caller calls :meth:`flush` soon.
 
         Returns:
             False only with ``nowait``, when nothing could be written without waiting.
@@ -564,7 +575,7 @@ class Publisher:
 
         try:
             channel.write([p.message for p in todo], on_queued=queued,
-                          deadline=clock() if nowait else deadline.at)
+                          deadline=clock() if nowait else deadline.at, flush=flush)
         except (Blocked, PublishTimeout):
             if nowait and not any(p.written for p in todo):
                 return False  # blocked or back-pressured: a thread that may wait writes them

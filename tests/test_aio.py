@@ -312,7 +312,7 @@ class _Channel:
         self.written = []
         self.next_tag = 1
 
-    def write(self, messages, on_queued, deadline=None):
+    def write(self, messages, on_queued, deadline=None, flush=True):
         first = self.next_tag
         self.next_tag += len(messages)
         on_queued(first, True)

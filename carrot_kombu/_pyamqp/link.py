@@ -195,13 +195,22 @@ class AmqpConfirmChannel(ConfirmChannel):
         chan.confirm_select()
 
     def write(self, messages: list[Outbound], on_queued: Callable[[int, bool], None],
-              deadline: Optional[float] = None) -> None:
+              deadline: Optional[float] = None, flush: bool = True) -> None:
         chan = self._chan
         frame_max = self._conn.conn.frame_max
         frames: list[Any] = []
         for message in messages:
             frames += message.frames(chan.channel_id, frame_max)
-        chan.write_publishes(frames, len(messages), on_queued=on_queued, deadline=deadline)
+        chan.write_publishes(frames, len(messages), on_queued=on_queued, deadline=deadline, flush=flush)
+
+    def flush(self) -> None:
+        wire = self._conn.wire
+        if wire is None:
+            return
+        try:
+            wire.flush(block=False)
+        except OSError:
+            pass  # the connection failed: the wire reported it; the next channel publishes them again
 
     def wait(self, waiter: Waiter, deadline: Optional[float],
              interrupt: Optional[Callable[[], bool]] = None) -> bool:
