@@ -10,7 +10,11 @@ row says "skipped" without it.
 * 100 tasks publishing confirmed at once (aggregate);
 * consuming a backlog with prefetch 100 (ack each);
 * event-loop lag: the p99 overshoot of a ``sleep(0.001)`` loop while 8
-  tasks publish confirmed messages and one task consumes them.
+  tasks publish confirmed messages and one task consumes them;
+* after a private node's restart (full run only), the first confirm and the
+  first delivery of each client, both living through the same restarts
+  (carrot_kombu with the default ``Backoff()``, aio-pika's ``connect_robust``
+  with its default ``reconnect_interval``).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import statistics
+import time
 from time import perf_counter
 from typing import Any, Awaitable, Callable, Optional
 
@@ -44,7 +49,9 @@ def asyncio_row(ctx: Context) -> list[Row]:
     except ImportError:
         return [Row(key="asyncio", label="10. asyncio vs aio-pika",
                     measured="skipped: aio-pika is not installed (pip install '.[bench]')")]
-    return asyncio.run(_rows(ctx))
+    rows = asyncio.run(_rows(ctx))
+    rows.extend(asyncio.run(_restart_rows(ctx)))
+    return rows
 
 
 async def _alternate(rounds: int, runners: dict[str, Callable[[], Awaitable[Any]]]) -> dict[str, list[Any]]:
@@ -254,3 +261,121 @@ def _versus(key: str, label: str, runs: dict[str, list[float]], comparison: str,
         met=share >= goal,
         figures={"carrot_kombu": ours.as_dict(), "aio_pika": theirs.as_dict(), "ratio": share},
     )
+
+
+async def _restart_rows(ctx: Context) -> list[Row]:
+    """Row 10e: first confirm / first delivery after a private node's restart, both clients at once."""
+    import aio_pika
+    import kombu
+
+    from .faults import private_nodes_unavailable, until_accepts
+
+    runs, down = ctx.sizes.restart_runs, ctx.sizes.restart_down_s
+    label = (f"10e. asyncio: after a broker restart (private node: ``stop_app``, {down:g} s down, ``start_app``), "
+             "from the node accepting TCP again: first confirm / first delivery, one task publishing one by one "
+             "and one consuming, per client")
+    if runs == 0:
+        return [Row(key="asyncio", label=label,
+                    measured="skipped in ``--quick`` (a private node takes 2-30 s to boot); measured in the full run")]
+    unavailable = private_nodes_unavailable()
+    if unavailable:
+        return [Row(key="asyncio", label=label, measured=f"not measured: {unavailable}")]
+    from integration.cluster import sigterm_as_interrupt
+    from integration.nodes import private_nodes
+
+    loop = asyncio.get_running_loop()
+    ctx.log(f"asyncio: {runs} broker restart(s) on a private node, carrot_kombu.aio and aio-pika")
+    results: list[dict[str, float]] = []
+    with sigterm_as_interrupt(), private_nodes(1) as (node,):  # the node is always stopped
+        ck_queue, pika_queue = unique("ck-bench-aio-restart"), unique("ck-bench-pika-restart")
+        confirms: dict[str, list[float]] = {"ck": [], "pika": []}
+        deliveries: dict[str, list[float]] = {"ck": [], "pika": []}
+        stop = asyncio.Event()
+        async with AsyncConnectionManager(node.url) as m:
+            await m.declare(kombu.Queue(ck_queue, durable=True, auto_delete=False))
+            pika = await aio_pika.connect_robust(node.url)
+            try:
+                channel = await pika.channel(publisher_confirms=True)
+                await channel.set_qos(prefetch_count=PREFETCH)
+                queue = await channel.declare_queue(pika_queue, durable=True)
+
+                async def on_pika(message: Any) -> None:
+                    deliveries["pika"].append(perf_counter())
+                    await message.ack()
+
+                await queue.consume(on_pika)
+
+                async def ck_publisher() -> None:
+                    while not stop.is_set():
+                        try:
+                            await m.publish(BODY, routing_key=ck_queue, timeout=120)
+                            confirms["ck"].append(perf_counter())
+                        except Exception:  # noqa: BLE001 - counted by its absence: the clock runs on
+                            await asyncio.sleep(0.01)
+
+                async def ck_consumer() -> None:
+                    async with m.consume(ck_queue, prefetch_count=PREFETCH) as messages:
+                        while not stop.is_set():
+                            try:
+                                message = await asyncio.wait_for(messages.get(), 0.1)
+                            except asyncio.TimeoutError:
+                                continue
+                            deliveries["ck"].append(perf_counter())
+                            await message.ack()
+
+                async def pika_publisher() -> None:
+                    while not stop.is_set():
+                        try:
+                            await channel.default_exchange.publish(aio_pika.Message(BODY), routing_key=pika_queue,
+                                                                   timeout=120)
+                            confirms["pika"].append(perf_counter())
+                        except Exception:  # noqa: BLE001 - closed while reconnecting: try again
+                            await asyncio.sleep(0.01)
+
+                async def after(series: list[float], since: float, timeout: float) -> float:
+                    deadline = perf_counter() + timeout
+                    while not (series and series[-1] > since):
+                        if perf_counter() > deadline:
+                            return float("nan")
+                        await asyncio.sleep(0.005)
+                    return next(t for t in series if t > since) - since
+
+                tasks = [asyncio.ensure_future(t) for t in (ck_publisher(), ck_consumer(), pika_publisher())]
+                try:
+                    for _ in range(runs):
+                        warm = perf_counter()
+                        for series in (confirms["ck"], confirms["pika"], deliveries["ck"], deliveries["pika"]):
+                            await after(series, warm, 60)
+                        await loop.run_in_executor(None, node.stop_app)
+                        await asyncio.sleep(down)
+                        starting = loop.run_in_executor(None, node.start_app)
+                        accepted = await loop.run_in_executor(None, lambda: until_accepts(node.port, 120, 0.02))
+                        since = accepted - time.monotonic() + perf_counter()  # the same moment on perf_counter
+                        waits = await asyncio.gather(*(after(series, since, 90) for series in (
+                            confirms["ck"], deliveries["ck"], confirms["pika"], deliveries["pika"])))
+                        await starting
+                        results.append(dict(zip(("ck_confirm_s", "ck_delivery_s", "pika_confirm_s",
+                                                 "pika_delivery_s"), waits)))
+                finally:
+                    stop.set()
+                    await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 150)
+            finally:
+                await pika.close()
+    medians = {key: statistics.median(r[key] for r in results) for key in results[0]}
+    worst = {key: max(r[key] for r in results) for key in results[0]}
+    met = all(r["ck_confirm_s"] <= r["pika_confirm_s"] and r["ck_delivery_s"] <= r["pika_delivery_s"]
+              for r in results)
+    return [Row(
+        key="asyncio",
+        label=label,
+        measured=(f"first confirm: median {medians['ck_confirm_s']:.2f} s (max {worst['ck_confirm_s']:.2f}); "
+                  f"first delivery: median {medians['ck_delivery_s']:.2f} s (max {worst['ck_delivery_s']:.2f}); "
+                  f"n={len(results)}"),
+        comparison=(f"aio-pika 10 ``connect_robust``: first confirm median {medians['pika_confirm_s']:.2f} s "
+                    f"(max {worst['pika_confirm_s']:.2f}); first delivery median "
+                    f"{medians['pika_delivery_s']:.2f} s (max {worst['pika_delivery_s']:.2f})"),
+        ratio=f"first confirm {ratio(medians['pika_confirm_s'] / medians['ck_confirm_s'])} sooner (medians)",
+        goal="no later than aio-pika, in every restart",
+        met=met,
+        figures={"restarts": results, "down_s": down},
+    )]
