@@ -44,6 +44,8 @@ __all__ = ("AsyncConnectionManager", "AsyncConsumer", "AsyncMessage", "Event")
 
 #: Events kept for an ``events()`` iterator that does not keep up; older ones are dropped.
 EVENT_BUFFER = 1000
+#: Seconds between two looks, by a consumer thread waiting for a buffer slot, at whether its consumer ended.
+SLOT_CHECK = 0.5
 
 
 class Event(NamedTuple):
@@ -372,7 +374,9 @@ class AsyncMessage:
     """One delivery: ``body`` (decoded), the kombu ``message``, and async settlement.
 
     Settling writes one small frame on the consumer's channel from the loop
-    (no wait for the broker).  As with :meth:`ConnectionManager.consume`, a
+    (no wait for the broker; only while the connection's outgoing buffer is
+    over its high-water mark, under heavy publishing from other threads, does
+    it wait for room, as every writer does).  As with :meth:`ConnectionManager.consume`, a
     settlement of a delivery from a lost connection, or after the consumer
     was cancelled, is dropped: the broker redelivers the message.
     """
@@ -469,7 +473,13 @@ class AsyncConsumer:
 
     def _deliver(self, body: Any, message: Any) -> None:
         # The consumer's worker thread: wait for a buffer slot, then hand over.
-        self._slots.acquire()
+        # Re-checked every SLOT_CHECK seconds: a consumer cancelled behind our
+        # back, or a loop closed without cancelling it, frees the thread.
+        while not self._slots.acquire(timeout=SLOT_CHECK):
+            consumer = self._consumer
+            loop = self._loop
+            if self._closed or (consumer is not None and not consumer.active) or (loop is not None and loop.is_closed()):
+                return  # not settled: its channel's close sends it back to the queue
         wakeups = self._wakeups
         if self._closed or wakeups is None:
             self._slots.release()

@@ -387,3 +387,25 @@ def test_a_submission_reports_once_even_when_expiry_races_the_confirm():
     assert reports == [submission] and isinstance(submission.error, PublishTimeout)
     assert submission.error.outcome == "unknown"  # it was written
     assert publisher.pending_count() == 0
+
+
+@pytest.mark.asyncio
+async def test_a_consumer_thread_waiting_for_a_buffer_slot_ends_when_its_consumer_is_cancelled_elsewhere(
+        make_manager):
+    """The manager's own Consumer cancelled behind the async side's back (not through it): the thread ends."""
+    manager, _ = make_manager("memory://")
+    assert manager.wait_connected(5)
+    m = AsyncConnectionManager.wrap(manager)
+    await m.declare(kombu.Queue("aio-cancelled-elsewhere"))
+    await m.publish_many([{"n": n} for n in range(10)], routing_key="aio-cancelled-elsewhere")
+    messages = m.consume("aio-cancelled-elsewhere", prefetch_count=2)
+    await messages.start()
+    assert await _until(lambda: len(messages._buffer) == 2)  # its thread now waits for a slot
+
+    def consumer_threads():
+        return [t for t in threading.enumerate() if t.name == "carrot-kombu-consumer-aio-cancelled-elsewhere"]
+
+    assert consumer_threads()
+    await asyncio.get_running_loop().run_in_executor(None, messages.consumer.cancel)
+    assert await _until(lambda: not consumer_threads(), timeout=5)
+    await messages.cancel()
