@@ -138,6 +138,8 @@ class Publisher:
         #: The broker refused the connection for a reason retrying will not
         #: fix: new publishes fail at once until a connection works again.
         self._refused: Optional[tuple[str, Optional[BaseException]]] = None
+        #: Changes on every block, unblock and detach: a blocked_timeout timer of an older block does nothing.
+        self._block_epoch = 0
         self.used = False  # no confirm channel is opened until the first publish
         #: Completes publish_async futures and expires them (user callbacks never run on the reading thread).
         self.completions = Handoff("carrot-kombu-futures")
@@ -248,6 +250,34 @@ class Publisher:
                 p.wake()
             self._cond.notify_all()
 
+    def blocked(self, reason: Optional[str], timeout: Optional[float]) -> None:
+        """The broker blocked (``reason``) or unblocked (None) the connection (from the supervisor).
+
+        A waiting ``publish`` bounds its wait for a confirm by
+        ``blocked_timeout`` itself; messages of callers that do not wait
+        (``publish_async``, the asyncio API) have nobody to do that: if the
+        block lasts ``timeout`` seconds, they settle with :class:`Blocked`.
+        """
+        with self._cond.lock:
+            self._block_epoch += 1
+            epoch = self._block_epoch
+        if reason is not None and timeout is not None:
+            self.completions.call_at(clock() + timeout, lambda: self._blocked_too_long(epoch, reason, timeout))
+
+    def _blocked_too_long(self, epoch: int, reason: str, timeout: float) -> None:
+        with self._cond.lock:
+            if epoch != self._block_epoch:
+                return  # unblocked (or lost) meanwhile
+            for p in list(self._pending.values()):
+                if p.outcome is None and p.on_done is not None:
+                    # A written one keeps its delivery tag (see _forget): a late refusal stays its own.
+                    p.outcome = "blocked"
+                    p.error = Blocked(f"the broker blocked the connection ({reason}) for {timeout}s "
+                                      "(blocked_timeout) before the confirm")
+                    self._pending.pop(p.id, None)
+                    p.wake()
+            self._cond.notify_all()
+
     def no_channel(self, error: Blocked) -> None:
         """The broker blocked the connection while a confirm channel was being opened.
 
@@ -278,6 +308,7 @@ class Publisher:
             self._channel = None
             self._generation = None
             self._by_tag = {}
+            self._block_epoch += 1  # a block ends with its connection
             self._unknown_after_loss(list(self._pending.values()), "the connection was lost")
             for p in self._pending.values():
                 p.wake()
@@ -797,7 +828,9 @@ def _raise_for(pending: _Pending, index: int, total: int) -> None:
         raise Disconnected(f"{pending.detail} before the broker confirmed the message{which}{written}",
                            pending.error)
     if pending.outcome == "blocked":
-        raise Blocked(f"{pending.error}; the message was never sent{which}")
+        written = "; the message was written and may have been stored" if pending.written else \
+            "; the message was never sent"
+        raise Blocked(f"{pending.error}{written}{which}")
     if pending.outcome == "nack":
         raise Nacked(f"the broker refused the message (basic.nack){which}")
     if pending.outcome == "returned":

@@ -214,3 +214,39 @@ async def test_republish_false_is_at_most_once_through_proxy_cuts(rabbit, proxy)
     got = _read_back(reader, queue, confirmed)
     assert set(got) >= confirmed
     assert len(got) == len(set(got)), "a republish=False message arrived twice"
+
+
+@pytest.mark.asyncio
+async def test_a_blocked_connection_never_blocks_the_loop(node):
+    """Resource alarm on a private node: publishes that would wait go to the helper thread; the loop runs on."""
+    from carrot_kombu import Blocked, PublishTimeout
+
+    loop = asyncio.get_running_loop()
+    queue = unique("ck-aio-blocked")
+    async with AsyncConnectionManager(node.url, blocked_timeout=3, **FAST) as m:
+        await m.declare(kombu.Queue(queue))
+        await m.publish("warm", routing_key=queue)
+        await loop.run_in_executor(None, node.alarm, True)
+        try:
+            # The broker blocks the connection when it next publishes.
+            trigger = asyncio.ensure_future(m.publish("trigger", routing_key=queue, timeout=30))
+            deadline = time.monotonic() + 10
+            while not m.status().blocked:
+                assert time.monotonic() < deadline, "the broker never blocked the connection"
+                await asyncio.sleep(0.01)
+            waiting = [asyncio.ensure_future(m.publish(str(n), routing_key=queue, timeout=1)) for n in range(5)]
+            gaps = []
+            until = time.monotonic() + 1.5
+            while time.monotonic() < until:  # the loop keeps turning while they wait
+                start = time.monotonic()
+                await asyncio.sleep(0.01)
+                gaps.append(time.monotonic() - start)
+            assert max(gaps) < 0.5, f"the loop stalled for {max(gaps):.2f}s"
+            results = await asyncio.gather(*waiting, return_exceptions=True)
+            assert all(isinstance(r, PublishTimeout) and r.outcome == "not_sent" for r in results), results
+            error = (await asyncio.gather(trigger, return_exceptions=True))[0]
+            assert isinstance(error, Blocked), repr(error)  # bounded by blocked_timeout, not its 30 s
+        finally:
+            await loop.run_in_executor(None, node.alarm, False)
+        assert await m.wait_connected(30)
+        await m.publish("after", routing_key=queue, timeout=20)
