@@ -55,6 +55,7 @@ class Handoff:
         self._live_timers = 0
         self._seq = itertools.count()
         self._worker: Optional[Worker] = None
+        self._retire = False
 
     def call(self, work: Work) -> None:
         """Run ``work`` on the helper thread, after what was handed over before."""
@@ -84,6 +85,21 @@ class Handoff:
                 timer.work = None
                 self._live_timers -= 1
 
+    def retire(self) -> None:
+        """The manager stops: the thread ends as soon as nothing is left to run (not ``idle`` later).
+
+        Work handed over afterwards (the last settlements) still runs, on a
+        thread started for it if needed, which ends right after it.
+        """
+        with self._cond:
+            self._retire = True
+            self._cond.notify()
+
+    def resume(self) -> None:
+        """The manager starts again: an idle thread waits ``idle`` seconds for more work again."""
+        with self._cond:
+            self._retire = False
+
     def _ensure_running(self) -> None:
         # Under the lock.
         if self._worker is None:
@@ -107,7 +123,7 @@ class Handoff:
                     self._todo.clear()
                     if batch:
                         break
-                    if not self._timers and now - idle_since >= self._idle:
+                    if self._live_timers == 0 and (self._retire or now - idle_since >= self._idle):
                         self._worker = None  # the next call starts another thread
                         return
                     wait = self._idle if not self._timers else self._timers[0][0] - now

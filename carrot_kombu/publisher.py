@@ -33,7 +33,7 @@ from amqp.exceptions import AMQPError
 from kombu.serialization import dumps
 
 from ._deadline import NEVER, Deadline, clock
-from ._handoff import Handoff
+from ._handoff import Handoff, Timer
 from ._link import ConfirmChannel, ConfirmHooks, Link, Outbound, Waiter
 from ._metrics import Metrics, now
 from ._sync import Monitor
@@ -140,6 +140,7 @@ class Publisher:
         self._refused: Optional[tuple[str, Optional[BaseException]]] = None
         #: Changes on every block, unblock and detach: a blocked_timeout timer of an older block does nothing.
         self._block_epoch = 0
+        self._block_timer: Optional[Timer] = None
         self.used = False  # no confirm channel is opened until the first publish
         #: Completes publish_async futures and expires them (user callbacks never run on the reading thread).
         self.completions = Handoff("carrot-kombu-futures")
@@ -229,8 +230,11 @@ class Publisher:
                 self._one_at_a_time = False
 
     def abort(self, why: str) -> None:
-        """The manager stops: every waiting publish ends now, new ones fail at once."""
+        """The manager stops: every waiting publish ends now, new ones fail at once; helper threads end."""
         self.fail_waiting(why, closed=True)
+        self.blocked(None, None)
+        self.completions.retire()  # after completing the futures just failed
+        self.waiting.retire()
 
     def fail_waiting(self, why: str, reason: Optional[BaseException] = None, closed: bool = False) -> None:
         """End every waiting publish with ``why`` (stopped, failed, gave up)."""
@@ -261,8 +265,17 @@ class Publisher:
         with self._cond.lock:
             self._block_epoch += 1
             epoch = self._block_epoch
+            timer, self._block_timer = self._block_timer, None
+        if timer is not None:
+            self.completions.cancel(timer)
         if reason is not None and timeout is not None:
-            self.completions.call_at(clock() + timeout, lambda: self._blocked_too_long(epoch, reason, timeout))
+            timer = self.completions.call_at(clock() + timeout, lambda: self._blocked_too_long(epoch, reason, timeout))
+            with self._cond.lock:
+                if self._block_epoch == epoch:
+                    self._block_timer = timer
+                    timer = None
+            if timer is not None:
+                self.completions.cancel(timer)  # unblocked meanwhile
 
     def _blocked_too_long(self, epoch: int, reason: str, timeout: float) -> None:
         with self._cond.lock:
@@ -300,6 +313,8 @@ class Publisher:
         with self._cond.lock:
             self._closed = None
             self._refused = None
+        self.completions.resume()
+        self.waiting.resume()
 
     def detach(self, generation: Optional[int] = None) -> None:
         with self._cond.lock:

@@ -409,3 +409,48 @@ async def test_a_consumer_thread_waiting_for_a_buffer_slot_ends_when_its_consume
     await asyncio.get_running_loop().run_in_executor(None, messages.consumer.cancel)
     assert await _until(lambda: not consumer_threads(), timeout=5)
     await messages.cancel()
+
+
+def test_the_helper_threads_end_when_the_manager_stops(make_manager, faults):
+    faults.refuse = -1
+    manager, events = make_manager(max_pending=1)
+    assert events.wait_count("connect_failed", 1)
+    first = manager.publish_async(b"a", routing_key="q", timeout=30)
+    second = manager.publish_async(b"b", routing_key="q", timeout=30)  # waits for a slot on the helper thread
+
+    publisher = manager._core.publisher
+
+    def helpers():
+        return [h._worker for h in (publisher.completions, publisher.waiting) if h._worker is not None]
+
+    assert publisher.completions._worker is not None  # its timers
+    manager.stop()
+    for future in (first, second):
+        with pytest.raises(Disconnected):
+            future.result(timeout=5)
+    deadline = time.monotonic() + 5
+    while helpers() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not helpers()
+
+
+def test_handoff_runs_work_in_order_and_timers_unless_cancelled():
+    from carrot_kombu._deadline import clock
+    from carrot_kombu._handoff import Handoff
+
+    handoff = Handoff("carrot-kombu-test-handoff", idle=0.2)
+    done = threading.Event()
+    ran = []
+    handoff.call_at(clock() + 0.05, lambda: (ran.append("timer"), done.set()))
+    cancelled = handoff.call_at(clock() + 0.01, lambda: ran.append("cancelled"))
+    handoff.cancel(cancelled)
+    for n in range(3):
+        handoff.call(lambda n=n: ran.append(n))
+    handoff.call(lambda: 1 / 0)  # logged; the thread goes on
+    assert done.wait(5)
+    assert ran == [0, 1, 2, "timer"]
+    handoff.retire()
+    deadline = time.monotonic() + 5
+    while any(t.name == "carrot-kombu-test-handoff" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(t.name == "carrot-kombu-test-handoff" for t in threading.enumerate())
