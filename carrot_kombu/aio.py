@@ -108,6 +108,11 @@ class AsyncConnectionManager:
         """The synchronous manager underneath (for threads, kombu leases, Celery)."""
         return self._manager
 
+    def __repr__(self) -> str:
+        status = self._manager.status()
+        return (f"<AsyncConnectionManager [{status.state.value} {status.broker} | "
+                f"{'owned' if self._owned else 'wrapped'}, {len(self._consumers)} consumer(s)]>")
+
     # -- life ------------------------------------------------------------------------------
 
     async def start(self, wait: Optional[float] = None) -> "AsyncConnectionManager":

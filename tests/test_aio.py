@@ -38,6 +38,7 @@ async def _until(predicate, timeout=5.0):
 async def test_publish_confirmed_then_consume_ack_and_break_cancels_the_subscription():
     async with AsyncConnectionManager("memory://", **FAST) as m:
         assert m.status().state.value == "CONNECTED"
+        assert repr(m).startswith("<AsyncConnectionManager [CONNECTED memory://") and "owned" in repr(m)
         await m.declare(kombu.Queue("aio-work"))
         for n in range(3):
             await m.publish({"n": n}, routing_key="aio-work")
