@@ -114,8 +114,13 @@ class ConfirmChannel:
         """
         raise NotImplementedError
 
-    def flush(self) -> None:
-        """Send what ``write(flush=False)`` queued, as far as the socket takes it now (never waits)."""
+    def flush(self, wait: bool = False) -> bool:
+        """Send what ``write(flush=False)`` queued; False if the socket did not take it all now.
+
+        Without ``wait`` it never waits (an event loop); with it, it sends
+        until done (a helper thread), unless the connection fails.
+        """
+        return True
 
     def wait(self, waiter: Waiter, deadline: Optional[float],
              interrupt: Optional[Callable[[], bool]] = None) -> bool:

@@ -550,10 +550,18 @@ class Publisher:
             self._fail([p for p in pendings if not p.written], exc)
 
     def flush(self) -> None:
-        """Send what ``submit(flush=False)`` queued (never waits; the rest goes with the next writer)."""
+        """Send what ``submit(flush=False)`` queued, never waiting.
+
+        What the socket does not take now (a full send buffer) is sent by the
+        helper thread that may wait, not left for the next writer.
+        """
         channel = self._channel
-        if channel is not None:
-            channel.flush()
+        if channel is not None and not channel.flush():
+            def rest() -> None:
+                # Until sent, or the connection fails (its liveness checks end a stuck write).
+                channel.flush(wait=True)
+
+            self.waiting.call(rest)
 
     def _fail(self, pendings: list[_Pending], error: BaseException) -> None:
         """Settle unwritten messages with ``error`` (raised to their caller as it is)."""

@@ -203,14 +203,15 @@ class AmqpConfirmChannel(ConfirmChannel):
             frames += message.frames(chan.channel_id, frame_max)
         chan.write_publishes(frames, len(messages), on_queued=on_queued, deadline=deadline, flush=flush)
 
-    def flush(self) -> None:
+    def flush(self, wait: bool = False) -> bool:
         wire = self._conn.wire
         if wire is None:
-            return
+            return True
         try:
-            wire.flush(block=False)
+            wire.flush(block=wait)
         except OSError:
-            pass  # the connection failed: the wire reported it; the next channel publishes them again
+            return True  # the connection failed: the wire reported it; the next channel publishes them again
+        return wait or not wire.pending_output
 
     def wait(self, waiter: Waiter, deadline: Optional[float],
              interrupt: Optional[Callable[[], bool]] = None) -> bool:
