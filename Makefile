@@ -18,7 +18,7 @@ LOW_SKIP := --ignore=tests/test_integrations.py --ignore=tests/test_celery_fakeb
 # The unit suite mostly waits (heartbeats, deadlines, a fake broker's pauses):
 # its modules run in parallel worker processes.  Integration tests share the
 # broker and start private nodes: they run one at a time.
-UNIT_WORKERS ?= 4
+UNIT_WORKERS ?= 8
 
 .PHONY: demo test test-high test-low-end test-slow unit integration typecheck lint docs bench report package clean
 

@@ -1,4 +1,4 @@
-"""Row 10: the asyncio API (``carrot_kombu.aio``) against aio-pika 10, in one process, on one broker.
+"""Row 11: the asyncio API (``carrot_kombu.aio``) against aio-pika 10, in one process, on one broker.
 
 Every comparison runs both clients in one event loop, in alternating rounds
 (who goes first rotates); aio-pika uses ``connect_robust`` and a channel
@@ -43,11 +43,11 @@ PREFETCH = 100
 
 
 def asyncio_row(ctx: Context) -> list[Row]:
-    """Row 10 (several lines): carrot_kombu.aio vs aio-pika."""
+    """Row 11 (several lines): carrot_kombu.aio vs aio-pika."""
     try:
         import aio_pika  # noqa: F401
     except ImportError:
-        return [Row(key="asyncio", label="10. asyncio vs aio-pika",
+        return [Row(key="asyncio", label="11. asyncio vs aio-pika",
                     measured="skipped: aio-pika is not installed (pip install '.[bench]')")]
     rows = asyncio.run(_rows(ctx))
     rows.extend(asyncio.run(_restart_rows(ctx)))
@@ -107,7 +107,7 @@ async def _rows(ctx: Context) -> list[Row]:
                 ctx.log("asyncio: one task publishing one by one")
                 runs = await _alternate(sizes.rounds, {"ck": lambda: ck_one(one_by_one),
                                                         "pika": lambda: pika_one(one_by_one)})
-                rows.append(_versus("asyncio", f"10a. asyncio: one task, confirmed 1 KiB one by one x {one_by_one:,}",
+                rows.append(_versus("asyncio", f"11a. asyncio: one task, confirmed 1 KiB one by one x {one_by_one:,}",
                                     runs, "``await exchange.publish(...)`` (publisher confirms)"))
 
                 async def ck_many(n: int) -> float:
@@ -135,7 +135,7 @@ async def _rows(ctx: Context) -> list[Row]:
                 ctx.log("asyncio: 100 concurrent tasks")
                 runs = await _alternate(sizes.rounds, {"ck": lambda: ck_many(concurrent),
                                                         "pika": lambda: pika_many(concurrent)})
-                rows.append(_versus("asyncio", f"10b. asyncio: {CONCURRENT_TASKS} tasks at once, confirmed 1 KiB "
+                rows.append(_versus("asyncio", f"11b. asyncio: {CONCURRENT_TASKS} tasks at once, confirmed 1 KiB "
                                     f"x {concurrent:,} (aggregate)", runs, "the same with aio-pika"))
 
                 filler: ConnectionManager = m.manager
@@ -172,7 +172,7 @@ async def _rows(ctx: Context) -> list[Row]:
 
                 ctx.log("asyncio: consuming with prefetch 100")
                 runs = await _alternate(sizes.rounds, {"ck": ck_consume, "pika": pika_consume})
-                rows.append(_versus("asyncio", f"10c. asyncio: consume a backlog of {backlog:,} with prefetch "
+                rows.append(_versus("asyncio", f"11c. asyncio: consume a backlog of {backlog:,} with prefetch "
                                     f"{PREFETCH}, ack each", runs, "``queue.iterator()`` with ``set_qos(100)``"))
 
                 async def lag(publish: Callable[[], Awaitable[None]], consume: Callable[[asyncio.Event], Awaitable[None]]) -> float:
@@ -232,7 +232,7 @@ async def _rows(ctx: Context) -> list[Row]:
                 ck_p99, pika_p99 = statistics.median(runs["ck"]), statistics.median(runs["pika"])
                 rows.append(Row(
                     key="asyncio",
-                    label=f"10d. asyncio: event-loop lag (p99 overshoot of ``sleep(0.001)``) while "
+                    label=f"11d. asyncio: event-loop lag (p99 overshoot of ``sleep(0.001)``) while "
                           f"{LAG_PUBLISHERS} tasks publish confirmed and one consumes ({lag_seconds:g} s rounds)",
                     measured=f"p99 {ck_p99 * 1000:.2f} ms (median of {len(runs['ck'])} rounds, "
                              f"{min(runs['ck']) * 1000:.2f}–{max(runs['ck']) * 1000:.2f})",
@@ -264,14 +264,14 @@ def _versus(key: str, label: str, runs: dict[str, list[float]], comparison: str,
 
 
 async def _restart_rows(ctx: Context) -> list[Row]:
-    """Row 10e: first confirm / first delivery after a private node's restart, both clients at once."""
+    """Row 11e: first confirm / first delivery after a private node's restart, both clients at once."""
     import aio_pika
     import kombu
 
     from .faults import private_nodes_unavailable, until_accepts
 
     runs, down = ctx.sizes.restart_runs, ctx.sizes.restart_down_s
-    label = (f"10e. asyncio: after a broker restart (private node: ``stop_app``, {down:g} s down, ``start_app``), "
+    label = (f"11e. asyncio: after a broker restart (private node: ``stop_app``, {down:g} s down, ``start_app``), "
              "from the node accepting TCP again: first confirm / first delivery, one task publishing one by one "
              "and one consuming, per client")
     if runs == 0:

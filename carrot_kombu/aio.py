@@ -36,7 +36,7 @@ from ._deadline import check_timeout
 from .consumers import Consumer
 from .events import EVENTS
 from .exceptions import CarrotKombuError, ConfigurationError, Disconnected
-from .manager import ConnectionManager
+from .manager import ConnectionManager, _check_bodies
 from .publisher import Publisher, Submission
 from .status import ConnectionState, Status
 
@@ -299,6 +299,7 @@ class AsyncConnectionManager:
         **properties: Any,
     ) -> None:
         """Publish a batch; returns once every message was confirmed (:meth:`ConnectionManager.publish_many`)."""
+        _check_bodies(bodies)
         await self._publish(bodies, exchange, routing_key, headers, serializer, mandatory, timeout, republish,
                             properties)
 

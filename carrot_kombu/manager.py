@@ -263,6 +263,7 @@ class ConnectionManager:
         if supervisor is None:
             return
         core.publisher.abort("the manager stopped")
+        core.live.close("manager stopped")  # a caller waiting in connection(timeout=...) returns now
         # Keep a slice of the time for delivering "stopped" on the event thread.
         reserve = 0.0 if timeout is None else min(0.25, timeout / 4)
         if not supervisor.stop(None if timeout is None else timeout - reserve):
@@ -704,6 +705,7 @@ class ConnectionManager:
         passed.
         """
         deadline = Deadline.of("timeout", timeout)
+        _check_bodies(bodies)
         publisher = self._publisher_for(headers, exchange, routing_key, serializer, mandatory, republish)
         name = getattr(exchange, "name", exchange)
         publisher.publish_many(
@@ -887,6 +889,17 @@ class ConnectionManager:
         return (
             f"<ConnectionManager [{status.state.value} {status.broker} | "
             f"Pool: {pool.leased} leased, {pool.idle} idle, limit {pool.limit}]>"
+        )
+
+
+def _check_bodies(bodies: Any) -> None:
+    """publish_many()'s ``bodies``: TypeError unless an iterable of message bodies."""
+    # A str/bytes is iterable (one message per character) and a mapping
+    # iterates its keys: each is almost surely one message meant for publish().
+    if isinstance(bodies, (str, bytes, bytearray, memoryview, Mapping)) or not isinstance(bodies, Iterable):
+        raise TypeError(
+            f"publish_many() bodies must be an iterable of message bodies (a list...), got {type(bodies).__name__}"
+            + ("; to publish one message use publish()" if isinstance(bodies, (str, bytes, bytearray, Mapping)) else "")
         )
 
 

@@ -146,6 +146,9 @@ class Publisher:
         self.completions = Handoff("carrot-kombu-futures")
         #: Writes what a non-waiting caller (an event loop) could not write without waiting.
         self.waiting = Handoff("carrot-kombu-publish-wait")
+        #: Whether the manager has a live connection (set by the owner of the
+        #: live connection): only to say in a PublishTimeout what was missing.
+        self.connected: Callable[[], bool] = lambda: self._generation is not None
 
     # -- supervisor side -------------------------------------------------------------
 
@@ -419,6 +422,12 @@ class Publisher:
             props["application_headers"] = merged
         return _Pending(pid, Outbound(exchange, routing_key, props, data, mandatory), republish)
 
+    def _missing(self) -> str:
+        """What kept a message unwritten, for a timeout's message: the connection, or only the confirm channel."""
+        if self.connected():
+            return "connected, but no confirm channel: the broker has not opened one (channel.open/confirm.select)"
+        return "no connection"
+
     def _admit(self, pending: _Pending, deadline: Deadline, wait: bool = True) -> bool:
         """Take a pending slot; False if none is free and ``wait`` is False.
 
@@ -452,7 +461,7 @@ class Publisher:
                 raise PublishTimeout(
                     f"no confirm from the broker within {deadline.timeout}s"
                     + ("; the message was written and may have been stored" if pending.written
-                       else "; the message was never sent (no connection)")
+                       else f"; the message was never sent ({self._missing()})")
                     + (f" (message {index} of {total})" if total > 1 else ""),
                     outcome="unknown" if pending.written else "not_sent",
                 )
@@ -777,7 +786,7 @@ class Submission:
         total = len(self.pendings)
         for index, pending in enumerate(self.pendings):
             if pending.outcome is None:
-                if self._finish(_timeout_error(pending, self.deadline, index, total)):
+                if self._finish(_timeout_error(pending, self.deadline, index, total, self._publisher._missing())):
                     self._publisher.forget_all(self.pendings)
                 return
 
@@ -804,11 +813,11 @@ def _first_error(pendings: list[_Pending]) -> Optional[BaseException]:
     return None
 
 
-def _timeout_error(pending: _Pending, deadline: Deadline, index: int, total: int) -> PublishTimeout:
+def _timeout_error(pending: _Pending, deadline: Deadline, index: int, total: int, missing: str) -> PublishTimeout:
     return PublishTimeout(
         f"no confirm from the broker within {deadline.timeout}s"
         + ("; the message was written and may have been stored" if pending.written
-           else "; the message was never sent (no connection)")
+           else f"; the message was never sent ({missing})")
         + (f" (message {index} of {total})" if total > 1 else ""),
         outcome="unknown" if pending.written else "not_sent",
     )
