@@ -767,7 +767,13 @@ class ConnectionManager:
         )
         if submission.deadline.at is not None and not submission.settled:
             timer.append(completions.call_at(submission.deadline.at, submission.expire))
-        future.add_done_callback(lambda f: submission.cancel() if f.cancelled() else None)
+        def on_done(done: "concurrent.futures.Future[None]") -> None:
+            if done.cancelled():
+                submission.cancel()
+                if timer:
+                    completions.cancel(timer[0])  # a live timer would keep the completion thread up
+
+        future.add_done_callback(on_done)
         return future
 
     def _submit(

@@ -289,6 +289,12 @@ def test_publish_async_errors_are_the_sync_ones(make_manager, faults):
     manager.stop()
     with pytest.raises(Disconnected):
         manager.publish_async(b"z", routing_key="q")
+    # The cancelled future's timer went with it: nothing keeps the completion thread up.
+    completions = manager._core.publisher.completions
+    deadline = time.monotonic() + 5
+    while completions._worker is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert completions._worker is None
 
 
 def test_publish_async_of_a_stopping_manager_fails_with_disconnected(make_manager, faults):
