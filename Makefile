@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # library's suite runs there too, against the fenced py-amqp layer.
 LOW ?= .venv-low
 LOW_PINS := "amqp==5.2.0" "kombu==5.3.7" "vine==5.0.0" "backoff==2.2.1" "pytest>=7" "hypothesis>=6" "pytest-xdist>=3" \
-	"matplotlib>=3.5" "prometheus_client>=0.17" "opentelemetry-api>=1.20" "opentelemetry-sdk>=1.20"
+	"matplotlib>=3.5" "prometheus_client>=0.17" "opentelemetry-api>=1.20" "opentelemetry-sdk>=1.20" "pytest-asyncio>=0.23"
 LOW_STAMP := $(LOW)/.installed-stamp
 # (the unit suite drives the fenced py-amqp layer through a scripted fake broker;
 # the two integration modules take it to the real broker, within CI's time budget)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .aio import asyncio_row
 from .celery_tasks import celery_row
 from .failover import failover_row
 from .faults import dead_peer_row, recovery_row
@@ -21,4 +22,5 @@ ROWS: dict[str, tuple[str, RowFunction]] = {
     "dead_peer": ("8. Dead-peer detection", dead_peer_row),
     "memory": ("9. Memory", memory_row),
     "metrics": ("10. Cost of exporting metrics", metrics_row),
+    "asyncio": ("11. asyncio: carrot_kombu.aio vs aio-pika", asyncio_row),
 }

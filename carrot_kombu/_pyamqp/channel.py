@@ -183,8 +183,12 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         on_queued: Optional[Callable[[int, bool], None]] = None,
         deadline: Optional[float] = None,
         request_deadline: Optional[float] = None,
+        flush: bool = True,
     ) -> int:
         """Queue ``frames`` atomically with this channel's state; returns the first delivery tag.
+
+        ``flush=False`` only queues them: the caller flushes soon (an event
+        loop flushes once per iteration what all its tasks wrote).
 
         ``deadline`` (``time.monotonic()``) bounds the waits before the frames
         are queued (a blocked connection, a full buffer) and this thread's
@@ -214,7 +218,7 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
                 state.confirm_mode = True
             if not expects_reply:
                 state.unverified = True
-        if must_flush:
+        if must_flush and flush:
             self._flush(expects_reply, deadline)
         return first
 
@@ -390,7 +394,7 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
 
     def write_publishes(self, frames: list[Any], count: int,
                         on_queued: Optional[Callable[[int, bool], None]] = None,
-                        deadline: Optional[float] = None) -> int:
+                        deadline: Optional[float] = None, flush: bool = True) -> int:
         """Write ``count`` already encoded publishes at once; returns the first delivery tag.
 
         ``on_queued(first_tag, True)`` runs while the channel is locked, just
@@ -399,7 +403,7 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         ``deadline``: see :meth:`_write`.
         """
         return self._write(spec.Basic.Publish, frames, True, False, publishes=count, on_queued=on_queued,
-                           deadline=deadline)
+                           deadline=deadline, flush=flush)
 
     def _basic_publish(
         self,
