@@ -19,7 +19,7 @@ from .exceptions import CarrotKombuError, ConfigurationError, Disconnected
 from .options import OPTION_NAMES
 from ._handoff import Timer
 from .pool import Lease
-from .publisher import Publisher, Submission
+from .publisher import Outcome, Publisher, Submission
 from .retry import Backoff
 from .status import ConnectionState, Status
 from .topology import check_entity, declare_entity
@@ -704,6 +704,18 @@ class ConnectionManager:
         failed, after every message of the batch was settled or ``timeout``
         passed.
         """
+        self._publish_many(
+            bodies, exchange=exchange, routing_key=routing_key, headers=headers, serializer=serializer,
+            mandatory=mandatory, timeout=timeout, republish=republish, properties=properties,
+        )
+
+    def _publish_many(
+        self, bodies: Iterable[Any], *, exchange: Any, routing_key: str, headers: Optional[Mapping[str, Any]],
+        serializer: Optional[str], mandatory: bool, timeout: Optional[float], republish: bool,
+        properties: dict[str, Any], headers_each: Optional[Sequence[Mapping[str, Any]]] = None,
+        report: Optional[Callable[[list[Outcome]], None]] = None,
+    ) -> None:
+        """:meth:`publish_many`, with per-message headers and outcomes (for :mod:`carrot_kombu.tracing`)."""
         deadline = Deadline.of("timeout", timeout)
         _check_bodies(bodies)
         publisher = self._publisher_for(headers, exchange, routing_key, serializer, mandatory, republish)
@@ -711,7 +723,7 @@ class ConnectionManager:
         publisher.publish_many(
             bodies, exchange=name, routing_key=routing_key, headers=dict(headers or {}),
             serializer=serializer, mandatory=mandatory, deadline=deadline, properties=properties,
-            republish=republish,
+            republish=republish, headers_each=headers_each, report=report,
         )
 
     def publish_async(

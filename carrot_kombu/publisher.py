@@ -27,7 +27,7 @@ import logging
 import re
 import threading
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from amqp.exceptions import AMQPError
 from kombu.serialization import dumps
@@ -370,11 +370,25 @@ class Publisher:
         deadline: Deadline,
         properties: dict[str, Any],
         republish: bool = True,
+        headers_each: Optional[Sequence[Mapping[str, Any]]] = None,
+        report: Optional[Callable[[list[Outcome]], None]] = None,
     ) -> None:
-        """Check and encode every message, write them, then wait for all their confirms."""
+        """Check and encode every message, write them, then wait for all their confirms.
+
+        Args:
+            headers_each: Headers of each message in turn, over ``headers``
+                (tracing gives each message its own context).
+            report: Told each message's :data:`Outcome` once the batch is
+                settled (or its deadline passed), before anything is raised;
+                not called when a message could not even be encoded.
+        """
         started = now()
-        encoded = [self._encode(body, exchange, routing_key, headers, serializer, mandatory, properties, republish)
-                   for body in bodies]
+        if headers_each is None:
+            encoded = [self._encode(body, exchange, routing_key, headers, serializer, mandatory, properties,
+                                    republish) for body in bodies]
+        else:
+            encoded = [self._encode(body, exchange, routing_key, {**(headers or {}), **own}, serializer, mandatory,
+                                    properties, republish) for body, own in zip(bodies, headers_each)]
         batch: list[_Pending] = []
         try:
             chunk: list[_Pending] = []
@@ -400,6 +414,8 @@ class Publisher:
             for index, pending in enumerate(batch):
                 _raise_for(pending, index, len(batch))
         finally:
+            if report is not None:
+                report(_outcomes(encoded, batch, deadline, self._missing()))
             for pending in batch:
                 if pending.outcome is None:
                     self._forget(pending)
@@ -801,6 +817,32 @@ class Submission:
     def record(self) -> None:
         """Count the outcomes in the manager's metrics (on the caller's side, never the reading thread)."""
         self._publisher.metrics.publish_ended(self.pendings, self.started, self.deadline)
+
+
+#: One message's fate, as reported to ``publish_many(report=...)``: the error
+#: the blocking call raises for it (None: confirmed) and when it settled
+#: (``time.monotonic()``; None if it never did).
+Outcome = tuple[Optional[BaseException], Optional[float]]
+
+
+def _outcomes(encoded: list[_Pending], batch: list[_Pending], deadline: Deadline, missing: str) -> list[Outcome]:
+    """Each encoded message's outcome; one never admitted (the batch failed first) reports that error."""
+    total = len(encoded)
+    admitted = {id(pending) for pending in batch}
+    found: list[Outcome] = []
+    for index, pending in enumerate(encoded):
+        if pending.outcome is None:
+            error: Optional[BaseException] = (
+                _timeout_error(pending, deadline, index, total, missing) if id(pending) in admitted
+                else Disconnected(f"the batch failed before this message was sent (message {index} of {total})"))
+            found.append((error, None))
+            continue
+        try:
+            _raise_for(pending, index, total)
+            found.append((None, pending.settled_at or now()))
+        except Exception as exc:  # noqa: BLE001 - reported, as the blocking call raises it
+            found.append((exc, pending.settled_at or now()))
+    return found
 
 
 def _first_error(pendings: list[_Pending]) -> Optional[BaseException]:

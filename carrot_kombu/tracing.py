@@ -14,9 +14,8 @@ library's own code and pays nothing.
   ``Blocked``, a ``TypeError`` for a message that cannot be sent...).  The
   span's context goes into the message headers through the configured
   propagator (``traceparent``, ``tracestate`` with the default one).
-  A batch of several messages shares one span and one context: the headers
-  are one mapping for the whole batch, and the error ``publish_many`` raises
-  names one message, so the batch is what can be reported.
+  A batch of several messages is one span per message, each carried by its
+  message and ended at that message's own confirm with its own outcome.
 * ``consume``: the callback is wrapped in a ``CONSUMER`` span named
   ``process <queue>``, child of the context extracted from
   ``message.headers`` (the producer's span), current while the callback runs.
@@ -35,6 +34,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any, Callable, Optional, Union
 
@@ -148,21 +148,29 @@ def _traced_publish_many(original: Callable[..., None]) -> Callable[..., None]:
         message_id = options.get("message_id")
         if message_id is not None:
             attributes[_MESSAGE_ID] = str(message_id)
-        span = tracer.start_span(_span_name("publish", attributes[_DESTINATION]), kind=SpanKind.PRODUCER,
-                                 attributes=attributes)
+        name_of_span = _span_name("publish", attributes[_DESTINATION])
+        if isinstance(bodies, Iterable) and not isinstance(bodies, (_NOT_A_BATCH, list, tuple)):
+            # A generator is consumed here once (and handed on as a list); one
+            # that raises is a failed publish too.
+            try:
+                bodies = list(bodies)
+            except BaseException as exc:
+                failed = tracer.start_span(name_of_span, kind=SpanKind.PRODUCER, attributes=attributes)
+                _failed(failed, exc)
+                failed.end()
+                raise
+        if isinstance(bodies, (list, tuple)) and len(bodies) > 1 and (headers is None or isinstance(headers, Mapping)):
+            _publish_each(self, tracer, name_of_span, attributes, bodies, exchange, routing_key, headers, options)
+            return
+        if isinstance(bodies, (list, tuple)) and not bodies:
+            attributes[_BATCH_COUNT] = 0
+        span = tracer.start_span(name_of_span, kind=SpanKind.PRODUCER, attributes=attributes)
         # attach/detach rather than trace.use_span(): the same, without a generator per call.
         token = context.attach(trace.set_span_in_context(span))
         try:
-            # Counted inside the span: an iterable that raises is a failed publish
-            # too.  (A generator is consumed here once and handed on as a list.)
-            if not isinstance(bodies, _NOT_A_BATCH) and isinstance(bodies, Iterable):
-                bodies = list(bodies)
-                if len(bodies) != 1:
-                    span.set_attribute(_BATCH_COUNT, len(bodies))
-            # else: the original refuses it (TypeError naming ``bodies``); the span records it
             if headers is None or isinstance(headers, Mapping):
                 headers = _with_context(headers)
-            # else: the original names the bad field; the span records it
+            # else: the original names the bad field (or a batch that is one message); the span records it
             original(self, bodies, exchange=exchange, routing_key=routing_key, headers=headers, **options)
         except BaseException as exc:
             _failed(span, exc)
@@ -176,15 +184,57 @@ def _traced_publish_many(original: Callable[..., None]) -> Callable[..., None]:
     return publish_many
 
 
-def _with_context(headers: Optional[Mapping[str, Any]]) -> dict[str, Any]:
-    """A copy of ``headers`` with the current context injected, unless they already carry one."""
+def _with_context(headers: Optional[Mapping[str, Any]], ctx: Optional[context.Context] = None) -> dict[str, Any]:
+    """A copy of ``headers`` with ``ctx`` (default: the current context) injected, unless they already carry one."""
     carrier = dict(headers) if headers else {}
     propagator = propagate.get_global_textmap()
     if not (carrier and _fields_of(propagator).intersection(carrier)):
         # The caller's (or Celery's) propagation fields are kept whole: mixing
         # their traceparent with our tracestate would make a context nobody sent.
-        propagator.inject(carrier)
+        propagator.inject(carrier, context=ctx)
     return carrier
+
+
+def _publish_each(manager: ConnectionManager, tracer: trace.Tracer, name: str, attributes: dict[str, Union[str, int]],
+                  bodies: Union[list[Any], tuple[Any, ...]], exchange: Any, routing_key: str,
+                  headers: Optional[Mapping[str, Any]], options: dict[str, Any]) -> None:
+    """A batch: one PRODUCER span per message, each ended at that message's own confirm with its own outcome.
+
+    The batch is still published as one (checked first, written together,
+    confirms awaited together); each message carries its own span's context.
+    """
+    total = len(bodies)
+    spans = [tracer.start_span(name, kind=SpanKind.PRODUCER, attributes={**attributes, _BATCH_COUNT: total})
+             for _ in range(total)]
+    reported: list[bool] = []
+
+    def report(outcomes: list[tuple[Optional[BaseException], Optional[float]]]) -> None:
+        # Monotonic settle times to the wall clock the spans use.
+        offset = time.time_ns() - int(time.monotonic() * 1e9)
+        for span, (error, settled_at) in zip(spans, outcomes):
+            if error is None:
+                span.set_status(_CONFIRMED)
+            else:
+                _failed(span, error)
+            span.end(end_time=None if settled_at is None else offset + int(settled_at * 1e9))
+        reported.append(True)
+
+    try:
+        each = [_with_context(None, trace.set_span_in_context(span)) for span in spans]
+        manager._publish_many(
+            bodies, exchange=exchange, routing_key=routing_key, headers=headers,
+            serializer=options.pop("serializer", None), mandatory=options.pop("mandatory", False),
+            timeout=options.pop("timeout", 30.0), republish=options.pop("republish", True), properties=options,
+            headers_each=None if headers and _fields_of(propagate.get_global_textmap()).intersection(headers)
+            else each,
+            report=report,
+        )
+    except BaseException as exc:
+        if not reported:  # refused before anything was sent (a bad argument, the manager stopped...)
+            for span in spans:
+                _failed(span, exc)
+                span.end()
+        raise
 
 
 _fields_cache: tuple[object, frozenset[str]] = (None, frozenset())

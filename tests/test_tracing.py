@@ -41,6 +41,7 @@ from carrot_kombu import (  # noqa: E402
     tracing,
 )
 from tests.fakebroker import FakeBroker, Peer  # noqa: E402
+from tests.support import in_background  # noqa: E402
 
 
 @pytest.fixture
@@ -209,7 +210,7 @@ def test_the_callers_headers_are_copied_not_changed(spans, memory):
     assert headers["x-app"] == "1" and "traceparent" in headers
 
 
-def test_a_batch_is_one_span_whose_context_every_message_carries(spans, memory):
+def test_a_batch_is_one_span_per_message_each_carried_by_its_message(spans, memory):
     name = unique("trace")
     memory.declare(kombu.Queue(name))
     inbox = Inbox()
@@ -219,12 +220,33 @@ def test_a_batch_is_one_span_whose_context_every_message_carries(spans, memory):
         received = [inbox.next() for _ in range(3)]
     finally:
         consumer.cancel()
-    (producer,) = finished(spans, SpanKind.PRODUCER)
+    producers = finished(spans, SpanKind.PRODUCER, 3)
     processes = finished(spans, SpanKind.CONSUMER, 3)
     assert sorted(body for body, _, _ in received) == [b"a", b"b", b"c"]
-    assert producer.attributes["messaging.batch.message_count"] == 3
-    assert {headers["traceparent"] for _, headers, _ in received} == {traceparent_of(producer)}
-    assert {p.parent.span_id for p in processes} == {producer.context.span_id}
+    assert all(p.attributes["messaging.batch.message_count"] == 3 for p in producers)
+    assert all(p.status.status_code is StatusCode.OK for p in producers)
+    assert len({p.context.span_id for p in producers}) == 3
+    # Each message carries its own producer span's context; its consumer span is that span's child.
+    assert {headers["traceparent"] for _, headers, _ in received} == {traceparent_of(p) for p in producers}
+    assert {p.parent.span_id for p in processes} == {p.context.span_id for p in producers}
+
+
+def test_each_message_of_a_batch_ends_its_span_with_its_own_outcome(spans, fake):
+    manager, peer = fake
+    peer.set_confirms(None)  # answered one by one below
+    worker = in_background(lambda: manager.publish_many([b"fine", b"refused", b"also fine"], routing_key="q",
+                                                        timeout=5), "publish_many")
+    peer.wait_for(lambda: len(peer.published) == 4)
+    batch = peer.published[-3:]
+    for message in batch:
+        peer.confirm(message.channel, message.delivery_tag, nack=message.body == b"refused")
+    with pytest.raises(Nacked, match="message 1 of 3"):
+        worker.result(5)
+    producers = [p for p in finished(spans, SpanKind.PRODUCER, 4) if p.attributes.get("messaging.batch.message_count")]
+    status = {traceparent_of(p): p.status.status_code for p in producers}
+    sent = {m.body: m.properties["application_headers"]["traceparent"] for m in batch}
+    assert status[sent[b"fine"]] is StatusCode.OK and status[sent[b"also fine"]] is StatusCode.OK
+    assert status[sent[b"refused"]] is StatusCode.ERROR
 
 
 class _Custom(TextMapPropagator):
