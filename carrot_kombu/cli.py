@@ -394,7 +394,9 @@ def watch(
 
 def _watch_error(stream: TextIO, as_json: bool, broker: Optional[str], error: str) -> int:
     if as_json:
-        print(json.dumps(_event_record("error", broker=broker, error=error, fatal=True)), file=stream, flush=True)
+        # No manager could be made: FAILED, as a fatal connect_failed says (never null).
+        print(json.dumps(_event_record("error", state=ConnectionState.FAILED.value, broker=broker, error=error,
+                                       fatal=True)), file=stream, flush=True)
     else:
         where = f" {broker}" if broker else ""
         print(f"FAILED{where}: {error}", file=stream, flush=True)

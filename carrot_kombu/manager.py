@@ -647,6 +647,10 @@ class ConnectionManager:
             serializer: kombu serializer name.
             mandatory: Fail with :class:`~carrot_kombu.Unroutable` if no queue gets it.
             timeout: Seconds to wait for the confirm (also while disconnected).
+                ``0`` waits for nothing: the message is written if that can be
+                done at once, and unless its confirm was already read (on a
+                LAN it almost never is) the call raises ``PublishTimeout``
+                (``outcome`` ``"unknown"`` if written, ``"not_sent"`` if not).
             republish: ``False``: at most once for this message.  If its
                 connection (or the confirm channel) is lost after it was
                 written and before its confirm, it is not published again and

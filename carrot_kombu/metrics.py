@@ -286,7 +286,7 @@ def register(registry: Any = None) -> Any:
     except ImportError as exc:
         raise ImportError("carrot_kombu.metrics.register needs prometheus_client: "
                           "pip install 'carrot_kombu[prometheus]'") from exc
-    registry = REGISTRY if registry is None else registry
+    registry = REGISTRY if registry is None else _checked_registry(registry)
     with _lock:
         known = _registered.get(id(registry))
         if known is not None and known[0] is registry:
@@ -303,10 +303,24 @@ def unregister(registry: Any = None) -> None:
         from prometheus_client import REGISTRY
 
         registry = REGISTRY
+    else:
+        _checked_registry(registry)
     with _lock:
         known = _registered.pop(id(registry), None)
     if known is not None:
         registry.unregister(known[1])
+
+
+def _checked_registry(registry: Any) -> Any:
+    if not (callable(getattr(registry, "register", None)) and callable(getattr(registry, "unregister", None))):
+        raise TypeError(f"registry must be a prometheus_client CollectorRegistry, got {type(registry).__name__}")
+    return registry
+
+
+def _checked_provider(provider: Any) -> Any:
+    if not callable(getattr(provider, "get_meter", None)):
+        raise TypeError(f"meter_provider must be an OpenTelemetry MeterProvider, got {type(provider).__name__}")
+    return provider
 
 
 # -- OpenTelemetry -------------------------------------------------------------------------------
@@ -340,7 +354,7 @@ def instrument(meter_provider: Any = None) -> Any:
     except ImportError as exc:
         raise ImportError("carrot_kombu.metrics.instrument needs opentelemetry-api: "
                           "pip install 'carrot_kombu[opentelemetry]'") from exc
-    provider = otel.get_meter_provider() if meter_provider is None else meter_provider
+    provider = otel.get_meter_provider() if meter_provider is None else _checked_provider(meter_provider)
     with _lock:
         known = _instrumented.get(id(provider))
         if known is not None and known[0] is provider:
@@ -377,6 +391,8 @@ def uninstrument(meter_provider: Any = None) -> None:
         from opentelemetry import metrics as otel
 
         meter_provider = otel.get_meter_provider()
+    else:
+        _checked_provider(meter_provider)
     with _lock:
         _instrumented.pop(id(meter_provider), None)
         _histogram_sinks[:] = [sink for sink in _histogram_sinks if sink[0] is not meter_provider]

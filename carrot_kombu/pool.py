@@ -510,7 +510,10 @@ class ChannelPool:
 
     def counts(self) -> PoolStatus:
         with self._cond.lock:
+            # Idle channels of a link that is no longer live are not there any
+            # more (they go with it; the books are reset on the next link).
+            idle = len(self._idle) if self._live_link() is not None else 0
             return PoolStatus(
-                leased=len(self._leased), idle=len(self._idle), limit=self._limit, verifying=len(self._verifying),
+                leased=len(self._leased), idle=idle, limit=self._limit, verifying=len(self._verifying),
                 opening=len(self._opening), waiting=len(self._waiting),
             )

@@ -95,6 +95,8 @@ def instrument(tracer_provider: Optional[trace.TracerProvider] = None) -> None:
         tracer_provider: Where spans go; ``None``: OpenTelemetry's global one.
     """
     global _tracer
+    if tracer_provider is not None and not callable(getattr(tracer_provider, "get_tracer", None)):
+        raise TypeError(f"tracer_provider must be an OpenTelemetry TracerProvider, got {type(tracer_provider).__name__}")
     tracer = trace.get_tracer("carrot_kombu", __version__, tracer_provider)
     with _lock:
         _tracer = tracer

@@ -305,6 +305,22 @@ def test_cli_metrics_prints_one_scrape_of_its_manager():
     assert {label for _name, label in samples} == {cli.METRICS_CONNECTION_NAME}
 
 
+def test_no_idle_channel_is_counted_once_the_manager_stopped(registry, managers):
+    manager = managers(name="stopping")
+    with manager.channel():
+        pass
+    assert value(registry, "carrot_kombu_pool_idle", "stopping") == 1
+    manager.stop()
+    assert value(registry, "carrot_kombu_pool_idle", "stopping") == 0  # was 1 (red team 19.11)
+    assert manager.status().pool.idle == 0
+
+
+@pytest.mark.parametrize("call", [metrics.register, metrics.unregister, metrics.instrument, metrics.uninstrument])
+def test_a_wrong_registry_or_provider_is_a_type_error_naming_it(call):
+    with pytest.raises(TypeError, match="registry|meter_provider"):
+        call(42)
+
+
 def test_cli_metrics_without_url_or_with_a_closed_port(capsys, monkeypatch):
     for name in ("CARROT_KOMBU_URL", "CELERY_BROKER_URL"):
         monkeypatch.delenv(name, raising=False)

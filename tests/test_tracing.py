@@ -466,6 +466,12 @@ def test_a_confirmed_publish_over_the_wire_is_ok_and_carries_its_context(spans, 
 # -- on and off ----------------------------------------------------------------------------------
 
 
+def test_a_wrong_tracer_provider_is_a_type_error_naming_it():
+    with pytest.raises(TypeError, match="tracer_provider"):
+        tracing.instrument(tracer_provider=42)
+    assert not tracing.instrumented()
+
+
 def test_uninstrument_puts_the_library_code_back(memory):
     own = (ConnectionManager.__dict__["publish_many"], ConnectionManager.__dict__["consume"])
     exporter = InMemorySpanExporter()
