@@ -411,11 +411,28 @@ def _record(metrics: Metrics, which: str, value: float) -> None:
             histogram.record(value, attributes)
 
 
+#: One reading shared by the observable instruments of one OpenTelemetry
+#: collection (it calls each instrument's callback in turn): (when, families).
+_reading: tuple[float, list[Family]] = (-1.0, [])
+_READING_FRESH_S = 0.1
+
+
+def _shared_reading() -> list[Family]:
+    """:func:`collect`, once per OpenTelemetry collection rather than once per instrument."""
+    global _reading
+    taken_at, families = _reading
+    clock = _metrics.now()
+    if clock - taken_at > _READING_FRESH_S:
+        families = collect()
+        _reading = (clock, families)
+    return families
+
+
 def _observer(family_name: str) -> Callable[[Any], Iterable[Any]]:
     def observe(_options: Any) -> Iterable[Any]:
         from opentelemetry.metrics import Observation
 
-        for family in collect():
+        for family in _shared_reading():
             if family.name == family_name:
                 return [Observation(value, labels) for labels, value in family.samples]
         return []
