@@ -21,6 +21,7 @@ read the event (never user code, never blocking).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, Callable, Optional
 
@@ -133,28 +134,40 @@ class ConfirmChannel:
 
 
 class Subscription:
-    """One consumer's subscription on one link (made by :meth:`Link.subscription`)."""
+    """One consumer's subscription on one link (made by :meth:`Link.subscription`).
+
+    A subscription may share its channel with other consumers' (see
+    :class:`carrot_kombu._pyamqp.link.ConsumerChannels`): nothing here
+    closes a channel another subscription still uses.
+    """
 
     def start(self, queue: kombu.Queue, prepare: Callable[[Any], None], no_ack: bool,
               arguments: Optional[dict[str, Any]]) -> None:
-        """Open a channel, run ``prepare(channel)`` (declare, qos), subscribe (I/O).
+        """Take a channel, run ``prepare(channel)`` (declare, qos), subscribe (I/O).
 
         Raises:
-            Exception: What the broker answered; nothing stays open then.
+            Exception: What the broker answered; nothing stays subscribed then.
         """
         raise NotImplementedError
 
+    def stop(self) -> None:
+        """Ask the broker to stop delivering (``basic.cancel``; best effort, bounded)."""
+
     def cancel(self) -> None:
-        """Cancel at the broker and close the channel (best effort, bounded)."""
+        """Cancel at the broker and give the channel up (best effort, bounded)."""
         raise NotImplementedError
 
     def close(self) -> None:
-        """Drop the subscription's channel without waiting (never blocks)."""
+        """Give the channel up without waiting (never blocks)."""
         raise NotImplementedError
 
-    def alive(self) -> bool:
-        """Its connection still lives (an ack of its deliveries can reach the broker)."""
+    def alive(self, raw: Any = None) -> bool:
+        """An ack of ``raw`` (or of any delivery, without it) can still reach the broker."""
         raise NotImplementedError
+
+    def acting(self) -> "contextlib.AbstractContextManager[None]":
+        """While a callback of this subscription runs: acks written are this subscription's."""
+        return contextlib.nullcontext()
 
     def message(self, raw: Any) -> Any:
         """A delivery as a kombu message (``decode()``, ``ack()``...)."""
@@ -163,6 +176,9 @@ class Subscription:
     def reject(self, message: Any, raw: Any) -> None:
         """Reject a delivery without requeue (best effort)."""
         raise NotImplementedError
+
+    def requeue(self, raw: Any) -> None:
+        """Give back a delivery the callback never saw (best effort; dropped if its channel is gone)."""
 
 
 class Link:
@@ -256,11 +272,15 @@ class Link:
         """A new channel in confirm mode reporting to ``hooks`` (I/O)."""
         raise NotImplementedError
 
-    def subscription(self, on_delivery: Delivery, on_cancelled: Callable[[], None]) -> Subscription:
+    def subscription(self, on_delivery: Delivery, on_cancelled: Callable[[], None],
+                     on_moved: Optional[Callable[[], None]] = None) -> Subscription:
         """A consumer's subscription (no I/O until :meth:`Subscription.start`).
 
-        ``on_delivery(raw)`` and ``on_cancelled()`` (the broker cancelled it,
-        or closed its channel) run on the reading thread and must only queue.
+        ``on_delivery(raw)``, ``on_cancelled()`` (the broker cancelled it, or
+        closed its channel because of it) and ``on_moved()`` (the broker closed
+        a channel it shared, because of another consumer: it must subscribe
+        again at once; ``on_cancelled`` when not given) run on the reading
+        thread and must only queue.
         """
         raise NotImplementedError
 

@@ -194,6 +194,10 @@ class Consumer:
         self._running: Optional[threading.Thread] = None
         self._callbacks_done = 0
         self._served = threading.Condition(self._lock)
+        #: Deliveries of a cancelled consumer, for cancel() to requeue once
+        #: the broker stopped delivering (``_swept``: after that, at once).
+        self._set_aside: list[tuple[Any, Any]] = []
+        self._swept = False
 
     def start(self) -> None:
         """Let the dispatchers run callbacks (deliveries wait in the mailbox until then)."""
@@ -229,7 +233,8 @@ class Consumer:
             try:
                 # Each delivery carries the subscription it came on (its ack goes there).
                 subscription = link.subscription(lambda raw: self._offer(subscription, raw),
-                                                 lambda: self._broker_cancelled(subscription))
+                                                 lambda: self._broker_cancelled(subscription),
+                                                 lambda: self._moved(subscription))
                 subscription.start(self.queue, self._prepare, self.no_ack, self.arguments)
                 with self._lock:
                     keep = self._still_active()
@@ -288,7 +293,11 @@ class Consumer:
             return
         (subscription,) = cleanup
         self._owner.remove(self)
-        self._wait_running_callback()
+        if subscription is not None:
+            subscription.stop()  # no delivery comes after this
+        self._wait_running_callback()  # its ack still reaches the broker
+        for held, raw in self._sweep():
+            held.requeue(raw)  # never handed to the callback: back to the queue now
         if subscription is not None:
             subscription.cancel()  # nothing is written after it; unacked deliveries go back to the queue
         with self._lock:
@@ -296,6 +305,14 @@ class Consumer:
                 self._cleanup = None  # done: a later cancel() returns at once
 
     # -- the reading thread's side (our code: only queues) -------------------------------------
+
+    def _moved(self, subscription: Optional["Subscription"]) -> None:
+        """The broker closed a channel this consumer shared, because of another consumer."""
+        with self._lock:
+            if subscription is None or subscription is not self._subscription:
+                return
+            self._subscription = self._generation = None
+        self._owner.moved(self)
 
     def _broker_cancelled(self, subscription: Optional["Subscription"]) -> None:
         with self._lock:
@@ -347,8 +364,24 @@ class Consumer:
             self._scheduled = False
             return False
 
+    def _sweep(self) -> list[tuple[Any, Any]]:
+        """After cancel's ``stop()``: what the callback will never see (to requeue); later ones requeue themselves."""
+        with self._lock:
+            self._swept = True
+            left = self._set_aside + list(self._mailbox)
+            self._set_aside = []
+            self._mailbox.clear()
+        return [] if self.no_ack else left
+
     def _handle(self, subscription: Any, raw: Any) -> None:
-        if not self.no_ack and (not self.active or not subscription.alive()):
+        if not self.no_ack and not self.active:
+            with self._lock:
+                if not self._swept:
+                    self._set_aside.append((subscription, raw))  # cancel() requeues it
+                    return
+            subscription.requeue(raw)
+            return
+        if not self.no_ack and not subscription.alive(raw):
             return  # its ack could go nowhere: the broker delivers it again
         message = None
         try:
@@ -363,10 +396,11 @@ class Consumer:
                 subscription.reject(message, raw)
             return
         self._owner.metrics.delivered += 1  # one statement: atomic enough (see _metrics)
-        try:
-            self.callback(body, message)
-        except BaseException as exc:  # noqa: BLE001 - also sys.exit() in handler code: the consumer goes on
-            self._callback_failed(message, exc)
+        with subscription.acting():  # a bad ack written now is this consumer's (shared channels)
+            try:
+                self.callback(body, message)
+            except BaseException as exc:  # noqa: BLE001 - also sys.exit() in handler code: the consumer goes on
+                self._callback_failed(message, exc)
 
     def _callback_failed(self, message: Any, exc: BaseException) -> None:
         """Settle a delivery whose callback raised: retried once, then rejected (see the module doc)."""
@@ -412,10 +446,12 @@ class Consumers:
 
     Args:
         bus: Where ``consumer_cancelled`` is posted.
-        resubscribe: Asks the supervisor to subscribe a consumer again (must not block).
+        resubscribe: Asks the supervisor to subscribe a consumer again
+            (``resubscribe(consumer, quiet=False)``; must not block); ``quiet``:
+            at once, with no event (it was moved, not cancelled).
     """
 
-    def __init__(self, bus: "EventBus", resubscribe: Optional[Callable[[Consumer], None]] = None,
+    def __init__(self, bus: "EventBus", resubscribe: Optional[Callable[..., None]] = None,
                  metrics: Optional[Metrics] = None, threads: int = DEFAULT_CONSUMER_THREADS) -> None:
         self.metrics = metrics or Metrics()
         self.dispatcher = Dispatcher(threads)
@@ -478,6 +514,11 @@ class Consumers:
     def callback_failed(self, consumer: Consumer, error: BaseException, outcome: str) -> None:
         """On a dispatcher: report a callback that raised."""
         self._bus.post("consumer_error", consumer.queue.name, error, outcome)
+
+    def moved(self, consumer: Consumer) -> None:
+        """On the reading thread: the consumer's shared channel closed because of another; subscribe it again now."""
+        if self._resubscribe is not None:
+            self._resubscribe(consumer, True)
 
     def broker_cancelled(self, consumer: Consumer, subscription: "Subscription") -> None:
         """On the reading thread: report once, drop the channel, ask for a new subscription."""
