@@ -12,7 +12,6 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-import pytest
 
 from .broker import channel_count, connection_pids, unique
 from .integrity_helpers import wait_until
