@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .celery_tasks import celery_row
+from .consumers import consumers_row
 from .failover import failover_row
 from .faults import dead_peer_row, recovery_row
 from .memory import memory_row
@@ -19,4 +20,5 @@ ROWS: dict[str, tuple[str, RowFunction]] = {
     "failover": ("7. Failover on a 3-node cluster", failover_row),
     "dead_peer": ("8. Dead-peer detection", dead_peer_row),
     "memory": ("9. Memory", memory_row),
+    "consumers": ("10. Consumers at scale", consumers_row),
 }

@@ -34,6 +34,7 @@ from .config import Endpoint
 from .exceptions import Disconnected
 
 __all__ = (
+    "BatchItem",
     "ConfirmChannel",
     "ConfirmHooks",
     "Link",
@@ -181,6 +182,32 @@ class Subscription:
         """Give back a delivery the callback never saw (best effort; dropped if its channel is gone)."""
 
 
+class BatchItem:
+    """One consumer's subscribe in :meth:`Link.subscribe_batch`.
+
+    Attributes:
+        subscription: Made by :meth:`Link.subscription` (not started).
+        queue: What to consume.
+        prepare: ``prepare(channel)``: declare and qos, awaiting each reply.
+        declare: ``declare(channel)``: only the declare, awaiting nothing
+            (``None``: nothing to declare).
+        prefetch: The consumer's ``prefetch_count`` (0: no limit).
+    """
+
+    __slots__ = ("subscription", "queue", "prepare", "declare", "prefetch", "no_ack", "arguments")
+
+    def __init__(self, subscription: Subscription, queue: kombu.Queue, prepare: Callable[[Any], None],
+                 declare: Optional[Callable[[Any], None]], prefetch: int, no_ack: bool,
+                 arguments: Optional[dict[str, Any]]) -> None:
+        self.subscription = subscription
+        self.queue = queue
+        self.prepare = prepare
+        self.declare = declare
+        self.prefetch = prefetch
+        self.no_ack = no_ack
+        self.arguments = arguments
+
+
 class Link:
     """An established connection; subclasses implement the transport specifics."""
 
@@ -283,6 +310,30 @@ class Link:
         thread and must only queue.
         """
         raise NotImplementedError
+
+    def subscribe_batch(self, batch: list["BatchItem"]) -> list[bool]:
+        """Subscribe many at once (recovery); for each, whether it is subscribed.
+
+        A pipelining link writes many subscribes before it awaits anything;
+        the default starts them one by one.  Those that could not be
+        subscribed this way (False) are left to the caller's one-by-one
+        path, which tells each error apart.
+
+        Raises:
+            Exception: A connection-level failure.
+        """
+        done = []
+        for item in batch:
+            try:
+                item.subscription.start(item.queue, item.prepare, item.no_ack, item.arguments)
+            except Disconnected:
+                raise
+            except Exception:  # noqa: BLE001 - told apart by the caller's one-by-one retry
+                logger.debug("batched subscribe of %r failed", item.queue.name, exc_info=True)
+                done.append(False)
+            else:
+                done.append(True)
+        return done
 
     # -- user callbacks (the kombu transport) ------------------------------------------------
 

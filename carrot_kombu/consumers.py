@@ -48,7 +48,7 @@ from ._metrics import Metrics
 from .topology import declare_entity, is_server_named
 
 if TYPE_CHECKING:
-    from ._link import Link, Subscription
+    from ._link import BatchItem, Link, Subscription
     from .events import EventBus
 
 __all__ = ("Consumer", "Consumers", "Dispatcher")
@@ -231,34 +231,66 @@ class Consumer:
             subscription: Optional["Subscription"] = None
             recorded = False
             try:
-                # Each delivery carries the subscription it came on (its ack goes there).
-                subscription = link.subscription(lambda raw: self._offer(subscription, raw),
-                                                 lambda: self._broker_cancelled(subscription),
-                                                 lambda: self._moved(subscription))
+                subscription = self._new_subscription(link)
                 subscription.start(self.queue, self._prepare, self.no_ack, self.arguments)
-                with self._lock:
-                    keep = self._still_active()
-                    if keep:
-                        # One statement, no call inside: recorded, or not at all,
-                        # whatever interrupts this thread (see _sync).
-                        self._subscription, self._generation, recorded = subscription, link.generation, True
-                        self.degraded = None
+                recorded = self._record(link, subscription)
             except BaseException:
                 # Until it is recorded, a subscription is this call's to undo:
                 # nobody else could cancel it (its channel is closed with it).
                 if not recorded and subscription is not None:
                     subscription.close()
                 raise
-            if not keep:
-                subscription.close()  # cancelled meanwhile
+
+    def _new_subscription(self, link: "Link") -> "Subscription":
+        subscription: Optional["Subscription"] = None
+        # Each delivery carries the subscription it came on (its ack goes there).
+        subscription = link.subscription(lambda raw: self._offer(subscription, raw),
+                                         lambda: self._broker_cancelled(subscription),
+                                         lambda: self._moved(subscription))
+        return subscription
+
+    def _record(self, link: "Link", subscription: "Subscription") -> bool:
+        """Keep a started subscription (closed instead if cancelled meanwhile); True if kept."""
+        recorded = False
+        with self._lock:
+            if self._still_active() and self._generation != link.generation:
+                # One statement, no call inside: recorded, or not at all,
+                # whatever interrupts this thread (see _sync).
+                self._subscription, self._generation, recorded = subscription, link.generation, True
+                self.degraded = None
+        if not recorded:
+            subscription.close()  # cancelled meanwhile
+        return recorded
+
+    def batch_item(self, link: "Link") -> Optional["BatchItem"]:
+        """This consumer's part of a pipelined restore, or None (subscribed, cancelled, server-named)."""
+        from ._link import BatchItem
+
+        with self._lock:
+            if not self.active or self._generation == link.generation or self.server_named:
+                return None
+        declare = (lambda channel: declare_entity(channel, self.queue, nowait=True)) if self.declare else None
+        return BatchItem(self._new_subscription(link), self.queue, self._prepare, declare, self._prefetch(),
+                         self.no_ack, self.arguments)
+
+    def batch_done(self, link: "Link", item: "BatchItem", subscribed: bool) -> None:
+        """After :meth:`Link.subscribe_batch`: keep the subscription, or drop it (subscribed one by one)."""
+        if not subscribed:
+            item.subscription.close()
+            return
+        with self._subscribing:
+            self._record(link, item.subscription)
 
     def _prepare(self, channel: Any) -> None:
         """On the subscription's new channel, before subscribing: declare and set the prefetch."""
         if self.declare:
             declare_entity(channel, self.queue, self.server_named)
-        prefetch = DEFAULT_PREFETCH if self.prefetch_count is None else self.prefetch_count
-        if prefetch:
-            channel.basic_qos(0, prefetch, False)
+        # Always sent, 0 included: on a channel shared with other consumers
+        # the last qos applies to the next consume (per consumer on RabbitMQ).
+        channel.basic_qos(0, self._prefetch(), False)
+
+    def _prefetch(self) -> int:
+        return DEFAULT_PREFETCH if self.prefetch_count is None else self.prefetch_count
 
     def _still_active(self) -> bool:
         return self.active  # not cancelled while we were subscribing
@@ -499,7 +531,14 @@ class Consumers:
         from .exceptions import ReplyTimeout
 
         failed = []
-        for consumer in self.snapshot():
+        consumers = self.snapshot()
+        # Pipelined first (no round trip per consumer); the rest one by one.
+        items = [(c, item) for c in consumers for item in [c.batch_item(link)] if item is not None]
+        if len(items) > 1:
+            results = link.subscribe_batch([item for _, item in items])
+            for (consumer, item), subscribed in zip(items, results):
+                consumer.batch_done(link, item, subscribed)
+        for consumer in consumers:
             try:
                 consumer.subscribe(link)
             except (ChannelError, ReplyTimeout) as exc:

@@ -211,12 +211,14 @@ def is_server_named(entity: Any) -> bool:
     return hasattr(entity, "queue_arguments") and not getattr(entity, "name", None)
 
 
-def declare_entity(channel: Any, entity: Any, server_named: bool = False) -> None:
+def declare_entity(channel: Any, entity: Any, server_named: bool = False, nowait: bool = False) -> None:
     """Declare one entity on ``channel`` (a queue brings its exchange and bindings).
 
     Args:
         server_named: Declare it anew with an empty name (the name the broker
             gave it last time died with that connection).
+        nowait: Await no reply (a pipelined batch; not with ``server_named``):
+            a refusal closes the channel later.
 
     Raises:
         Exception: What the broker answered (the channel is then closed).
@@ -229,7 +231,7 @@ def declare_entity(channel: Any, entity: Any, server_named: bool = False) -> Non
         bound.exclusive = True
         bound.durable = False
         bound.auto_delete = True
-    bound.declare()
+    bound.declare(nowait=nowait and not server_named)
     if server_named:
         entity.name = bound.name  # users read the broker-given name from their object
 

@@ -490,10 +490,12 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         *,
         no_ack: bool = False,
         arguments: Any = None,
+        nowait: bool = False,
     ) -> str:
         """Subscribe carrot_kombu's own consumer: deliveries go to ``sink`` on the reading thread.
 
-        ``sink`` and ``on_cancel`` are our code (they only queue); never user code.
+        ``sink`` and ``on_cancel`` are our code (they only queue); never user
+        code.  With ``nowait`` nothing is awaited: a refusal closes the channel.
         """
         tag = f"carrot-kombu.{uuid.uuid4().hex}"
         state: ChanState = self.carrot
@@ -504,11 +506,28 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
             # the subscription as surely as a basic.cancel does.
             state.on_closed = lambda error, method: on_cancel(tag)
         try:
-            return self.basic_consume(queue, tag, no_ack=no_ack, callback=sink, arguments=arguments)  # type: ignore[no-any-return]
+            return self.basic_consume(queue, tag, no_ack=no_ack, callback=sink, arguments=arguments,  # type: ignore[no-any-return]
+                                      nowait=nowait)
         except BaseException:
             state.sinks.pop(tag, None)
             state.cancel_sinks.pop(tag, None)
             raise
+
+    def qos_nowait(self, prefetch_count: int) -> None:
+        """``basic.qos(prefetch_count, global=False)`` without awaiting its qos-ok (pipelined subscribes).
+
+        Its qos-ok arrives with nobody waiting (ignored); a later request
+        awaited on another method (see :meth:`sync`) proves it was applied.
+        """
+        self.send_method(spec.Basic.Qos, "lBb", (0, prefetch_count, False))
+
+    def sync(self) -> None:
+        """One round trip (``channel.flow(active=True)``): everything written before it was accepted.
+
+        Raises:
+            Exception: The channel was closed meanwhile (the broker's error), or no reply in time.
+        """
+        self.send_method(spec.Channel.Flow, "b", (True,), wait=spec.Channel.FlowOk)
 
     # -- closing ----------------------------------------------------------------------------------
 

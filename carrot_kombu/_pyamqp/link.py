@@ -20,6 +20,7 @@ import kombu
 from amqp import spec
 
 from .._link import (
+    BatchItem,
     ConfirmChannel,
     ConfirmHooks,
     Link,
@@ -159,6 +160,44 @@ class AmqpLink(Link):
     def subscription(self, on_delivery: Callable[[Any], None], on_cancelled: Callable[[], None],
                      on_moved: Optional[Callable[[], None]] = None) -> "AmqpSubscription":
         return AmqpSubscription(self, on_delivery, on_cancelled, on_moved)
+
+    def subscribe_batch(self, batch: list[BatchItem]) -> list[bool]:
+        """Pipelined: per channel of ``per_channel`` consumers, one channel open and one sync.
+
+        Each consumer's declare (``nowait``), qos (its qos-ok not awaited)
+        and consume (``nowait``) are written back to back; a
+        ``channel.flow`` round trip then proves the broker accepted them all
+        (it answers a channel's requests in order).  A channel the broker
+        closes meanwhile (one queue refused) fails its whole chunk: those go
+        the one-by-one way, which tells the culprit apart.
+        """
+        channels = self.consumer_channels
+        done = [False] * len(batch)
+        size = channels.per_channel
+        for first in range(0, len(batch), size):
+            chunk = batch[first:first + size]
+            shared = channels.reserve_new(len(chunk))
+            chan = shared.chan
+            subs: list[AmqpSubscription] = [item.subscription for item in chunk]  # type: ignore[misc]
+            try:
+                with shared.subscribing:
+                    for item, sub in zip(chunk, subs):
+                        if item.declare is not None:
+                            item.declare(chan)
+                        chan.qos_nowait(item.prefetch)  # 0 too: the previous consumer's must not apply
+                        sub.begin(chan, item.queue, item.no_ack, item.arguments)
+                    chan.sync()
+            except Disconnected:
+                raise
+            except Exception:  # noqa: BLE001 - a refusal: the chunk goes one by one
+                logger.debug("a pipelined subscribe chunk failed; subscribing it one by one", exc_info=True)
+                for sub in subs:
+                    sub.forget()
+                channels.discard(shared)  # closed by the broker already, or in doubt (no reply)
+                continue
+            for offset, sub in enumerate(subs):
+                done[first + offset] = sub.joined(shared)
+        return done
 
     # -- user callbacks (the kombu transport) ----------------------------------------------------
 
@@ -324,6 +363,16 @@ class ConsumerChannels:
                 self._channels.append(shared)
             return shared
 
+    def reserve_new(self, places: int) -> SharedChannel:
+        """A new channel with ``places`` reserved (a pipelined chunk fills it; I/O)."""
+        chan = self._link.open_channel()
+        shared = SharedChannel(chan)
+        shared.reserved = places
+        chan.carrot.on_closed = lambda error, method: self._closed_by_broker(shared, method)
+        with self._lock:
+            self._channels.append(shared)
+        return shared
+
     def join(self, shared: SharedChannel, member: "AmqpSubscription") -> bool:
         """The reserved place is taken; False if the channel broke meanwhile."""
         with self._lock:
@@ -418,6 +467,23 @@ class AmqpSubscription(Subscription):
             # Closed between consume-ok and now: its deliveries were requeued
             # (their acks are dropped with the channel); subscribe elsewhere.
         raise Disconnected("no consumer channel could be kept (each closed while subscribing)")
+
+    def begin(self, chan: Any, queue: kombu.Queue, no_ack: bool, arguments: Optional[dict[str, Any]]) -> None:
+        """Write the consume (``nowait``) in a pipelined chunk (see :meth:`AmqpLink.subscribe_batch`)."""
+        self._tag = chan.consume_internal(queue.name, self._on_delivery, lambda tag: self.cancelled(),
+                                          no_ack=no_ack, arguments=arguments, nowait=True)
+
+    def joined(self, shared: SharedChannel) -> bool:
+        """The chunk was accepted: take the reserved place (False: the channel broke meanwhile)."""
+        if self._link.consumer_channels.join(shared, self):
+            self._shared = shared
+            return True
+        self.forget()
+        return False
+
+    def forget(self) -> None:
+        """A pipelined subscribe that did not hold: nothing of it stays (its channel is closed)."""
+        self._tag = None
 
     def stop(self) -> None:
         shared, tag = self._shared, self._tag
