@@ -223,6 +223,11 @@ def declare_entity(channel: Any, entity: Any, server_named: bool = False, nowait
     Raises:
         Exception: What the broker answered (the channel is then closed).
     """
+    if nowait and not server_named:
+        # Thousands at a time (a pipelined restore): kombu's bind() copies
+        # the entity (and its exchange) each time; its declare takes the channel.
+        entity.declare(nowait=True, channel=channel)
+        return
     bound = entity.bind(channel)  # kombu binds a copy
     if server_named:
         # Its name dies with the connection, and so must the queue: an
@@ -231,7 +236,7 @@ def declare_entity(channel: Any, entity: Any, server_named: bool = False, nowait
         bound.exclusive = True
         bound.durable = False
         bound.auto_delete = True
-    bound.declare(nowait=nowait and not server_named)
+    bound.declare()
     if server_named:
         entity.name = bound.name  # users read the broker-given name from their object
 

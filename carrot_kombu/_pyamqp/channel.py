@@ -11,6 +11,7 @@ are handed over, confirms settled, deliveries queued; user callbacks run in
 
 from __future__ import annotations
 
+import itertools
 import logging
 import uuid
 from typing import Any, Callable, NoReturn, Optional
@@ -123,6 +124,30 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
             return
         self.send_method(spec.Channel.Open, "s", ("",), wait=spec.Channel.OpenOk, deadline=deadline)
 
+    def open_begin(self) -> Reply:
+        """Write channel.open without waiting (many channels opened in one round trip); see :meth:`open_end`.
+
+        Raises:
+            Exception: Nothing was written (the connection is lost...).
+        """
+        state: ChanState = self.carrot
+        reply = state.expect([spec.Channel.OpenOk])
+        try:
+            frames = self._frames(spec.Channel.Open, encode_args(spec.Channel.Open, "s", ("",)), None)
+            self._write(spec.Channel.Open, frames, False, True)
+        except BaseException:
+            state.forget(reply)
+            raise
+        return reply
+
+    def open_end(self, reply: Reply, deadline: Optional[float] = None) -> None:
+        """Wait for the open-ok of :meth:`open_begin` (bounded by ``reply_timeout``)."""
+        state: ChanState = self.carrot
+        try:
+            state.conn.await_reply(reply, None, "Channel.Open", deadline)
+        finally:
+            state.forget(reply)
+
     def send_method(
         self,
         sig: Any,
@@ -214,7 +239,7 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
                 state.confirm_mode = True
             if not expects_reply:
                 state.unverified = True
-        if must_flush:
+        if must_flush and (expects_reply or not state.defer_flush):
             self._flush(expects_reply, deadline)
         return first
 
@@ -497,7 +522,7 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         ``sink`` and ``on_cancel`` are our code (they only queue); never user
         code.  With ``nowait`` nothing is awaited: a refusal closes the channel.
         """
-        tag = f"carrot-kombu.{uuid.uuid4().hex}"
+        tag = _consumer_tag_for_us()
         state: ChanState = self.carrot
         state.sinks[tag] = sink
         state.cancel_sinks[tag] = on_cancel
@@ -831,6 +856,17 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
             except OSError:
                 return False
         return True
+
+
+#: Our consumer tags: unique per process (a counter; no uuid per consumer:
+#: ``os.urandom`` releases the GIL, which costs a scheduling slice per call
+#: when thousands subscribe while deliveries flow).
+_TAG_PREFIX = f"carrot-kombu.{uuid.uuid4().hex[:12]}."
+_tag_numbers = itertools.count(1)
+
+
+def _consumer_tag_for_us() -> str:
+    return f"{_TAG_PREFIX}{next(_tag_numbers)}"
 
 
 def _raise(exc: BaseException) -> None:

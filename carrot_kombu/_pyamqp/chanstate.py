@@ -104,6 +104,9 @@ class ChanState:
         #: bad tag), so the channel is verified before another borrower gets it.
         self.unverified = False
         self.confirm_mode = False
+        #: A pipelined batch is being written: requests without a reply are
+        #: only queued; the batch's closing request sends everything at once.
+        self.defer_flush = False
         self.next_tag = 1
         self.confirm_waiters: dict[int, Reply] = {}
         # -- internal hooks (our code; run on the reading thread; must not block) --

@@ -162,38 +162,62 @@ class AmqpLink(Link):
         return AmqpSubscription(self, on_delivery, on_cancelled, on_moved)
 
     def subscribe_batch(self, batch: list[BatchItem]) -> list[bool]:
-        """Pipelined: per channel of ``per_channel`` consumers, one channel open and one sync.
+        """Pipelined: per channel of ``per_channel`` consumers, one write and one sync, none awaited in turn.
 
         Each consumer's declare (``nowait``), qos (its qos-ok not awaited)
-        and consume (``nowait``) are written back to back; a
-        ``channel.flow`` round trip then proves the broker accepted them all
-        (it answers a channel's requests in order).  A channel the broker
-        closes meanwhile (one queue refused) fails its whole chunk: those go
-        the one-by-one way, which tells the culprit apart.
+        and consume (``nowait``) are queued back to back and sent together,
+        followed by a ``channel.flow`` whose answer proves the broker took
+        them all (it answers a channel's requests in order).  The next chunk
+        is written without waiting for that answer; all answers are awaited
+        at the end (``reply_timeout``).  A chunk whose channel the broker
+        closes (one queue refused) goes the one-by-one way, which tells the
+        culprit apart.
         """
         channels = self.consumer_channels
-        done = [False] * len(batch)
         size = channels.per_channel
-        for first in range(0, len(batch), size):
+        chunks: list[tuple[int, SharedChannel, list[AmqpSubscription]]] = []
+        results: dict[int, bool] = {}
+        waiter = _AllSynced(results, chunks)
+
+        def synced(first: int, ok: bool) -> None:  # the reading thread
+            results[first] = ok  # one statement: atomic; ready() reads it
+            waiter.wake()
+
+        # All the channels in one round trip; with fewer (channel_max), the rest go one by one.
+        starts = range(0, len(batch), size)
+        opened = self._raw.open_channels(len(starts))
+        for first, chan in zip(starts, opened):
             chunk = batch[first:first + size]
-            shared = channels.reserve_new(len(chunk))
-            chan = shared.chan
+            shared = channels.adopt(chan, len(chunk))
             subs: list[AmqpSubscription] = [item.subscription for item in chunk]  # type: ignore[misc]
+            chunks.append((first, shared, subs))
             try:
                 with shared.subscribing:
-                    for item, sub in zip(chunk, subs):
-                        if item.declare is not None:
-                            item.declare(chan)
-                        chan.qos_nowait(item.prefetch)  # 0 too: the previous consumer's must not apply
-                        sub.begin(chan, item.queue, item.no_ack, item.arguments)
-                    chan.sync()
+                    chan.carrot.defer_flush = True
+                    try:
+                        for item, sub in zip(chunk, subs):
+                            if item.declare is not None:
+                                item.declare(chan)
+                            chan.qos_nowait(item.prefetch)  # 0 too: the previous consumer's must not apply
+                            sub.begin(chan, item.queue, item.no_ack, item.arguments)
+                    finally:
+                        chan.carrot.defer_flush = False
+                    if not chan.begin_sync(lambda ok, first=first: synced(first, ok)):
+                        synced(first, False)
             except Disconnected:
                 raise
             except Exception:  # noqa: BLE001 - a refusal: the chunk goes one by one
                 logger.debug("a pipelined subscribe chunk failed; subscribing it one by one", exc_info=True)
+                synced(first, False)
+        # Read here too while waiting (as any request does); False at the deadline: the rest failed.
+        self._state.wait_for(waiter, time.monotonic() + self._state.reply_timeout)
+        done = [False] * len(batch)
+        for first, shared, subs in chunks:
+            ok = results.get(first, False)
+            if not ok:
                 for sub in subs:
                     sub.forget()
-                channels.discard(shared)  # closed by the broker already, or in doubt (no reply)
+                channels.discard(shared)  # closed by the broker already, or in doubt (no answer)
                 continue
             for offset, sub in enumerate(subs):
                 done[first + offset] = sub.joined(shared)
@@ -363,9 +387,8 @@ class ConsumerChannels:
                 self._channels.append(shared)
             return shared
 
-    def reserve_new(self, places: int) -> SharedChannel:
-        """A new channel with ``places`` reserved (a pipelined chunk fills it; I/O)."""
-        chan = self._link.open_channel()
+    def adopt(self, chan: Any, places: int) -> SharedChannel:
+        """A new open channel with ``places`` reserved (a pipelined chunk fills it)."""
         shared = SharedChannel(chan)
         shared.reserved = places
         chan.carrot.on_closed = lambda error, method: self._closed_by_broker(shared, method)
@@ -424,6 +447,20 @@ class ConsumerChannels:
                 member.moved()
             else:
                 member.cancelled()
+
+
+class _AllSynced(Waiter):
+    """Every chunk of a pipelined subscribe has its answer."""
+
+    __slots__ = ("_results", "_chunks")
+
+    def __init__(self, results: dict[int, bool], chunks: list[Any]) -> None:
+        super().__init__()
+        self._results = results
+        self._chunks = chunks
+
+    def ready(self) -> bool:
+        return len(self._results) >= len(self._chunks)
 
 
 class AmqpSubscription(Subscription):
