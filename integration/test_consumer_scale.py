@@ -10,10 +10,12 @@ gets every message of every round exactly once, in order.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 
-from .broker import channel_count, connection_pids, unique
+from .broker import channel_count, close_connection, connection_pids, unique
+from .figures import record, resources
 from .integrity_helpers import wait_until
 
 
@@ -23,9 +25,9 @@ N = 500
 class Fleet:
     """N consumers of N queues, each recording its bodies (in order) and acking them."""
 
-    def __init__(self, manager: Any, prefix: str, on_body: Any = None) -> None:
+    def __init__(self, manager: Any, prefix: str, on_body: Any = None, count: int = N) -> None:
         self.manager = manager
-        self.queues = [f"{prefix}-{n}" for n in range(N)]
+        self.queues = [f"{prefix}-{n}" for n in range(count)]
         self.got: dict[str, list[Any]] = {q: [] for q in self.queues}
         self.lock = threading.Condition()
         self.on_body = on_body
@@ -79,7 +81,8 @@ def test_a_deleted_queue_affects_only_its_consumer_among_500_sharing_channels(ra
     try:
         # Channels are shared: far fewer than one per consumer.
         (pid,) = connection_pids(name)
-        assert channel_count(pid) <= N // 8
+        channels = channel_count(pid)
+        assert channels <= N // 8
         fleet.publish_round(0)
         fleet.wait_round(0)
         victim = fleet.queues[7]
@@ -94,6 +97,8 @@ def test_a_deleted_queue_affects_only_its_consumer_among_500_sharing_channels(ra
         _assert_exactly(fleet, [0, 1, 2], skip=(victim,))
         assert fleet.got[victim] == [0]
         assert events.count("disconnected") == 0
+        record("consumer_isolation_deleted_queue", consumers=N, channels=channels, cancelled=len(
+            events.args("consumer_cancelled")), lost=0, duplicates=0)
     finally:
         fleet.cleanup()
 
@@ -130,5 +135,35 @@ def test_a_tag_acked_twice_affects_only_its_consumer_among_500_sharing_channels(
         _assert_exactly(fleet, [0, 1, 2], skip=(culprit,))
         assert fleet.got[culprit] == [0, "bad", 1, 2]  # acked once before the 406: never redelivered
         assert events.count("disconnected") == 0
+        record("consumer_isolation_double_ack", consumers=N, cancelled=len(events.args("consumer_cancelled")),
+               lost=0, duplicates=0)
+    finally:
+        fleet.cleanup()
+
+
+def test_1000_consumers_all_deliver_again_soon_after_a_forced_close(rabbit) -> None:
+    """``rabbitmqctl close_connection`` on our own connection: every consumer back, nothing lost or doubled.
+
+    The restore is pipelined (a round trip per channel of consumers, not per
+    consumer); the time is recorded for ``docs/reliability.rst``, not asserted.
+    """
+    manager, events, name = rabbit(backoff={"min": 0.05, "max": 1.0})
+    assert manager.wait_connected(10)
+    before = resources()
+    fleet = Fleet(manager, unique("ck-scale-close"), count=1000)
+    try:
+        fleet.publish_round(0)
+        fleet.wait_round(0)
+        loaded = resources()
+        close_connection(name, "carrot_kombu consumer scale test")
+        assert wait_until(lambda: events.count("disconnected") == 1, 30)
+        lost_at = time.monotonic()
+        fleet.publish_round(1)
+        fleet.wait_round(1, timeout=60)
+        back_s = time.monotonic() - lost_at
+        _assert_exactly(fleet, [0, 1], skip=())
+        record("consumers_forced_close", consumers=len(fleet.queues), back_s=round(back_s, 2),
+               threads_added=loaded["threads"] - before["threads"],
+               rss_kib_per_consumer=round((loaded["rss_mb"] - before["rss_mb"]) * 1024 / len(fleet.queues), 1))
     finally:
         fleet.cleanup()
