@@ -36,6 +36,7 @@ from .exceptions import Disconnected
 __all__ = (
     "BatchItem",
     "ConfirmChannel",
+    "Pipelined",
     "ConfirmHooks",
     "Link",
     "LinkHooks",
@@ -143,8 +144,12 @@ class Subscription:
     """
 
     def start(self, queue: kombu.Queue, prepare: Callable[[Any], None], no_ack: bool,
-              arguments: Optional[dict[str, Any]]) -> None:
+              arguments: Optional[dict[str, Any]], pipelined: Optional["Pipelined"] = None) -> None:
         """Take a channel, run ``prepare(channel)`` (declare, qos), subscribe (I/O).
+
+        With ``pipelined``, a link that can writes its declare and qos
+        without awaiting them, and awaits only the consume (one round trip;
+        a refused declare fails the consume with the broker's error).
 
         Raises:
             Exception: What the broker answered; nothing stays subscribed then.
@@ -180,6 +185,21 @@ class Subscription:
 
     def requeue(self, raw: Any) -> None:
         """Give back a delivery the callback never saw (best effort; dropped if its channel is gone)."""
+
+
+class Pipelined:
+    """A subscribe's declare and qos, for writing them without awaiting (see :meth:`Subscription.start`).
+
+    Attributes:
+        declare: ``declare(channel)`` awaiting nothing (``None``: nothing to declare).
+        prefetch: The consumer's ``prefetch_count`` (0: no limit).
+    """
+
+    __slots__ = ("declare", "prefetch")
+
+    def __init__(self, declare: Optional[Callable[[Any], None]], prefetch: int) -> None:
+        self.declare = declare
+        self.prefetch = prefetch
 
 
 class BatchItem:

@@ -48,7 +48,7 @@ from ._metrics import Metrics
 from .topology import declare_entity, is_server_named
 
 if TYPE_CHECKING:
-    from ._link import BatchItem, Link, Subscription
+    from ._link import BatchItem, Link, Pipelined, Subscription
     from .events import EventBus
 
 __all__ = ("Consumer", "Consumers", "Dispatcher")
@@ -232,7 +232,7 @@ class Consumer:
             recorded = False
             try:
                 subscription = self._new_subscription(link)
-                subscription.start(self.queue, self._prepare, self.no_ack, self.arguments)
+                subscription.start(self.queue, self._prepare, self.no_ack, self.arguments, self._pipelined())
                 recorded = self._record(link, subscription)
             except BaseException:
                 # Until it is recorded, a subscription is this call's to undo:
@@ -261,6 +261,15 @@ class Consumer:
         if not recorded:
             subscription.close()  # cancelled meanwhile
         return recorded
+
+    def _pipelined(self) -> Optional["Pipelined"]:
+        """The declare (awaiting nothing) and qos of a one-round-trip subscribe; None for a server-named queue."""
+        from ._link import Pipelined
+
+        if self.server_named:
+            return None  # its declare's answer is its name
+        declare = (lambda channel: declare_entity(channel, self.queue, nowait=True)) if self.declare else None
+        return Pipelined(declare, self._prefetch())
 
     def batch_item(self, link: "Link") -> Optional["BatchItem"]:
         """This consumer's part of a pipelined restore, or None (subscribed, cancelled, server-named)."""

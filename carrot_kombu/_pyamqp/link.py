@@ -21,6 +21,7 @@ from amqp import spec
 
 from .._link import (
     BatchItem,
+    Pipelined,
     ConfirmChannel,
     ConfirmHooks,
     Link,
@@ -478,7 +479,7 @@ class AmqpSubscription(Subscription):
         self._told = False  # on_cancelled/on_moved at most once
 
     def start(self, queue: kombu.Queue, prepare: Callable[[Any], None], no_ack: bool,
-              arguments: Optional[dict[str, Any]]) -> None:
+              arguments: Optional[dict[str, Any]], pipelined: Optional[Pipelined] = None) -> None:
         channels = self._link.consumer_channels
         for _ in range(3):  # a channel another consumer broke just now: take the next
             shared = channels.reserve()
@@ -488,7 +489,18 @@ class AmqpSubscription(Subscription):
                         channels.leave(shared, None)
                         continue
                     chan = shared.chan
-                    prepare(chan)
+                    if pipelined is None:
+                        prepare(chan)
+                    else:
+                        # One round trip: the broker answers in order, so the
+                        # consume-ok (or the declare's error) proves the rest.
+                        chan.carrot.defer_flush = True
+                        try:
+                            if pipelined.declare is not None:
+                                pipelined.declare(chan)
+                            chan.qos_nowait(pipelined.prefetch)
+                        finally:
+                            chan.carrot.defer_flush = False
                     self._tag = chan.consume_internal(queue.name, self._on_delivery, lambda tag: self.cancelled(),
                                                       no_ack=no_ack, arguments=arguments)
             except BaseException:
