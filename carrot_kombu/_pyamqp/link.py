@@ -199,7 +199,7 @@ class AmqpLink(Link):
                         for item, sub in zip(chunk, subs):
                             if item.declare is not None:
                                 item.declare(chan)
-                            chan.qos_nowait(item.prefetch)  # 0 too: the previous consumer's must not apply
+                            shared.qos(item.prefetch)
                             sub.begin(chan, item.queue, item.no_ack, item.arguments)
                     finally:
                         chan.carrot.defer_flush = False
@@ -316,14 +316,23 @@ class SharedChannel:
     with ``global=False`` is per consumer on RabbitMQ).
     """
 
-    __slots__ = ("chan", "members", "reserved", "broken", "subscribing")
+    __slots__ = ("chan", "members", "reserved", "broken", "subscribing", "prefetch")
 
     def __init__(self, chan: Any) -> None:
         self.chan = chan
+        #: The last prefetch sent (under ``subscribing``): the broker applies it
+        #: to every later consume on the channel, so an equal one is not sent again.
+        self.prefetch: Optional[int] = None
         self.members: set["AmqpSubscription"] = set()
         self.reserved = 0  # subscribers on their way in
         self.broken = False  # closed, or closing: no newcomer
         self.subscribing = threading.Lock()
+
+    def qos(self, prefetch: int) -> None:
+        """Under ``subscribing``: the next consume's prefetch (0 too: the previous one must not apply), unawaited."""
+        if prefetch != self.prefetch:
+            self.chan.qos_nowait(prefetch)
+            self.prefetch = prefetch
 
     def __repr__(self) -> str:
         return (f"<SharedChannel {self.chan.channel_id} members={len(self.members)} "
@@ -490,6 +499,7 @@ class AmqpSubscription(Subscription):
                         continue
                     chan = shared.chan
                     if pipelined is None:
+                        shared.prefetch = None  # prepare() sets its own qos
                         prepare(chan)
                     else:
                         # One round trip: the broker answers in order, so the
@@ -498,7 +508,7 @@ class AmqpSubscription(Subscription):
                         try:
                             if pipelined.declare is not None:
                                 pipelined.declare(chan)
-                            chan.qos_nowait(pipelined.prefetch)
+                            shared.qos(pipelined.prefetch)
                         finally:
                             chan.carrot.defer_flush = False
                     self._tag = chan.consume_internal(queue.name, self._on_delivery, lambda tag: self.cancelled(),
@@ -555,7 +565,8 @@ class AmqpSubscription(Subscription):
         shared = self._shared
         if shared is not None:
             self._shared = None
-            if shared.chan.carrot.sinks.get(self._tag or "") is not None and not self._stopped:
+            if (self._link.dead is None and not self._stopped
+                    and shared.chan.carrot.sinks.get(self._tag or "") is not None):
                 # Others go on on this channel: this consumer's deliveries must stop.
                 chan, tag = shared.chan, self._tag or ""
                 quietly(lambda: chan.basic_cancel(tag, nowait=True), "cancelling a consumer")
