@@ -144,8 +144,12 @@ class Subscription:
     """
 
     def start(self, queue: kombu.Queue, prepare: Callable[[Any], None], no_ack: bool,
-              arguments: Optional[dict[str, Any]], pipelined: Optional["Pipelined"] = None) -> None:
+              arguments: Optional[dict[str, Any]], pipelined: Optional["Pipelined"] = None,
+              isolated: bool = False) -> None:
         """Take a channel, run ``prepare(channel)`` (declare, qos), subscribe (I/O).
+
+        ``isolated``: on a new channel, shared with nobody yet (a consumer
+        the broker refused before: its next refusal closes no neighbour's).
 
         With ``pipelined``, a link that can writes its declare and qos
         without awaiting them, and awaits only the consume (one round trip;

@@ -153,7 +153,7 @@ class MemorySubscription(Subscription):
         self._stopped = threading.Event()
 
     def start(self, queue: kombu.Queue, prepare: Callable[[Any], None], no_ack: bool,
-              arguments: Optional[dict[str, Any]], pipelined: Any = None) -> None:
+              arguments: Optional[dict[str, Any]], pipelined: Any = None, isolated: bool = False) -> None:
         conn = self._link.private_connection()
         try:
             chan = conn.channel()

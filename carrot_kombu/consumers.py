@@ -17,6 +17,10 @@ never stalls heartbeats, and thousands of consumers cost no thread each.
   when none is set), so back-pressure is the broker's prefetch window, never
   unbounded buffering (``prefetch_count=0`` or ``no_ack`` lift that bound).
 
+* Consumers share channels (see :class:`carrot_kombu._pyamqp.link.ConsumerChannels`):
+  a channel the broker closes because of one consumer moves the others to
+  another channel at once (``moved``: no event); only the culprit is
+  reported as cancelled.
 * The queue is declared on every connection before subscribing (kombu's
   ``Consumer`` does the same), unless ``declare=False``.
 * After a reconnect every live consumer subscribes again, with its QoS.
@@ -232,7 +236,10 @@ class Consumer:
             recorded = False
             try:
                 subscription = self._new_subscription(link)
-                subscription.start(self.queue, self._prepare, self.no_ack, self.arguments, self._pipelined())
+                # Refused before (degraded): on a channel of its own, so that
+                # its next refusal (404, 406) closes no neighbour's channel.
+                subscription.start(self.queue, self._prepare, self.no_ack, self.arguments, self._pipelined(),
+                                   isolated=self.degraded is not None)
                 recorded = self._record(link, subscription)
             except BaseException:
                 # Until it is recorded, a subscription is this call's to undo:

@@ -3,7 +3,9 @@
 1. the declared entities, each on its own (one the broker refuses or cannot
    serve is *degraded*, not fatal: the supervisor retries it);
 2. the setup functions (code: one that fails fails the attempt);
-3. the consumers, each on its own channel (degraded the same way);
+3. the consumers, pipelined on shared channels (a round trip per channel of
+   consumers, see :meth:`Link.subscribe_batch <carrot_kombu._link.Link.subscribe_batch>`;
+   one refused is degraded the same way);
 4. the confirm channel of ``publish``, which publishes again what is unconfirmed.
 
 All of it runs before the manager reports ``connected`` and before any lease

@@ -488,10 +488,11 @@ class AmqpSubscription(Subscription):
         self._told = False  # on_cancelled/on_moved at most once
 
     def start(self, queue: kombu.Queue, prepare: Callable[[Any], None], no_ack: bool,
-              arguments: Optional[dict[str, Any]], pipelined: Optional[Pipelined] = None) -> None:
+              arguments: Optional[dict[str, Any]], pipelined: Optional[Pipelined] = None,
+              isolated: bool = False) -> None:
         channels = self._link.consumer_channels
         for _ in range(3):  # a channel another consumer broke just now: take the next
-            shared = channels.reserve()
+            shared = channels.adopt(self._link.open_channel(), 1) if isolated else channels.reserve()
             try:
                 with shared.subscribing:
                     if shared.broken:
