@@ -37,7 +37,7 @@ from .frames import (
     encode_publish_args,
     method_name,
 )
-from .chanstate import ChanState
+from .chanstate import ChanState, acting_for
 from .connstate import ConnState
 from .replies import Reply
 
@@ -77,10 +77,14 @@ class SafeMessage(pyamqp.Message):  # type: ignore[misc]
     """
 
     def _settle(self, how: str, fn: Callable[..., Any], *args: Any) -> None:
+        # Whose settlement this is, for a channel shared by consumers (a 406 names no consumer).
+        previous = acting_for((self.delivery_info or {}).get("consumer_tag"))
         try:
             fn(*args)
         except Disconnected:
             logger.debug("dropped %s of delivery %s: its connection is gone", how, self.delivery_tag)
+        finally:
+            acting_for(previous)
 
     def ack(self, multiple: bool = False) -> None:
         self._settle("ack", super().ack, multiple)

@@ -27,9 +27,10 @@ __all__ = ("ChanState", "ChannelPhase", "acting_for")
 
 logger = logging.getLogger("carrot_kombu.amqp")
 
-#: Who the current thread settles deliveries for (a consumer's subscription
-#: while its callback runs): a channel shared by several consumers that the
-#: broker closes for a bad ack (406) knows whose ack it was.
+#: Who the current thread settles deliveries for (a consumer tag: the
+#: consumer whose callback runs, or whose message is being acked): a channel
+#: shared by several consumers that the broker closes for a bad ack (406)
+#: knows whose ack it was.
 _acting = threading.local()
 
 

@@ -450,10 +450,10 @@ class ConsumerChannels:
         """On the reading thread: tell each member, the culprit as cancelled, the others as moved."""
         with self._lock:
             members = self._break(shared)
-        offender = shared.chan.carrot.offender
+        offender = shared.chan.carrot.offender  # a consumer tag (see acting_for)
         innocent_all = tuple(method) in _SUBSCRIBING
         for member in members:
-            if innocent_all or (offender is not None and member is not offender):
+            if innocent_all or (offender is not None and member._tag != offender):
                 member.moved()
             else:
                 member.cancelled()
@@ -598,7 +598,7 @@ class AmqpSubscription(Subscription):
 
     @contextlib.contextmanager
     def acting(self) -> Iterator[None]:
-        previous = acting_for(self)
+        previous = acting_for(self._tag)
         try:
             yield
         finally:
