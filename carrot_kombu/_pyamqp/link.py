@@ -409,19 +409,24 @@ class ConsumerChannels:
     def join(self, shared: SharedChannel, member: "AmqpSubscription") -> bool:
         """The reserved place is taken; False if the channel broke meanwhile."""
         with self._lock:
-            shared.reserved -= 1
             if shared.broken:
+                shared.reserved -= 1
                 return False
+            # One statement each, no call between: the place is the member's
+            # (leave(shared, member) undoes it) before the reservation goes.
             shared.members.add(member)
+            member._joined = True
+            shared.reserved -= 1
             return True
 
     def leave(self, shared: SharedChannel, member: Optional["AmqpSubscription"], wait: bool = False) -> None:
-        """Give a place (or a reservation, with ``member`` None) up; the last one closes the channel."""
+        """Give a place (or a reservation: ``member`` None, or not joined yet) up; the last one closes the channel."""
         with self._lock:
-            if member is None:
+            if member is None or not member._joined:
                 shared.reserved -= 1
             else:
                 shared.members.discard(member)
+                member._joined = False
             last = not shared.members and not shared.reserved
             if last:
                 shared.broken = True
@@ -483,6 +488,8 @@ class AmqpSubscription(Subscription):
         self._on_cancelled = on_cancelled
         self._on_moved = on_moved or on_cancelled
         self._shared: Optional[SharedChannel] = None
+        #: A member of ``_shared`` (else it holds a reservation there); under its channels' lock.
+        self._joined = False
         self._tag: Optional[str] = None
         self._stopped = False
         self._told = False  # on_cancelled/on_moved at most once
@@ -498,6 +505,9 @@ class AmqpSubscription(Subscription):
                     if shared.broken:
                         channels.leave(shared, None)
                         continue
+                    # Known before the consume is written: an exception raised
+                    # into this thread from here on leaves something close() undoes.
+                    self._shared, self._joined = shared, False
                     chan = shared.chan
                     if pipelined is None:
                         shared.prefetch = None  # prepare() sets its own qos
@@ -517,15 +527,16 @@ class AmqpSubscription(Subscription):
             except BaseException:
                 # The channel is closed (a 404...) or in doubt (a timeout): its
                 # other consumers move to another one.
+                self._shared = None
                 channels.leave(shared, None)
                 if not shared.broken:
                     channels.discard(shared)
                 raise
             if channels.join(shared, self):
-                self._shared = shared
                 return
             # Closed between consume-ok and now: its deliveries were requeued
             # (their acks are dropped with the channel); subscribe elsewhere.
+            self._shared = None
         raise Disconnected("no consumer channel could be kept (each closed while subscribing)")
 
     def begin(self, chan: Any, queue: kombu.Queue, no_ack: bool, arguments: Optional[dict[str, Any]]) -> None:
@@ -535,9 +546,10 @@ class AmqpSubscription(Subscription):
 
     def joined(self, shared: SharedChannel) -> bool:
         """The chunk was accepted: take the reserved place (False: the channel broke meanwhile)."""
+        self._shared = shared
         if self._link.consumer_channels.join(shared, self):
-            self._shared = shared
             return True
+        self._shared = None
         self.forget()
         return False
 
