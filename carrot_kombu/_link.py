@@ -335,6 +335,17 @@ class Link:
         """
         raise NotImplementedError
 
+    def declare_batch(self, declares: list[Callable[[Any], None]]) -> list[bool]:
+        """Run many ``declare(channel)`` that await nothing, pipelined; for each, whether it was accepted.
+
+        False ones are left to the caller's one-by-one path (which tells each
+        error apart); the default pipelines nothing.
+
+        Raises:
+            Exception: A connection-level failure (which declare caused it is unknown).
+        """
+        return [False] * len(declares)
+
     def subscribe_batch(self, batch: list["BatchItem"]) -> list[bool]:
         """Subscribe many at once (recovery); for each, whether it is subscribed.
 

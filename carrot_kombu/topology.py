@@ -23,6 +23,7 @@ Rules (``docs/guarantees.rst``):
 from __future__ import annotations
 
 import threading
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from amqp.exceptions import AMQPError
@@ -241,10 +242,20 @@ def declare_entity(channel: Any, entity: Any, server_named: bool = False, nowait
         entity.name = bound.name  # users read the broker-given name from their object
 
 
+#: Fewer entities are declared one by one (a round trip each is fine).
+PIPELINE_FROM = 16
+
+
 def declare_all(
-    link: "Link", entities: list[Any], server_named: Callable[[Any], bool]
+    link: "Link", entities: list[Any], server_named: Callable[[Any], bool], pipelined: bool = False,
 ) -> list[tuple[Any, BaseException]]:
     """Declare each entity; a refusal closes only its channel, the others go on.
+
+    With ``pipelined`` (and many entities), they are first declared in
+    chunks awaiting one round trip each (:meth:`Link.declare_batch`); a chunk
+    the broker refused goes the one-by-one way, which names the entity.
+    A connection-level refusal while pipelining cannot be blamed on one
+    entity: the caller retries one by one (see ``Recovery``).
 
     An entity that can no longer be encoded (changed since it was
     registered: ``queue.queue_arguments["x"] = object()``) fails alone with
@@ -257,14 +268,23 @@ def declare_all(
         Exception: A connection-level failure (nothing more can be declared).
     """
     failed: list[tuple[Any, BaseException]] = []
+    checked = []
+    for entity in entities:
+        try:
+            check_entity(entity)
+        except (TypeError, ValueError) as exc:
+            failed.append((entity, exc))
+        else:
+            checked.append(entity)
+    if pipelined:
+        plain = [e for e in checked if not server_named(e)]
+        if len(plain) >= PIPELINE_FROM:
+            done = link.declare_batch([partial(declare_entity, entity=e, nowait=True) for e in plain])
+            declared = {id(e) for e, ok in zip(plain, done) if ok}
+            checked = [e for e in checked if id(e) not in declared]
     channel: Optional[Any] = None
     try:
-        for entity in entities:
-            try:
-                check_entity(entity)
-            except (TypeError, ValueError) as exc:
-                failed.append((entity, exc))
-                continue
+        for entity in checked:
             if channel is None:
                 channel = link.open_channel()
             try:

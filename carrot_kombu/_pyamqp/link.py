@@ -162,6 +162,41 @@ class AmqpLink(Link):
                      on_moved: Optional[Callable[[], None]] = None) -> "AmqpSubscription":
         return AmqpSubscription(self, on_delivery, on_cancelled, on_moved)
 
+    def declare_batch(self, declares: list[Callable[[Any], None]]) -> list[bool]:
+        """Chunks of ``_DECLARE_CHUNK`` declares written back to back, one ``channel.flow`` round trip each.
+
+        A chunk whose channel the broker closes (one entity refused) is
+        reported not done, whole, and the next chunk takes a new channel.
+        """
+        from amqp.exceptions import ChannelError
+
+        from ..exceptions import ReplyTimeout
+
+        done = [False] * len(declares)
+        chan: Any = None
+        try:
+            for first in range(0, len(declares), _DECLARE_CHUNK):
+                if chan is None:
+                    chan = self.open_channel()
+                chan.carrot.defer_flush = True
+                try:
+                    try:
+                        for declare in declares[first:first + _DECLARE_CHUNK]:
+                            declare(chan)
+                    finally:
+                        chan.carrot.defer_flush = False
+                    chan.sync()
+                except (ChannelError, ReplyTimeout):
+                    logger.debug("a pipelined declare chunk failed; declaring it one by one", exc_info=True)
+                    self.close_channel(chan)
+                    chan = None
+                    continue
+                done[first:first + _DECLARE_CHUNK] = [True] * len(declares[first:first + _DECLARE_CHUNK])
+        finally:
+            if chan is not None:
+                self.close_channel(chan)
+        return done
+
     def subscribe_batch(self, batch: list[BatchItem]) -> list[bool]:
         """Pipelined: per channel of ``per_channel`` consumers, one write and one sync, none awaited in turn.
 
@@ -297,6 +332,10 @@ class AmqpConfirmChannel(ConfirmChannel):
 #: consume) re-subscribes many innocent neighbours.  Chosen by measurement
 #: (``python -m benchmarks consumers``).
 CONSUMERS_PER_CHANNEL = 32
+
+#: Entities declared per round trip in a pipelined restore (a refusal sends
+#: the whole chunk the one-by-one way).
+_DECLARE_CHUNK = 64
 
 #: A channel closed by the broker while answering one of these was closed by
 #: a consumer being subscribed (its queue missing, declared differently...):
