@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # library's suite runs there too, against the fenced py-amqp layer.
 LOW ?= .venv-low
 LOW_PINS := "amqp==5.2.0" "kombu==5.3.7" "vine==5.0.0" "backoff==2.2.1" "pytest>=7" "hypothesis>=6" "pytest-xdist>=3" \
-	"matplotlib>=3.5" "prometheus_client>=0.17" "opentelemetry-api>=1.20" "opentelemetry-sdk>=1.20"
+	"matplotlib>=3.5" "prometheus_client>=0.17" "opentelemetry-api>=1.20" "opentelemetry-sdk>=1.20" "pytest-asyncio>=0.23"
 LOW_STAMP := $(LOW)/.installed-stamp
 # (the unit suite drives the fenced py-amqp layer through a scripted fake broker;
 # the two integration modules take it to the real broker, within CI's time budget)
@@ -18,7 +18,7 @@ LOW_SKIP := --ignore=tests/test_integrations.py --ignore=tests/test_celery_fakeb
 # The unit suite mostly waits (heartbeats, deadlines, a fake broker's pauses):
 # its modules run in parallel worker processes.  Integration tests share the
 # broker and start private nodes: they run one at a time.
-UNIT_WORKERS ?= 4
+UNIT_WORKERS ?= 8
 
 .PHONY: demo test test-high test-low-end test-slow unit integration typecheck lint docs bench report package clean
 

@@ -1,4 +1,4 @@
-"""Row 10: many consumers on one manager (``manager.consume`` at scale).
+"""Row 12: many consumers on one manager (``manager.consume`` at scale).
 
 For each N, a fresh child process (``python -m benchmarks.consumers N URL``)
 starts a manager, subscribes N consumers of N queues of its own (unique
@@ -158,7 +158,7 @@ def child(url: str, n: int, timeout: float = 900) -> dict[str, Any]:
 
 
 def consumers_row(ctx: Context) -> list[Row]:
-    """Row 10: one row per size."""
+    """Row 12: one row per size."""
     rows = []
     for n in ctx.sizes.consumer_counts:
         ctx.log(f"consumers: N={n:,} (child process)")
@@ -170,7 +170,7 @@ def consumers_row(ctx: Context) -> list[Row]:
                 + (f", all deliver again ≤ {back_goal:g} s after the loss" if back_goal else ""))
         rows.append(Row(
             key="consumers",
-            label=f"10. {n:,} consumers on one manager (``consume()``, ``prefetch_count=10``)",
+            label=f"12. {n:,} consumers on one manager (``consume()``, ``prefetch_count=10``)",
             measured=(f"subscribe {f['subscribe_s']:.2f} s; +{f['threads_added']} threads; "
                       f"{f['rss_kib_per_consumer']:.1f} KiB/consumer; all deliver again "
                       f"{f['back_s']:.2f} s after a forced close; cancel all {f['cancel_s']:.2f} s"),

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from .aio import asyncio_row
 from .celery_tasks import celery_row
 from .consumers import consumers_row
 from .failover import failover_row
 from .faults import dead_peer_row, recovery_row
 from .memory import memory_row
+from .metrics_cost import metrics_row
 from .model import RowFunction
 from .speed import confirm_row, lease_row, publish_row, sharing_row
 
@@ -20,5 +22,7 @@ ROWS: dict[str, tuple[str, RowFunction]] = {
     "failover": ("7. Failover on a 3-node cluster", failover_row),
     "dead_peer": ("8. Dead-peer detection", dead_peer_row),
     "memory": ("9. Memory", memory_row),
-    "consumers": ("10. Consumers at scale", consumers_row),
+    "metrics": ("10. Cost of exporting metrics", metrics_row),
+    "asyncio": ("11. asyncio: carrot_kombu.aio vs aio-pika", asyncio_row),
+    "consumers": ("12. Consumers at scale", consumers_row),
 }

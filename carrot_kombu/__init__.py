@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from .aio import AsyncConnectionManager, AsyncConsumer, AsyncMessage
 from .consumers import Consumer
 from .exceptions import (
     Blocked,
@@ -13,6 +14,7 @@ from .exceptions import (
     ConfigurationError,
     Disconnected,
     Nacked,
+    OutcomeUnknown,
     PoolTimeout,
     PublishError,
     PublishTimeout,
@@ -29,6 +31,9 @@ from ._version import __version__
 from .view import CallbackQueue, ConnectionView
 
 __all__ = (
+    "AsyncConnectionManager",
+    "AsyncConsumer",
+    "AsyncMessage",
     "Backoff",
     "Blocked",
     "BrokerUnavailable",
@@ -43,6 +48,7 @@ __all__ = (
     "Disconnected",
     "Lease",
     "Nacked",
+    "OutcomeUnknown",
     "PoolTimeout",
     "PublishError",
     "PublishTimeout",

@@ -52,6 +52,7 @@ class Core:
         self.metrics = publisher.metrics
         self.board = StateBoard(settings.endpoints[0].masked_url, self.metrics)
         self.live = LiveConnection()
+        publisher.connected = lambda: self.live.current() is not None
         self.pool = ChannelPool(settings.pool_limit, self.live, self.metrics)
         self.recovery = Recovery(topology, publisher, consumers)
         #: The running supervisor (None when stopped).

@@ -101,8 +101,10 @@ class ConfirmChannel:
     reply_timeout: float = 10.0
 
     def write(self, messages: list[Outbound], on_queued: Callable[[int, bool], None],
-              deadline: Optional[float] = None) -> None:
+              deadline: Optional[float] = None, flush: bool = True) -> None:
         """Write ``messages`` with consecutive delivery tags, in one go.
+
+        ``flush=False``: only queue them for the socket; :meth:`flush` soon.
 
         ``on_queued(first_tag, True)`` runs before any confirm of them can be
         read; ``on_queued(first_tag, False)`` undoes it if they could not be
@@ -114,6 +116,14 @@ class ConfirmChannel:
             Exception: The channel or the connection is going.
         """
         raise NotImplementedError
+
+    def flush(self, wait: bool = False) -> bool:
+        """Send what ``write(flush=False)`` queued; False if the socket did not take it all now.
+
+        Without ``wait`` it never waits (an event loop); with it, it sends
+        until done (a helper thread), unless the connection fails.
+        """
+        return True
 
     def wait(self, waiter: Waiter, deadline: Optional[float],
              interrupt: Optional[Callable[[], bool]] = None) -> bool:

@@ -31,6 +31,8 @@ class LiveConnection:
         self._down: Optional[BaseException] = None
         self._down_message = "not connected yet"
         self._watchers: list[Callable[[], None]] = []
+        #: The manager stopped: nobody waits for a link any more (a restart builds a new one).
+        self._closed = False
 
     # -- the supervisor ------------------------------------------------------------------------
 
@@ -60,6 +62,15 @@ class LiveConnection:
             if self.link is None:
                 self._down_message, self._down = message, reason
                 self._cond.notify_all()
+
+    def close(self, message: str) -> None:
+        """The manager stops (any thread, never blocks): waiters for a link return now, without one."""
+        with self._cond.lock:
+            self._closed = True
+            if self.link is None:
+                self._down_message, self._down = message, None
+            self._cond.notify_all()
+        self._changed()
 
     def wake(self) -> None:
         """A link died (any thread, never blocks): waiters look again."""
@@ -112,9 +123,9 @@ class LiveConnection:
         return link
 
     def wait(self, timeout: Optional[float]) -> Optional["Link"]:
-        """The live link, waiting up to ``timeout`` for one."""
+        """The live link, waiting up to ``timeout`` for one (not past :meth:`close`)."""
         with self._cond.lock:
-            self._cond.wait_for(self.current, timeout)
+            self._cond.wait_for(lambda: self._closed or self.current() is not None, timeout)
         return self.current()
 
     def down_error(self) -> Disconnected:

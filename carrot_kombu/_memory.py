@@ -101,7 +101,7 @@ class MemoryConfirmChannel(ConfirmChannel):
         self._lock = threading.Lock()
 
     def write(self, messages: list[Outbound], on_queued: Callable[[int, bool], None],
-              deadline: Optional[float] = None) -> None:
+              deadline: Optional[float] = None, flush: bool = True) -> None:
         with self._lock:
             first = self._next_tag
             self._next_tag += len(messages)

@@ -547,6 +547,7 @@ class Supervisor:
 
     def _blocked(self, reason: Optional[str]) -> None:
         self._board.blocked_by_broker(reason)
+        self._publisher.blocked(reason, self._settings.blocked_timeout)
         if reason is None:
             logger.info("carrot_kombu connection unblocked")
             self._post("unblocked")

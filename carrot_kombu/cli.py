@@ -394,7 +394,9 @@ def watch(
 
 def _watch_error(stream: TextIO, as_json: bool, broker: Optional[str], error: str) -> int:
     if as_json:
-        print(json.dumps(_event_record("error", broker=broker, error=error, fatal=True)), file=stream, flush=True)
+        # No manager could be made: FAILED, as a fatal connect_failed says (never null).
+        print(json.dumps(_event_record("error", state=ConnectionState.FAILED.value, broker=broker, error=error,
+                                       fatal=True)), file=stream, flush=True)
     else:
         where = f" {broker}" if broker else ""
         print(f"FAILED{where}: {error}", file=stream, flush=True)
@@ -474,14 +476,36 @@ def metrics(url: Optional[str], timeout: float, out: Optional[TextIO] = None) ->
 
 
 def _scrape(url: str, timeout: float, out: TextIO) -> int:
-    """Fetch a metrics endpoint once; print its carrot_kombu families (exit 1 if it has none or fails)."""
-    from urllib.request import urlopen
+    """Fetch a metrics endpoint once; print its carrot_kombu families (exit 1 if it has none or fails).
 
+    ``timeout`` bounds the whole fetch (connect, headers, every read): an
+    endpoint that trickles its answer is cut off, not waited for.  A
+    ``user:password@`` in the URL is sent as HTTP Basic authentication and
+    is never printed.
+    """
+    redact = redactor(url)
+    result: list[str] = []
+    errors: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            result.append(_fetch(url, time.monotonic() + timeout))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    # On a daemon thread: a read blocked inside the socket cannot outlast the
+    # deadline (the process exits after printing).
+    worker = threading.Thread(target=fetch, name="carrot-kombu-metrics-fetch", daemon=True)
+    worker.start()
+    worker.join(timeout)
     try:
-        with urlopen(url, timeout=timeout) as response:  # noqa: S310 - an http(s) URL the user gave
-            body = response.read().decode("utf-8", "replace")
-    except (OSError, ValueError) as exc:
-        print(f"FAILED {masked(url)}: {_error_text(exc, redactor(url))}", file=out, flush=True)
+        if errors:
+            raise errors[0]
+        if not result:
+            raise TimeoutError(f"no complete answer within {_seconds(timeout)} s")
+        body = result[0]
+    except Exception as exc:  # noqa: BLE001 - whatever failed, one line without the password
+        print(f"FAILED {masked(url)}: {_error_text(exc, redact)}", file=out, flush=True)
         return EXIT_UNREACHABLE
     lines = [line for line in body.splitlines()
              if line.startswith(("carrot_kombu_", "# HELP carrot_kombu_", "# TYPE carrot_kombu_"))]
@@ -491,6 +515,46 @@ def _scrape(url: str, timeout: float, out: TextIO) -> int:
         return EXIT_UNREACHABLE
     print("\n".join(lines), file=out, flush=True)
     return EXIT_OK
+
+
+def _fetch(url: str, deadline: float) -> str:
+    """GET ``url`` within ``deadline`` (monotonic); the body as text.
+
+    Raises:
+        TimeoutError: The answer was not complete by the deadline.
+        OSError, ValueError: The request failed (no such host, refused, a bad URL, HTTP error).
+    """
+    import base64
+    from urllib.parse import unquote, urlsplit, urlunsplit
+    from urllib.request import Request, urlopen
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    request = Request(urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, "")))
+    if parts.username is not None:
+        user, password = unquote(parts.username), unquote(parts.password or "")
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+
+    def left() -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("no complete answer within the timeout")
+        return remaining
+
+    chunks: list[bytes] = []
+    with urlopen(request, timeout=left()) as response:  # noqa: S310 - an http(s) URL the user gave
+        while True:
+            # Each read is bounded by the socket timeout set at connect; the
+            # deadline is checked between reads (an answer sent one line at a time).
+            left()
+            chunk = response.read1(65536) if hasattr(response, "read1") else response.read(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks).decode("utf-8", "replace")
 
 
 # -- demo ----------------------------------------------------------------------------

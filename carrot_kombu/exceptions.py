@@ -30,6 +30,7 @@ __all__ = (
     "ConfigurationError",
     "Disconnected",
     "Nacked",
+    "OutcomeUnknown",
     "PoolTimeout",
     "PublishError",
     "PublishTimeout",
@@ -142,6 +143,19 @@ class ChannelLimitReached(CarrotKombuError):
 
 class PublishError(CarrotKombuError):
     """A ``manager.publish`` did not end with the broker's confirm."""
+
+
+class OutcomeUnknown(PublishError, Disconnected):
+    """A ``republish=False`` message was written, then its connection (or channel) was lost before its confirm.
+
+    The broker may or may not have stored it; it is *not* published again
+    (at most once, as asked).  Publish it again yourself only if a duplicate
+    is acceptable.  Also a :class:`Disconnected` (the cause was a loss), so
+    ``except Disconnected`` handlers see it; :attr:`outcome` is always
+    ``"unknown"``, as on a :class:`PublishTimeout` of a written message.
+    """
+
+    outcome = "unknown"
 
 
 class Nacked(PublishError):

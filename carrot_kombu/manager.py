@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import logging
 import os
 import random
@@ -16,7 +17,9 @@ from .config import Settings
 from .consumers import Consumer
 from .exceptions import CarrotKombuError, ConfigurationError, Disconnected
 from .options import OPTION_NAMES
+from ._handoff import Timer
 from .pool import Lease
+from .publisher import Outcome, Publisher, Submission
 from .retry import Backoff
 from .status import ConnectionState, Status
 from .topology import check_entity, declare_entity
@@ -266,6 +269,7 @@ class ConnectionManager:
         if supervisor is None:
             return
         core.publisher.abort("the manager stopped")
+        core.live.close("manager stopped")  # a caller waiting in connection(timeout=...) returns now
         # Keep a slice of the time for delivering "stopped" on the event thread.
         reserve = 0.0 if timeout is None else min(0.25, timeout / 4)
         if not supervisor.stop(None if timeout is None else timeout - reserve):
@@ -628,6 +632,7 @@ class ConnectionManager:
         serializer: Optional[str] = None,
         mandatory: bool = False,
         timeout: Optional[float] = 30.0,
+        republish: bool = True,
         **properties: Any,
     ) -> None:
         """Publish and return once the broker has confirmed the message.
@@ -648,6 +653,16 @@ class ConnectionManager:
             serializer: kombu serializer name.
             mandatory: Fail with :class:`~carrot_kombu.Unroutable` if no queue gets it.
             timeout: Seconds to wait for the confirm (also while disconnected).
+                ``0`` waits for nothing: the message is written if that can be
+                done at once, and unless its confirm was already read (on a
+                LAN it almost never is) the call raises ``PublishTimeout``
+                (``outcome`` ``"unknown"`` if written, ``"not_sent"`` if not).
+            republish: ``False``: at most once for this message.  If its
+                connection (or the confirm channel) is lost after it was
+                written and before its confirm, it is not published again and
+                :class:`~carrot_kombu.OutcomeUnknown` is raised (it may or may
+                not have been stored).  Not yet written when the loss came: it
+                is written once on the next connection, as usual.
             **properties: AMQP properties (``delivery_mode`` defaults to 2,
                 persistent; ``priority``, ``expiration`` (a str of
                 milliseconds), ``message_id``...).
@@ -669,10 +684,12 @@ class ConnectionManager:
                 ``blocked_timeout``, before the message was written (nothing
                 was sent) or while its confirm was awaited (it may have been
                 stored: the message says which).
+            OutcomeUnknown: ``republish=False`` and the connection was lost
+                between the write and the confirm.
         """
         self.publish_many(
             [body], exchange=exchange, routing_key=routing_key, headers=headers, serializer=serializer,
-            mandatory=mandatory, timeout=timeout, **properties,
+            mandatory=mandatory, timeout=timeout, republish=republish, **properties,
         )
 
     def publish_many(
@@ -685,6 +702,7 @@ class ConnectionManager:
         serializer: Optional[str] = None,
         mandatory: bool = False,
         timeout: Optional[float] = 30.0,
+        republish: bool = True,
         **properties: Any,
     ) -> None:
         """Publish a batch and return once the broker confirmed every message.
@@ -696,10 +714,120 @@ class ConnectionManager:
         failed, after every message of the batch was settled or ``timeout``
         passed.
         """
+        self._publish_many(
+            bodies, exchange=exchange, routing_key=routing_key, headers=headers, serializer=serializer,
+            mandatory=mandatory, timeout=timeout, republish=republish, properties=properties,
+        )
+
+    def _publish_many(
+        self, bodies: Iterable[Any], *, exchange: Any, routing_key: str, headers: Optional[Mapping[str, Any]],
+        serializer: Optional[str], mandatory: bool, timeout: Optional[float], republish: bool,
+        properties: dict[str, Any], headers_each: Optional[Sequence[Mapping[str, Any]]] = None,
+        report: Optional[Callable[[list[Outcome]], None]] = None,
+    ) -> None:
+        """:meth:`publish_many`, with per-message headers and outcomes (for :mod:`carrot_kombu.tracing`)."""
         deadline = Deadline.of("timeout", timeout)
+        _check_bodies(bodies)
+        publisher = self._publisher_for(headers, exchange, routing_key, serializer, mandatory, republish)
+        name = getattr(exchange, "name", exchange)
+        publisher.publish_many(
+            bodies, exchange=name, routing_key=routing_key, headers=dict(headers or {}),
+            serializer=serializer, mandatory=mandatory, deadline=deadline, properties=properties,
+            republish=republish, headers_each=headers_each, report=report,
+        )
+
+    def publish_async(
+        self,
+        body: Any,
+        *,
+        exchange: Any = "",
+        routing_key: str = "",
+        headers: Optional[Mapping[str, Any]] = None,
+        serializer: Optional[str] = None,
+        mandatory: bool = False,
+        timeout: Optional[float] = 30.0,
+        republish: bool = True,
+        **properties: Any,
+    ) -> "concurrent.futures.Future[None]":
+        """Publish without waiting: a future resolved once the broker confirmed the message.
+
+        Same arguments and guarantees as :meth:`publish`; the future's
+        exception is what :meth:`publish` would raise (``PublishTimeout``
+        once ``timeout`` passes).  The message is written before this
+        returns when it can be without waiting; otherwise (no free slot,
+        a blocked connection) a helper thread of the manager writes it.  No
+        thread waits per call: the confirm completes the future, and its
+        done-callbacks run on the manager's completion thread (never on the
+        thread reading the connection; keep them short).  ``future.cancel()``
+        forgets the message: it is not published again after a reconnect
+        (if already written, it may have been stored).
+
+        Raises:
+            TypeError, ValueError: At once, as :meth:`publish` (nothing was sent).
+            Disconnected: At once when waiting cannot help (stopped, refused).
+        """
+        future: "concurrent.futures.Future[None]" = concurrent.futures.Future()
+        completions = self._core.publisher.completions
+        timer: list[Timer] = []
+
+        def complete(submission: Submission) -> None:
+            # On the completion thread: user done-callbacks run here.
+            if timer:
+                completions.cancel(timer[0])
+            submission.record()
+            if not future.set_running_or_notify_cancel():
+                return
+            if submission.error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(submission.error)
+
+        submission = self._submit(
+            [body], exchange=exchange, routing_key=routing_key, headers=headers, serializer=serializer,
+            mandatory=mandatory, timeout=timeout, republish=republish, properties=properties,
+            on_settled=lambda s: completions.call(lambda: complete(s)),
+        )
+        if submission.deadline.at is not None and not submission.settled:
+            timer.append(completions.call_at(submission.deadline.at, submission.expire))
+        def on_done(done: "concurrent.futures.Future[None]") -> None:
+            if done.cancelled():
+                submission.cancel()
+                if timer:
+                    completions.cancel(timer[0])  # a live timer would keep the completion thread up
+
+        future.add_done_callback(on_done)
+        return future
+
+    def _submit(
+        self, bodies: Iterable[Any], *, exchange: Any, routing_key: str, headers: Optional[Mapping[str, Any]],
+        serializer: Optional[str], mandatory: bool, timeout: Optional[float], republish: bool,
+        properties: dict[str, Any], on_settled: Callable[[Submission], None], flush: bool = True,
+    ) -> Submission:
+        """Publish without waiting (``publish_async``, :mod:`carrot_kombu.aio`): ``on_settled`` reports.
+
+        ``on_settled`` runs on whichever thread settles the last message,
+        under the publisher's lock: it must only hand off.  The caller
+        enforces the deadline (``submission.expire()``).  With ``flush=False``
+        the caller must call ``publisher.flush()`` soon.
+        """
+        deadline = Deadline.of("timeout", timeout)
+        publisher = self._publisher_for(headers, exchange, routing_key, serializer, mandatory, republish)
+        name = getattr(exchange, "name", exchange)
+        pendings = publisher.encode_many(
+            bodies, exchange=name, routing_key=routing_key, headers=dict(headers or {}), serializer=serializer,
+            mandatory=mandatory, properties=properties, republish=republish,
+        )
+        submission, rest = publisher.submit(pendings, deadline, on_settled, flush)
+        if rest:
+            publisher.waiting.call(lambda: publisher.send_waiting(submission, rest))
+        return submission
+
+    def _publisher_for(self, headers: Any, exchange: Any, routing_key: Any, serializer: Any, mandatory: Any,
+                       republish: Any) -> Publisher:
+        """Check a publish's arguments and the manager's state; the publisher, its channel asked for."""
         if headers is not None and not isinstance(headers, Mapping):
             raise TypeError(f"headers must be a mapping, got {type(headers).__name__}")
-        _check_publish_args(exchange, routing_key, serializer, mandatory)
+        _check_publish_args(exchange, routing_key, serializer, mandatory, republish)
         core = self._core
         self._check_can_publish(core)
         publisher = core.publisher
@@ -710,11 +838,7 @@ class ConnectionManager:
             # trips bounded by reply_timeout, and this caller's own timeout may
             # be shorter (its messages wait for the channel within it).
             core.inbox.replace_publisher_channel(link.generation)
-        name = getattr(exchange, "name", exchange)
-        publisher.publish_many(
-            bodies, exchange=name, routing_key=routing_key, headers=dict(headers or {}),
-            serializer=serializer, mandatory=mandatory, deadline=deadline, properties=properties,
-        )
+        return publisher
 
     def _check_can_publish(self, core: Core) -> None:
         """Fail at once when waiting for a connection cannot help."""
@@ -796,6 +920,17 @@ class ConnectionManager:
         )
 
 
+def _check_bodies(bodies: Any) -> None:
+    """publish_many()'s ``bodies``: TypeError unless an iterable of message bodies."""
+    # A str/bytes is iterable (one message per character) and a mapping
+    # iterates its keys: each is almost surely one message meant for publish().
+    if isinstance(bodies, (str, bytes, bytearray, memoryview, Mapping)) or not isinstance(bodies, Iterable):
+        raise TypeError(
+            f"publish_many() bodies must be an iterable of message bodies (a list...), got {type(bodies).__name__}"
+            + ("; to publish one message use publish()" if isinstance(bodies, (str, bytes, bytearray, Mapping)) else "")
+        )
+
+
 def _check_callable(name: str, value: Any) -> None:
     if not callable(value):
         raise TypeError(f"{name} must be callable, got {type(value).__name__}")
@@ -806,9 +941,11 @@ def _check_event_name(event: Any) -> None:
         raise TypeError(f"event must be a str (an event name), got {type(event).__name__}")
 
 
-def _check_publish_args(exchange: Any, routing_key: Any, serializer: Any, mandatory: Any) -> None:
+def _check_publish_args(exchange: Any, routing_key: Any, serializer: Any, mandatory: Any,
+                        republish: Any = True) -> None:
     """The arguments of publish() that are not the message itself; TypeError naming the parameter."""
-    if type(exchange) is str and type(routing_key) is str and type(mandatory) is bool and serializer is None:  # noqa: E721
+    if (type(exchange) is str and type(routing_key) is str and type(mandatory) is bool  # noqa: E721
+            and serializer is None and type(republish) is bool):  # noqa: E721
         return  # the common call, checked without the import below (publish is a hot path)
     import kombu
 
@@ -820,6 +957,8 @@ def _check_publish_args(exchange: Any, routing_key: Any, serializer: Any, mandat
         raise TypeError(f"serializer must be a str (a kombu serializer name) or None, got {type(serializer).__name__}")
     if not isinstance(mandatory, bool):
         raise TypeError(f"mandatory must be a bool, got {type(mandatory).__name__}")
+    if not isinstance(republish, bool):
+        raise TypeError(f"republish must be a bool, got {type(republish).__name__}")
 
 
 def _checked_name(name: str, value: str) -> str:

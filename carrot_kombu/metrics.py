@@ -107,37 +107,49 @@ def _connection_name(manager: ConnectionManager) -> Optional[str]:
 
 
 def _managers() -> list[tuple[str, "Core"]]:
-    """Every manager alive, labelled (in creation order); one name used twice gets ``#<n>``."""
+    """Every manager alive, labelled (in creation order).
+
+    A manager's label is chosen once, the first time it is exported, and
+    kept for its life (a series that changed its name mid-life would break
+    every ``rate()`` over it): its connection name, or ``carrot_kombu
+    pid=<pid> #<n>`` without one; a name some other live manager already
+    exports under gets `` #<n>`` (``n`` the manager's creation number).
+    """
     found = []
     for manager in list(_MANAGERS):
         core = manager._core
         found.append((core.metrics.sequence, _connection_name(manager), core))
     found.sort(key=lambda item: item[0])
-    given = [name for _seq, name, _core in found if name is not None]
     pid = os.getpid()
-    labelled = []
-    for sequence, name, core in found:
-        if name is None:
-            label = f"carrot_kombu pid={pid} #{sequence}"
-        elif given.count(name) > 1:
-            label = f"{name} #{sequence}"
-        else:
-            label = name
-        _LABELS[core.metrics] = label
-        labelled.append((label, core))
+    with _labels_lock:
+        used = {label for _seq, _name, core in found
+                for label in [_LABELS.get(core.metrics)] if label is not None and label[0] == pid}
+        taken = {label for _pid, label in used}
+        labelled = []
+        for sequence, name, core in found:
+            known = _LABELS.get(core.metrics)
+            if known is None or known[0] != pid:  # new, or inherited across a fork
+                base = name if name is not None else f"carrot_kombu pid={pid} #{sequence}"
+                label = base
+                while label in taken:
+                    label = f"{label} #{sequence}"
+                taken.add(label)
+                known = _LABELS[core.metrics] = (pid, label)
+            labelled.append((known[1], core))
     return labelled
 
 
-#: The last label of each manager's counters (for OpenTelemetry's histogram records).
-_LABELS: "weakref.WeakKeyDictionary[Metrics, str]" = weakref.WeakKeyDictionary()
+#: The label of each manager's metrics, with the pid it was chosen in (see :func:`_managers`).
+_LABELS: "weakref.WeakKeyDictionary[Metrics, tuple[int, str]]" = weakref.WeakKeyDictionary()
+_labels_lock = threading.Lock()
 
 
 def _label_of(metrics: Metrics) -> str:
-    label = _LABELS.get(metrics)
-    if label is None:
+    known = _LABELS.get(metrics)
+    if known is None or known[0] != os.getpid():
         _managers()
-        label = _LABELS.get(metrics, f"carrot_kombu pid={os.getpid()} #{metrics.sequence}")
-    return label
+        known = _LABELS.get(metrics)
+    return known[1] if known is not None else f"carrot_kombu pid={os.getpid()} #{metrics.sequence}"
 
 
 def _gauges(core: "Core") -> dict[str, float]:
@@ -274,7 +286,7 @@ def register(registry: Any = None) -> Any:
     except ImportError as exc:
         raise ImportError("carrot_kombu.metrics.register needs prometheus_client: "
                           "pip install 'carrot_kombu[prometheus]'") from exc
-    registry = REGISTRY if registry is None else registry
+    registry = REGISTRY if registry is None else _checked_registry(registry)
     with _lock:
         known = _registered.get(id(registry))
         if known is not None and known[0] is registry:
@@ -291,10 +303,24 @@ def unregister(registry: Any = None) -> None:
         from prometheus_client import REGISTRY
 
         registry = REGISTRY
+    else:
+        _checked_registry(registry)
     with _lock:
         known = _registered.pop(id(registry), None)
     if known is not None:
         registry.unregister(known[1])
+
+
+def _checked_registry(registry: Any) -> Any:
+    if not (callable(getattr(registry, "register", None)) and callable(getattr(registry, "unregister", None))):
+        raise TypeError(f"registry must be a prometheus_client CollectorRegistry, got {type(registry).__name__}")
+    return registry
+
+
+def _checked_provider(provider: Any) -> Any:
+    if not callable(getattr(provider, "get_meter", None)):
+        raise TypeError(f"meter_provider must be an OpenTelemetry MeterProvider, got {type(provider).__name__}")
+    return provider
 
 
 # -- OpenTelemetry -------------------------------------------------------------------------------
@@ -328,7 +354,7 @@ def instrument(meter_provider: Any = None) -> Any:
     except ImportError as exc:
         raise ImportError("carrot_kombu.metrics.instrument needs opentelemetry-api: "
                           "pip install 'carrot_kombu[opentelemetry]'") from exc
-    provider = otel.get_meter_provider() if meter_provider is None else meter_provider
+    provider = otel.get_meter_provider() if meter_provider is None else _checked_provider(meter_provider)
     with _lock:
         known = _instrumented.get(id(provider))
         if known is not None and known[0] is provider:
@@ -365,6 +391,8 @@ def uninstrument(meter_provider: Any = None) -> None:
         from opentelemetry import metrics as otel
 
         meter_provider = otel.get_meter_provider()
+    else:
+        _checked_provider(meter_provider)
     with _lock:
         _instrumented.pop(id(meter_provider), None)
         _histogram_sinks[:] = [sink for sink in _histogram_sinks if sink[0] is not meter_provider]

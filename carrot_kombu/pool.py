@@ -155,7 +155,11 @@ class ChannelPool:
         self._leased: dict[int, Any] = {}
         self._verifying: set[Any] = set()
         self._opening: set[object] = set()  # one ticket per acquire() opening a channel now
-        self._waiting: set[object] = set()  # one ticket per acquire() waiting for a slot now
+        #: One ticket per acquire() waiting for a slot now, first come first
+        #: served: while anyone waits, only the head may take a freed slot (a
+        #: thread releasing and leasing again in a loop took every slot before
+        #: a woken waiter could, which then timed out however many were freed).
+        self._waiting: deque[object] = deque()
         self._tokens = 0
         self._at_channel_max = False
         #: Tokens of leases collected without release() (filled by Lease.__del__).
@@ -308,7 +312,7 @@ class ChannelPool:
                 with self._cond.lock:
                     if ticket is not None and ticket in self._opening:
                         self._opening.discard(ticket)
-                        self._cond.notify()
+                        self._cond.notify_all()
                 raise
             if lease is not None:
                 return lease
@@ -316,6 +320,7 @@ class ChannelPool:
     def _wait_for_slot(self, timeout: Optional[float], due: list[Deadline], spoiled: list[Any]) -> Any:
         """Under the lock: an idle channel's lease, or the link to open a new channel on."""
         waited_from = 0.0  # when this call started waiting for a slot (0.0: it did not: not observed)
+        ticket: Optional[object] = None  # this call's place in the queue of waiters, once it waits
         try:
             while True:
                 link = self._books_for
@@ -323,28 +328,36 @@ class ChannelPool:
                     link = self._serving()  # (its common case inline: this runs on every lease)
                     if link is None:
                         raise self._live.down_error()
-                while self._idle:
-                    chan = self._idle[-1]  # taken off only together with its lease's registration
-                    if link.reusable(chan):
-                        return self._lease(chan, link.generation, from_idle=True)
-                    self._idle.pop()
-                    spoiled.append(chan)
-                held = len(self._leased) + len(self._opening) + len(self._verifying)
-                if held < self._limit and not self._at_channel_max:
-                    return link
+                waiting = self._waiting
+                if not waiting or waiting[0] is ticket:  # nobody waits, or this call is next
+                    while self._idle:
+                        chan = self._idle[-1]  # taken off only together with its lease's registration
+                        if link.reusable(chan):
+                            return self._lease(chan, link.generation, from_idle=True)
+                        self._idle.pop()
+                        spoiled.append(chan)
+                    held = len(self._leased) + len(self._opening) + len(self._verifying)
+                    if held < self._limit and not self._at_channel_max:
+                        return link
                 if not due:
                     due.append(Deadline.after(timeout))
                 deadline = due[0]
                 if deadline.expired():
                     raise PoolTimeout(self._timeout_message(link, deadline.timeout))
                 waited_from = waited_from or now()
-                ticket = object()
-                try:
-                    self._waiting.add(ticket)  # inside the try: interrupted anywhere, never left counted
-                    self._cond.wait(deadline.remaining())
-                finally:
-                    self._waiting.discard(ticket)
+                if ticket is None:
+                    ticket = object()
+                    waiting.append(ticket)
+                self._cond.wait(deadline.remaining())
         finally:
+            if ticket is not None:
+                # Served, timed out or interrupted anywhere: out of the queue,
+                # and the next in line looks again (it may be its turn now).
+                try:
+                    self._waiting.remove(ticket)
+                except ValueError:
+                    pass
+                self._cond.notify_all()
             if waited_from:
                 self._metrics.pool_wait_seconds.observe(now() - waited_from)
 
@@ -456,7 +469,8 @@ class ChannelPool:
                     del self._leased[token]
                     self._idle.append(chan)
                 self._at_channel_max = False
-                self._cond.notify()
+                if self._waiting:
+                    self._cond.notify_all()  # the head of the queue, whichever thread woke first
             if to_verify is not None:
                 started = link.verify(to_verify, lambda ok: self._verified(to_verify, generation, ok))
                 if not started:
@@ -488,7 +502,7 @@ class ChannelPool:
                     logger.warning("carrot_kombu discarded a channel after its borrower left: %s",
                                    error or "verification failed")
                 to_close = chan
-            self._cond.notify()
+            self._cond.notify_all()
         if to_close is not None and link is not None:
             link.close_channel(to_close)
 
@@ -496,7 +510,10 @@ class ChannelPool:
 
     def counts(self) -> PoolStatus:
         with self._cond.lock:
+            # Idle channels of a link that is no longer live are not there any
+            # more (they go with it; the books are reset on the next link).
+            idle = len(self._idle) if self._live_link() is not None else 0
             return PoolStatus(
-                leased=len(self._leased), idle=len(self._idle), limit=self._limit, verifying=len(self._verifying),
+                leased=len(self._leased), idle=idle, limit=self._limit, verifying=len(self._verifying),
                 opening=len(self._opening), waiting=len(self._waiting),
             )

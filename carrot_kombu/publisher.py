@@ -25,13 +25,15 @@ from __future__ import annotations
 import itertools
 import logging
 import re
+import threading
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from amqp.exceptions import AMQPError
 from kombu.serialization import dumps
 
-from ._deadline import NEVER, Deadline
+from ._deadline import NEVER, Deadline, clock
+from ._handoff import Handoff, Timer
 from ._link import ConfirmChannel, ConfirmHooks, Link, Outbound, Waiter
 from ._metrics import Metrics, now
 from ._sync import Monitor
@@ -39,13 +41,14 @@ from .exceptions import (
     Blocked,
     Disconnected,
     Nacked,
+    OutcomeUnknown,
     PublishError,
     PublishTimeout,
     Rejected,
     Unroutable,
 )
 
-__all__ = ("Publisher", "PublishError", "Nacked", "Unroutable", "PublishTimeout", "Rejected")
+__all__ = ("Publisher", "Submission", "PublishError", "Nacked", "Unroutable", "PublishTimeout", "Rejected")
 
 logger = logging.getLogger("carrot_kombu")
 
@@ -64,23 +67,40 @@ _USER_ID = re.compile(r"user_id property set to '(.*)' but authenticated user")
 
 
 class _Pending(Waiter):
-    """One message between admission and its confirm; encoded once, framed per channel."""
+    """One message between admission and its confirm; encoded once, framed per channel.
 
-    __slots__ = ("id", "message", "outcome", "detail", "error", "written", "tag", "settled_at")
+    ``on_done(pending)`` (the completion hook of :class:`Submission`) runs
+    once, from :meth:`wake`, after ``outcome`` is set: every settlement
+    sets the outcome, then wakes, under the publisher's lock.
+    """
 
-    def __init__(self, pid: int, message: Outbound) -> None:
+    __slots__ = ("id", "message", "outcome", "detail", "error", "written", "tag", "settled_at", "republish",
+                 "on_done")
+
+    def __init__(self, pid: int, message: Outbound, republish: bool = True) -> None:
         super().__init__()
         self.id = pid
         self.message = message
-        self.outcome: Optional[str] = None  # "ack", "nack", "returned", "rejected", "aborted", "failed"
+        # "ack", "nack", "returned", "rejected", "aborted", "blocked", "failed", "unknown"
+        self.outcome: Optional[str] = None
         self.detail = ""
         self.error: Optional[BaseException] = None
         self.written = False
         self.tag = 0
         self.settled_at = 0.0  # when the broker's confirm was read (for the confirm latency)
+        #: False: at most once; written, then its channel lost: settled "unknown", never written again.
+        self.republish = republish
+        self.on_done: Optional[Callable[["_Pending"], None]] = None
 
     def ready(self) -> bool:
         return self.outcome is not None
+
+    def wake(self) -> None:
+        super().wake()
+        done = self.on_done
+        if done is not None and self.outcome is not None:
+            self.on_done = None
+            done(self)
 
 
 class Publisher:
@@ -118,7 +138,17 @@ class Publisher:
         #: The broker refused the connection for a reason retrying will not
         #: fix: new publishes fail at once until a connection works again.
         self._refused: Optional[tuple[str, Optional[BaseException]]] = None
+        #: Changes on every block, unblock and detach: a blocked_timeout timer of an older block does nothing.
+        self._block_epoch = 0
+        self._block_timer: Optional[Timer] = None
         self.used = False  # no confirm channel is opened until the first publish
+        #: Completes publish_async futures and expires them (user callbacks never run on the reading thread).
+        self.completions = Handoff("carrot-kombu-futures")
+        #: Writes what a non-waiting caller (an event loop) could not write without waiting.
+        self.waiting = Handoff("carrot-kombu-publish-wait")
+        #: Whether the manager has a live connection (set by the owner of the
+        #: live connection): only to say in a PublishTimeout what was missing.
+        self.connected: Callable[[], bool] = lambda: self._generation is not None
 
     # -- supervisor side -------------------------------------------------------------
 
@@ -142,6 +172,7 @@ class Publisher:
         channel = link.open_confirm_channel(hooks)
         holder.append(channel)
         with self._cond.lock:
+            self._unknown_after_loss(list(self._pending.values()), "the connection was lost")
             careful = [p for p in self._pending.values() if p.id in self._careful and p.outcome is None]
             self._careful.clear()
             self._generation = link.generation
@@ -202,8 +233,11 @@ class Publisher:
                 self._one_at_a_time = False
 
     def abort(self, why: str) -> None:
-        """The manager stops: every waiting publish ends now, new ones fail at once."""
+        """The manager stops: every waiting publish ends now, new ones fail at once; helper threads end."""
         self.fail_waiting(why, closed=True)
+        self.blocked(None, None)
+        self.completions.retire()  # after completing the futures just failed
+        self.waiting.retire()
 
     def fail_waiting(self, why: str, reason: Optional[BaseException] = None, closed: bool = False) -> None:
         """End every waiting publish with ``why`` (stopped, failed, gave up)."""
@@ -221,6 +255,43 @@ class Publisher:
                     p.detail = why
                     p.error = reason
                 p.wake()
+            self._cond.notify_all()
+
+    def blocked(self, reason: Optional[str], timeout: Optional[float]) -> None:
+        """The broker blocked (``reason``) or unblocked (None) the connection (from the supervisor).
+
+        A waiting ``publish`` bounds its wait for a confirm by
+        ``blocked_timeout`` itself; messages of callers that do not wait
+        (``publish_async``, the asyncio API) have nobody to do that: if the
+        block lasts ``timeout`` seconds, they settle with :class:`Blocked`.
+        """
+        with self._cond.lock:
+            self._block_epoch += 1
+            epoch = self._block_epoch
+            timer, self._block_timer = self._block_timer, None
+        if timer is not None:
+            self.completions.cancel(timer)
+        if reason is not None and timeout is not None:
+            timer = self.completions.call_at(clock() + timeout, lambda: self._blocked_too_long(epoch, reason, timeout))
+            with self._cond.lock:
+                if self._block_epoch == epoch:
+                    self._block_timer = timer
+                    timer = None
+            if timer is not None:
+                self.completions.cancel(timer)  # unblocked meanwhile
+
+    def _blocked_too_long(self, epoch: int, reason: str, timeout: float) -> None:
+        with self._cond.lock:
+            if epoch != self._block_epoch:
+                return  # unblocked (or lost) meanwhile
+            for p in list(self._pending.values()):
+                if p.outcome is None and p.on_done is not None:
+                    # A written one keeps its delivery tag (see _forget): a late refusal stays its own.
+                    p.outcome = "blocked"
+                    p.error = Blocked(f"the broker blocked the connection ({reason}) for {timeout}s "
+                                      "(blocked_timeout) before the confirm")
+                    self._pending.pop(p.id, None)
+                    p.wake()
             self._cond.notify_all()
 
     def no_channel(self, error: Blocked) -> None:
@@ -245,6 +316,8 @@ class Publisher:
         with self._cond.lock:
             self._closed = None
             self._refused = None
+        self.completions.resume()
+        self.waiting.resume()
 
     def detach(self, generation: Optional[int] = None) -> None:
         with self._cond.lock:
@@ -253,6 +326,8 @@ class Publisher:
             self._channel = None
             self._generation = None
             self._by_tag = {}
+            self._block_epoch += 1  # a block ends with its connection
+            self._unknown_after_loss(list(self._pending.values()), "the connection was lost")
             for p in self._pending.values():
                 p.wake()
             self._cond.notify_all()
@@ -265,6 +340,21 @@ class Publisher:
         """Messages waiting for their confirm (or for a connection)."""
         with self._cond.lock:
             return len(self._pending)
+
+    def _unknown_after_loss(self, pendings: list[_Pending], why: str) -> None:
+        """Under the lock: ``republish=False`` messages written on a channel now gone settle as "unknown".
+
+        The broker may or may not have stored them; they are never written
+        again (at most once), and their callers get
+        :class:`~carrot_kombu.OutcomeUnknown`.
+        """
+        for p in pendings:
+            if p.outcome is None and p.written and not p.republish:
+                p.outcome, p.detail = "unknown", why
+                self._pending.pop(p.id, None)
+                if self._by_tag.get(p.tag) is p:
+                    del self._by_tag[p.tag]
+                p.wake()
 
     # -- callers -------------------------------------------------------------------------
 
@@ -279,11 +369,26 @@ class Publisher:
         mandatory: bool,
         deadline: Deadline,
         properties: dict[str, Any],
+        republish: bool = True,
+        headers_each: Optional[Sequence[Mapping[str, Any]]] = None,
+        report: Optional[Callable[[list[Outcome]], None]] = None,
     ) -> None:
-        """Check and encode every message, write them, then wait for all their confirms."""
+        """Check and encode every message, write them, then wait for all their confirms.
+
+        Args:
+            headers_each: Headers of each message in turn, over ``headers``
+                (tracing gives each message its own context).
+            report: Told each message's :data:`Outcome` once the batch is
+                settled (or its deadline passed), before anything is raised;
+                not called when a message could not even be encoded.
+        """
         started = now()
-        encoded = [self._encode(body, exchange, routing_key, headers, serializer, mandatory, properties)
-                   for body in bodies]
+        if headers_each is None:
+            encoded = [self._encode(body, exchange, routing_key, headers, serializer, mandatory, properties,
+                                    republish) for body in bodies]
+        else:
+            encoded = [self._encode(body, exchange, routing_key, {**(headers or {}), **own}, serializer, mandatory,
+                                    properties, republish) for body, own in zip(bodies, headers_each)]
         batch: list[_Pending] = []
         try:
             chunk: list[_Pending] = []
@@ -309,6 +414,8 @@ class Publisher:
             for index, pending in enumerate(batch):
                 _raise_for(pending, index, len(batch))
         finally:
+            if report is not None:
+                report(_outcomes(encoded, batch, deadline, self._missing()))
             for pending in batch:
                 if pending.outcome is None:
                     self._forget(pending)
@@ -316,7 +423,7 @@ class Publisher:
 
     def _encode(
         self, body: Any, exchange: str, routing_key: str, headers: Optional[dict[str, Any]],
-        serializer: Optional[str], mandatory: bool, properties: dict[str, Any],
+        serializer: Optional[str], mandatory: bool, properties: dict[str, Any], republish: bool = True,
     ) -> _Pending:
         """Serialize and check one message; raises in the caller, nothing is admitted."""
         content_type, content_encoding, data = dumps(body, serializer=serializer)
@@ -329,7 +436,13 @@ class Publisher:
             merged[RETURN_HEADER] = pid
         if merged:
             props["application_headers"] = merged
-        return _Pending(pid, Outbound(exchange, routing_key, props, data, mandatory))
+        return _Pending(pid, Outbound(exchange, routing_key, props, data, mandatory), republish)
+
+    def _missing(self) -> str:
+        """What kept a message unwritten, for a timeout's message: the connection, or only the confirm channel."""
+        if self.connected():
+            return "connected, but no confirm channel: the broker has not opened one (channel.open/confirm.select)"
+        return "no connection"
 
     def _admit(self, pending: _Pending, deadline: Deadline, wait: bool = True) -> bool:
         """Take a pending slot; False if none is free and ``wait`` is False.
@@ -364,7 +477,7 @@ class Publisher:
                 raise PublishTimeout(
                     f"no confirm from the broker within {deadline.timeout}s"
                     + ("; the message was written and may have been stored" if pending.written
-                       else "; the message was never sent (no connection)")
+                       else f"; the message was never sent ({self._missing()})")
                     + (f" (message {index} of {total})" if total > 1 else ""),
                     outcome="unknown" if pending.written else "not_sent",
                 )
@@ -386,9 +499,115 @@ class Publisher:
                 # Lost meanwhile: the next connection publishes it again.
                 pending.event.wait(deadline.within(0.05))
 
+    # -- callers that do not wait (publish_async, carrot_kombu.aio) --------------------------
+
+    def encode_many(
+        self, bodies: Iterable[Any], *, exchange: str, routing_key: str, headers: Optional[dict[str, Any]],
+        serializer: Optional[str], mandatory: bool, properties: dict[str, Any], republish: bool,
+    ) -> list[_Pending]:
+        """Check and encode every message (raises in the caller; nothing is admitted)."""
+        return [self._encode(body, exchange, routing_key, headers, serializer, mandatory, properties, republish)
+                for body in bodies]
+
+    def submit(self, pendings: list[_Pending], deadline: Deadline, on_settled: Callable[["Submission"], None],
+               flush: bool = True) -> tuple["Submission", list[_Pending]]:
+        """Admit and write ``pendings`` without ever waiting; their outcome goes to ``on_settled``.
+
+        ``flush=False`` only queues the frames: the caller calls :meth:`flush`
+        soon (an event loop, once per iteration, for every task's messages).
+
+        Returns:
+            The submission, and the messages that could not go without
+            waiting (no free slot, a blocked connection, a full outgoing
+            buffer), in order: hand them to :meth:`send_waiting` on a thread
+            that may wait.  Messages wait unwritten for a connection as
+            ``publish_many``'s do (written when the next one is attached).
+
+        Raises:
+            Disconnected: At once, as :meth:`publish_many` (stopped, refused);
+                nothing stays admitted.
+        """
+        submission = Submission(self, pendings, deadline, on_settled)
+        admitted: list[_Pending] = []
+        try:
+            for pending in pendings:
+                if not self._admit(pending, deadline, wait=False):
+                    break
+                admitted.append(pending)
+        except BaseException:
+            submission.cancel()
+            raise
+        rest = pendings[len(admitted):]
+        for index in range(0, len(admitted), _CHUNK_MESSAGES):
+            if not self._write(admitted[index:index + _CHUNK_MESSAGES], deadline=deadline, nowait=True,
+                               flush=flush):
+                rest = admitted[index:] + rest
+                break
+        submission.start()
+        return submission, rest
+
+    def send_waiting(self, submission: "Submission", pendings: list[_Pending]) -> None:
+        """Admit and write what :meth:`submit` left, waiting as ``publish_many`` does (a helper thread).
+
+        A failure (no slot in time, blocked too long, stopped) settles the
+        messages not yet written with the error the blocking call raises.
+        """
+        deadline = submission.deadline
+        try:
+            chunk: list[_Pending] = []
+            for pending in pendings:
+                if submission.settled:
+                    return  # expired or cancelled meanwhile: forgotten
+                if pending.outcome is not None or pending.written:
+                    continue
+                with self._cond.lock:
+                    admitted = pending.id in self._pending
+                if not admitted and not self._admit(pending, deadline, wait=not chunk):
+                    self._write(chunk, deadline=deadline)
+                    chunk = []
+                    self._admit(pending, deadline)
+                chunk.append(pending)
+                if len(chunk) >= _CHUNK_MESSAGES:
+                    self._write(chunk, deadline=deadline)
+                    chunk = []
+            self._write(chunk, deadline=deadline)
+        except (Disconnected, Blocked, PublishTimeout) as exc:
+            self._fail([p for p in pendings if not p.written], exc)
+
+    def flush(self) -> None:
+        """Send what ``submit(flush=False)`` queued, never waiting.
+
+        What the socket does not take now (a full send buffer) is sent by the
+        helper thread that may wait, not left for the next writer.
+        """
+        channel = self._channel
+        if channel is not None and not channel.flush():
+            def rest() -> None:
+                # Until sent, or the connection fails (its liveness checks end a stuck write).
+                channel.flush(wait=True)
+
+            self.waiting.call(rest)
+
+    def _fail(self, pendings: list[_Pending], error: BaseException) -> None:
+        """Settle unwritten messages with ``error`` (raised to their caller as it is)."""
+        with self._cond.lock:
+            for p in pendings:
+                if p.outcome is None:
+                    p.outcome, p.error = "failed", error
+                    self._pending.pop(p.id, None)
+                    p.wake()
+            self._cond.notify_all()
+
+    def forget_all(self, pendings: list[_Pending]) -> None:
+        """Their caller is gone (cancelled, timed out): see :meth:`_forget`."""
+        for pending in pendings:
+            if pending.outcome is None:
+                self._forget(pending)
+
     # -- writing ---------------------------------------------------------------------------
 
-    def _write(self, chunk: list[_Pending], alone: bool = False, deadline: Deadline = NEVER) -> None:
+    def _write(self, chunk: list[_Pending], alone: bool = False, deadline: Deadline = NEVER,
+               nowait: bool = False, flush: bool = True) -> bool:
         """Write ``chunk`` on the confirm channel with consecutive delivery tags (one socket write).
 
         Args:
@@ -396,6 +615,14 @@ class Publisher:
             alone: The careful path's single message; other writers stay out
                 until it settles (see :meth:`_one_by_one`).
             deadline: The caller's publish deadline.
+            nowait: Never wait (an event loop's thread): when the broker
+                blocks the connection or the outgoing buffer is full, nothing
+                is written and False is returned (the messages stay admitted,
+                for :meth:`send_waiting`).
+            flush: False: only queue the frames; the caller calls :meth:`flush` soon.
+
+        Returns:
+            False only with ``nowait``, when nothing could be written without waiting.
 
         Raises:
             Blocked: The broker blocked the connection (nothing was sent).
@@ -403,11 +630,11 @@ class Publisher:
         """
         with self._cond.lock:
             if self._one_at_a_time and not alone:
-                return  # written when the channel is attached after the careful ones
+                return True  # written when the channel is attached after the careful ones
             channel = self._channel
             todo = [p for p in chunk if p.outcome is None]
         if channel is None or not todo:
-            return  # written when the next connection is attached
+            return True  # written when the next connection is attached
 
         def queued(first: int, ok: bool) -> None:
             # Runs under the channel's lock, before any confirm can be read;
@@ -426,14 +653,18 @@ class Publisher:
                             del self._by_tag[tag]
 
         try:
-            channel.write([p.message for p in todo], on_queued=queued, deadline=deadline.at)
+            channel.write([p.message for p in todo], on_queued=queued,
+                          deadline=clock() if nowait else deadline.at, flush=flush)
         except (Blocked, PublishTimeout):
+            if nowait and not any(p.written for p in todo):
+                return False  # blocked or back-pressured: a thread that may wait writes them
             for p in todo:
                 self._forget(p)
             raise
         except (Disconnected, OSError, AMQPError) as exc:
             # The connection or the channel is going; the next channel publishes them again.
             logger.debug("%d publish(es) wait for the next confirm channel: %r", len(todo), exc)
+        return True
 
     def _forget(self, pending: _Pending) -> None:
         """Its caller is gone (a timeout, an exception raised into it): not waited for, not published again.
@@ -499,9 +730,10 @@ class Publisher:
                 p.error = error
                 self._pending.pop(p.id, None)
                 p.wake()
+            self._unknown_after_loss(unsettled, f"the broker closed the confirm channel ({error})")
             if not culprits and about_publish:
                 # Unattributed: publish these again one at a time.
-                self._careful.update(p.id for p in unsettled)
+                self._careful.update(p.id for p in unsettled if p.outcome is None)
             for p in self._pending.values():
                 p.wake()
             self._cond.notify_all()
@@ -510,6 +742,127 @@ class Publisher:
         if generation is not None and self._need_channel is not None and self._closed is None:
             # A close that names no publish could come again for every rewrite: backed off.
             self._need_channel(generation, not about_publish)
+
+
+class Submission:
+    """Messages whose outcome is reported to a hook instead of waited for.
+
+    The completion hook of ``publish_async`` and of the asyncio API: no
+    thread waits for these confirms.  ``on_settled(submission)`` runs exactly
+    once: when the last message settled (on the thread that settled it,
+    usually the one reading the connection, under the publisher's lock: it
+    must only hand off, as ``loop.call_soon_threadsafe`` or a queue put
+    does), or from :meth:`expire`.  Then :attr:`error` is what the blocking
+    ``publish_many`` would have raised (None: every message was confirmed).
+    """
+
+    __slots__ = ("_publisher", "pendings", "deadline", "_on_settled", "_left", "_lock", "settled", "error",
+                 "started")
+
+    def __init__(self, publisher: Publisher, pendings: list[_Pending], deadline: Deadline,
+                 on_settled: Callable[["Submission"], None]) -> None:
+        self._publisher = publisher
+        self.pendings = pendings
+        self.deadline = deadline
+        self._on_settled = on_settled
+        self._left = len(pendings) + 1  # + 1 for start(): nothing is reported before submit() returned
+        self._lock = threading.Lock()
+        self.settled = False
+        self.error: Optional[BaseException] = None
+        self.started = now()
+        for pending in pendings:
+            pending.on_done = self._one_done
+
+    def start(self) -> None:
+        """Submitted: from now on the last settlement reports."""
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self._finish(None)
+
+    def _one_done(self, pending: _Pending) -> None:
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self._finish(None)
+
+    def _finish(self, timeout: Optional[BaseException]) -> bool:
+        with self._lock:
+            if self.settled:
+                return False
+            self.settled = True
+        self.error = timeout if timeout is not None else _first_error(self.pendings)
+        self._on_settled(self)
+        return True
+
+    def expire(self) -> None:
+        """The deadline passed: the first unsettled message's :class:`PublishTimeout`; the rest are forgotten."""
+        total = len(self.pendings)
+        for index, pending in enumerate(self.pendings):
+            if pending.outcome is None:
+                if self._finish(_timeout_error(pending, self.deadline, index, total, self._publisher._missing())):
+                    self._publisher.forget_all(self.pendings)
+                return
+
+    def cancel(self) -> None:
+        """Its caller is gone: nothing is reported; unsettled messages are forgotten (never published again)."""
+        with self._lock:
+            if self.settled:
+                return
+            self.settled = True
+        self._publisher.forget_all(self.pendings)
+
+    def record(self) -> None:
+        """Count the outcomes in the manager's metrics (on the caller's side, never the reading thread)."""
+        self._publisher.metrics.publish_ended(self.pendings, self.started, self.deadline)
+
+
+#: One message's fate, as reported to ``publish_many(report=...)``: the error
+#: the blocking call raises for it (None: confirmed) and when it settled
+#: (``time.monotonic()``; None if it never did).
+Outcome = tuple[Optional[BaseException], Optional[float]]
+
+
+def _outcomes(encoded: list[_Pending], batch: list[_Pending], deadline: Deadline, missing: str) -> list[Outcome]:
+    """Each encoded message's outcome; one never admitted (the batch failed first) reports that error."""
+    total = len(encoded)
+    admitted = {id(pending) for pending in batch}
+    found: list[Outcome] = []
+    for index, pending in enumerate(encoded):
+        if pending.outcome is None:
+            error: Optional[BaseException] = (
+                _timeout_error(pending, deadline, index, total, missing) if id(pending) in admitted
+                else Disconnected(f"the batch failed before this message was sent (message {index} of {total})"))
+            found.append((error, None))
+            continue
+        try:
+            _raise_for(pending, index, total)
+            found.append((None, pending.settled_at or now()))
+        except Exception as exc:  # noqa: BLE001 - reported, as the blocking call raises it
+            found.append((exc, pending.settled_at or now()))
+    return found
+
+
+def _first_error(pendings: list[_Pending]) -> Optional[BaseException]:
+    total = len(pendings)
+    for index, pending in enumerate(pendings):
+        try:
+            _raise_for(pending, index, total)
+        except Exception as exc:  # noqa: BLE001 - handed to the caller as the blocking call raises it
+            return exc
+    return None
+
+
+def _timeout_error(pending: _Pending, deadline: Deadline, index: int, total: int, missing: str) -> PublishTimeout:
+    return PublishTimeout(
+        f"no confirm from the broker within {deadline.timeout}s"
+        + ("; the message was written and may have been stored" if pending.written
+           else f"; the message was never sent ({missing})")
+        + (f" (message {index} of {total})" if total > 1 else ""),
+        outcome="unknown" if pending.written else "not_sent",
+    )
 
 
 def _culprits(error: BaseException, unsettled: list[_Pending]) -> list[_Pending]:
@@ -549,11 +902,21 @@ def _raise_for(pending: _Pending, index: int, total: int) -> None:
         raise Disconnected(f"{pending.detail} before the broker confirmed the message{which}{written}",
                            pending.error)
     if pending.outcome == "blocked":
-        raise Blocked(f"{pending.error}; the message was never sent{which}")
+        written = "; the message was written and may have been stored" if pending.written else \
+            "; the message was never sent"
+        raise Blocked(f"{pending.error}{written}{which}")
     if pending.outcome == "nack":
         raise Nacked(f"the broker refused the message (basic.nack){which}")
     if pending.outcome == "returned":
         raise Unroutable(f"unroutable mandatory message{which}: {pending.detail}")
+    if pending.outcome == "unknown":
+        raise OutcomeUnknown(
+            f"{pending.detail} after the message was written and before the broker confirmed it{which}; "
+            "it may or may not have been stored, and is not published again (republish=False)"
+        )
+    if pending.outcome == "failed":
+        assert pending.error is not None
+        raise pending.error
     if pending.outcome == "rejected":
         error = pending.error
         code = int(getattr(error, "reply_code", 0) or 0)

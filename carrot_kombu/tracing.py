@@ -14,9 +14,8 @@ library's own code and pays nothing.
   ``Blocked``, a ``TypeError`` for a message that cannot be sent...).  The
   span's context goes into the message headers through the configured
   propagator (``traceparent``, ``tracestate`` with the default one).
-  A batch of several messages shares one span and one context: the headers
-  are one mapping for the whole batch, and the error ``publish_many`` raises
-  names one message, so the batch is what can be reported.
+  A batch of several messages is one span per message, each carried by its
+  message and ended at that message's own confirm with its own outcome.
 * ``consume``: the callback is wrapped in a ``CONSUMER`` span named
   ``process <queue>``, child of the context extracted from
   ``message.headers`` (the producer's span), current while the callback runs.
@@ -33,8 +32,10 @@ instrumentation alone.
 from __future__ import annotations
 
 import functools
+import logging
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Iterable, Mapping
 from typing import Any, Callable, Optional, Union
 
 try:
@@ -67,7 +68,12 @@ _ERROR_TYPE = "error.type"
 
 Callback = Callable[[Any, Any], Any]
 
+logger = logging.getLogger("carrot_kombu")
+
 _CONFIRMED = Status(StatusCode.OK)
+
+#: Iterables ``publish_many`` refuses as a batch (one message, not a list of them).
+_NOT_A_BATCH = (str, bytes, bytearray, memoryview, Mapping)
 
 
 _lock = threading.Lock()
@@ -89,6 +95,8 @@ def instrument(tracer_provider: Optional[trace.TracerProvider] = None) -> None:
         tracer_provider: Where spans go; ``None``: OpenTelemetry's global one.
     """
     global _tracer
+    if tracer_provider is not None and not callable(getattr(tracer_provider, "get_tracer", None)):
+        raise TypeError(f"tracer_provider must be an OpenTelemetry TracerProvider, got {type(tracer_provider).__name__}")
     tracer = trace.get_tracer("carrot_kombu", __version__, tracer_provider)
     with _lock:
         _tracer = tracer
@@ -130,8 +138,6 @@ def _traced_publish_many(original: Callable[..., None]) -> Callable[..., None]:
         if tracer is None:
             original(self, bodies, exchange=exchange, routing_key=routing_key, headers=headers, **options)
             return
-        # Counted first (a generator is consumed here once and handed on as a list).
-        bodies = list(bodies)
         name = getattr(exchange, "name", exchange)
         destination = name if name else routing_key  # the default exchange routes by the key alone
         attributes: dict[str, Union[str, int]] = {
@@ -141,19 +147,32 @@ def _traced_publish_many(original: Callable[..., None]) -> Callable[..., None]:
             _DESTINATION: destination if isinstance(destination, str) else str(destination),
             _ROUTING_KEY: routing_key if isinstance(routing_key, str) else str(routing_key),
         }
-        if len(bodies) != 1:
-            attributes[_BATCH_COUNT] = len(bodies)
         message_id = options.get("message_id")
         if message_id is not None:
             attributes[_MESSAGE_ID] = str(message_id)
-        span = tracer.start_span(_span_name("publish", attributes[_DESTINATION]), kind=SpanKind.PRODUCER,
-                                 attributes=attributes)
+        name_of_span = _span_name("publish", attributes[_DESTINATION])
+        if isinstance(bodies, Iterable) and not isinstance(bodies, (_NOT_A_BATCH, list, tuple)):
+            # A generator is consumed here once (and handed on as a list); one
+            # that raises is a failed publish too.
+            try:
+                bodies = list(bodies)
+            except BaseException as exc:
+                failed = tracer.start_span(name_of_span, kind=SpanKind.PRODUCER, attributes=attributes)
+                _failed(failed, exc)
+                failed.end()
+                raise
+        if isinstance(bodies, (list, tuple)) and len(bodies) > 1 and (headers is None or isinstance(headers, Mapping)):
+            _publish_each(self, tracer, name_of_span, attributes, bodies, exchange, routing_key, headers, options)
+            return
+        if isinstance(bodies, (list, tuple)) and not bodies:
+            attributes[_BATCH_COUNT] = 0
+        span = tracer.start_span(name_of_span, kind=SpanKind.PRODUCER, attributes=attributes)
         # attach/detach rather than trace.use_span(): the same, without a generator per call.
         token = context.attach(trace.set_span_in_context(span))
         try:
             if headers is None or isinstance(headers, Mapping):
                 headers = _with_context(headers)
-            # else: the original names the bad field; the span records it
+            # else: the original names the bad field (or a batch that is one message); the span records it
             original(self, bodies, exchange=exchange, routing_key=routing_key, headers=headers, **options)
         except BaseException as exc:
             _failed(span, exc)
@@ -167,15 +186,57 @@ def _traced_publish_many(original: Callable[..., None]) -> Callable[..., None]:
     return publish_many
 
 
-def _with_context(headers: Optional[Mapping[str, Any]]) -> dict[str, Any]:
-    """A copy of ``headers`` with the current context injected, unless they already carry one."""
+def _with_context(headers: Optional[Mapping[str, Any]], ctx: Optional[context.Context] = None) -> dict[str, Any]:
+    """A copy of ``headers`` with ``ctx`` (default: the current context) injected, unless they already carry one."""
     carrier = dict(headers) if headers else {}
     propagator = propagate.get_global_textmap()
     if not (carrier and _fields_of(propagator).intersection(carrier)):
         # The caller's (or Celery's) propagation fields are kept whole: mixing
         # their traceparent with our tracestate would make a context nobody sent.
-        propagator.inject(carrier)
+        propagator.inject(carrier, context=ctx)
     return carrier
+
+
+def _publish_each(manager: ConnectionManager, tracer: trace.Tracer, name: str, attributes: dict[str, Union[str, int]],
+                  bodies: Union[list[Any], tuple[Any, ...]], exchange: Any, routing_key: str,
+                  headers: Optional[Mapping[str, Any]], options: dict[str, Any]) -> None:
+    """A batch: one PRODUCER span per message, each ended at that message's own confirm with its own outcome.
+
+    The batch is still published as one (checked first, written together,
+    confirms awaited together); each message carries its own span's context.
+    """
+    total = len(bodies)
+    spans = [tracer.start_span(name, kind=SpanKind.PRODUCER, attributes={**attributes, _BATCH_COUNT: total})
+             for _ in range(total)]
+    reported: list[bool] = []
+
+    def report(outcomes: list[tuple[Optional[BaseException], Optional[float]]]) -> None:
+        # Monotonic settle times to the wall clock the spans use.
+        offset = time.time_ns() - int(time.monotonic() * 1e9)
+        for span, (error, settled_at) in zip(spans, outcomes):
+            if error is None:
+                span.set_status(_CONFIRMED)
+            else:
+                _failed(span, error)
+            span.end(end_time=None if settled_at is None else offset + int(settled_at * 1e9))
+        reported.append(True)
+
+    try:
+        each = [_with_context(None, trace.set_span_in_context(span)) for span in spans]
+        manager._publish_many(
+            bodies, exchange=exchange, routing_key=routing_key, headers=headers,
+            serializer=options.pop("serializer", None), mandatory=options.pop("mandatory", False),
+            timeout=options.pop("timeout", 30.0), republish=options.pop("republish", True), properties=options,
+            headers_each=None if headers and _fields_of(propagate.get_global_textmap()).intersection(headers)
+            else each,
+            report=report,
+        )
+    except BaseException as exc:
+        if not reported:  # refused before anything was sent (a bad argument, the manager stopped...)
+            for span in spans:
+                _failed(span, exc)
+                span.end()
+        raise
 
 
 _fields_cache: tuple[object, frozenset[str]] = (None, frozenset())
@@ -212,30 +273,11 @@ def _traced_callback(queue: Any, callback: Callback) -> Callback:
         tracer = _tracer
         if tracer is None:
             return callback(body, message)
-        headers = getattr(message, "headers", None)
-        parent = propagate.extract(headers) if isinstance(headers, Mapping) and headers else None
-        info = getattr(message, "delivery_info", None) or {}
-        exchange = info.get("exchange") or ""
-        routing_key = info.get("routing_key") or ""
-        attributes: dict[str, Union[str, int]] = {
-            _SYSTEM: "rabbitmq",
-            _OPERATION_TYPE: "process",
-            _OPERATION_NAME: "process",
-            _DESTINATION: exchange or routing_key,
-            _ROUTING_KEY: routing_key,
-            _SUBSCRIPTION: queue_name,
-        }
-        message_id = (getattr(message, "properties", None) or {}).get("message_id")
-        if message_id is not None:
-            attributes[_MESSAGE_ID] = str(message_id)
-        tag = getattr(message, "delivery_tag", None)
-        if isinstance(tag, int):
-            attributes[_DELIVERY_TAG] = tag
-        raw = getattr(message, "body", None)
-        if isinstance(raw, (bytes, str)):
-            attributes[_BODY_SIZE] = len(raw)
-        span = tracer.start_span(_span_name("process", queue_name), context=parent, kind=SpanKind.CONSUMER,
-                                 attributes=attributes)
+        try:
+            span = _consumer_span(tracer, queue_name, message)
+        except Exception:  # noqa: BLE001 - tracing must never cost a delivery
+            logger.debug("could not start the consumer span for a message of %r", queue_name, exc_info=True)
+            return callback(body, message)
         token = context.attach(trace.set_span_in_context(span))
         try:
             return callback(body, message)
@@ -247,6 +289,57 @@ def _traced_callback(queue: Any, callback: Callback) -> Callback:
             span.end()
 
     return traced
+
+
+def _consumer_span(tracer: trace.Tracer, queue_name: str, message: Any) -> trace.Span:
+    """The CONSUMER span of one delivery, child of the context its headers carry (if they parse)."""
+    parent = _extracted(getattr(message, "headers", None))
+    info = getattr(message, "delivery_info", None) or {}
+    exchange = info.get("exchange") or ""
+    routing_key = info.get("routing_key") or ""
+    attributes: dict[str, Union[str, int]] = {
+        _SYSTEM: "rabbitmq",
+        _OPERATION_TYPE: "process",
+        _OPERATION_NAME: "process",
+        _DESTINATION: exchange or routing_key,
+        _ROUTING_KEY: routing_key,
+        _SUBSCRIPTION: queue_name,
+    }
+    message_id = (getattr(message, "properties", None) or {}).get("message_id")
+    if message_id is not None:
+        attributes[_MESSAGE_ID] = str(message_id)
+    tag = getattr(message, "delivery_tag", None)
+    if isinstance(tag, int):
+        attributes[_DELIVERY_TAG] = tag
+    raw = getattr(message, "body", None)
+    if isinstance(raw, (bytes, str)):
+        attributes[_BODY_SIZE] = len(raw)
+    return tracer.start_span(_span_name("process", queue_name), context=parent, kind=SpanKind.CONSUMER,
+                             attributes=attributes)
+
+
+def _extracted(headers: Any) -> Optional[context.Context]:
+    """The context in a delivery's headers; None if there is none or it does not parse.
+
+    Any producer may send any header: only text values are offered to the
+    propagator (bytes decoded as UTF-8), and a propagator that fails on them
+    gives a root span, never a lost delivery.
+    """
+    if not isinstance(headers, Mapping) or not headers:
+        return None
+    carrier: dict[str, str] = {}
+    for key, value in headers.items():
+        if isinstance(value, (bytes, bytearray)):
+            value = bytes(value).decode("utf-8", "replace")
+        if isinstance(key, str) and isinstance(value, str):
+            carrier[key] = value
+    if not carrier:
+        return None
+    try:
+        return propagate.extract(carrier)
+    except Exception:  # noqa: BLE001 - a malformed context is no context
+        logger.debug("ignored a trace context that does not parse", exc_info=True)
+        return None
 
 
 def _span_name(operation: str, destination: object) -> str:

@@ -63,7 +63,12 @@ logger = logging.getLogger("carrot_kombu")
 #: Transport options that configure the process's manager (not py-amqp).
 MANAGER_OPTIONS = TRANSPORT_MANAGER_OPTIONS
 #: Transport options that belong to one kombu connection.
-CONNECTION_OPTIONS = ("confirm_publish", "confirm_timeout")
+CONNECTION_OPTIONS = ("confirm_publish", "confirm_timeout", "default_prefetch_count")
+#: The prefetch a kombu consumer that acks gets when its channel never set one
+#: (``basic_qos``): without it the broker pushes the whole backlog, which
+#: py-amqp leaves in the socket (TCP back-pressure) but the manager's reader
+#: would queue in memory.  As ``ConnectionManager.consume()``'s default; 0 = none.
+DEFAULT_PREFETCH_COUNT = 100
 #: Default pool size of a transport's manager: Celery keeps a channel per
 #: pooled producer connection, plus the worker's consumers, pidbox, results.
 DEFAULT_POOL_LIMIT = 256
@@ -86,11 +91,21 @@ class _Entry:
         self.views: "weakref.WeakSet[VirtualConnection]" = weakref.WeakSet()
         self.used_at = time.monotonic()
 
+    def due(self) -> Optional[float]:
+        """When this manager may be retired (monotonic), or None while a kombu connection is open."""
+        if any(not view._closed for view in list(self.views)):
+            return None
+        return self.used_at + IDLE_GRACE
+
     def idle(self, now: float) -> bool:
-        return now - self.used_at >= IDLE_GRACE and not any(not view._closed for view in list(self.views))
+        due = self.due()
+        return due is not None and now >= due
 
 
 _janitor: Optional[threading.Thread] = None
+#: Set when a kombu connection closes: the janitor looks again at once instead
+#: of finishing a sleep computed when every connection was still open.
+_janitor_wake = threading.Event()
 
 
 def _start_janitor() -> None:
@@ -104,7 +119,6 @@ def _start_janitor() -> None:
 def _retire_idle() -> None:
     global _janitor
     while True:
-        time.sleep(max(0.05, min(IDLE_GRACE / 2, 5.0)))
         now = time.monotonic()
         with _registry_lock:
             idle = [key for key, entry in _registry.items() if entry.idle(now)]
@@ -112,6 +126,7 @@ def _retire_idle() -> None:
             done = not _registry
             if done:
                 _janitor = None
+            dues = [due for due in (entry.due() for entry in _registry.values()) if due is not None]
         for manager in retired:
             try:
                 manager.stop(timeout=5.0)
@@ -119,6 +134,10 @@ def _retire_idle() -> None:
                 logger.debug("ignored error while retiring an idle transport manager", exc_info=True)
         if done:
             return
+        # Until the first manager falls due (a close wakes us sooner); at most
+        # 5 s, so a changed IDLE_GRACE or a clock step is seen soon enough.
+        _janitor_wake.wait(max(0.05, min(min(dues, default=now + 5.0) - now, 5.0)))
+        _janitor_wake.clear()
 
 
 #: After a worker's consuming connection was lost, establishing *on the thread
@@ -156,6 +175,34 @@ def _may_wait(status: Any, consumer_reconnecting: bool) -> bool:
     return status.state is ConnectionState.DISCONNECTED and status.attempts == 0
 
 
+def _wait_for_view(manager: ConnectionManager, timeout: float) -> ConnectionView:
+    """The manager's live connection, waiting for it while :func:`_may_wait` says so (at most ``timeout``).
+
+    Raises:
+        BrokerUnavailable, AccessRefused, NotAllowed: None (see :func:`_establish_error`).
+    """
+    lost_at = _consumer_lost_at.get((id(manager), threading.get_ident()))
+    consumer = lost_at is not None and time.monotonic() - lost_at < CONSUMER_RECONNECT_WINDOW
+    if consumer:
+        # A worker's consuming connection was lost: this is most likely
+        # Celery reconnecting it.  Waiting here for the manager (which
+        # reconnects on its own, ~0.3 s after the broker is back) costs
+        # the broker nothing, unlike Celery's retry schedule (2, 4, 6 s...).
+        timeout = max(timeout, CONSUMER_WAIT)
+    deadline = Deadline.after(timeout)
+    while True:
+        try:
+            return manager.connection(timeout=0)
+        except Disconnected as down:
+            status = manager.status()
+            if deadline.expired() or not _may_wait(status, consumer):
+                raise _establish_error(down, status) from None
+            try:
+                return manager.connection(timeout=deadline.within(0.25))
+            except Disconnected:
+                continue
+
+
 #: The broker URLs of a kombu connection, without the ``carrot+`` prefix.
 _urls = connection_urls
 _with_connection_credentials = with_connection_credentials
@@ -164,9 +211,26 @@ _with_connection_credentials = with_connection_credentials
 def _key(client: Any) -> tuple[Any, ...]:
     ssl = client.ssl
     ssl_key = tuple(sorted((k, repr(v)) for k, v in ssl.items())) if isinstance(ssl, dict) else bool(ssl)
-    options = client.transport_options or {}
-    managed = tuple(sorted((k, repr(options[k])) for k in MANAGER_OPTIONS if k in options))
-    return (os.getpid(), tuple(_urls(client)), ssl_key, managed)
+    # Everything that shapes the AMQP connection: the manager's options and
+    # py-amqp's (``client_properties``...).  Two kombu connections that differ
+    # there get two AMQP connections, as on ``pyamqp://``; sharing one would
+    # silently apply the first one's settings to both.
+    managed, amqp_options = _split_options(client)
+    shaping = tuple(sorted((k, repr(v)) for k, v in {**managed, **amqp_options}.items()))
+    return (os.getpid(), tuple(_urls(client)), ssl_key, shaping)
+
+
+#: Transport options that are kombu's or Celery's retry settings, not py-amqp arguments.
+_RETRY_OPTIONS = ("max_retries", "interval_start", "interval_step", "interval_max", "retry_policy")
+
+
+def _split_options(client: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A kombu connection's transport options: (the manager's, py-amqp's)."""
+    options = dict(client.transport_options or {})
+    managed = {k: options.pop(k) for k in MANAGER_OPTIONS if k in options}
+    for key in CONNECTION_OPTIONS + _RETRY_OPTIONS:
+        options.pop(key, None)
+    return managed, options
 
 
 def manager_for_connection(client: Any) -> ConnectionManager:
@@ -196,13 +260,7 @@ def _opened(manager: ConnectionManager, view: "VirtualConnection") -> None:
 
 
 def _build(client: Any) -> ConnectionManager:
-    options = dict(client.transport_options or {})
-    managed = {k: options.pop(k) for k in MANAGER_OPTIONS if k in options}
-    for key in CONNECTION_OPTIONS:
-        options.pop(key, None)
-    # kombu/Celery retry settings are not py-amqp arguments.
-    for key in ("max_retries", "interval_start", "interval_step", "interval_max", "retry_policy"):
-        options.pop(key, None)
+    managed, options = _split_options(client)
     ssl = client.ssl
     heartbeat = _heartbeat(client, managed.pop("heartbeat", None))
     manager = ConnectionManager(
@@ -287,6 +345,8 @@ class VirtualConnection:
         self.manager = manager
         self._view = view
         self.events: CallbackQueue = view.callback_queue()
+        #: Every callback queue this connection had (see _replace_if_unused): the finalizer closes them.
+        self._queues: list[CallbackQueue] = [self.events]
         self._leases: dict[int, Any] = {}
         #: Exclusive queues declared through this connection (deleted by close()).
         self._exclusive: set[str] = set()
@@ -294,16 +354,19 @@ class VirtualConnection:
         # is collected, its channels go back (py-amqp closes them with its
         # socket; here they would stay leased for the process's life).  Only
         # weak references lead back here from the channels (see channel()).
-        weakref.finalize(self, _collected, self._leases, self.events)
+        weakref.finalize(self, _collected, self._leases, self._queues)
         self._lock = threading.Lock()
         self._closed = False
         #: The loss was raised to kombu once: from now on kombu may re-establish.
         self.loss_reported = False
+        #: A channel was handed out: kombu holds something of this AMQP connection.
+        self._handed_out = False
         #: Registered with an event loop: this is a worker's consuming connection.
         self.in_event_loop = False
         options = self.client.transport_options or {}
         self.confirm_publish = bool(options.get("confirm_publish"))
         self.confirm_timeout = options.get("confirm_timeout")
+        self.default_prefetch_count = _prefetch_option(options.get("default_prefetch_count", DEFAULT_PREFETCH_COUNT))
 
     # -- what kombu and Celery read --------------------------------------------------------
 
@@ -351,7 +414,10 @@ class VirtualConnection:
 
         Raises:
             Disconnected: This connection is lost.
+            BrokerUnavailable: It was lost before it handed anything out,
+                and no other connection came within ``connect_timeout``.
         """
+        self._replace_if_unused()
         self.check()
         lease = self.manager.open_channel(timeout=float(self.client.connect_timeout or 5.0))
         if lease.generation != self._view.generation:
@@ -365,10 +431,45 @@ class VirtualConnection:
         if self.confirm_publish:
             chan.basic_publish = chan.basic_publish_confirm
         chan.queue_declare = self._recording_exclusive(chan.queue_declare)
+        if self.default_prefetch_count:
+            _bound_consumers(chan, self.default_prefetch_count)
         with self._lock:
             self._leases[id(chan)] = lease
+            self._handed_out = True
         self._view.adopt(chan, self.events, lambda chan: _call_if_alive(gone, chan))
         return chan
+
+    def _replace_if_unused(self) -> None:
+        """Move to the manager's next connection if this one died before it handed anything out.
+
+        kombu's ``ensure`` (``Producer.publish(retry=True)``, Celery's
+        publish retry policy) establishes a connection, then opens its
+        default channel outside its retry block.  On ``pyamqp://`` that
+        connection is new; here it is the manager's, which may be dying at
+        that moment (lost, not yet noticed when it was handed out).  Nothing
+        of it reached kombu yet (no channel, no event loop, no loss raised),
+        so nothing is lost by moving on: this waits for the next connection
+        as establishing does (at most ``connect_timeout``; at once during an
+        outage).
+        """
+        dead = self._view
+        if dead.alive or self._closed or self._handed_out or self.in_event_loop or self.loss_reported:
+            return
+        view = _wait_for_view(self.manager, float(self.client.connect_timeout or 5.0))
+        try:
+            events = view.callback_queue()
+        except Disconnected as down:  # lost again already
+            raise _establish_error(down, self.manager.status()) from None
+        with self._lock:
+            replaced = self._view is dead and not self._handed_out
+            if replaced:
+                old, self.events, self._view = self.events, events, view
+                self._queues.append(events)
+        (old if replaced else events).close()
+        if replaced:
+            _mirror_endpoint(self.client, view)
+            logger.debug("carrot_kombu: a kombu connection lost before its first channel moved to generation %s",
+                         view.generation)
 
     def _recording_exclusive(self, declare: Any) -> Any:
         """``queue_declare`` that notes this connection's exclusive queues.
@@ -472,6 +573,7 @@ class VirtualConnection:
         if self._closed:
             return
         self._closed = True
+        _janitor_wake.set()
         with self._lock:
             leases = list(self._leases.values())
             self._leases.clear()  # the same dict: the finalizer holds it
@@ -516,13 +618,53 @@ def _mirror_endpoint(client: Any, endpoint: Any) -> None:
             return
 
 
+def _prefetch_option(value: Any) -> int:
+    """The ``default_prefetch_count`` transport option, checked.
+
+    Raises:
+        TypeError: Not an int.
+        ValueError: Out of AMQP's short range (0-65535).
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"transport option default_prefetch_count must be an int, got {type(value).__name__}")
+    if not 0 <= value <= 0xFFFF:
+        raise ValueError(f"transport option default_prefetch_count must be in 0..65535, got {value}")
+    return value
+
+
+def _bound_consumers(chan: Any, prefetch_count: int) -> None:
+    """A consumer that acks on a channel that never set a prefetch gets ``prefetch_count`` first.
+
+    Per consumer (``global=False``), as kombu's ``Consumer(prefetch_count=)``.
+    A channel that set its own QoS (``basic_qos``, even 0: Celery does) is
+    left alone; ``no_ack`` consumers are not bounded by any prefetch (the
+    broker ignores it for them).
+    """
+    basic_qos, basic_consume = chan.basic_qos, chan.basic_consume
+    chosen = [False]
+
+    def qos(*args: Any, **kwargs: Any) -> Any:
+        result = basic_qos(*args, **kwargs)
+        chosen[0] = True
+        return result
+
+    def consume(*args: Any, **kwargs: Any) -> Any:
+        no_ack = kwargs.get("no_ack", args[3] if len(args) > 3 else False)
+        if not no_ack and not chosen[0]:
+            basic_qos(0, prefetch_count, False)
+            chosen[0] = True
+        return basic_consume(*args, **kwargs)
+
+    chan.basic_qos, chan.basic_consume = qos, consume
+
+
 def _call_if_alive(method: "weakref.WeakMethod[Any]", chan: Any) -> None:
     bound = method()
     if bound is not None:
         bound(chan)
 
 
-def _collected(leases: dict[int, Any], events: CallbackQueue) -> None:
+def _collected(leases: dict[int, Any], queues: list[CallbackQueue]) -> None:
     """A kombu connection was dropped without ``close()``: its channels go back (any thread, never blocks).
 
     Its callback queue is closed too (two descriptors each, until EMFILE otherwise).
@@ -530,7 +672,8 @@ def _collected(leases: dict[int, Any], events: CallbackQueue) -> None:
     for lease in list(leases.values()):
         lease.abandon()
     leases.clear()
-    events.close()
+    for events in queues:
+        events.close()
 
 
 class _ConnectionView:
@@ -593,34 +736,14 @@ class Transport(base.Transport):  # type: ignore[misc]
         """
         manager = manager_for_connection(self.client)
         manager.start()
-        timeout = float(self.client.connect_timeout or 5.0)
-        lost_at = _consumer_lost_at.get((id(manager), threading.get_ident()))
-        consumer = lost_at is not None and time.monotonic() - lost_at < CONSUMER_RECONNECT_WINDOW
-        if consumer:
-            # A worker's consuming connection was lost: this is most likely
-            # Celery reconnecting it.  Waiting here for the manager (which
-            # reconnects on its own, ~0.3 s after the broker is back) costs
-            # the broker nothing, unlike Celery's retry schedule (2, 4, 6 s...).
-            timeout = max(timeout, CONSUMER_WAIT)
-        deadline = Deadline.after(timeout)
-        while True:
-            try:
-                view = manager.connection(timeout=0)
-            except Disconnected as down:
-                status = manager.status()
-                if deadline.expired() or not _may_wait(status, consumer):
-                    raise _establish_error(down, status) from None
-                try:
-                    view = manager.connection(timeout=deadline.within(0.25))
-                except Disconnected:
-                    continue
-            try:
-                _mirror_endpoint(self.client, view)
-                connection = VirtualConnection(self, manager, view)
-                _opened(manager, connection)
-                return connection
-            except Disconnected as down:
-                raise _establish_error(down, manager.status()) from None
+        view = _wait_for_view(manager, float(self.client.connect_timeout or 5.0))
+        try:
+            _mirror_endpoint(self.client, view)
+            connection = VirtualConnection(self, manager, view)
+            _opened(manager, connection)
+            return connection
+        except Disconnected as down:
+            raise _establish_error(down, manager.status()) from None
 
     def create_channel(self, connection: VirtualConnection) -> Any:
         return connection.channel()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ._timeouts import check_timeout
@@ -19,15 +20,20 @@ class CallbackQueue:
     The thread that reads the socket only queues (deliveries, ``on_return``);
     :meth:`drain` runs them on the calling thread, one at a time, in arrival
     order.  :meth:`fileno` is readable while something is queued (or the
-    connection died), for event loops.  :meth:`close` frees the descriptor.
+    connection died), for event loops.  :meth:`close` frees the descriptor;
+    so does the garbage collector for a queue dropped without it (a view of
+    a connection is easy to drop: its descriptors must not stay for ever).
     """
 
-    __slots__ = ("_queue", "_drop", "_closed")
+    __slots__ = ("_queue", "_closed", "_release", "__weakref__")
 
     def __init__(self, queue: Any, drop: Callable[[Any], None]) -> None:
         self._queue = queue
-        self._drop = drop
         self._closed = False
+        # Holds the raw queue and ``drop``, never this object: runs once, at
+        # close() or when this object is collected (any thread, never blocks).
+        self._release = weakref.finalize(self, drop, queue)
+        self._release.atexit = False  # the process ends anyway; never run before the managers stop
 
     def drain(self, timeout: Optional[float]) -> None:
         """Run the next queued callback, waiting up to ``timeout`` for one.
@@ -52,7 +58,7 @@ class CallbackQueue:
     def close(self) -> None:
         """Stop queueing here and close the descriptor (idempotent, any thread, never blocks)."""
         self._closed = True
-        self._drop(self._queue)
+        self._release()
 
     @property
     def raw(self) -> Any:

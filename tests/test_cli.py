@@ -283,6 +283,7 @@ def test_watch_bad_or_missing_url_exits_2(capsys, no_url_env):
     record = json.loads(out)
     assert record["event"] == "error" and record["fatal"] is True and "w-secret" not in out
     assert record["broker"] == "amqp://u:**@h:99999//"
+    assert record["state"] == "FAILED"  # one of the documented states, never null (red team 19.8)
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGTERM") or os.name != "posix", reason="POSIX signals")

@@ -30,7 +30,7 @@ class Timeline:
     """Events of a manager, in order, with the monotonic time each was posted."""
 
     def __init__(self, manager: ConnectionManager) -> None:
-        self.lock = threading.Lock()
+        self.lock = threading.Condition(threading.RLock())
         self.events: list[tuple[float, str, tuple[Any, ...]]] = []
         for name in ("connecting", "connected", "connect_failed", "disconnected"):
             manager.on(name, lambda *args, name=name: self._add(name, args))
@@ -38,9 +38,20 @@ class Timeline:
     def _add(self, name: str, args: tuple[Any, ...]) -> None:
         with self.lock:
             self.events.append((time.monotonic(), name, args))
+            self.lock.notify_all()
+
+    def wait_for(self, name: str, count: int, since: float = 0.0, timeout: float = 5) -> bool:
+        """Wait until ``count`` ``name`` events posted after ``since`` reached this listener.
+
+        Events reach listeners on the event thread, in order, a little after
+        the status changed: once the last expected one is here, every earlier
+        one is too.
+        """
+        with self.lock:
+            return self.lock.wait_for(lambda: self.names(since).count(name) >= count, timeout)
 
     def names(self, since: float = 0.0) -> list[str]:
-        with self.lock:
+        with self.lock:  # reentrant (a Condition over an RLock): wait_for's predicate calls this
             return [name for t, name, _ in self.events if t >= since]
 
 
@@ -68,6 +79,7 @@ def start_on_first(brokers: list[FakeBroker], **options: Any) -> tuple[Connectio
     manager.start()
     peer = brokers[0].accept()
     assert manager.wait_connected(5)
+    assert timeline.wait_for("connected", 1)  # not counted after the loss by a late delivery
     manager.publish(b"before", routing_key="q", timeout=5)
     return manager, peer, timeline
 
@@ -93,6 +105,7 @@ def test_a_node_answering_541_to_connection_open_is_left_for_the_next_at_once() 
         assert wait_on(manager, c), manager.status()
         took = time.monotonic() - lost_at
         manager.publish(b"after", routing_key="q", timeout=5)
+        assert timeline.wait_for("connected", 1, lost_at), timeline.names(lost_at)
         assert timeline.names(lost_at).count("connecting") == 2
         assert "connect_failed" not in timeline.names(lost_at)  # no backoff wait was even considered
         assert took < SLOW.min / 2, f"{took:.2f}s to reach the third node"
@@ -116,6 +129,7 @@ def test_a_node_answering_541_to_the_first_channel_open_is_left_for_the_next_at_
         assert wait_on(manager, c), manager.status()
         took = time.monotonic() - lost_at
         manager.publish(b"after", routing_key="q", timeout=5)
+        assert timeline.wait_for("connected", 1, lost_at), timeline.names(lost_at)
         assert "connect_failed" not in timeline.names(lost_at)
         assert took < SLOW.min / 2, f"{took:.2f}s to reach the third node"
     finally:
@@ -139,6 +153,7 @@ def test_a_node_that_closes_a_new_connection_with_541_is_left_for_the_next_at_on
         assert wait_on(manager, c), manager.status()
         took = time.monotonic() - lost_at
         manager.publish(b"after", routing_key="q", timeout=5)
+        assert timeline.wait_for("connected", 2, lost_at), timeline.names(lost_at)
         assert timeline.names(lost_at).count("disconnected") == 2
         assert took < SLOW.min / 2, f"{took:.2f}s to reach the third node"
     finally:
@@ -164,6 +179,7 @@ def test_when_no_other_node_is_up_a_node_still_starting_is_tried_again_soon_not_
         manager.start()
         peer = x.accept()
         assert manager.wait_connected(5)
+        assert timeline.wait_for("connected", 1)
         x.options = replace(x.options, manual=frozenset({"connection.open"}))
         lost_at = time.monotonic()
         peer.drop()
@@ -173,6 +189,7 @@ def test_when_no_other_node_is_up_a_node_still_starting_is_tried_again_soon_not_
         assert wait_on(manager, x), manager.status()
         took = time.monotonic() - lost_at
         manager.publish(b"after", routing_key="q", timeout=5)
+        assert timeline.wait_for("connected", 1, lost_at), timeline.names(lost_at)
         assert timeline.names(lost_at).count("connect_failed") == 1  # one failed round, reported
         assert took < SLOW.min / 2, f"{took:.2f}s to use the node again"
     finally:

@@ -6,7 +6,6 @@ all run; the test decides what the broker answers.
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any, Iterator
 
@@ -23,6 +22,7 @@ from carrot_kombu import (
     Rejected,
 )
 from tests.fakebroker import FakeBroker, Peer
+from tests.support import in_background
 
 
 @pytest.fixture
@@ -76,26 +76,14 @@ def test_an_ack_of_a_tag_never_sent_costs_what_is_outstanding_not_the_tag(broker
         manager.publish(b"first", routing_key="q", timeout=5)  # the confirm channel exists
         channel = peer.published[-1].channel
         peer.set_confirms(None)  # withheld: the next publish waits for our hostile ack
-        done = threading.Event()
-        errors: list[BaseException] = []
-
-        def publish() -> None:
-            try:
-                manager.publish(b"second", routing_key="q", timeout=5)
-            except BaseException as exc:  # noqa: BLE001 - reported below
-                errors.append(exc)
-            finally:
-                done.set()
-
-        worker = threading.Thread(target=publish)
-        worker.start()
+        worker = in_background(lambda: manager.publish(b"second", routing_key="q", timeout=5), "publish")
         peer.wait_for(lambda: len(peer.published) == 2)
-        wall, cpu = cpu_seconds_of(lambda: (peer.send_method(channel, "basic.ack", 2**64 - 1, True), done.wait(5)))
-        assert done.is_set() and not errors, errors
+        wall, cpu = cpu_seconds_of(lambda: (peer.send_method(channel, "basic.ack", 2**64 - 1, True),
+                                            worker.done.wait(5)))
+        worker.result(0)  # confirmed: it raises nothing
         assert wall < 2 and cpu < 1, (wall, cpu)
         wall, _ = cpu_seconds_of(lambda: manager.stop(timeout=3))
         assert wall < 3.5
-        worker.join(5)
     finally:
         manager.stop(timeout=5)
 
@@ -218,3 +206,17 @@ def test_a_consumer_without_prefetch_holds_at_most_the_default_unacknowledged(br
         unlimited.cancel()
     finally:
         manager.stop(timeout=5)
+
+
+def test_a_publish_timeout_says_whether_the_connection_or_only_the_confirm_channel_was_missing():
+    """It said '(no connection)' while connected but without a confirm channel (17 red-team)."""
+    with FakeBroker(heartbeat=0, manual={"confirm.select"}) as broker:  # the confirm channel never opens
+        manager, _peer = connect(broker, reply_timeout=1.0)
+        try:
+            with pytest.raises(PublishTimeout) as caught:
+                manager.publish(b"x", routing_key="q", timeout=0.5)
+            assert "connected, but no confirm channel" in str(caught.value), caught.value
+            assert "no connection" not in str(caught.value)
+            assert caught.value.outcome == "not_sent"
+        finally:
+            manager.stop(timeout=5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import pathlib
@@ -10,6 +11,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
+from typing import Optional
 
 import kombu
 import pytest
@@ -225,8 +227,21 @@ def test_labels_connection_name_default_and_duplicates(registry, managers):
     anonymous = managers(start=False)
     labels = {dict(labels)["manager"] for name, labels in scrape(registry) if name == "carrot_kombu_connected"}
     seq = {m: m._core.metrics.sequence for m in (named, twin, anonymous)}
-    assert f"orders #{seq[named]}" in labels and f"orders #{seq[twin]}" in labels
+    assert "orders" in labels and f"orders #{seq[twin]}" in labels  # the first keeps the name
     assert any(re.fullmatch(rf"carrot_kombu pid=\d+ #{seq[anonymous]}", label) for label in labels)
+
+
+def test_a_label_is_kept_for_the_managers_life_and_never_shared(registry, managers):
+    """A series that changed its name mid-life broke rate(); one label for two managers merged them (red team 19.4)."""
+    first = managers(name="y")
+    first.publish(b"x", routing_key="q")
+    assert value(registry, "carrot_kombu_published_total", "y", outcome="confirmed") == 1
+    twin = managers(name="y")
+    managers(name=f"y #{twin._core.metrics.sequence}")  # another, literally named the twin's suffixed name
+    lines = [line for line in generate_latest(registry).decode().splitlines()
+             if line.startswith("carrot_kombu_connected{")]
+    assert len(lines) == len(set(lines)) == 3, lines  # no two series alike
+    assert value(registry, "carrot_kombu_published_total", "y", outcome="confirmed") == 1  # still "y"
 
 
 def test_the_connection_name_of_transport_options_labels_too(registry, managers):
@@ -290,6 +305,22 @@ def test_cli_metrics_prints_one_scrape_of_its_manager():
     assert {label for _name, label in samples} == {cli.METRICS_CONNECTION_NAME}
 
 
+def test_no_idle_channel_is_counted_once_the_manager_stopped(registry, managers):
+    manager = managers(name="stopping")
+    with manager.channel():
+        pass
+    assert value(registry, "carrot_kombu_pool_idle", "stopping") == 1
+    manager.stop()
+    assert value(registry, "carrot_kombu_pool_idle", "stopping") == 0  # was 1 (red team 19.11)
+    assert manager.status().pool.idle == 0
+
+
+@pytest.mark.parametrize("call", [metrics.register, metrics.unregister, metrics.instrument, metrics.uninstrument])
+def test_a_wrong_registry_or_provider_is_a_type_error_naming_it(call):
+    with pytest.raises(TypeError, match="registry|meter_provider"):
+        call(42)
+
+
 def test_cli_metrics_without_url_or_with_a_closed_port(capsys, monkeypatch):
     for name in ("CARROT_KOMBU_URL", "CELERY_BROKER_URL"):
         monkeypatch.delenv(name, raising=False)
@@ -325,6 +356,73 @@ def test_cli_metrics_scrapes_an_http_endpoint(registry, managers):
     printed = out.getvalue()
     assert 'carrot_kombu_connected{manager="served"} 1.0' in printed
     assert "other_metric" not in printed
+
+
+class _Endpoint:
+    """A metrics endpoint on a thread: answers ``body``, slowly if asked; records the Authorization header."""
+
+    def __init__(self, body: bytes, trickle: float = 0.0) -> None:
+        self.authorization: list[Optional[str]] = []
+        endpoint = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's name
+                endpoint.authorization.append(self.headers.get("Authorization"))
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.end_headers()
+                try:
+                    for line in body.splitlines(keepends=True):
+                        self.wfile.write(line)
+                        self.wfile.flush()
+                        if trickle:
+                            time.sleep(trickle)  # the misbehaving endpoint under test: one line at a time
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (what the timeout test wants)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_cli_metrics_sends_url_credentials_as_basic_auth_and_never_prints_them(registry, managers, capsys):
+    managers(name="served")
+    endpoint = _Endpoint(generate_latest(registry))
+    try:
+        out = io.StringIO()
+        assert cli.metrics(f"http://scraper:S3cret%40pw@127.0.0.1:{endpoint.port}/metrics", 5.0, out=out) == cli.EXIT_OK
+        assert endpoint.authorization == ["Basic " + base64.b64encode(b"scraper:S3cret@pw").decode()]
+        assert "S3cret" not in out.getvalue()
+    finally:
+        endpoint.close()
+    # Without a port (urllib took the password for one and crashed, printing it: red team 19.2).
+    out = io.StringIO()
+    assert cli.metrics("http://scraper:S3cretPW@127.0.0.1/metrics", 2.0, out=out) == cli.EXIT_UNREACHABLE
+    captured = capsys.readouterr()
+    assert "S3cretPW" not in out.getvalue() + captured.out + captured.err
+    assert out.getvalue().startswith("FAILED http://scraper:**@127.0.0.1/metrics")
+
+
+def test_cli_metrics_timeout_bounds_an_endpoint_that_trickles_its_answer(registry, managers):
+    managers(name="served")
+    endpoint = _Endpoint(generate_latest(registry), trickle=0.2)
+    try:
+        out = io.StringIO()
+        began = time.monotonic()
+        code = cli.metrics(f"http://127.0.0.1:{endpoint.port}/metrics", 1.0, out=out)
+        took = time.monotonic() - began
+    finally:
+        endpoint.close()
+    assert code == cli.EXIT_UNREACHABLE and "within" in out.getvalue(), out.getvalue()
+    assert took < 1.5, took  # red team 19.3: it ran for minutes
 
 
 def test_opentelemetry_sees_the_same_numbers(managers):

@@ -67,7 +67,7 @@ from tests.fakebroker import (
 
 SEED = int(os.environ.get("PEER_FUZZ_SEED", "17017"))
 TOTAL_CASES = int(os.environ.get("PEER_FUZZ_CASES", "2000"))
-SESSIONS = 4  # one per entry of CONFIGS
+SESSIONS = 8  # two per entry of CONFIGS: spread over the test workers
 CASES_PER_SESSION = max(1, -(-TOTAL_CASES // SESSIONS))
 CHECK_EVERY = 250  # cases between recovery + CPU checks
 

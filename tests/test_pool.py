@@ -61,6 +61,43 @@ def test_waiting_lease_is_woken_by_a_release(connected):
     got[0].release()
 
 
+def test_a_waiting_lease_is_served_while_other_threads_churn_the_pool(connected):
+    """Two threads releasing and leasing again in a loop took every freed slot first: the waiter
+    timed out after its whole timeout, however many channels were released meanwhile (red team 19.5).
+    Now whoever waits is served first."""
+    manager, _ = connected(pool_limit=2)
+    stop = threading.Event()
+    cycles = [0, 0]
+
+    def churn(index: int) -> None:
+        while not stop.is_set():
+            lease = manager.open_channel(timeout=10)
+            cycles[index] += 1
+            stop.wait(0.001)  # the lease is used for a moment: both slots are nearly always taken
+            lease.release()
+
+    churners = [threading.Thread(target=churn, args=(i,)) for i in range(2)]
+    for thread in churners:
+        thread.start()
+    try:
+        # Wait until both churn (no sleep-and-hope: the counters say it).
+        deadline = time.monotonic() + 5
+        while min(cycles) < 50 and time.monotonic() < deadline:
+            threading.Event().wait(0.01)
+        assert min(cycles) >= 50, cycles
+        for _ in range(5):
+            before = sum(cycles)
+            began = time.monotonic()
+            lease = manager.open_channel(timeout=3)  # raised PoolTimeout after 3 s, 5 times in 5
+            waited = time.monotonic() - began
+            lease.release()
+            assert waited < 2.5, (waited, sum(cycles) - before)
+    finally:
+        stop.set()
+        for thread in churners:
+            thread.join(10)
+
+
 def test_waiting_lease_gets_disconnected_when_the_connection_is_lost(connected, faults):
     manager, events = connected(pool_limit=1, backoff={"min": 5.0, "max": 5.0})
     held = manager.open_channel()

@@ -25,6 +25,7 @@ from carrot_kombu._pyamqp import ConnHooks, LinkOptions, SupervisedConnection
 from carrot_kombu.exceptions import Disconnected
 
 from .fakebroker import FakeBroker
+from .support import Worker
 
 #: Generous bound for things that normally take milliseconds.
 WAIT = 5.0
@@ -84,44 +85,6 @@ class Hooks:
             if not self.cond.wait_for(lambda: self.lost, timeout):
                 raise AssertionError(f"on_lost not called within {timeout}s")
             return self.lost[0]
-
-
-class Worker:
-    """A thread running ``fn``; :meth:`result` re-raises what it raised (bounded wait)."""
-
-    def __init__(self, fn: Callable[[], Any], name: str) -> None:
-        self.fn = fn
-        self.value: Any = None
-        self.error: Optional[BaseException] = None
-        self.finished_at: Optional[float] = None
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._run, name=f"pyamqp-test-{name}", daemon=True)
-
-    @property
-    def name(self) -> str:
-        return self.thread.name
-
-    def _run(self) -> None:
-        try:
-            self.value = self.fn()
-        except BaseException as exc:  # handed to the test by result()
-            self.error = exc
-        finally:
-            self.finished_at = time.monotonic()
-            self.done.set()
-
-    def result(self, timeout: float = WAIT) -> Any:
-        if not self.done.wait(timeout):
-            raise AssertionError(f"{self.name} did not finish within {timeout}s")
-        if self.error is not None:
-            raise self.error
-        return self.value
-
-    def exception(self, timeout: float = WAIT) -> BaseException:
-        if not self.done.wait(timeout):
-            raise AssertionError(f"{self.name} did not finish within {timeout}s")
-        assert self.error is not None, f"{self.name} returned {self.value!r} instead of raising"
-        return self.error
 
 
 class Harness:

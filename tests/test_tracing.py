@@ -41,6 +41,7 @@ from carrot_kombu import (  # noqa: E402
     tracing,
 )
 from tests.fakebroker import FakeBroker, Peer  # noqa: E402
+from tests.support import in_background  # noqa: E402
 
 
 @pytest.fixture
@@ -209,7 +210,7 @@ def test_the_callers_headers_are_copied_not_changed(spans, memory):
     assert headers["x-app"] == "1" and "traceparent" in headers
 
 
-def test_a_batch_is_one_span_whose_context_every_message_carries(spans, memory):
+def test_a_batch_is_one_span_per_message_each_carried_by_its_message(spans, memory):
     name = unique("trace")
     memory.declare(kombu.Queue(name))
     inbox = Inbox()
@@ -219,12 +220,33 @@ def test_a_batch_is_one_span_whose_context_every_message_carries(spans, memory):
         received = [inbox.next() for _ in range(3)]
     finally:
         consumer.cancel()
-    (producer,) = finished(spans, SpanKind.PRODUCER)
+    producers = finished(spans, SpanKind.PRODUCER, 3)
     processes = finished(spans, SpanKind.CONSUMER, 3)
     assert sorted(body for body, _, _ in received) == [b"a", b"b", b"c"]
-    assert producer.attributes["messaging.batch.message_count"] == 3
-    assert {headers["traceparent"] for _, headers, _ in received} == {traceparent_of(producer)}
-    assert {p.parent.span_id for p in processes} == {producer.context.span_id}
+    assert all(p.attributes["messaging.batch.message_count"] == 3 for p in producers)
+    assert all(p.status.status_code is StatusCode.OK for p in producers)
+    assert len({p.context.span_id for p in producers}) == 3
+    # Each message carries its own producer span's context; its consumer span is that span's child.
+    assert {headers["traceparent"] for _, headers, _ in received} == {traceparent_of(p) for p in producers}
+    assert {p.parent.span_id for p in processes} == {p.context.span_id for p in producers}
+
+
+def test_each_message_of_a_batch_ends_its_span_with_its_own_outcome(spans, fake):
+    manager, peer = fake
+    peer.set_confirms(None)  # answered one by one below
+    worker = in_background(lambda: manager.publish_many([b"fine", b"refused", b"also fine"], routing_key="q",
+                                                        timeout=5), "publish_many")
+    peer.wait_for(lambda: len(peer.published) == 4)
+    batch = peer.published[-3:]
+    for message in batch:
+        peer.confirm(message.channel, message.delivery_tag, nack=message.body == b"refused")
+    with pytest.raises(Nacked, match="message 1 of 3"):
+        worker.result(5)
+    producers = [p for p in finished(spans, SpanKind.PRODUCER, 4) if p.attributes.get("messaging.batch.message_count")]
+    status = {traceparent_of(p): p.status.status_code for p in producers}
+    sent = {m.body: m.properties["application_headers"]["traceparent"] for m in batch}
+    assert status[sent[b"fine"]] is StatusCode.OK and status[sent[b"also fine"]] is StatusCode.OK
+    assert status[sent[b"refused"]] is StatusCode.ERROR
 
 
 class _Custom(TextMapPropagator):
@@ -298,6 +320,54 @@ def test_a_message_that_cannot_be_sent_ends_its_span_in_error(spans, memory):
         memory.publish(b"x", routing_key="q", headers=["not", "a", "mapping"])
     (producer,) = finished(spans, SpanKind.PRODUCER)
     assert producer.status.status_code is StatusCode.ERROR
+
+
+@pytest.mark.parametrize("headers", [
+    {"traceparent": 12345},
+    {"traceparent": True},
+    {"traceparent": 1.5},
+    {"traceparent": b"00-not-a-context"},
+    {"traceparent": "garbage"},
+    {"baggage": 7},
+    {"baggage": b"k=v"},
+    {"tracestate": {"a": 1}},
+    {"traceparent": None, "baggage": [1, 2]},
+], ids=repr)
+def test_a_delivery_whose_headers_carry_no_valid_context_is_delivered_under_a_root_span(spans, memory, headers):
+    """Any producer may send any header: a context that does not parse never costs the delivery (red team 19.1)."""
+    name = unique("trace")
+    memory.declare(kombu.Queue(name))
+    inbox = Inbox()
+    consumer = memory.consume(name, inbox)
+    try:
+        memory.publish(b"x", routing_key=name, headers=headers)
+        body, got, current = inbox.next()
+        (process,) = finished(spans, SpanKind.CONSUMER)
+    finally:
+        consumer.cancel()
+    assert body == b"x" and got == headers
+    assert process.status.status_code is not StatusCode.ERROR
+    assert current.get_span_context().span_id == process.context.span_id
+
+
+def test_an_iterable_that_raises_is_a_failed_publish_span(spans, memory):
+    def bodies() -> Iterator[bytes]:
+        yield b"one"
+        raise ValueError("the source failed")
+
+    with pytest.raises(ValueError, match="the source failed"):
+        memory.publish_many(bodies(), routing_key="q")
+    (producer,) = finished(spans, SpanKind.PRODUCER)
+    assert producer.status.status_code is StatusCode.ERROR
+    assert producer.attributes["error.type"] == "ValueError"
+
+
+@pytest.mark.parametrize("bodies", ["hello", b"hello", {"a": 1}])
+def test_one_message_given_as_a_batch_is_refused_as_without_tracing(spans, memory, bodies):
+    with pytest.raises(TypeError, match="bodies"):
+        memory.publish_many(bodies, routing_key="q")
+    (producer,) = finished(spans, SpanKind.PRODUCER)
+    assert producer.attributes["error.type"] == "TypeError"
 
 
 def test_a_stopped_manager_publish_is_a_disconnected_error_span(spans):
@@ -394,6 +464,12 @@ def test_a_confirmed_publish_over_the_wire_is_ok_and_carries_its_context(spans, 
 
 
 # -- on and off ----------------------------------------------------------------------------------
+
+
+def test_a_wrong_tracer_provider_is_a_type_error_naming_it():
+    with pytest.raises(TypeError, match="tracer_provider"):
+        tracing.instrument(tracer_provider=42)
+    assert not tracing.instrumented()
 
 
 def test_uninstrument_puts_the_library_code_back(memory):

@@ -517,3 +517,69 @@ def test_qos_semantics_follow_the_broker_version(properties, matches):
         finally:
             conn.close()
             _retire(broker.port)
+
+
+@pytest.mark.parametrize(
+    "options, consumer, expected",
+    [
+        ({}, {}, [transport.DEFAULT_PREFETCH_COUNT]),  # a kombu consumer without QoS is bounded (17.5)
+        ({}, {"prefetch_count": 7}, [7]),  # the application's choice, once
+        ({}, {"no_ack": True}, []),  # the broker ignores a prefetch for no_ack consumers
+        ({"default_prefetch_count": 0}, {}, []),  # 0: unbounded, as kombu/py-amqp
+        ({"default_prefetch_count": 5}, {}, [5]),
+    ],
+)
+def test_a_consumer_without_qos_gets_the_default_prefetch(broker, options, consumer, expected):
+    conn, peer = connect(broker, transport_options=dict(FAST, **options))
+    try:
+        with kombu.Consumer(conn, queues=[kombu.Queue("jobs", no_declare=True)], **consumer):
+            consume = peer.expect("basic.consume")
+            qos = [m["prefetch_count"] for m in peer.received("basic.qos", channel=consume.channel)]
+            assert qos == expected
+            assert all(not m["a_global"] for m in peer.received("basic.qos", channel=consume.channel))
+    finally:
+        conn.close()
+
+
+def test_a_qos_of_zero_set_by_the_application_is_kept(broker):
+    """Celery sets its QoS itself, 0 included (``worker_prefetch_multiplier=0``): nothing is added."""
+    conn, peer = connect(broker, transport_options=FAST)
+    try:
+        chan = conn.channel()
+        chan.basic_qos(0, 0, False)
+        chan.basic_consume("jobs", callback=lambda msg: None)
+        peer.expect("basic.consume")
+        assert [m["prefetch_count"] for m in peer.received("basic.qos")] == [0]
+        chan.close()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("value, error", [("100", TypeError), (True, TypeError), (-1, ValueError), (70000, ValueError)])
+def test_a_bad_default_prefetch_count_names_the_option(broker, value, error):
+    conn = kombu.Connection(url_of(broker), transport_options=dict(FAST, default_prefetch_count=value))
+    with pytest.raises(error, match="default_prefetch_count"):
+        conn.connect()
+    conn.release()
+
+
+def test_client_properties_in_transport_options_reach_the_broker_per_kombu_connection(broker):
+    """Celery's ``broker_transport_options={"client_properties": ...}`` (17 red-team): applied, as on pyamqp://.
+
+    Two kombu connections that differ there get two AMQP connections: one
+    shared connection could carry only the first one's properties.
+    """
+    first, peer_a = connect(broker, transport_options=dict(FAST, client_properties={"connection_name": "a", "tag": 1}))
+    same = kombu.Connection(url_of(broker), transport_options=dict(FAST, client_properties={"connection_name": "a", "tag": 1}))
+    other = kombu.Connection(url_of(broker), transport_options=dict(FAST, client_properties={"connection_name": "b"}))
+    try:
+        same.connect()
+        assert same.connection.manager is first.connection.manager  # the same settings share one
+        other.connect()
+        peer_b = broker.accept()
+        assert other.connection.manager is not first.connection.manager
+        props = {peer.start_ok[0]["connection_name"]: peer.start_ok[0] for peer in (peer_a, peer_b)}
+        assert set(props) == {"a", "b"} and props["a"]["tag"] == 1
+    finally:
+        for conn in (first, same, other):
+            conn.close()

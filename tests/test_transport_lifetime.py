@@ -14,6 +14,7 @@ import pytest
 import carrot_kombu  # noqa: F401 - registers carrot+amqp://
 from carrot_kombu import ConnectionState, transport
 from tests.fakebroker import FakeBroker
+from tests.support import wait_until
 
 
 @pytest.fixture
@@ -33,14 +34,6 @@ def _entry_for(url: str) -> transport._Entry:
     return found[0]
 
 
-def _wait(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return bool(predicate())
-
 
 def test_kombu_connections_dropped_without_close_leak_no_descriptor(broker):
     url = f"carrot+amqp://guest:guest@127.0.0.1:{broker.port}//?heartbeat=0"
@@ -55,7 +48,7 @@ def test_kombu_connections_dropped_without_close_leak_no_descriptor(broker):
             conn.default_channel  # noqa: B018 - a leased channel too
             del conn
         gc.collect()
-        assert _wait(lambda: _fds() - before < 10), (before, _fds())
+        assert wait_until(lambda: _fds() - before < 10), (before, _fds())
     finally:
         keep.close()
 
@@ -73,11 +66,11 @@ def test_a_manager_no_kombu_connection_uses_is_stopped_after_the_grace(broker, m
         chan.queue_declare("jobs")
         assert not entry.idle(time.monotonic() + 10)  # open: never idle
     conn.close()
-    assert _wait(lambda: manager.state is ConnectionState.STOPPED), manager.status()
+    assert wait_until(lambda: manager.state is ConnectionState.STOPPED), manager.status()
     with transport._registry_lock:
         assert entry not in transport._registry.values()
     peer.wait_closed()  # closed politely, not dropped
-    assert _wait(lambda: threading.active_count() <= threads_before), threading.enumerate()
+    assert wait_until(lambda: threading.active_count() <= threads_before), threading.enumerate()
     again = kombu.Connection(url)  # a later use gets a new manager
     try:
         again.connect()
@@ -99,3 +92,27 @@ def test_an_open_connection_keeps_its_manager(broker, monkeypatch):
             chan.queue_declare("jobs")
     finally:
         conn.close()
+
+
+def test_callback_queues_dropped_without_close_give_their_descriptors_back(broker):
+    """A ``ConnectionView.callback_queue()`` an integration forgets to close: its pipe goes with it (17 red-team)."""
+    from carrot_kombu import ConnectionManager
+
+    manager = ConnectionManager(f"amqp://guest:guest@127.0.0.1:{broker.port}//?heartbeat=0")
+    manager.start(wait=5)
+    try:
+        view = manager.connection(timeout=5)
+        gc.collect()
+        before = _fds()
+        queues = [view.callback_queue() for _ in range(50)]
+        assert _fds() - before >= 50  # a pipe each (2 descriptors)
+        del queues
+        gc.collect()
+        assert _fds() - before < 5, (before, _fds())
+        kept = view.callback_queue()
+        kept.close()
+        kept.close()  # idempotent; and the finalizer does not run again
+        with pytest.raises(ValueError, match="closed"):
+            kept.fileno()
+    finally:
+        manager.stop(timeout=5)

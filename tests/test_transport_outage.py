@@ -19,6 +19,7 @@ from kombu.exceptions import OperationalError
 import carrot_kombu  # noqa: F401 - registers carrot+amqp://
 from carrot_kombu import ConnectionState, Disconnected
 from tests.fakebroker import FakeBroker
+from tests.support import wait_until
 
 
 class Loop:
@@ -49,14 +50,6 @@ def _manager_of(conn: kombu.Connection) -> Any:
     return conn.connection.manager
 
 
-def _wait(predicate: Any, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return bool(predicate())
-
 
 def test_a_producer_fails_at_once_during_an_outage_even_after_the_consumer_lost_its_connection(broker):
     """Celery's consumer losing its connection made every establish in the process wait 30 s (17.2)."""
@@ -66,7 +59,7 @@ def test_a_producer_fails_at_once_during_an_outage_even_after_the_consumer_lost_
     consuming.transport.register_with_event_loop(consuming.connection, Loop())
     manager = _manager_of(consuming)
     broker.stop()  # the outage: nothing listens any more
-    assert _wait(lambda: manager.status().attempts >= 1, 10), manager.status()
+    assert wait_until(lambda: manager.status().attempts >= 1, 10), manager.status()
     with pytest.raises(Disconnected):
         consuming.transport.heartbeat_check(consuming.connection)  # the consumer sees the loss
     outcome: list[Any] = []
@@ -96,7 +89,7 @@ def test_the_consumers_own_reconnect_waits_for_the_manager(broker):
     manager = _manager_of(consuming)
     port = broker.port
     broker.stop()
-    assert _wait(lambda: manager.status().attempts >= 1, 10)
+    assert wait_until(lambda: manager.status().attempts >= 1, 10)
     with pytest.raises(Disconnected):
         consuming.transport.heartbeat_check(consuming.connection)
     again = FakeBroker(heartbeat=0, port=port)
@@ -123,7 +116,7 @@ def test_establishing_right_after_a_blip_waits_for_the_reconnect_instead_of_fail
         for _ in range(5):
             view = manager.connection(timeout=5)
             peer.drop()  # a blip: the broker still listens
-            assert _wait(lambda: not view.alive, 5)
+            assert wait_until(lambda: not view.alive, 5)
             conn = kombu.Connection(url, connect_timeout=3, transport_options=FAST)
             conn.ensure_connection(max_retries=0)  # one attempt, as kombu's revive makes
             with conn.channel() as chan:

@@ -120,6 +120,12 @@ def test_valid_entities_still_register_and_declare(connected_manager):
         (lambda m: m.on(None, print), TypeError, "event must be a str"),
         (lambda m: m.on(["connected"], print), TypeError, "event must be a str"),
         (lambda m: m.off(3, print), TypeError, "event must be a str"),
+        # 17 red-team: a str was sent as one message per character
+        (lambda m: m.publish_many("hello", routing_key="q"), TypeError,
+         r"publish_many\(\) bodies must be an iterable of message bodies \(a list...\), got str; to publish one message use publish\(\)"),
+        (lambda m: m.publish_many(b"hello", routing_key="q"), TypeError, r"publish_many\(\) bodies .* got bytes"),
+        (lambda m: m.publish_many({"a": 1}, routing_key="q"), TypeError, r"publish_many\(\) bodies .* got dict"),
+        (lambda m: m.publish_many(5, routing_key="q"), TypeError, r"publish_many\(\) bodies .* got int$"),
     ],
 )
 @pytest.mark.parametrize("connected", [False, True])

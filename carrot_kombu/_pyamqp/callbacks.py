@@ -15,6 +15,7 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .._sync import NOT_ACQUIRED, owned, run_locked
+from ..exceptions import Disconnected
 from .green import read_fd, write_fd
 from .replies import Waiter
 
@@ -44,6 +45,9 @@ class EventQueue:
         # queued or the connection died.
         self._pipe: Optional[tuple[int, int]] = None
         self._armed = False
+        #: Closed by its owner (a kombu connection's close() on another thread):
+        #: a drainer waiting here is woken and raises at once.
+        self._closed = False
         if notify:
             r, w = os.pipe()
             os.set_blocking(r, False)
@@ -95,8 +99,16 @@ class EventQueue:
                 pass
 
     def close(self) -> None:
+        """Close the pipe; a drainer waiting (on any thread) wakes and raises ``Disconnected``."""
         with self._lock:
             pipe, self._pipe = self._pipe, None
+            self._closed = True
+            waiters = list(self._waiters)
+        for waiter in waiters:
+            waiter.wake()
+        wire = self._conn.wire
+        if waiters and wire is not None:
+            wire.wake_reader()  # a drainer may be the thread reading the socket (up to 1 s per read)
         if pipe is not None:
             for fd in pipe:
                 try:
@@ -142,12 +154,14 @@ class EventQueue:
         # After a loss kombu must see the loss (Celery then forgets what it
         # reserved); deliveries still queued come again from the broker.
         self._conn.check_alive()
+        self._check_open()
         if not self._items:
             if timeout is not None and timeout <= 0:
                 with self._lock:
                     self._disarm()
                 raise socket.timeout()
             self._wait(deadline)
+            self._check_open()
         with self._lock:
             if not self._items:  # taken by a consumer's cancel meanwhile
                 self._disarm()
@@ -156,6 +170,10 @@ class EventQueue:
             self._disarm()
         fn(*args)
         return 1
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Disconnected("this connection's callback queue was closed (the connection was closed)")
 
     def _wait(self, deadline: Optional[float]) -> None:
         waiter = _QueueWaiter(self)
@@ -177,4 +195,4 @@ class _QueueWaiter(Waiter):
         self.queue = queue
 
     def ready(self) -> bool:
-        return bool(self.queue._items)
+        return bool(self.queue._items) or self.queue._closed

@@ -212,8 +212,12 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         on_queued: Optional[Callable[[int, bool], None]] = None,
         deadline: Optional[float] = None,
         request_deadline: Optional[float] = None,
+        flush: bool = True,
     ) -> int:
         """Queue ``frames`` atomically with this channel's state; returns the first delivery tag.
+
+        ``flush=False`` only queues them: the caller flushes soon (an event
+        loop flushes once per iteration what all its tasks wrote).
 
         ``deadline`` (``time.monotonic()``) bounds the waits before the frames
         are queued (a blocked connection, a full buffer) and this thread's
@@ -243,7 +247,7 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
                 state.confirm_mode = True
             if not expects_reply:
                 state.unverified = True
-        if must_flush and (expects_reply or not state.defer_flush):
+        if must_flush and flush and (expects_reply or not state.defer_flush):
             self._flush(expects_reply, deadline)
         return first
 
@@ -341,15 +345,31 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         raise failure from exc
 
     def _send_nowait(self, sig: Any, fmt: str = "", args: tuple[Any, ...] = ()) -> None:
-        """A reply of the reading thread itself (close-ok, flow-ok, reject): never waits."""
-        wire = self.carrot.conn.wire
-        if wire is None or self.carrot.conn.dead is not None:
+        """A reply of the reading thread itself (flow-ok, reject): never waits.
+
+        Queued under the channel's lock, atomically with its phase: a close
+        by another thread is queued either after this frame or before it,
+        and then a settlement is dropped (a method that reaches the broker
+        after it finished our close gets 504 CHANNEL_ERROR, a connection
+        error; the broker requeues the delivery with the close anyway).
+        """
+        state: ChanState = self.carrot
+        wire = state.conn.wire
+        if wire is None or state.conn.dead is not None:
             return
         frame = encode_method(self.channel_id or 0, sig, encode_args(sig, fmt, args))
+        with state.lock:
+            if sig in _SETTLE and state.writes_dropped():
+                logger.debug("dropped %s on channel %s: it is closing", method_name(sig), self.channel_id)
+                return
+            try:
+                wire.enqueue([frame], wait_room=False)
+            except OSError:
+                return  # the connection died; its owner hears about it from the wire
         try:
-            wire.send_nowait([frame])
+            wire.flush(block=False)  # what the socket does not take now, the next writer sends
         except OSError:
-            pass  # the connection died; its owner hears about it from the wire
+            pass
 
     def wait(self, method: Any, callback: Any = None, timeout: Optional[float] = None,
              returns_tuple: bool = False) -> Any:
@@ -403,7 +423,7 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
 
     def write_publishes(self, frames: list[Any], count: int,
                         on_queued: Optional[Callable[[int, bool], None]] = None,
-                        deadline: Optional[float] = None) -> int:
+                        deadline: Optional[float] = None, flush: bool = True) -> int:
         """Write ``count`` already encoded publishes at once; returns the first delivery tag.
 
         ``on_queued(first_tag, True)`` runs while the channel is locked, just
@@ -412,7 +432,7 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         ``deadline``: see :meth:`_write`.
         """
         return self._write(spec.Basic.Publish, frames, True, False, publishes=count, on_queued=on_queued,
-                           deadline=deadline)
+                           deadline=deadline, flush=flush)
 
     def _basic_publish(
         self,
@@ -502,9 +522,14 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
     def basic_cancel(self, consumer_tag: str, nowait: bool = False, argsig: str = "sb") -> Any:
         """Cancel a consumer; deliveries that reached it before the cancel run now, in this thread.
 
-        py-amqp dispatches them to the callback while it waits for cancel-ok;
-        here they were queued for ``drain_events``, so they are run here
-        instead (the same deliveries, in the same order, in the caller).
+        py-amqp dispatches them to the callback while it waits for cancel-ok
+        (kombu's own suite relies on it: ``with consumer: drain_events()``
+        then expects every message already sent); here they were queued for
+        ``drain_events``, so they are run here instead (the same deliveries,
+        in the same order, in the caller).  How many there can be is bounded
+        as with py-amqp: there by the socket's buffers (TCP back-pressure),
+        here by the consumer's prefetch (the kombu transport gives one to a
+        consumer that set none, see ``default_prefetch_count``).
         """
         result = super().basic_cancel(consumer_tag, nowait, argsig)
         for fn, args in self.carrot.events.take(lambda fn, args: _consumer_tag(args) == consumer_tag):

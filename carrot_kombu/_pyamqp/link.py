@@ -299,13 +299,23 @@ class AmqpConfirmChannel(ConfirmChannel):
         chan.confirm_select()
 
     def write(self, messages: list[Outbound], on_queued: Callable[[int, bool], None],
-              deadline: Optional[float] = None) -> None:
+              deadline: Optional[float] = None, flush: bool = True) -> None:
         chan = self._chan
         frame_max = self._conn.conn.frame_max
         frames: list[Any] = []
         for message in messages:
             frames += message.frames(chan.channel_id, frame_max)
-        chan.write_publishes(frames, len(messages), on_queued=on_queued, deadline=deadline)
+        chan.write_publishes(frames, len(messages), on_queued=on_queued, deadline=deadline, flush=flush)
+
+    def flush(self, wait: bool = False) -> bool:
+        wire = self._conn.wire
+        if wire is None:
+            return True
+        try:
+            wire.flush(block=wait)
+        except OSError:
+            return True  # the connection failed: the wire reported it; the next channel publishes them again
+        return wait or not wire.pending_output
 
     def wait(self, waiter: Waiter, deadline: Optional[float],
              interrupt: Optional[Callable[[], bool]] = None) -> bool:

@@ -1,0 +1,463 @@
+"""The asyncio API (carrot_kombu.aio) and publish_async / republish=False, on memory:// and faulty://."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+
+import kombu
+import pytest
+
+from carrot_kombu import (
+    AsyncConnectionManager,
+    ConfigurationError,
+    Disconnected,
+    OutcomeUnknown,
+    PublishTimeout,
+)
+from carrot_kombu._deadline import Deadline
+from carrot_kombu._link import Outbound
+from carrot_kombu.publisher import Publisher, _Pending
+
+FAST = {"backoff": {"min": 0.01, "max": 0.05, "jitter": False}}
+
+
+async def _until(predicate, timeout=5.0):
+    """Wait on the loop for ``predicate()`` with a deadline (yielding to the loop between looks)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.005)
+    return True
+
+
+@pytest.mark.asyncio
+async def test_publish_confirmed_then_consume_ack_and_break_cancels_the_subscription():
+    async with AsyncConnectionManager("memory://", **FAST) as m:
+        assert m.status().state.value == "CONNECTED"
+        assert repr(m).startswith("<AsyncConnectionManager [CONNECTED memory://") and "owned" in repr(m)
+        await m.declare(kombu.Queue("aio-work"))
+        for n in range(3):
+            await m.publish({"n": n}, routing_key="aio-work")
+        await m.publish_many([{"n": 3}, {"n": 4}], routing_key="aio-work")
+        got = []
+        messages = m.consume("aio-work", prefetch_count=10)
+        async for message in messages:
+            got.append(message.body)
+            await message.ack()
+            if len(got) == 5:
+                break
+        assert got == [{"n": n} for n in range(5)]
+        # The iteration ended: the loop finalizes the iterator, which cancels the subscription.
+        assert await _until(lambda: messages.consumer is not None and not messages.consumer.active)
+    assert m.status().state.value == "STOPPED"
+
+
+@pytest.mark.asyncio
+async def test_bad_input_raises_at_once_naming_the_field_and_nothing_is_sent():
+    async with AsyncConnectionManager("memory://", **FAST) as m:
+        with pytest.raises(TypeError, match="republish"):
+            await m.publish(b"x", routing_key="q", republish="no")
+        with pytest.raises(TypeError, match="headers"):
+            await m.publish(b"x", routing_key="q", headers=[1])
+        with pytest.raises(TypeError, match="routing_key"):
+            await m.publish(b"x", routing_key=5)
+        with pytest.raises(TypeError, match="timeout"):
+            await m.publish(b"x", routing_key="q", timeout="soon")
+        with pytest.raises(TypeError, match="prefetch_count"):
+            m.consume("q", prefetch_count="10")
+        with pytest.raises(ConfigurationError, match="prefetch_count"):
+            m.consume("q", prefetch_count=0)
+        assert m.manager._core.publisher.pending_count() == 0
+    with pytest.raises(TypeError, match="start_timeout"):
+        AsyncConnectionManager("memory://", start_timeout="x")
+    with pytest.raises(ConfigurationError):
+        AsyncConnectionManager("memory://", heartbeat=-1)
+    with pytest.raises(TypeError, match="republish"):
+        AsyncConnectionManager("memory://").manager.publish(b"x", republish=None)
+
+
+@pytest.mark.asyncio
+async def test_one_tasks_bad_publish_never_fails_anothers():
+    async with AsyncConnectionManager("memory://", **FAST) as m:
+        await m.declare(kombu.Queue("aio-iso"))
+
+        async def good(n):
+            await m.publish({"n": n}, routing_key="aio-iso")
+            return n
+
+        async def bad():
+            await m.publish(object(), routing_key="aio-iso")  # JSON cannot carry it
+
+        results = await asyncio.gather(*[good(n) for n in range(20)], bad(), *[good(n) for n in range(20, 40)],
+                                       return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        assert len(errors) == 1 and not isinstance(errors[0], Disconnected)
+        assert sorted(r for r in results if isinstance(r, int)) == list(range(40))
+        with m.manager.channel() as lease:
+            assert lease.queue_declare("aio-iso", passive=True).message_count == 40
+
+
+@pytest.mark.asyncio
+async def test_start_waits_bounded_and_a_refused_connection_raises(make_manager, faults):
+    faults.refuse = -1
+    started = time.monotonic()
+    with pytest.raises(Disconnected, match="not connected within 0.3s"):
+        async with AsyncConnectionManager("faulty://", start_timeout=0.3, **FAST):
+            pass  # pragma: no cover
+    assert time.monotonic() - started < 3
+    manager, _ = make_manager()
+    m = AsyncConnectionManager.wrap(manager)
+    assert await m.wait_connected(0.2) is False
+    faults.refuse = 0
+    assert await m.wait_connected(5) is True
+
+
+@pytest.mark.asyncio
+async def test_publish_while_disconnected_times_out_not_sent_and_is_forgotten(make_manager, faults):
+    faults.refuse = -1
+    manager, events = make_manager()
+    assert events.wait_count("connect_failed", 1)
+    m = AsyncConnectionManager.wrap(manager)
+    with pytest.raises(PublishTimeout) as info:
+        await m.publish(b"x", routing_key="q", timeout=0.2)
+    assert info.value.outcome == "not_sent"
+    assert manager._core.publisher.pending_count() == 0
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_publish_is_forgotten_never_published_later(make_manager, faults):
+    faults.refuse = -1
+    manager, events = make_manager()
+    assert events.wait_count("connect_failed", 1)
+    manager.declare(kombu.Queue("aio-cancel"))
+    m = AsyncConnectionManager.wrap(manager)
+    task = asyncio.ensure_future(m.publish(b"cancelled", routing_key="aio-cancel", timeout=30))
+    assert await _until(lambda: manager._core.publisher.pending_count() == 1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert manager._core.publisher.pending_count() == 0
+    faults.refuse = 0
+    assert await m.wait_connected(5)
+    await m.publish(b"after", routing_key="aio-cancel")
+    with manager.channel() as lease:
+        assert lease.queue_declare("aio-cancel", passive=True).message_count == 1
+
+
+@pytest.mark.asyncio
+async def test_publishes_waiting_for_a_connection_are_confirmed_once_it_comes(make_manager, faults):
+    faults.refuse = -1
+    manager, events = make_manager()
+    assert events.wait_count("connect_failed", 1)
+    manager.declare(kombu.Queue("aio-later"))
+    m = AsyncConnectionManager.wrap(manager)
+    tasks = [asyncio.ensure_future(m.publish({"n": n}, routing_key="aio-later")) for n in range(10)]
+    assert await _until(lambda: manager._core.publisher.pending_count() == 10)
+    faults.refuse = 0
+    await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    assert await m.wait_connected(5)  # confirms may come before the link is reported live
+    with manager.channel() as lease:
+        assert lease.queue_declare("aio-later", passive=True).message_count == 10
+
+
+@pytest.mark.asyncio
+async def test_a_full_pending_table_is_waited_for_off_the_loop(make_manager, faults):
+    """max_pending=2 with 5 publishers: the loop keeps running (a ticker advances) while they wait."""
+    faults.refuse = -1
+    manager, events = make_manager(max_pending=2)
+    assert events.wait_count("connect_failed", 1)
+    manager.declare(kombu.Queue("aio-full"))
+    m = AsyncConnectionManager.wrap(manager)
+    tasks = [asyncio.ensure_future(m.publish({"n": n}, routing_key="aio-full", timeout=10)) for n in range(5)]
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.001)
+
+    t = asyncio.ensure_future(ticker())
+    assert await _until(lambda: ticks > 20)  # the loop is not held by the three waiting for a slot
+    assert manager._core.publisher.pending_count() == 2
+    faults.refuse = 0
+    await asyncio.wait_for(asyncio.gather(*tasks), 10)
+    t.cancel()
+    assert await m.wait_connected(5)
+    with manager.channel() as lease:
+        assert lease.queue_declare("aio-full", passive=True).message_count == 5
+
+
+@pytest.mark.asyncio
+async def test_events_iterator_sees_connected_and_ends_after_stopped(make_manager, faults):
+    manager, _ = make_manager(start=False)
+    m = AsyncConnectionManager.wrap(manager)
+    seen = []
+
+    async def watch():
+        async for event in m.events():
+            seen.append(event.name)
+
+    watcher = asyncio.ensure_future(watch())
+    await asyncio.sleep(0)  # the iterator subscribes on its first step
+    manager.start()
+    assert await m.wait_connected(5)
+    assert await _until(lambda: "connected" in seen)
+    await asyncio.get_running_loop().run_in_executor(None, manager.stop)
+    await asyncio.wait_for(watcher, 5)
+    assert seen[-1] == "stopped" and seen.index("connecting") < seen.index("connected")
+
+
+@pytest.mark.asyncio
+async def test_the_consumer_buffer_is_bounded_by_prefetch_and_async_with_cancels():
+    async with AsyncConnectionManager("memory://", **FAST) as m:
+        await m.declare(kombu.Queue("aio-bound"))
+        await m.publish_many([{"n": n} for n in range(30)], routing_key="aio-bound")
+        async with m.consume("aio-bound", prefetch_count=4) as messages:
+            assert await _until(lambda: len(messages._buffer) == 4)
+            first = await messages.get()
+            assert len(messages._buffer) <= 4
+            await first.ack()
+            assert first.redelivered is False and first.delivery_tag is not None
+            rest = []
+            for _ in range(29):
+                message = await asyncio.wait_for(messages.get(), 5)
+                rest.append(message.body["n"])
+                await message.ack()
+            assert rest == list(range(1, 30))
+            assert len(messages._buffer) == 0
+        assert not messages.consumer.active
+        with pytest.raises(StopAsyncIteration):
+            await messages.get()
+
+
+@pytest.mark.asyncio
+async def test_a_wrapped_manager_keeps_running_after_the_async_side_stops(make_manager):
+    manager, _ = make_manager("memory://")
+    assert manager.wait_connected(5)
+    async with AsyncConnectionManager.wrap(manager) as m:
+        await m.declare(kombu.Queue("aio-shared"))
+        await m.publish(b"async", routing_key="aio-shared")
+    assert manager.connected
+    manager.publish(b"sync", routing_key="aio-shared")
+    with manager.channel() as lease:
+        assert lease.queue_declare("aio-shared", passive=True).message_count == 2
+    with pytest.raises(TypeError, match="ConnectionManager"):
+        AsyncConnectionManager.wrap(object())
+
+
+# -- publish_async (concurrent.futures) ------------------------------------------------------
+
+
+def test_publish_async_resolves_on_the_completion_thread(make_manager):
+    manager, _ = make_manager("memory://")
+    assert manager.wait_connected(5)
+    manager.declare(kombu.Queue("pa"))
+    futures = [manager.publish_async({"n": n}, routing_key="pa") for n in range(20)]
+    threads = []
+    futures[-1].add_done_callback(lambda f: threads.append(threading.current_thread().name))
+    done, not_done = concurrent.futures.wait(futures, timeout=5)
+    assert not not_done and all(f.result() is None for f in futures)
+    deadline = time.monotonic() + 5
+    while not threads and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threads and threads[0] in ("carrot-kombu-futures", threading.current_thread().name)
+    with manager.channel() as lease:
+        assert lease.queue_declare("pa", passive=True).message_count == 20
+
+
+def test_publish_async_errors_are_the_sync_ones(make_manager, faults):
+    faults.refuse = -1
+    manager, events = make_manager()
+    assert events.wait_count("connect_failed", 1)
+    with pytest.raises(TypeError, match="republish"):
+        manager.publish_async(b"x", republish=1)
+    with pytest.raises(kombu.exceptions.EncodeError):  # what the sync publish raises for it
+        manager.publish_async(object())
+    future = manager.publish_async(b"x", routing_key="q", timeout=0.2)
+    with pytest.raises(PublishTimeout) as info:
+        future.result(timeout=5)
+    assert info.value.outcome == "not_sent"
+    cancelled = manager.publish_async(b"y", routing_key="q", timeout=30)
+    assert manager._core.publisher.pending_count() == 1
+    assert cancelled.cancel()
+    assert manager._core.publisher.pending_count() == 0
+    manager.stop()
+    with pytest.raises(Disconnected):
+        manager.publish_async(b"z", routing_key="q")
+    # The cancelled future's timer went with it: nothing keeps the completion thread up.
+    completions = manager._core.publisher.completions
+    deadline = time.monotonic() + 5
+    while completions._worker is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert completions._worker is None
+
+
+def test_publish_async_of_a_stopping_manager_fails_with_disconnected(make_manager, faults):
+    faults.refuse = -1
+    manager, events = make_manager()
+    assert events.wait_count("connect_failed", 1)
+    future = manager.publish_async(b"x", routing_key="q", timeout=30)
+    manager.stop()
+    with pytest.raises(Disconnected, match="stopped"):
+        future.result(timeout=5)
+
+
+# -- republish=False: the publisher's books ---------------------------------------------------------
+
+
+class _Channel:
+    """A confirm channel that records writes and never confirms by itself."""
+
+    reply_timeout = 1.0
+
+    def __init__(self):
+        self.written = []
+        self.next_tag = 1
+
+    def write(self, messages, on_queued, deadline=None, flush=True):
+        first = self.next_tag
+        self.next_tag += len(messages)
+        on_queued(first, True)
+        self.written.extend(messages)
+
+    def failure(self):
+        return None
+
+
+def _publisher_with_channel():
+    publisher = Publisher(max_pending=10)
+    channel = _Channel()
+    publisher._channel = channel
+    publisher._generation = 1
+    return publisher, channel
+
+
+def test_republish_false_is_settled_unknown_after_a_loss_and_never_written_again():
+    publisher, channel = _publisher_with_channel()
+    reports = []
+    pendings = [_Pending(1, Outbound("", "q", {}, b"once"), republish=False),
+                _Pending(2, Outbound("", "q", {}, b"again"))]
+    submission, rest = publisher.submit(pendings, Deadline.after(30), reports.append)
+    assert rest == [] and len(channel.written) == 2 and reports == []
+    publisher.detach(1)  # the connection is lost before any confirm
+    assert pendings[0].outcome == "unknown" and pendings[1].outcome is None
+    # The next channel gets only the message that may be published again.
+    again = _Channel()
+
+    class _Link:
+        generation = 2
+
+        def open_confirm_channel(self, hooks):
+            return again
+
+    publisher.attach(_Link())
+    assert [m.body for m in again.written] == [b"again"]
+    publisher._on_confirm(1, False, True)
+    assert reports == [submission]
+    assert isinstance(submission.error, OutcomeUnknown) and isinstance(submission.error, Disconnected)
+    assert submission.error.outcome == "unknown" and "republish=False" in str(submission.error)
+
+
+def test_republish_false_not_yet_written_is_sent_once_on_the_next_connection():
+    publisher = Publisher(max_pending=10)  # no channel: nothing is written
+    pending = _Pending(1, Outbound("", "q", {}, b"once"), republish=False)
+    reports = []
+    submission, rest = publisher.submit([pending], Deadline.after(30), reports.append)
+    publisher.detach()
+    assert pending.outcome is None
+    channel = _Channel()
+
+    class _Link:
+        generation = 1
+
+        def open_confirm_channel(self, hooks):
+            return channel
+
+    publisher.attach(_Link())
+    assert [m.body for m in channel.written] == [b"once"]
+    publisher._on_confirm(1, False, True)
+    assert reports == [submission] and submission.error is None
+
+
+def test_a_submission_reports_once_even_when_expiry_races_the_confirm():
+    publisher, channel = _publisher_with_channel()
+    reports = []
+    pending = _Pending(1, Outbound("", "q", {}, b"x"))
+    submission, _ = publisher.submit([pending], Deadline.after(30), reports.append)
+    submission.expire()
+    publisher._on_confirm(1, False, True)
+    assert reports == [submission] and isinstance(submission.error, PublishTimeout)
+    assert submission.error.outcome == "unknown"  # it was written
+    assert publisher.pending_count() == 0
+
+
+@pytest.mark.asyncio
+async def test_a_consumer_thread_waiting_for_a_buffer_slot_ends_when_its_consumer_is_cancelled_elsewhere(
+        make_manager):
+    """The manager's own Consumer cancelled behind the async side's back (not through it): the thread ends."""
+    manager, _ = make_manager("memory://")
+    assert manager.wait_connected(5)
+    m = AsyncConnectionManager.wrap(manager)
+    await m.declare(kombu.Queue("aio-cancelled-elsewhere"))
+    await m.publish_many([{"n": n} for n in range(10)], routing_key="aio-cancelled-elsewhere")
+    messages = m.consume("aio-cancelled-elsewhere", prefetch_count=2)
+    await messages.start()
+    assert await _until(lambda: len(messages._buffer) == 2)  # its thread now waits for a slot
+
+    def consumer_threads():
+        return [t for t in threading.enumerate() if t.name == "carrot-kombu-consumer-aio-cancelled-elsewhere"]
+
+    assert consumer_threads()
+    await asyncio.get_running_loop().run_in_executor(None, messages.consumer.cancel)
+    assert await _until(lambda: not consumer_threads(), timeout=5)
+    await messages.cancel()
+
+
+def test_the_helper_threads_end_when_the_manager_stops(make_manager, faults):
+    faults.refuse = -1
+    manager, events = make_manager(max_pending=1)
+    assert events.wait_count("connect_failed", 1)
+    first = manager.publish_async(b"a", routing_key="q", timeout=30)
+    second = manager.publish_async(b"b", routing_key="q", timeout=30)  # waits for a slot on the helper thread
+
+    publisher = manager._core.publisher
+
+    def helpers():
+        return [h._worker for h in (publisher.completions, publisher.waiting) if h._worker is not None]
+
+    assert publisher.completions._worker is not None  # its timers
+    manager.stop()
+    for future in (first, second):
+        with pytest.raises(Disconnected):
+            future.result(timeout=5)
+    deadline = time.monotonic() + 5
+    while helpers() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not helpers()
+
+
+def test_handoff_runs_work_in_order_and_timers_unless_cancelled():
+    from carrot_kombu._deadline import clock
+    from carrot_kombu._handoff import Handoff
+
+    handoff = Handoff("carrot-kombu-test-handoff", idle=0.2)
+    done = threading.Event()
+    ran = []
+    handoff.call_at(clock() + 0.05, lambda: (ran.append("timer"), done.set()))
+    cancelled = handoff.call_at(clock() + 0.01, lambda: ran.append("cancelled"))
+    handoff.cancel(cancelled)
+    for n in range(3):
+        handoff.call(lambda n=n: ran.append(n))
+    handoff.call(lambda: 1 / 0)  # logged; the thread goes on
+    assert done.wait(5)
+    assert ran == [0, 1, 2, "timer"]
+    handoff.retire()
+    deadline = time.monotonic() + 5
+    while any(t.name == "carrot-kombu-test-handoff" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(t.name == "carrot-kombu-test-handoff" for t in threading.enumerate())
