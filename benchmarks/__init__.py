@@ -11,4 +11,5 @@ from __future__ import annotations
 #: Every row, in the order they run and are rendered (``--only`` takes these).
 ROW_KEYS: tuple[str, ...] = (
     "lease", "publish", "confirm", "sharing", "celery", "recovery", "failover", "dead_peer", "memory", "metrics", "asyncio",
+    "consumers",
 )

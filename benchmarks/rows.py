@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .aio import asyncio_row
 from .celery_tasks import celery_row
+from .consumers import consumers_row
 from .failover import failover_row
 from .faults import dead_peer_row, recovery_row
 from .memory import memory_row
@@ -23,4 +24,5 @@ ROWS: dict[str, tuple[str, RowFunction]] = {
     "memory": ("9. Memory", memory_row),
     "metrics": ("10. Cost of exporting metrics", metrics_row),
     "asyncio": ("11. asyncio: carrot_kombu.aio vs aio-pika", asyncio_row),
+    "consumers": ("12. Consumers at scale", consumers_row),
 }

@@ -31,6 +31,7 @@ class Sizes:
         dead_peer_heartbeats: Heartbeats (seconds) for dead-peer detection.
         dead_peer_runs: Blackholes per heartbeat.
         memory_cuts: Proxy cuts (each one a reconnect) in the memory row.
+        consumer_counts: Consumers on one manager, one run each (consumers row).
     """
 
     mode: str
@@ -50,6 +51,7 @@ class Sizes:
     dead_peer_heartbeats: tuple[int, ...]
     dead_peer_runs: int
     memory_cuts: int
+    consumer_counts: tuple[int, ...] = (100,)
 
     @classmethod
     def full(cls) -> "Sizes":
@@ -58,7 +60,7 @@ class Sizes:
             mode="full", rounds=7, lease_ops=20_000, raw_channel_ops=1_000,
             publish_messages=50_000, confirm_messages=3_000, confirm_thread_messages=8_000, sharing_messages=50_000,
             sharing_threads=(1, 2, 4, 8), celery_messages=1_600, failover_runs=2, recovery_runs=20, restart_runs=3, restart_down_s=5.0, dead_peer_heartbeats=(1, 2, 5),
-            dead_peer_runs=3, memory_cuts=1_000,
+            dead_peer_runs=3, memory_cuts=1_000, consumer_counts=(100, 1_000, 10_000),
         )
 
     @classmethod
@@ -68,5 +70,5 @@ class Sizes:
             mode="quick", rounds=3, lease_ops=500, raw_channel_ops=50,
             publish_messages=1_000, confirm_messages=100, confirm_thread_messages=400, sharing_messages=1_000,
             sharing_threads=(1, 2, 4, 8), celery_messages=80, failover_runs=0, recovery_runs=2, restart_runs=0, restart_down_s=5.0, dead_peer_heartbeats=(1,),
-            dead_peer_runs=1, memory_cuts=20,
+            dead_peer_runs=1, memory_cuts=20, consumer_counts=(100,),
         )

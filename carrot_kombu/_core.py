@@ -90,7 +90,8 @@ class Core:
             topology.after_fork()
         metrics = Metrics()  # a forked child counts from zero, like any new process
         publisher = Publisher(max_pending, need_channel=inbox.replace_publisher_channel, metrics=metrics)
-        consumers = Consumers(bus, resubscribe=inbox.resubscribe, metrics=metrics)
+        consumers = Consumers(bus, resubscribe=inbox.resubscribe, metrics=metrics,
+                              threads=settings.consumer_threads)
         return cls(settings, bus=bus, topology=topology, publisher=publisher, consumers=consumers, inbox=inbox)
 
     def start(self) -> None:

@@ -21,6 +21,7 @@ read the event (never user code, never blocking).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any, Callable, Optional
 
@@ -33,7 +34,9 @@ from .config import Endpoint
 from .exceptions import Disconnected
 
 __all__ = (
+    "BatchItem",
     "ConfirmChannel",
+    "Pipelined",
     "ConfirmHooks",
     "Link",
     "LinkHooks",
@@ -143,28 +146,48 @@ class ConfirmChannel:
 
 
 class Subscription:
-    """One consumer's subscription on one link (made by :meth:`Link.subscription`)."""
+    """One consumer's subscription on one link (made by :meth:`Link.subscription`).
+
+    A subscription may share its channel with other consumers' (see
+    :class:`carrot_kombu._pyamqp.link.ConsumerChannels`): nothing here
+    closes a channel another subscription still uses.
+    """
 
     def start(self, queue: kombu.Queue, prepare: Callable[[Any], None], no_ack: bool,
-              arguments: Optional[dict[str, Any]]) -> None:
-        """Open a channel, run ``prepare(channel)`` (declare, qos), subscribe (I/O).
+              arguments: Optional[dict[str, Any]], pipelined: Optional["Pipelined"] = None,
+              isolated: bool = False) -> None:
+        """Take a channel, run ``prepare(channel)`` (declare, qos), subscribe (I/O).
+
+        ``isolated``: on a new channel, shared with nobody yet (a consumer
+        the broker refused before: its next refusal closes no neighbour's).
+
+        With ``pipelined``, a link that can writes its declare and qos
+        without awaiting them, and awaits only the consume (one round trip;
+        a refused declare fails the consume with the broker's error).
 
         Raises:
-            Exception: What the broker answered; nothing stays open then.
+            Exception: What the broker answered; nothing stays subscribed then.
         """
         raise NotImplementedError
 
+    def stop(self) -> None:
+        """Ask the broker to stop delivering (``basic.cancel``; best effort, bounded)."""
+
     def cancel(self) -> None:
-        """Cancel at the broker and close the channel (best effort, bounded)."""
+        """Cancel at the broker and give the channel up (best effort, bounded)."""
         raise NotImplementedError
 
     def close(self) -> None:
-        """Drop the subscription's channel without waiting (never blocks)."""
+        """Give the channel up without waiting (never blocks)."""
         raise NotImplementedError
 
-    def alive(self) -> bool:
-        """Its connection still lives (an ack of its deliveries can reach the broker)."""
+    def alive(self, raw: Any = None) -> bool:
+        """An ack of ``raw`` (or of any delivery, without it) can still reach the broker."""
         raise NotImplementedError
+
+    def acting(self) -> "contextlib.AbstractContextManager[None]":
+        """While a callback of this subscription runs: acks written are this subscription's."""
+        return contextlib.nullcontext()
 
     def message(self, raw: Any) -> Any:
         """A delivery as a kombu message (``decode()``, ``ack()``...)."""
@@ -173,6 +196,50 @@ class Subscription:
     def reject(self, message: Any, raw: Any) -> None:
         """Reject a delivery without requeue (best effort)."""
         raise NotImplementedError
+
+    def requeue(self, raw: Any) -> None:
+        """Give back a delivery the callback never saw (best effort; dropped if its channel is gone)."""
+
+
+class Pipelined:
+    """A subscribe's declare and qos, for writing them without awaiting (see :meth:`Subscription.start`).
+
+    Attributes:
+        declare: ``declare(channel)`` awaiting nothing (``None``: nothing to declare).
+        prefetch: The consumer's ``prefetch_count`` (0: no limit).
+    """
+
+    __slots__ = ("declare", "prefetch")
+
+    def __init__(self, declare: Optional[Callable[[Any], None]], prefetch: int) -> None:
+        self.declare = declare
+        self.prefetch = prefetch
+
+
+class BatchItem:
+    """One consumer's subscribe in :meth:`Link.subscribe_batch`.
+
+    Attributes:
+        subscription: Made by :meth:`Link.subscription` (not started).
+        queue: What to consume.
+        prepare: ``prepare(channel)``: declare and qos, awaiting each reply.
+        declare: ``declare(channel)``: only the declare, awaiting nothing
+            (``None``: nothing to declare).
+        prefetch: The consumer's ``prefetch_count`` (0: no limit).
+    """
+
+    __slots__ = ("subscription", "queue", "prepare", "declare", "prefetch", "no_ack", "arguments")
+
+    def __init__(self, subscription: Subscription, queue: kombu.Queue, prepare: Callable[[Any], None],
+                 declare: Optional[Callable[[Any], None]], prefetch: int, no_ack: bool,
+                 arguments: Optional[dict[str, Any]]) -> None:
+        self.subscription = subscription
+        self.queue = queue
+        self.prepare = prepare
+        self.declare = declare
+        self.prefetch = prefetch
+        self.no_ack = no_ack
+        self.arguments = arguments
 
 
 class Link:
@@ -266,13 +333,52 @@ class Link:
         """A new channel in confirm mode reporting to ``hooks`` (I/O)."""
         raise NotImplementedError
 
-    def subscription(self, on_delivery: Delivery, on_cancelled: Callable[[], None]) -> Subscription:
+    def subscription(self, on_delivery: Delivery, on_cancelled: Callable[[], None],
+                     on_moved: Optional[Callable[[], None]] = None) -> Subscription:
         """A consumer's subscription (no I/O until :meth:`Subscription.start`).
 
-        ``on_delivery(raw)`` and ``on_cancelled()`` (the broker cancelled it,
-        or closed its channel) run on the reading thread and must only queue.
+        ``on_delivery(raw)``, ``on_cancelled()`` (the broker cancelled it, or
+        closed its channel because of it) and ``on_moved()`` (the broker closed
+        a channel it shared, because of another consumer: it must subscribe
+        again at once; ``on_cancelled`` when not given) run on the reading
+        thread and must only queue.
         """
         raise NotImplementedError
+
+    def declare_batch(self, declares: list[Callable[[Any], None]]) -> list[bool]:
+        """Run many ``declare(channel)`` that await nothing, pipelined; for each, whether it was accepted.
+
+        False ones are left to the caller's one-by-one path (which tells each
+        error apart); the default pipelines nothing.
+
+        Raises:
+            Exception: A connection-level failure (which declare caused it is unknown).
+        """
+        return [False] * len(declares)
+
+    def subscribe_batch(self, batch: list["BatchItem"]) -> list[bool]:
+        """Subscribe many at once (recovery); for each, whether it is subscribed.
+
+        A pipelining link writes many subscribes before it awaits anything;
+        the default starts them one by one.  Those that could not be
+        subscribed this way (False) are left to the caller's one-by-one
+        path, which tells each error apart.
+
+        Raises:
+            Exception: A connection-level failure.
+        """
+        done = []
+        for item in batch:
+            try:
+                item.subscription.start(item.queue, item.prepare, item.no_ack, item.arguments)
+            except Disconnected:
+                raise
+            except Exception:  # noqa: BLE001 - told apart by the caller's one-by-one retry
+                logger.debug("batched subscribe of %r failed", item.queue.name, exc_info=True)
+                done.append(False)
+            else:
+                done.append(True)
+        return done
 
     # -- user callbacks (the kombu transport) ------------------------------------------------
 

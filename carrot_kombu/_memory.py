@@ -77,7 +77,8 @@ class MemoryLink(Link):
     def open_confirm_channel(self, hooks: ConfirmHooks) -> "MemoryConfirmChannel":
         return MemoryConfirmChannel(self.open_channel(), hooks)
 
-    def subscription(self, on_delivery: Callable[[Any], None], on_cancelled: Callable[[], None]) -> "MemorySubscription":
+    def subscription(self, on_delivery: Callable[[Any], None], on_cancelled: Callable[[], None],
+                     on_moved: Optional[Callable[[], None]] = None) -> "MemorySubscription":
         return MemorySubscription(self, on_delivery)
 
     def drain_events(self, timeout: Optional[float]) -> None:
@@ -152,7 +153,7 @@ class MemorySubscription(Subscription):
         self._stopped = threading.Event()
 
     def start(self, queue: kombu.Queue, prepare: Callable[[Any], None], no_ack: bool,
-              arguments: Optional[dict[str, Any]]) -> None:
+              arguments: Optional[dict[str, Any]], pipelined: Any = None, isolated: bool = False) -> None:
         conn = self._link.private_connection()
         try:
             chan = conn.channel()
@@ -177,21 +178,31 @@ class MemorySubscription(Subscription):
                 logger.debug("consumer pump ended", exc_info=True)
                 return
 
-    def cancel(self) -> None:
-        chan = self._chan
-        if chan is not None and self._tag is not None:
+    def stop(self) -> None:
+        chan, tag = self._chan, self._tag
+        if chan is not None and tag is not None:
+            self._tag = None
             try:
-                chan.basic_cancel(self._tag)
+                chan.basic_cancel(tag)
             except Exception:
                 logger.debug("ignored error cancelling a consumer", exc_info=True)
+
+    def cancel(self) -> None:
+        self.stop()
         self.close()
+
+    def requeue(self, raw: Any) -> None:
+        try:
+            raw.requeue()
+        except Exception:  # noqa: BLE001 - its channel is closing: restored with it
+            logger.debug("carrot_kombu could not requeue a delivery", exc_info=True)
 
     def close(self) -> None:
         self._stopped.set()
         conn, self._conn, self._chan = self._conn, None, None
         _release(conn)
 
-    def alive(self) -> bool:
+    def alive(self, raw: Any = None) -> bool:
         return True  # nothing is lost with an in-process connection
 
     def message(self, raw: Any) -> Any:

@@ -100,6 +100,8 @@ class ReplacePublisherChannel:
 @dataclass(frozen=True)
 class Resubscribe:
     consumer: Any
+    #: Moved off a channel another consumer's error closed: at once, no event.
+    quiet: bool = False
 
 
 Message = Union[Stop, Lost, BlockedNotice, ReplacePublisherChannel, Resubscribe]
@@ -129,9 +131,9 @@ class Inbox:
         """The publisher needs a confirm channel (first use, or the broker closed it)."""
         self.post(ReplacePublisherChannel(generation, backoff))
 
-    def resubscribe(self, consumer: Any) -> None:
-        """From the reading thread: the broker cancelled a consumer."""
-        self.post(Resubscribe(consumer))
+    def resubscribe(self, consumer: Any, quiet: bool = False) -> None:
+        """From the reading thread: the broker cancelled a consumer (or, ``quiet``, closed a channel it shared)."""
+        self.post(Resubscribe(consumer, quiet))
 
 
 class _Retry:
@@ -506,6 +508,8 @@ class Supervisor:
                 self._blocked(msg.reason)
             elif isinstance(msg, ReplacePublisherChannel) and msg.generation == link.generation:
                 self._replace_publisher_channel(link, msg.backoff)
+            elif isinstance(msg, Resubscribe) and msg.quiet:
+                self._move(link, msg.consumer)
             elif isinstance(msg, Resubscribe):
                 self._degrade([Degraded("consumer", msg.consumer, msg.consumer.name,
                                         CarrotKombuError("cancelled by the broker"))], immediate=True)
@@ -560,6 +564,17 @@ class Supervisor:
             logger.warning("carrot_kombu recovery step failed", exc_info=True)
 
     # -- degraded entities and consumers -------------------------------------------------------
+
+    def _move(self, link: Link, consumer: Any) -> None:
+        """Subscribe again, at once and with no event, a consumer whose shared channel another closed."""
+        item = Degraded("consumer", consumer, consumer.name, CarrotKombuError("its channel was closed"))
+        try:
+            error = self._recovery.retry(link, item)
+        except Exception as exc:
+            error = exc  # the connection is probably going: retried (and restored) as degraded
+        if error is not None:
+            item.error = error
+            self._degrade([item])
 
     def _degrade(self, items: list[Degraded], immediate: bool = False) -> None:
         now = time.monotonic()

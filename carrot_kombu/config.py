@@ -127,6 +127,7 @@ class Settings:
     Attributes:
         reply_timeout: Seconds a call waits for the broker's reply.
         max_pending: Most messages waiting for their confirms at once.
+        consumer_threads: Most threads running consumer callbacks.
         restart_after_fork: A forked child starts the manager again at once.
     """
 
@@ -140,6 +141,7 @@ class Settings:
     reply_timeout: float = 10.0
     max_pending: int = 1000
     restart_after_fork: bool = True
+    consumer_threads: int = 8
 
     @classmethod
     def from_options(cls, url: Union[str, Sequence[str], None] = None, **options: Any) -> "Settings":
@@ -185,6 +187,7 @@ class Settings:
             reply_timeout=checked["reply_timeout"],
             max_pending=checked["max_pending"],
             restart_after_fork=checked["restart_after_fork"],
+            consumer_threads=checked["consumer_threads"],
         )
 
     def __repr__(self) -> str:

@@ -90,6 +90,11 @@ class ConnectionManager:
             half-way for that long drops the connection.
         max_pending: Most messages :meth:`publish` keeps waiting for their
             confirms at once (from all threads); more wait for a slot.
+        consumer_threads: Most threads running the callbacks of
+            :meth:`consume` (all consumers share them; started on demand,
+            ended when idle).  One consumer's callbacks run in delivery order,
+            one at a time; while every thread is busy, deliveries wait within
+            each consumer's ``prefetch_count``.
         reply_timeout: Most seconds any request waits for the broker's reply
             (``queue_declare``, ``basic_get``, opening a channel...).  Then it
             raises :class:`~carrot_kombu.ReplyTimeout` and the channel is
@@ -127,6 +132,7 @@ class ConnectionManager:
         transport_options: Optional[Mapping[str, Any]] = None,
         blocked_timeout: Optional[float] = 30.0,
         max_pending: int = 1000,
+        consumer_threads: int = 8,
         reply_timeout: float = 10.0,
         restart_after_fork: bool = True,
     ) -> None:

@@ -557,6 +557,15 @@ OPTIONS: tuple[Option, ...] = (
         transport_option=True,
     ),
     Option(
+        "consumer_threads", 8, _int_between(1, 1024), "``int``, ``8``", "—",
+        "Most threads running :meth:`~carrot_kombu.ConnectionManager.consume`\n"
+        "callbacks, for all consumers (started on demand, ended when idle). One\n"
+        "consumer's callbacks run in order, one at a time; a slow callback holds\n"
+        "one thread. While all are busy, deliveries wait within each consumer's\n"
+        "``prefetch_count``.",
+        transport_option=True,
+    ),
+    Option(
         "reply_timeout", 10.0, _seconds, "seconds, ``10.0``", "—",
         "Most seconds any request waits for the broker's reply (declare, get,\n"
         "qos, opening a channel...). Then :class:`~carrot_kombu.ReplyTimeout`\n"

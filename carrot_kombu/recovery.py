@@ -1,9 +1,11 @@
 """What a manager re-creates on every new connection, in order.
 
-1. the declared entities, each on its own (one the broker refuses or cannot
-   serve is *degraded*, not fatal: the supervisor retries it);
+1. the declared entities, pipelined when there are many (one the broker
+   refuses or cannot serve is *degraded*, not fatal: the supervisor retries it);
 2. the setup functions (code: one that fails fails the attempt);
-3. the consumers, each on its own channel (degraded the same way);
+3. the consumers, pipelined on shared channels (a round trip per channel of
+   consumers, see :meth:`Link.subscribe_batch <carrot_kombu._link.Link.subscribe_batch>`;
+   one refused is degraded the same way);
 4. the confirm channel of ``publish``, which publishes again what is unconfirmed.
 
 All of it runs before the manager reports ``connected`` and before any lease
@@ -53,6 +55,8 @@ class Recovery:
         self.consumers = consumers
         # An RLock for the hand-over in ensure_publisher (see _sync).
         self._lock = threading.RLock()
+        #: Declare many entities pipelined (False after a failed attempt: see restore()).
+        self._pipeline_entities = True
 
     def restore(self, link: "Link") -> list[Degraded]:
         """On the supervisor, before leases; an exception fails the attempt.
@@ -60,8 +64,9 @@ class Recovery:
         Returns:
             What could not be restored on this connection (retried later).
         """
+        pipelined = self._pipeline_entities
         try:
-            refused = declare_all(link, self.topology.entities(), self.topology.server_named)
+            refused = declare_all(link, self.topology.entities(), self.topology.server_named, pipelined=pipelined)
         except EntityRefused as exc:
             # It would close every new connection the same way: one caller's
             # entity must not keep everyone disconnected.  Dropped, loudly.
@@ -71,6 +76,12 @@ class Recovery:
                 "declared (%s); it is no longer declared on reconnect (fix it and declare it again)", exc,
             )
             raise exc.error from None
+        except BaseException:
+            # Pipelined, a connection-level refusal names no entity: the next
+            # attempt declares one by one, which does (and drops it, above).
+            self._pipeline_entities = False
+            raise
+        self._pipeline_entities = True
         degraded = [Degraded("entity", entity, describe(entity), error) for entity, error in refused]
         setups = self.topology.setups()
         if setups:

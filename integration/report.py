@@ -33,7 +33,7 @@ PAGE = ROOT / "docs" / "reliability.rst"
 
 #: The test modules whose figures the page shows.
 SCENARIOS = ("test_reliability.py", "test_recovery.py", "test_liveness.py", "test_cluster.py",
-             "test_kombu_suite.py", "test_integrity.py")
+             "test_kombu_suite.py", "test_integrity.py", "test_consumer_scale.py")
 #: CI runs smaller sizes; the report runs these.
 FULL_SIZES = {
     "CARROT_KOMBU_SOAK_CUTS": "1000", "CARROT_KOMBU_BROKER_CLOSES": "20",
@@ -113,6 +113,16 @@ ROWS: list[tuple[str, str, Callable[[dict[str, Any]], str]]] = [
         f"{f['consumer_resumed_after_s']} s after the node returned (goal 2 s)")),
     ("cluster_kombu_baseline", "Cluster: plain kombu (``retry=True``, ``confirm_publish``), same fault", lambda f: (
         f"longest publishing gap {f['longest_gap_s']} s; {f['confirmed']} confirmed, {f['lost']} lost")),
+    ("consumers_forced_close", "Consumers at scale: ``rabbitmqctl close_connection`` under 1000 consumers", lambda f: (
+        f"all {f['consumers']} consumers delivered again {f['back_s']} s after the loss (goal 1.5 s), none lost or "
+        f"doubled; {f['threads_added']} threads and {f['rss_kib_per_consumer']} KiB RSS per consumer added")),
+    ("consumer_isolation_deleted_queue", "Consumers sharing channels: one queue deleted among 500", lambda f: (
+        f"{f['consumers']} consumers on {f['channels']} channels; only its consumer cancelled "
+        f"({f['cancelled']} ``consumer_cancelled``); the others: {f['lost']} lost, {f['duplicates']} duplicates")),
+    ("consumer_isolation_double_ack", "Consumers sharing channels: a tag acked twice (406 closes the channel)",
+     lambda f: (
+        f"only the culprit cancelled ({f['cancelled']} ``consumer_cancelled``); its neighbours moved to a new channel "
+        f"at once, with no event; {f['lost']} lost, {f['duplicates']} duplicates")),
     ("kombu_suite", "kombu's own ``test_py_amqp.py`` over ``carrot+amqp://``", lambda f: (
         f"{f['passed_carrot']} of {f['tests']} pass (over ``pyamqp://``: {f['passed_pyamqp']}); failing: "
         + (", ".join(f"``{t}``" for t in f["failed_carrot"]) or "none"))),

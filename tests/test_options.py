@@ -36,7 +36,7 @@ BAD = {
     "frame_max": 100, "heartbeat": -1, "connection_timeout": 0, "backoff": 3, "ssl_options": "yes",
     "client_properties": [("a", 1)], "socket_options": {"SO_NOPE": 1}, "pool_limit": 0,
     "transport_options": "x", "blocked_timeout": float("inf"), "max_pending": 0, "reply_timeout": -1,
-    "restart_after_fork": 1,
+    "restart_after_fork": 1, "consumer_threads": 0,
 }
 #: One good value per option, unlike its default, and what the manager's settings say for it.
 GOOD: dict[str, tuple[Any, Any]] = {
@@ -46,6 +46,7 @@ GOOD: dict[str, tuple[Any, Any]] = {
     "blocked_timeout": (None, lambda s: s.blocked_timeout is None),
     "max_pending": (7, lambda s: s.max_pending == 7),
     "reply_timeout": (2.5, lambda s: s.reply_timeout == 2.5),
+    "consumer_threads": (3, lambda s: s.consumer_threads == 3),
 }
 
 

@@ -411,3 +411,25 @@ def test_an_unattributed_channel_close_publishes_the_in_flight_messages_again_on
         t.join(10)
     assert outcomes == {0: "ok", 1: "ok"}, outcomes
     assert sorted(p.body for p in peer.published[3:5]) == [b"one", b"two"]
+
+
+def test_many_entities_come_back_pipelined_and_a_refused_one_is_named_alone(broker, managers):
+    """20 queues: declared nowait, a channel.flow per chunk proves them; a 406 sends that chunk one by one."""
+    manager, peer, events = connect(broker, managers)
+    names = [f"many-{n}" for n in range(20)]
+    manager.declare(*[kombu.Queue(name) for name in names])
+
+    def refuse_one(p: Peer, m: Method) -> None:
+        if m["queue"] == "many-7":
+            p.close_channel(m.channel, 406, "PRECONDITION_FAILED - inequivalent arg 'durable'", 50, 10, wait=None)
+        elif not m["nowait"]:
+            p.send_method(m.channel, "queue.declare-ok", m["queue"], 0, 0, wait=None)
+
+    second = reconnect(broker, peer, events, script=lambda p: p.on("queue.declare", refuse_one))
+    declares = second.received("queue.declare")
+    assert all(m["nowait"] for m in declares[:20])  # the first pass: written back to back
+    assert second.received("channel.flow")
+    assert set(queue_names(second)) == set(names)
+    # The refused chunk went one by one: only many-7 is degraded, the others were declared again, awaited.
+    assert dict(manager.status().degraded).keys() == {"queue 'many-7'"}
+    assert {m["queue"] for m in declares[20:] if not m["nowait"]} == set(names)

@@ -11,6 +11,7 @@ are handed over, confirms settled, deliveries queued; user callbacks run in
 
 from __future__ import annotations
 
+import itertools
 import logging
 import uuid
 from typing import Any, Callable, NoReturn, Optional
@@ -36,7 +37,7 @@ from .frames import (
     encode_publish_args,
     method_name,
 )
-from .chanstate import ChanState
+from .chanstate import ChanState, acting_for
 from .connstate import ConnState
 from .replies import Reply
 
@@ -76,10 +77,14 @@ class SafeMessage(pyamqp.Message):  # type: ignore[misc]
     """
 
     def _settle(self, how: str, fn: Callable[..., Any], *args: Any) -> None:
+        # Whose settlement this is, for a channel shared by consumers (a 406 names no consumer).
+        previous = acting_for((self.delivery_info or {}).get("consumer_tag"))
         try:
             fn(*args)
         except Disconnected:
             logger.debug("dropped %s of delivery %s: its connection is gone", how, self.delivery_tag)
+        finally:
+            acting_for(previous)
 
     def ack(self, multiple: bool = False) -> None:
         self._settle("ack", super().ack, multiple)
@@ -122,6 +127,30 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         if self.is_open:
             return
         self.send_method(spec.Channel.Open, "s", ("",), wait=spec.Channel.OpenOk, deadline=deadline)
+
+    def open_begin(self) -> Reply:
+        """Write channel.open without waiting (many channels opened in one round trip); see :meth:`open_end`.
+
+        Raises:
+            Exception: Nothing was written (the connection is lost...).
+        """
+        state: ChanState = self.carrot
+        reply = state.expect([spec.Channel.OpenOk])
+        try:
+            frames = self._frames(spec.Channel.Open, encode_args(spec.Channel.Open, "s", ("",)), None)
+            self._write(spec.Channel.Open, frames, False, True)
+        except BaseException:
+            state.forget(reply)
+            raise
+        return reply
+
+    def open_end(self, reply: Reply, deadline: Optional[float] = None) -> None:
+        """Wait for the open-ok of :meth:`open_begin` (bounded by ``reply_timeout``)."""
+        state: ChanState = self.carrot
+        try:
+            state.conn.await_reply(reply, None, "Channel.Open", deadline)
+        finally:
+            state.forget(reply)
 
     def send_method(
         self,
@@ -218,7 +247,7 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
                 state.confirm_mode = True
             if not expects_reply:
                 state.unverified = True
-        if must_flush and flush:
+        if must_flush and flush and (expects_reply or not state.defer_flush):
             self._flush(expects_reply, deadline)
         return first
 
@@ -515,12 +544,14 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         *,
         no_ack: bool = False,
         arguments: Any = None,
+        nowait: bool = False,
     ) -> str:
         """Subscribe carrot_kombu's own consumer: deliveries go to ``sink`` on the reading thread.
 
-        ``sink`` and ``on_cancel`` are our code (they only queue); never user code.
+        ``sink`` and ``on_cancel`` are our code (they only queue); never user
+        code.  With ``nowait`` nothing is awaited: a refusal closes the channel.
         """
-        tag = f"carrot-kombu.{uuid.uuid4().hex}"
+        tag = _consumer_tag_for_us()
         state: ChanState = self.carrot
         state.sinks[tag] = sink
         state.cancel_sinks[tag] = on_cancel
@@ -529,11 +560,28 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
             # the subscription as surely as a basic.cancel does.
             state.on_closed = lambda error, method: on_cancel(tag)
         try:
-            return self.basic_consume(queue, tag, no_ack=no_ack, callback=sink, arguments=arguments)  # type: ignore[no-any-return]
+            return self.basic_consume(queue, tag, no_ack=no_ack, callback=sink, arguments=arguments,  # type: ignore[no-any-return]
+                                      nowait=nowait)
         except BaseException:
             state.sinks.pop(tag, None)
             state.cancel_sinks.pop(tag, None)
             raise
+
+    def qos_nowait(self, prefetch_count: int) -> None:
+        """``basic.qos(prefetch_count, global=False)`` without awaiting its qos-ok (pipelined subscribes).
+
+        Its qos-ok arrives with nobody waiting (ignored); a later request
+        awaited on another method (see :meth:`sync`) proves it was applied.
+        """
+        self.send_method(spec.Basic.Qos, "lBb", (0, prefetch_count, False))
+
+    def sync(self) -> None:
+        """One round trip (``channel.flow(active=True)``): everything written before it was accepted.
+
+        Raises:
+            Exception: The channel was closed meanwhile (the broker's error), or no reply in time.
+        """
+        self.send_method(spec.Channel.Flow, "b", (True,), wait=spec.Channel.FlowOk)
 
     # -- closing ----------------------------------------------------------------------------------
 
@@ -837,6 +885,17 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
             except OSError:
                 return False
         return True
+
+
+#: Our consumer tags: unique per process (a counter; no uuid per consumer:
+#: ``os.urandom`` releases the GIL, which costs a scheduling slice per call
+#: when thousands subscribe while deliveries flow).
+_TAG_PREFIX = f"carrot-kombu.{uuid.uuid4().hex[:12]}."
+_tag_numbers = itertools.count(1)
+
+
+def _consumer_tag_for_us() -> str:
+    return f"{_TAG_PREFIX}{next(_tag_numbers)}"
 
 
 def _raise(exc: BaseException) -> None:

@@ -23,9 +23,22 @@ from .replies import Reply, copy_error
 if TYPE_CHECKING:
     from .connstate import ConnState
 
-__all__ = ("ChanState", "ChannelPhase")
+__all__ = ("ChanState", "ChannelPhase", "acting_for")
 
 logger = logging.getLogger("carrot_kombu.amqp")
+
+#: Who the current thread settles deliveries for (a consumer tag: the
+#: consumer whose callback runs, or whose message is being acked): a channel
+#: shared by several consumers that the broker closes for a bad ack (406)
+#: knows whose ack it was.
+_acting = threading.local()
+
+
+def acting_for(token: Any) -> Any:
+    """Make ``token`` the current thread's settler; returns the previous one (to restore)."""
+    previous = getattr(_acting, "token", None)
+    _acting.token = token
+    return previous
 
 
 class ChannelPhase(enum.Enum):
@@ -84,11 +97,17 @@ class ChanState:
         #: Delivery tags received and not yet settled: closing the channel
         #: is what hands them back to the broker (pooled, they stay unacked).
         self.unacked: set[int] = set()
+        #: The settler (see :func:`acting_for`) that wrote an ack/reject of a
+        #: tag not outstanding here: the broker closes the channel for it (406).
+        self.offender: Any = None
         #: Written without a reply since the last sync point: a late channel
         #: error may still come (a publish to a missing exchange, an ack with a
         #: bad tag), so the channel is verified before another borrower gets it.
         self.unverified = False
         self.confirm_mode = False
+        #: A pipelined batch is being written: requests without a reply are
+        #: only queued; the batch's closing request sends everything at once.
+        self.defer_flush = False
         self.next_tag = 1
         self.confirm_waiters: dict[int, Reply] = {}
         # -- internal hooks (our code; run on the reading thread; must not block) --
@@ -228,6 +247,8 @@ class ChanState:
         tag = int(args[0]) if args else 0
         multiple = multiple_allowed and len(args) > 1 and bool(args[1])
         with self.lock:
+            if tag and tag not in self.unacked and self.offender is None:
+                self.offender = getattr(_acting, "token", None)
             if multiple or tag == 0:
                 # tag 0 with multiple: everything outstanding.
                 self.unacked = {t for t in self.unacked if tag and t > tag}

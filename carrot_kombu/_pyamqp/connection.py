@@ -190,6 +190,53 @@ class SupervisedConnection(pyamqp.Connection):  # type: ignore[misc]
             raise
         return chan
 
+    def open_channels(self, count: int) -> list[Any]:
+        """Open up to ``count`` channels in one round trip (all opens written, then all awaited).
+
+        Fewer when the ids run out or some open fails (those are closed
+        behind their open, like an abandoned one in :meth:`channel`).
+
+        Raises:
+            Disconnected: The connection is lost.
+        """
+        state = self.carrot
+        state.check_alive()
+        if self.channels is None:
+            raise state.disconnected()
+        pending: list[tuple[Any, Any]] = []
+        for _ in range(count):
+            with state.id_lock:
+                try:
+                    chan = self.Channel(self, None)
+                except ResourceError:
+                    break  # channel_max: the caller does the rest another way
+            try:
+                pending.append((chan, chan.open_begin()))
+            except BaseException:
+                chan.collect()  # channel.open never left: the id is free again
+                if state.dead is not None:
+                    raise state.disconnected() from None
+                break
+        opened = []
+        for index, (chan, reply) in enumerate(pending):
+            try:
+                chan.open_end(reply)
+            except BaseException as exc:
+                if state.dead is not None:
+                    raise state.disconnected() from None
+                logger.debug("a pipelined channel.open failed: %r", exc)
+                for late, _ in pending[index:]:
+                    late.carrot.spoil("a pipelined channel.open failed")
+                    try:
+                        late.close_nowait()  # its close-ok frees the id
+                    except Exception:  # noqa: BLE001 - freed with the connection otherwise
+                        logger.debug("ignored error while closing an abandoned channel", exc_info=True)
+                if not isinstance(exc, Exception):
+                    raise
+                break
+            opened.append(chan)
+        return opened
+
     def on_inbound_method(self, channel_id: int, method_sig: Any, payload: Any, content: Any) -> Any:
         channels = self.channels
         if channels is None:

@@ -7,17 +7,21 @@ objects (``.carrot``); nothing outside this package reads them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import sys
+import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import kombu
 from amqp import spec
 
 from .._link import (
+    BatchItem,
+    Pipelined,
     ConfirmChannel,
     ConfirmHooks,
     Link,
@@ -32,9 +36,10 @@ from ..config import Endpoint, Settings
 from ..exceptions import ChannelLimitReached, Disconnected
 from .connection import LinkOptions, SupervisedConnection, SupervisedTransport
 from .callbacks import EventQueue
+from .chanstate import acting_for
 from .replies import ConnHooks, Waiter
 
-__all__ = ("AmqpLink", "AmqpConfirmChannel", "AmqpSubscription", "connect")
+__all__ = ("AmqpLink", "AmqpConfirmChannel", "AmqpSubscription", "ConsumerChannels", "SharedChannel", "connect")
 
 logger = logging.getLogger("carrot_kombu")
 
@@ -47,6 +52,7 @@ class AmqpLink(Link):
         super().__init__(generation, endpoint, kombu_connection)
         self._raw = raw
         self._state = raw.carrot
+        self.consumer_channels = ConsumerChannels(self)
         hb = raw.heartbeat or 0
         # A backstop to the service thread's own check: notice 2 missed
         # heartbeats within ~2*hb + 0.5s even if that thread were stuck.
@@ -152,8 +158,106 @@ class AmqpLink(Link):
             self.close_channel(chan)
             raise
 
-    def subscription(self, on_delivery: Callable[[Any], None], on_cancelled: Callable[[], None]) -> "AmqpSubscription":
-        return AmqpSubscription(self, on_delivery, on_cancelled)
+    def subscription(self, on_delivery: Callable[[Any], None], on_cancelled: Callable[[], None],
+                     on_moved: Optional[Callable[[], None]] = None) -> "AmqpSubscription":
+        return AmqpSubscription(self, on_delivery, on_cancelled, on_moved)
+
+    def declare_batch(self, declares: list[Callable[[Any], None]]) -> list[bool]:
+        """Chunks of ``_DECLARE_CHUNK`` declares written back to back, one ``channel.flow`` round trip each.
+
+        A chunk whose channel the broker closes (one entity refused) is
+        reported not done, whole, and the next chunk takes a new channel.
+        """
+        from amqp.exceptions import ChannelError
+
+        from ..exceptions import ReplyTimeout
+
+        done = [False] * len(declares)
+        chan: Any = None
+        try:
+            for first in range(0, len(declares), _DECLARE_CHUNK):
+                if chan is None:
+                    chan = self.open_channel()
+                chan.carrot.defer_flush = True
+                try:
+                    try:
+                        for declare in declares[first:first + _DECLARE_CHUNK]:
+                            declare(chan)
+                    finally:
+                        chan.carrot.defer_flush = False
+                    chan.sync()
+                except (ChannelError, ReplyTimeout):
+                    logger.debug("a pipelined declare chunk failed; declaring it one by one", exc_info=True)
+                    self.close_channel(chan)
+                    chan = None
+                    continue
+                done[first:first + _DECLARE_CHUNK] = [True] * len(declares[first:first + _DECLARE_CHUNK])
+        finally:
+            if chan is not None:
+                self.close_channel(chan)
+        return done
+
+    def subscribe_batch(self, batch: list[BatchItem]) -> list[bool]:
+        """Pipelined: per channel of ``per_channel`` consumers, one write and one sync, none awaited in turn.
+
+        Each consumer's declare (``nowait``), qos (its qos-ok not awaited)
+        and consume (``nowait``) are queued back to back and sent together,
+        followed by a ``channel.flow`` whose answer proves the broker took
+        them all (it answers a channel's requests in order).  The next chunk
+        is written without waiting for that answer; all answers are awaited
+        at the end (``reply_timeout``).  A chunk whose channel the broker
+        closes (one queue refused) goes the one-by-one way, which tells the
+        culprit apart.
+        """
+        channels = self.consumer_channels
+        size = channels.per_channel
+        chunks: list[tuple[int, SharedChannel, list[AmqpSubscription]]] = []
+        results: dict[int, bool] = {}
+        waiter = _AllSynced(results, chunks)
+
+        def synced(first: int, ok: bool) -> None:  # the reading thread
+            results[first] = ok  # one statement: atomic; ready() reads it
+            waiter.wake()
+
+        # All the channels in one round trip; with fewer (channel_max), the rest go one by one.
+        starts = range(0, len(batch), size)
+        opened = self._raw.open_channels(len(starts))
+        for first, chan in zip(starts, opened):
+            chunk = batch[first:first + size]
+            shared = channels.adopt(chan, len(chunk))
+            subs: list[AmqpSubscription] = [item.subscription for item in chunk]  # type: ignore[misc]
+            chunks.append((first, shared, subs))
+            try:
+                with shared.subscribing:
+                    chan.carrot.defer_flush = True
+                    try:
+                        for item, sub in zip(chunk, subs):
+                            if item.declare is not None:
+                                item.declare(chan)
+                            shared.qos(item.prefetch)
+                            sub.begin(chan, item.queue, item.no_ack, item.arguments)
+                    finally:
+                        chan.carrot.defer_flush = False
+                    if not chan.begin_sync(lambda ok, first=first: synced(first, ok)):
+                        synced(first, False)
+            except Disconnected:
+                raise
+            except Exception:  # noqa: BLE001 - a refusal: the chunk goes one by one
+                logger.debug("a pipelined subscribe chunk failed; subscribing it one by one", exc_info=True)
+                synced(first, False)
+        # Read here too while waiting (as any request does); False at the deadline: the rest failed.
+        self._state.wait_for(waiter, time.monotonic() + self._state.reply_timeout)
+        done = [False] * len(batch)
+        for first, shared, subs in chunks:
+            ok = results.get(first, False)
+            if not ok:
+                for sub in subs:
+                    sub.forget()
+                channels.discard(shared)  # closed by the broker already, or in doubt (no answer)
+                continue
+            for offset, sub in enumerate(subs):
+                done[first + offset] = sub.joined(shared)
+        return done
 
     # -- user callbacks (the kombu transport) ----------------------------------------------------
 
@@ -232,46 +336,334 @@ class AmqpConfirmChannel(ConfirmChannel):
         return self._state.failure()  # type: ignore[no-any-return]
 
 
-class AmqpSubscription(Subscription):
-    """A consumer's own channel; deliveries reach ``on_delivery`` on the reading thread."""
+#: Consumers sharing one channel at most.  One channel per consumer hits
+#: ``channel_max`` (2047 on RabbitMQ) and costs a round trip per consumer to
+#: open; too many per channel and a channel error (a 406 bad ack, a 404 on a
+#: consume) re-subscribes many innocent neighbours.  Chosen by measurement
+#: (``python -m benchmarks consumers``).
+CONSUMERS_PER_CHANNEL = 32
 
-    def __init__(self, link: AmqpLink, on_delivery: Callable[[Any], None], on_cancelled: Callable[[], None]) -> None:
+#: Entities declared per round trip in a pipelined restore (a refusal sends
+#: the whole chunk the one-by-one way).
+_DECLARE_CHUNK = 64
+
+#: A channel closed by the broker while answering one of these was closed by
+#: a consumer being subscribed (its queue missing, declared differently...):
+#: that subscriber gets the error, the consumers already on it are innocent.
+_SUBSCRIBING = frozenset({
+    spec.Basic.Consume, spec.Basic.Qos, spec.Queue.Declare, spec.Queue.Bind, spec.Exchange.Declare,
+    spec.Exchange.Bind,
+})
+
+
+class SharedChannel:
+    """One channel carrying up to ``CONSUMERS_PER_CHANNEL`` subscriptions of one link.
+
+    Its membership is guarded by its :class:`ConsumerChannels`' lock; one
+    subscriber at a time sends its qos and consume on it (``subscribing``),
+    so each consumer's prefetch applies to its own consume (``basic.qos``
+    with ``global=False`` is per consumer on RabbitMQ).
+    """
+
+    __slots__ = ("chan", "members", "reserved", "broken", "subscribing", "prefetch")
+
+    def __init__(self, chan: Any) -> None:
+        self.chan = chan
+        #: The last prefetch sent (under ``subscribing``): the broker applies it
+        #: to every later consume on the channel, so an equal one is not sent again.
+        self.prefetch: Optional[int] = None
+        self.members: set["AmqpSubscription"] = set()
+        self.reserved = 0  # subscribers on their way in
+        self.broken = False  # closed, or closing: no newcomer
+        self.subscribing = threading.Lock()
+
+    def qos(self, prefetch: int) -> None:
+        """Under ``subscribing``: the next consume's prefetch (0 too: the previous one must not apply), unawaited."""
+        if prefetch != self.prefetch:
+            self.chan.qos_nowait(prefetch)
+            self.prefetch = prefetch
+
+    def __repr__(self) -> str:
+        return (f"<SharedChannel {self.chan.channel_id} members={len(self.members)} "
+                f"reserved={self.reserved}{' broken' if self.broken else ''}>")
+
+
+class ConsumerChannels:
+    """The channels a link's consumers share, filled up to ``per_channel`` each.
+
+    Acks are per channel: a delivery is settled on the channel it came on
+    (``message.channel``), never another.  When the broker closes a shared
+    channel, the consumer that caused it (the one whose ack had an unknown
+    tag, see :func:`~carrot_kombu._pyamqp.chanstate.acting_for`) is told
+    ``on_cancelled`` as before; the others ``on_moved`` and subscribe again
+    at once on another channel.  Their unacknowledged deliveries went back to
+    their queues with the channel (dropped from the mailboxes: never run twice).
+    """
+
+    def __init__(self, link: "AmqpLink", per_channel: int = CONSUMERS_PER_CHANNEL) -> None:
+        self._link = link
+        self.per_channel = per_channel
+        self._lock = threading.Lock()  # membership only: never held during I/O
+        self._opening = threading.Lock()  # one channel opened at a time (no burst of half-full ones)
+        self._channels: list[SharedChannel] = []
+
+    def __repr__(self) -> str:
+        with self._lock:
+            members = sum(len(c.members) for c in self._channels)
+            return f"<ConsumerChannels channels={len(self._channels)} consumers={members}>"
+
+    def count(self) -> int:
+        """Shared channels in use."""
+        return len(self._channels)
+
+    def _room(self) -> Optional[SharedChannel]:
+        for shared in reversed(self._channels):  # the newest has room, usually
+            if not shared.broken and len(shared.members) + shared.reserved < self.per_channel:
+                shared.reserved += 1
+                return shared
+        return None
+
+    def reserve(self) -> SharedChannel:
+        """A place on a channel with room, opening one if needed (I/O, without the lock).
+
+        Raises:
+            Exception: Opening a channel failed.
+        """
+        with self._lock:
+            shared = self._room()
+        if shared is not None:
+            return shared
+        with self._opening:
+            with self._lock:
+                shared = self._room()
+            if shared is not None:
+                return shared
+            chan = self._link.open_channel()
+            shared = SharedChannel(chan)
+            shared.reserved = 1
+            chan.carrot.on_closed = lambda error, method: self._closed_by_broker(shared, method)
+            with self._lock:
+                self._channels.append(shared)
+            return shared
+
+    def adopt(self, chan: Any, places: int) -> SharedChannel:
+        """A new open channel with ``places`` reserved (a pipelined chunk fills it)."""
+        shared = SharedChannel(chan)
+        shared.reserved = places
+        chan.carrot.on_closed = lambda error, method: self._closed_by_broker(shared, method)
+        with self._lock:
+            self._channels.append(shared)
+        return shared
+
+    def join(self, shared: SharedChannel, member: "AmqpSubscription") -> bool:
+        """The reserved place is taken; False if the channel broke meanwhile."""
+        with self._lock:
+            if shared.broken:
+                shared.reserved -= 1
+                return False
+            # One statement each, no call between: the place is the member's
+            # (leave(shared, member) undoes it) before the reservation goes.
+            shared.members.add(member)
+            member._joined = True
+            shared.reserved -= 1
+            return True
+
+    def leave(self, shared: SharedChannel, member: Optional["AmqpSubscription"], wait: bool = False) -> None:
+        """Give a place (or a reservation: ``member`` None, or not joined yet) up; the last one closes the channel."""
+        with self._lock:
+            if member is None or not member._joined:
+                shared.reserved -= 1
+            else:
+                shared.members.discard(member)
+                member._joined = False
+            last = not shared.members and not shared.reserved
+            if last:
+                shared.broken = True
+                if shared in self._channels:
+                    self._channels.remove(shared)
+        if last:
+            self._link.close_channel(shared.chan, wait=wait)
+
+    def discard(self, shared: SharedChannel) -> None:
+        """Give a channel up whatever its members (a subscribe on it failed half-way): they move."""
+        with self._lock:
+            members = self._break(shared)
+        self._link.close_channel(shared.chan)
+        for member in members:
+            member.moved()
+
+    def _break(self, shared: SharedChannel) -> list["AmqpSubscription"]:
+        shared.broken = True
+        if shared in self._channels:
+            self._channels.remove(shared)
+        members = list(shared.members)
+        shared.members.clear()
+        return members
+
+    def _closed_by_broker(self, shared: SharedChannel, method: Any) -> None:
+        """On the reading thread: tell each member, the culprit as cancelled, the others as moved."""
+        with self._lock:
+            members = self._break(shared)
+        offender = shared.chan.carrot.offender  # a consumer tag (see acting_for)
+        innocent_all = tuple(method) in _SUBSCRIBING
+        for member in members:
+            if innocent_all or (offender is not None and member._tag != offender):
+                member.moved()
+            else:
+                member.cancelled()
+
+
+class _AllSynced(Waiter):
+    """Every chunk of a pipelined subscribe has its answer."""
+
+    __slots__ = ("_results", "_chunks")
+
+    def __init__(self, results: dict[int, bool], chunks: list[Any]) -> None:
+        super().__init__()
+        self._results = results
+        self._chunks = chunks
+
+    def ready(self) -> bool:
+        return len(self._results) >= len(self._chunks)
+
+
+class AmqpSubscription(Subscription):
+    """A consumer's place on a shared channel; deliveries reach ``on_delivery`` on the reading thread."""
+
+    def __init__(self, link: AmqpLink, on_delivery: Callable[[Any], None], on_cancelled: Callable[[], None],
+                 on_moved: Optional[Callable[[], None]] = None) -> None:
         self._link = link
         self._on_delivery = on_delivery
         self._on_cancelled = on_cancelled
-        self._chan: Any = None
+        self._on_moved = on_moved or on_cancelled
+        self._shared: Optional[SharedChannel] = None
+        #: A member of ``_shared`` (else it holds a reservation there); under its channels' lock.
+        self._joined = False
         self._tag: Optional[str] = None
+        self._stopped = False
+        self._told = False  # on_cancelled/on_moved at most once
 
     def start(self, queue: kombu.Queue, prepare: Callable[[Any], None], no_ack: bool,
-              arguments: Optional[dict[str, Any]]) -> None:
-        chan = self._link.open_channel()
-        try:
-            prepare(chan)
-            self._tag = chan.consume_internal(queue.name, self._on_delivery, lambda tag: self._on_cancelled(),
-                                              no_ack=no_ack, arguments=arguments)
-        except BaseException:
-            self._link.close_channel(chan)
-            raise
-        self._chan = chan
+              arguments: Optional[dict[str, Any]], pipelined: Optional[Pipelined] = None,
+              isolated: bool = False) -> None:
+        channels = self._link.consumer_channels
+        for _ in range(3):  # a channel another consumer broke just now: take the next
+            shared = channels.adopt(self._link.open_channel(), 1) if isolated else channels.reserve()
+            try:
+                with shared.subscribing:
+                    if shared.broken:
+                        channels.leave(shared, None)
+                        continue
+                    # Known before the consume is written: an exception raised
+                    # into this thread from here on leaves something close() undoes.
+                    self._shared, self._joined = shared, False
+                    chan = shared.chan
+                    if pipelined is None:
+                        shared.prefetch = None  # prepare() sets its own qos
+                        prepare(chan)
+                    else:
+                        # One round trip: the broker answers in order, so the
+                        # consume-ok (or the declare's error) proves the rest.
+                        chan.carrot.defer_flush = True
+                        try:
+                            if pipelined.declare is not None:
+                                pipelined.declare(chan)
+                            shared.qos(pipelined.prefetch)
+                        finally:
+                            chan.carrot.defer_flush = False
+                    self._tag = chan.consume_internal(queue.name, self._on_delivery, lambda tag: self.cancelled(),
+                                                      no_ack=no_ack, arguments=arguments)
+            except BaseException:
+                # The channel is closed (a 404...) or in doubt (a timeout): its
+                # other consumers move to another one.
+                self._shared = None
+                channels.leave(shared, None)
+                if not shared.broken:
+                    channels.discard(shared)
+                raise
+            if channels.join(shared, self):
+                return
+            # Closed between consume-ok and now: its deliveries were requeued
+            # (their acks are dropped with the channel); subscribe elsewhere.
+            self._shared = None
+        raise Disconnected("no consumer channel could be kept (each closed while subscribing)")
+
+    def begin(self, chan: Any, queue: kombu.Queue, no_ack: bool, arguments: Optional[dict[str, Any]]) -> None:
+        """Write the consume (``nowait``) in a pipelined chunk (see :meth:`AmqpLink.subscribe_batch`)."""
+        self._tag = chan.consume_internal(queue.name, self._on_delivery, lambda tag: self.cancelled(),
+                                          no_ack=no_ack, arguments=arguments, nowait=True)
+
+    def joined(self, shared: SharedChannel) -> bool:
+        """The chunk was accepted: take the reserved place (False: the channel broke meanwhile)."""
+        self._shared = shared
+        if self._link.consumer_channels.join(shared, self):
+            return True
+        self._shared = None
+        self.forget()
+        return False
+
+    def forget(self) -> None:
+        """A pipelined subscribe that did not hold: nothing of it stays (its channel is closed)."""
+        self._tag = None
+
+    def stop(self) -> None:
+        shared, tag = self._shared, self._tag
+        if shared is None or tag is None or self._stopped:
+            return
+        quietly(lambda: shared.chan.basic_cancel(tag), "cancelling a consumer")
+        self._stopped = True
 
     def cancel(self) -> None:
-        # The channel is forgotten last: a cancel interrupted anywhere (an
+        # The place is given up last: a cancel interrupted anywhere (an
         # exception raised into this thread) is done again by the next one.
-        chan = self._chan
-        if chan is None:
+        shared = self._shared
+        if shared is None:
             return
-        quietly(lambda: chan.basic_cancel(self._tag), "cancelling a consumer")
-        self._link.close_channel(chan)  # nothing is written after this; unacked deliveries go back
-        self._chan = None
+        self.stop()
+        self._link.consumer_channels.leave(shared, self, wait=True)
+        self._shared = None
 
     def close(self) -> None:
-        chan = self._chan
-        if chan is not None:
-            self._link.close_channel(chan)
-            self._chan = None
+        shared = self._shared
+        if shared is not None:
+            self._shared = None
+            if (self._link.dead is None and not self._stopped
+                    and shared.chan.carrot.sinks.get(self._tag or "") is not None):
+                # Others go on on this channel: this consumer's deliveries must stop.
+                chan, tag = shared.chan, self._tag or ""
+                quietly(lambda: chan.basic_cancel(tag, nowait=True), "cancelling a consumer")
+                # No cancel-ok will come: deliveries still on their way are
+                # requeued as for an unknown consumer.
+                for table in (chan.carrot.sinks, chan.carrot.cancel_sinks, chan.callbacks):
+                    table.pop(tag, None)
+            self._link.consumer_channels.leave(shared, self)
 
-    def alive(self) -> bool:
-        return self._link.dead is None
+    # -- the reading thread ------------------------------------------------------------------------
+
+    def cancelled(self) -> None:
+        if not self._told:
+            self._told = True
+            self._on_cancelled()
+
+    def moved(self) -> None:
+        if not self._told:
+            self._told = True
+            self._on_moved()
+
+    # -- deliveries ------------------------------------------------------------------------------
+
+    def alive(self, raw: Any = None) -> bool:
+        if self._link.dead is not None:
+            return False
+        return raw is None or not raw.channel.carrot.writes_dropped()
+
+    @contextlib.contextmanager
+    def acting(self) -> Iterator[None]:
+        previous = acting_for(self._tag)
+        try:
+            yield
+        finally:
+            acting_for(previous)
 
     def message(self, raw: Any) -> Any:
         return raw.channel.message_to_python(raw)
@@ -284,6 +676,12 @@ class AmqpSubscription(Subscription):
                 raw.channel.basic_reject(raw.delivery_tag, requeue=False)
         except Exception:  # noqa: BLE001 - the channel may be gone: the broker redelivers then
             logger.debug("carrot_kombu could not reject an undecodable delivery", exc_info=True)
+
+    def requeue(self, raw: Any) -> None:
+        chan = raw.channel
+        if chan.carrot.writes_dropped():
+            return  # the channel's close gave it back already
+        quietly(lambda: chan.basic_reject(raw.delivery_tag, requeue=True), "requeueing a delivery")
 
 
 def connect(generation: int, endpoint: Endpoint, settings: Settings, connect_timeout: Optional[float] = None,

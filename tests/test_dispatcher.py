@@ -1,0 +1,149 @@
+"""manager.consume callbacks on the shared dispatcher threads (``consumer_threads``)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import kombu
+
+from carrot_kombu.consumers import Dispatcher
+
+
+def _dispatchers() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("carrot-kombu-consumer-dispatch")]
+
+
+def _publish(manager, queue: str, bodies) -> None:
+    with manager.channel(timeout=5) as lease:
+        producer = kombu.Producer(lease)
+        for body in bodies:
+            producer.publish(body, routing_key=queue, serializer="json")
+
+
+def test_order_one_at_a_time_and_a_slow_consumer_does_not_delay_others(make_manager):
+    manager, _ = make_manager("memory://", consumer_threads=2)
+    assert manager.wait_connected(5)
+    gate = threading.Event()
+    slow_started = threading.Event()
+    got: dict[str, list[int]] = {"slow": [], "fast": []}
+    running = {"slow": 0, "fast": 0}
+    overlaps = []
+    fast_done = threading.Event()
+
+    def make_callback(name: str):
+        def on_message(body, message):
+            running[name] += 1
+            if running[name] > 1:
+                overlaps.append(name)
+            if name == "slow":
+                slow_started.set()
+                gate.wait(10)
+            got[name].append(body)
+            running[name] -= 1
+            message.ack()
+            if name == "fast" and len(got["fast"]) == 50:
+                fast_done.set()
+        return on_message
+
+    for name in ("slow", "fast"):
+        manager.declare(kombu.Queue(f"disp-{name}"))
+        manager.consume(f"disp-{name}", make_callback(name))
+    _publish(manager, "disp-slow", range(3))
+    assert slow_started.wait(5)
+    _publish(manager, "disp-fast", range(50))
+    # The slow callback holds one dispatcher; the other serves the fast consumer meanwhile.
+    assert fast_done.wait(5)
+    assert got["fast"] == list(range(50))
+    gate.set()
+    deadline = time.monotonic() + 5
+    while len(got["slow"]) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert got["slow"] == [0, 1, 2]
+    assert overlaps == []
+    assert len(_dispatchers()) <= 2
+
+
+def test_threads_are_bounded_whatever_the_consumers(make_manager):
+    before = set(_dispatchers())
+    manager, _ = make_manager("memory://", consumer_threads=3)
+    assert manager.wait_connected(5)
+    seen = threading.Semaphore(0)
+    block = threading.Event()
+    consumers = []
+    for n in range(10):
+        manager.declare(kombu.Queue(f"disp-many-{n}"))
+        consumers.append(manager.consume(f"disp-many-{n}", lambda body, message: (seen.release(), block.wait(5),
+                                                                                   message.ack())))
+    for n in range(10):
+        _publish(manager, f"disp-many-{n}", [n])
+    for _ in range(3):
+        assert seen.acquire(timeout=5)
+    assert not seen.acquire(timeout=0.2)  # all three dispatchers blocked: the fourth waits its turn
+    assert len(set(_dispatchers()) - before) <= 3
+    block.set()
+    for _ in range(7):
+        assert seen.acquire(timeout=5)
+    for consumer in consumers:
+        consumer.cancel()
+
+
+def test_cancel_waits_for_the_running_callback_but_not_from_inside_it(make_manager):
+    manager, _ = make_manager("memory://")
+    assert manager.wait_connected(5)
+    manager.declare(kombu.Queue("disp-cancel"))
+    entered, release, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def on_message(body, message):
+        entered.set()
+        release.wait(5)
+        message.ack()
+        finished.set()
+
+    consumer = manager.consume("disp-cancel", on_message)
+    _publish(manager, "disp-cancel", [1])
+    assert entered.wait(5)
+    cancelled = threading.Event()
+    canceller = threading.Thread(target=lambda: (consumer.cancel(), cancelled.set()))
+    canceller.start()
+    assert not cancelled.wait(0.2)  # the callback still runs
+    release.set()
+    assert cancelled.wait(5)
+    assert finished.is_set()
+    canceller.join(5)
+
+    manager.declare(kombu.Queue("disp-self-cancel"))
+    done = threading.Event()
+
+    def cancels_itself(body, message):
+        message.ack()
+        holder[0].cancel()  # from its own callback: must not wait for itself
+        done.set()
+
+    holder = [manager.consume("disp-self-cancel", cancels_itself)]
+    _publish(manager, "disp-self-cancel", [1])
+    assert done.wait(5)
+
+
+def test_an_idle_dispatcher_ends_and_a_closed_one_takes_nothing():
+    dispatcher = Dispatcher(2)
+    served = threading.Event()
+
+    class FakeConsumer:
+        def _serve(self, budget: int) -> bool:
+            served.set()
+            return False
+
+    dispatcher.schedule(FakeConsumer())  # type: ignore[arg-type]
+    assert served.wait(5)
+    assert dispatcher.threads == 1
+    dispatcher.shrink()
+    deadline = time.monotonic() + 5
+    while dispatcher.threads and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert dispatcher.threads == 0
+    dispatcher.close()
+    served.clear()
+    dispatcher.schedule(FakeConsumer())  # type: ignore[arg-type]
+    assert not served.wait(0.1)
+    assert "closed" in repr(dispatcher)
