@@ -104,12 +104,18 @@ def _assert_no_consumer_left(manager: ConnectionManager, queue: str, after: str)
             assert manager.wait_connected(10), f"no reconnect after {after}"
             deadline = max(deadline, time.monotonic() + 5)
             continue
-        workers = [t for t in threading.enumerate() if t.name == f"carrot-kombu-consumer-{queue}" and t.is_alive()]
-        if (consumers, workers) == (0, []) or time.monotonic() > deadline:
+        # Callbacks run on the manager's dispatcher threads (issue 20): left
+        # over would be a consumer still registered, or a dispatcher thread
+        # still running once none is (they end when the last consumer goes).
+        registered = [c for c in manager._core.consumers.snapshot() if c.queue.name == queue]
+        workers = [t for t in threading.enumerate()
+                   if t.name.startswith("carrot-kombu-consumer-dispatch-") and t.is_alive()] if not registered else []
+        if (consumers, registered, workers) == (0, [], []) or time.monotonic() > deadline:
             break
         time.sleep(0.05)
     assert consumers == 0, f"a broker consumer outlived {after}"
-    assert workers == [], f"a consumer worker thread outlived {after}"
+    assert registered == [], f"a consumer stayed registered after {after}"
+    assert workers == [], f"a dispatcher thread outlived {after}"
 
 
 @pytest.fixture
