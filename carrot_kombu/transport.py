@@ -363,6 +363,8 @@ class VirtualConnection:
         self._handed_out = False
         #: Registered with an event loop: this is a worker's consuming connection.
         self.in_event_loop = False
+        #: basic_consume was called on one of its channels: kombu consumes here.
+        self.consumed = False
         options = self.client.transport_options or {}
         self.confirm_publish = bool(options.get("confirm_publish"))
         self.confirm_timeout = options.get("confirm_timeout")
@@ -431,6 +433,7 @@ class VirtualConnection:
         if self.confirm_publish:
             chan.basic_publish = chan.basic_publish_confirm
         chan.queue_declare = self._recording_exclusive(chan.queue_declare)
+        chan.basic_consume = self._noting_consumers(chan.basic_consume)
         if self.default_prefetch_count:
             _bound_consumers(chan, self.default_prefetch_count)
         with self._lock:
@@ -470,6 +473,18 @@ class VirtualConnection:
             _mirror_endpoint(self.client, view)
             logger.debug("carrot_kombu: a kombu connection lost before its first channel moved to generation %s",
                          view.generation)
+
+    def _noting_consumers(self, consume: Any) -> Any:
+        """``basic_consume`` that notes this connection consumes (a loss must then be raised, see :attr:`usable`)."""
+        me = weakref.ref(self)  # channels lead back here weakly only (see channel())
+
+        def basic_consume(*args: Any, **kwargs: Any) -> Any:
+            owner = me()
+            if owner is not None:
+                owner.consumed = True
+            return consume(*args, **kwargs)
+
+        return basic_consume
 
     def _recording_exclusive(self, declare: Any) -> Any:
         """``queue_declare`` that notes this connection's exclusive queues.
@@ -537,14 +552,25 @@ class VirtualConnection:
         """What kombu's verify_connection sees: alive, or dead but not yet said so.
 
         kombu re-establishes silently when this is False; a dead connection
-        must first *raise* once (from drain_events, a channel, a heartbeat
-        check), so that kombu and Celery see the loss (Celery then forgets
-        what it reserved, the rpc:// result consumer subscribes again).
+        that consumes must first *raise* once (from drain_events, a channel,
+        a heartbeat check), so that kombu and Celery see the loss (Celery
+        then forgets what it reserved, the rpc:// result consumer subscribes
+        again).  One that never consumed is given up silently.
         """
         if self._closed:
             return False
         if self._view.alive or self.loss_reported:
             return self._view.alive
+        if not (self.consumed or self.in_event_loop):
+            # Nothing consumes here (a producer's connection, Celery's
+            # .delay()): kombu re-establishes silently on pyamqp:// too when
+            # its connection is gone (ensure, revive), and nothing is lost by
+            # it.  Raising the loss once from the next channel instead failed
+            # Celery's send_task, which asks for the producer's channel
+            # outside any retry (rpc:// backend's on_task_call), right after a
+            # blip.
+            self.loss_reported = True
+            return False
         # Dead, not yet said: kombu may hold one of its channels as the
         # client's default channel and keep using it (each use raising from
         # the channel, which never reports the loss here): that channel is
@@ -560,9 +586,13 @@ class VirtualConnection:
     def drain_events(self, timeout: Optional[float] = None) -> None:
         """Run this connection's queued callbacks here; ``socket.timeout`` if none within ``timeout``.
 
+        Draining is consuming: from now on a loss is raised here once
+        before kombu may re-establish (see :attr:`usable`).
+
         Raises:
             Disconnected: The connection is lost (kombu/Celery re-establish).
         """
+        self.consumed = True
         self.check()
         self.events.drain(timeout)
 
@@ -764,6 +794,7 @@ class Transport(base.Transport):  # type: ignore[misc]
     def heartbeat_check(self, connection: VirtualConnection, rate: int = 2) -> None:
         # The manager's own thread sends heartbeats and judges liveness; a
         # loss shows here so that Celery's event loop restarts its consumer.
+        connection.consumed = True  # only a consuming loop checks heartbeats
         connection.check()
 
     def get_heartbeat_interval(self, connection: VirtualConnection) -> Any:
