@@ -43,7 +43,7 @@ test: test-high test-low-end
 test-high: $(STAMP)
 	$(PY) -m ruff check carrot_kombu tests integration benchmarks conftest.py
 	$(PY) -m pytest tests -n $(UNIT_WORKERS)
-	$(PY) -m pytest integration
+	$(PY) -m pytest integration --durations=15
 	$(PY) -m mypy
 	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
 	$(MAKE) package
@@ -59,7 +59,7 @@ unit: $(STAMP)
 	$(PY) -m pytest tests -n $(UNIT_WORKERS)
 
 integration: $(STAMP)
-	$(PY) -m pytest integration
+	$(PY) -m pytest integration --durations=15
 
 typecheck: $(STAMP)
 	$(PY) -m mypy

@@ -4,7 +4,8 @@
   Celery's publish retry policy, as on ``amqp://`` (it blocked until the broker
   was back: 23 s of a 25 s outage).
 * 3: ``rpc://`` results the worker publishes right after a connection blip
-  reach the caller (8 of 12 were lost; ``amqp://``: 0).
+  reach the caller (8 of 12 were lost; ``amqp://``: 0 in the issue's run; in
+  this harsher one, a cut while the tasks run, it drops some).
 * 8: a worker's warm shutdown (SIGTERM) ends cleanly: exit 0, no traceback,
   no "Exception ignored", no ResourceWarning in its log, as on ``amqp://``.
 
@@ -29,7 +30,9 @@ from .broker import unique
 from .celery_apps import AppModule, celery_worker, wait_for
 from .test_transport_celery import SharedBroker, proxy_to, shared  # noqa: F401 - the fixture
 
-SCHEMES = ["carrot+amqp", "amqp"]
+#: Ours in the default run; plain amqp://, the baseline run the same way, in ``make test-slow``
+#: (each is a worker subprocess and a fault proxy: ~20-60 s).
+SCHEMES = ["carrot+amqp", pytest.param("amqp", marks=pytest.mark.slow)]
 
 APP = """\
 import json
@@ -141,7 +144,7 @@ def test_rpc_results_published_right_after_a_blip_reach_the_caller(scheme, tmp_p
         with celery_worker(app, "threads", 4) as worker:
             started(worker, module)
             lost: list[int] = []
-            for cut in range(3):
+            for cut in range(2):
                 # Four tasks running for 0.3 s each; the cut falls while they run,
                 # so their results are published right after it.
                 results = [module.echo.delay(cut * 10 + i, sleep=0.3) for i in range(4)]
@@ -158,7 +161,7 @@ def test_rpc_results_published_right_after_a_blip_reach_the_caller(scheme, tmp_p
     else:
         # The baseline, run the same way (py-amqp's worker drops some: measured
         # 2-5 of 12 here); what it delivered must be right.
-        assert len(lost) < 12, (lost, worker.output())
+        assert len(lost) < 8, (lost, worker.output())
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
