@@ -434,6 +434,7 @@ class VirtualConnection:
             chan.basic_publish = chan.basic_publish_confirm
         chan.queue_declare = self._recording_exclusive(chan.queue_declare)
         chan.basic_consume = self._noting_consumers(chan.basic_consume)
+        chan.settle_strictly = True  # message.ack() of a lost delivery raises, as on py-amqp
         if self.default_prefetch_count:
             _bound_consumers(chan, self.default_prefetch_count)
         with self._lock:

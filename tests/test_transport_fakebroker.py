@@ -86,6 +86,35 @@ def deliver_when_subscribed(peer: Peer, body: Any, **kwargs: Any) -> threading.T
 # -- publishing and consuming ---------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("how", ["connection lost", "channel closed"])
+def test_acking_a_delivery_that_can_no_longer_be_settled_raises_as_py_amqp_does(broker, how):
+    """Celery acks a task message before running it: on py-amqp a failed ack means the task does not
+    run (the broker redelivers it); a silently dropped ack let it run twice (red team 17b, F1/F2)."""
+    conn, peer = connect(broker, transport_options=FAST)
+    try:
+        got: list[Any] = []
+        channel = conn.channel()
+        consumer = kombu.Consumer(channel, [kombu.Queue("jobs")], callbacks=[lambda body, m: got.append(m)],
+                                  accept=["json"])
+        consumer.consume()
+        deliver_when_subscribed(peer, {"n": 1}).join(5)
+        conn.drain_events(timeout=5)
+        (message,) = got
+        if how == "connection lost":
+            first = conn.connection
+            peer.drop()
+            assert until(lambda: not first._view.alive)
+        else:
+            channel.close()
+        with pytest.raises(conn.connection_errors):
+            message.ack()
+        assert not message.acknowledged
+    finally:
+        conn.close()
+
+
+
+
 def test_a_producer_publishes_and_a_consumer_receives_on_the_draining_thread(broker):
     conn, peer = connect(broker)
     try:

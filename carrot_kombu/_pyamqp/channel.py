@@ -82,6 +82,8 @@ class SafeMessage(pyamqp.Message):  # type: ignore[misc]
         try:
             fn(*args)
         except Disconnected:
+            if getattr(self.channel, "settle_strictly", False):
+                raise  # a kombu/Celery channel: py-amqp raises here, and Celery relies on it
             logger.debug("dropped %s of delivery %s: its connection is gone", how, self.delivery_tag)
         finally:
             acting_for(previous)
@@ -100,6 +102,15 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
     """kombu's py-amqp channel, with its I/O and dispatch owned by :class:`ChanState`."""
 
     Message = SafeMessage
+
+    #: Settling a delivery of a lost connection or a closed channel raises
+    #: (``Disconnected``), as py-amqp does, instead of being dropped.  Set on
+    #: the channels of the kombu transport: Celery acks a task message before
+    #: it runs the task (``acks_late`` off) and, on py-amqp, a failed ack
+    #: means the task is not run (the broker redelivers it); a dropped ack let
+    #: it run, and then run again.  Consumers of ``manager.consume`` keep the
+    #: drop (documented there).
+    settle_strictly = False
 
     def __init__(self, connection: Any, channel_id: Any = None, auto_decode: bool = True, on_open: Any = None) -> None:
         self.carrot = ChanState(self, connection.carrot)
@@ -233,11 +244,17 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         """
         state: ChanState = self.carrot
         if self._dropped(sig):
+            if self.settle_strictly:
+                raise Disconnected(f"channel {self.channel_id} is closed: the delivery cannot be settled "
+                                   "(the broker requeues it)")
             logger.debug("dropped %s on channel %s: it is closing (the broker requeues)", method_name(sig), self.channel_id)
             return 0
         self._before_queueing(sig, has_content, request_deadline if deadline is None else deadline, deadline)
         with state.lock:
             if self._dropped(sig):
+                if self.settle_strictly:
+                    raise Disconnected(f"channel {self.channel_id} is closed: the delivery cannot be settled "
+                                       "(the broker requeues it)")
                 return 0
             failure = state.failure()
             if failure is not None:
