@@ -25,6 +25,7 @@ waits on a lock or a socket for a publish:
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import weakref
 from collections import deque
@@ -41,6 +42,8 @@ from .publisher import Publisher, Submission
 from .status import ConnectionState, Status
 
 __all__ = ("AsyncConnectionManager", "AsyncConsumer", "AsyncMessage", "Event")
+
+logger = logging.getLogger("carrot_kombu")
 
 #: Events kept for an ``events()`` iterator that does not keep up; older ones are dropped.
 EVENT_BUFFER = 1000
@@ -449,6 +452,9 @@ class AsyncConsumer:
         # hands one to the user: the buffer never holds more than prefetch_count.
         self._slots = threading.Semaphore(prefetch_count)
         self._closed = False
+        # _closed and _consumer between the loop (cancel) and the subscribing
+        # thread: whichever comes second cancels the consumer, never neither.
+        self._lock = threading.Lock()
         self._starting: Optional[asyncio.Future[None]] = None
         self._wakeups: Optional[_Wakeups] = None
 
@@ -470,12 +476,15 @@ class AsyncConsumer:
         await asyncio.shield(self._starting)
 
     def _subscribe(self) -> None:
-        self._consumer = self._owner.manager.consume(
+        consumer = self._owner.manager.consume(
             self._queue, self._deliver, prefetch_count=self._prefetch, arguments=self._arguments,
             declare=self._declare,
         )
-        if self._closed:  # cancelled while subscribing
-            self._consumer.cancel()
+        with self._lock:
+            self._consumer = consumer
+            closed = self._closed
+        if closed:  # cancelled while subscribing: nobody else will cancel it
+            consumer.cancel()
 
     def _deliver(self, body: Any, message: Any) -> None:
         # The consumer's worker thread: wait for a buffer slot, then hand over.
@@ -537,17 +546,53 @@ class AsyncConsumer:
             await self.cancel()
 
     async def __aenter__(self) -> "AsyncConsumer":
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            # Cancelled (or failed) while subscribing: ``async with`` will not
+            # call __aexit__, so end the subscription here, without awaiting
+            # (a cancelled task must not wait): the subscribing thread, or the
+            # executor, cancels the consumer once it exists.
+            self._close()
+            raise
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.cancel()
 
     async def cancel(self) -> None:
-        """End the subscription (idempotent); deliveries not acknowledged go back to the queue."""
+        """End the subscription (idempotent); deliveries not acknowledged go back to the queue.
+
+        If the awaiting task is cancelled, the subscription still ends (in
+        the background).
+        """
         if self._closed:
             return
-        self._closed = True
+        consumer = self._close(cancel_now=False)
+        starting = self._starting
+        if starting is not None and consumer is None:
+            try:
+                await asyncio.shield(starting)
+            except Exception:  # noqa: BLE001 - it never subscribed: nothing to cancel
+                pass
+            # The subscribing thread saw _closed and cancelled its consumer
+            # before the future completed.
+            return
+        if consumer is not None:
+            await asyncio.get_running_loop().run_in_executor(None, consumer.cancel)
+
+    def _close(self, cancel_now: bool = True) -> Optional[Consumer]:
+        """On the loop: mark closed, free the worker; the consumer, if it already exists.
+
+        With ``cancel_now`` an existing consumer is cancelled in the loop's
+        executor without waiting for it; a subscription still in progress
+        is cancelled by its thread when it ends (see :meth:`_subscribe`).
+        """
+        with self._lock:
+            if self._closed:
+                return None
+            self._closed = True
+            consumer = self._consumer
         self._owner._consumers.discard(self)
         # Free a worker waiting for a slot: it sees _closed and leaves its delivery unsettled.
         for _ in range(self._prefetch):
@@ -555,15 +600,15 @@ class AsyncConsumer:
         if self._ready is not None:
             self._buffer.append(_END)
             self._ready.set()
-        starting = self._starting
-        if starting is not None:
-            try:
-                await asyncio.shield(starting)
-            except Exception:  # noqa: BLE001 - it never subscribed: nothing to cancel
-                return
-        consumer = self._consumer
-        if consumer is not None:
-            await asyncio.get_running_loop().run_in_executor(None, consumer.cancel)
+        if consumer is not None and cancel_now:
+            asyncio.get_running_loop().run_in_executor(None, consumer.cancel).add_done_callback(_retrieve)
+        return consumer
+
+
+def _retrieve(future: "asyncio.Future[Any]") -> None:
+    """A background call's outcome, read so that asyncio does not warn about it; failures logged."""
+    if not future.cancelled() and future.exception() is not None:
+        logger.warning("carrot_kombu: cancelling an async consumer failed", exc_info=future.exception())
 
 
 def _resolve(future: "asyncio.Future[None]") -> None:

@@ -236,6 +236,48 @@ async def test_the_consumer_buffer_is_bounded_by_prefetch_and_async_with_cancels
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("mode", ["async with", "async for"])
+async def test_a_task_cancelled_while_subscribing_leaves_no_subscription(mode):
+    async with AsyncConnectionManager("memory://", **FAST) as m:
+        await m.declare(kombu.Queue("aio-cancel-sub"))
+        manager = m.manager
+        made = []
+        subscribing = threading.Event()
+        release = threading.Event()
+        consume = manager.consume
+
+        def slow_consume(*args, **kwargs):
+            # The subscription is in progress (in the executor) when the task is cancelled.
+            subscribing.set()
+            assert release.wait(5)
+            consumer = consume(*args, **kwargs)
+            made.append(consumer)
+            return consumer
+
+        manager.consume = slow_consume
+
+        async def handler():
+            if mode == "async with":
+                async with m.consume("aio-cancel-sub", prefetch_count=2) as messages:
+                    async for message in messages:
+                        await message.ack()
+            else:
+                async for message in m.consume("aio-cancel-sub", prefetch_count=2):
+                    await message.ack()
+
+        task = asyncio.ensure_future(handler())
+        assert await _until(subscribing.is_set)
+        task.cancel()
+        await asyncio.sleep(0)
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await _until(lambda: len(made) == 1)
+        assert await _until(lambda: not made[0].active), "the subscription outlived its cancelled task"
+        assert not m._consumers
+
+
+@pytest.mark.asyncio
 async def test_a_wrapped_manager_keeps_running_after_the_async_side_stops(make_manager):
     manager, _ = make_manager("memory://")
     assert manager.wait_connected(5)
