@@ -34,6 +34,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, Mapping, NamedTuple, 
 import kombu
 
 from ._deadline import check_timeout
+from ._nowait import WouldWait, nowait
 from .consumers import Consumer
 from .events import EVENTS
 from .exceptions import CarrotKombuError, ConfigurationError, Disconnected
@@ -383,9 +384,11 @@ class AsyncMessage:
     """One delivery: ``body`` (decoded), the kombu ``message``, and async settlement.
 
     Settling writes one small frame on the consumer's channel from the loop
-    (no wait for the broker; only while the connection's outgoing buffer is
-    over its high-water mark, under heavy publishing from other threads, does
-    it wait for room, as every writer does).  As with :meth:`ConnectionManager.consume`, a
+    and never waits, neither for the broker nor for room: while the
+    connection's outgoing buffer is over its high-water mark (a stalled peer
+    under heavy publishing from other threads) the frame is written from the
+    loop's default executor instead, and the awaiting task waits for that
+    (the loop goes on).  As with :meth:`ConnectionManager.consume`, a
     settlement of a delivery from a lost connection, or after the consumer
     was cancelled, is dropped: the broker redelivers the message.
     """
@@ -413,20 +416,31 @@ class AsyncMessage:
         return bool(self.message.delivery_info.get("redelivered"))
 
     async def ack(self) -> None:
-        self.message.ack()
+        await _settle(self.message.ack)
 
     async def reject(self) -> None:
         """Reject without requeue (dead-lettered if the queue has a dead-letter exchange)."""
-        self.message.reject(requeue=False)
+        await _settle(self.message.reject, False)
 
     async def requeue(self) -> None:
-        self.message.requeue()
+        await _settle(self.message.requeue)
 
     def __repr__(self) -> str:
         return f"<AsyncMessage tag={self.delivery_tag!r} body={self.body!r:.60}>"
 
 
 _END = object()
+
+
+async def _settle(settle: Callable[..., None], *args: Any) -> None:
+    """``settle(*args)`` from the loop if it needs no wait, else from the default executor."""
+    try:
+        with nowait():
+            settle(*args)
+        return
+    except WouldWait:
+        pass  # nothing was written: write it where waiting is allowed
+    await asyncio.get_running_loop().run_in_executor(None, settle, *args)
 
 
 class AsyncConsumer:

@@ -20,6 +20,7 @@ from carrot_kombu import (
 from carrot_kombu._deadline import Deadline
 from carrot_kombu._link import Outbound
 from carrot_kombu.publisher import Publisher, _Pending
+from tests.fakebroker import FakeBroker
 
 FAST = {"backoff": {"min": 0.01, "max": 0.05, "jitter": False}}
 
@@ -505,3 +506,55 @@ def test_handoff_runs_work_in_order_and_timers_unless_cancelled():
     while any(t.name == "carrot-kombu-test-handoff" for t in threading.enumerate()) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not any(t.name == "carrot-kombu-test-handoff" for t in threading.enumerate())
+
+
+@pytest.mark.asyncio
+async def test_an_ack_never_blocks_the_loop_while_the_outgoing_buffer_is_full(monkeypatch):
+    from carrot_kombu._pyamqp import wire as wire_module
+
+    monkeypatch.setattr(wire_module, "HIGH_WATER", 64 * 1024)
+    loop = asyncio.get_running_loop()
+    with FakeBroker(heartbeat=0, recv_buffer=65536) as broker:
+        m = AsyncConnectionManager(f"amqp://guest:guest@127.0.0.1:{broker.port}/", heartbeat=0, **FAST)
+        starting = asyncio.ensure_future(m.start(5))
+        peer = await loop.run_in_executor(None, broker.accept)
+        await starting
+        watchdog = None
+        try:
+            messages = m.consume("aio-ack-q", prefetch_count=5, declare=False)
+            await messages.start()
+            consume = await loop.run_in_executor(None, lambda: peer.wait_for(lambda: peer.received("basic.consume")))
+            for _ in range(2):
+                await loop.run_in_executor(None, lambda: peer.deliver(consume[0].channel, consume[0]["consumer_tag"],
+                                                                      body=b"x"))
+            got = [await asyncio.wait_for(messages.get(), 5) for _ in range(2)]
+            await m.publish(b"first", routing_key="q", timeout=5)  # the confirm channel is open
+            # A stalled peer and another thread's big publishes: the buffer is over its high-water mark.
+            peer.stop_reading()
+            wire = m.manager._core.live.current()._state.wire
+            futures = []
+            flood = threading.Thread(
+                target=lambda: futures.extend(m.manager.publish_async(b"B" * 256 * 1024, routing_key="q", timeout=30)
+                                              for _ in range(40)), daemon=True)
+            flood.start()
+            assert await _until(lambda: wire.stalled_since is not None and wire.pending_output > 64 * 1024)
+            # Without the fix the ack waits on the loop for room: bounded here by resuming the peer.
+            watchdog = threading.Timer(3.0, peer.resume_reading)
+            watchdog.start()
+            ack = asyncio.ensure_future(got[0].ack())
+            before = loop.time()
+            await asyncio.sleep(0.1)
+            assert loop.time() - before < 1.0, "the ack blocked the event loop"
+            peer.resume_reading()
+            await asyncio.wait_for(ack, 10)
+            await got[1].ack()
+            await loop.run_in_executor(None, lambda: peer.wait_for(lambda: len(peer.received("basic.ack")) == 2))
+            flood.join(10)
+            for future in futures:
+                await asyncio.wait_for(asyncio.wrap_future(future), 10)
+            await messages.cancel()
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+            peer.resume_reading()
+            await m.stop(5)
