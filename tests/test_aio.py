@@ -194,6 +194,38 @@ async def test_a_full_pending_table_is_waited_for_off_the_loop(make_manager, fau
 
 
 @pytest.mark.asyncio
+async def test_a_message_waiting_for_a_slot_is_never_written_after_its_caller_is_gone(make_manager, faults):
+    """max_pending=2, both slots taken: the helper holds the rest; cancelled / not_sent ones never go out."""
+    faults.refuse = -1
+    manager, events = make_manager(max_pending=2)
+    assert events.wait_count("connect_failed", 1)
+    manager.declare(kombu.Queue("aio-gone"))
+    m = AsyncConnectionManager.wrap(manager)
+    kept = [asyncio.ensure_future(m.publish({"kept": n}, routing_key="aio-gone", timeout=10)) for n in range(2)]
+    assert await _until(lambda: manager._core.publisher.pending_count() == 2)
+    cancelled_task = asyncio.ensure_future(m.publish({"gone": "task"}, routing_key="aio-gone", timeout=10))
+    timed_out = asyncio.ensure_future(m.publish({"gone": "timeout"}, routing_key="aio-gone", timeout=0.2))
+    cancelled_future = manager.publish_async({"gone": "future"}, routing_key="aio-gone", timeout=10)
+    await asyncio.sleep(0.05)  # the three are held by the helper thread (no free slot)
+    cancelled_task.cancel()
+    assert cancelled_future.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled_task
+    with pytest.raises(PublishTimeout) as info:
+        await timed_out
+    assert info.value.outcome == "not_sent"
+    faults.refuse = 0
+    await asyncio.wait_for(asyncio.gather(*kept), 10)
+    await m.publish({"after": 1}, routing_key="aio-gone", timeout=10)  # written after anything held before it
+    assert manager._core.publisher.pending_count() == 0
+    with manager.channel() as lease:
+        bodies = []
+        while (message := lease.basic_get("aio-gone", no_ack=True)) is not None:
+            bodies.append(message.body)
+    assert len(bodies) == 3, bodies
+
+
+@pytest.mark.asyncio
 async def test_events_iterator_sees_connected_and_ends_after_stopped(make_manager, faults):
     manager, _ = make_manager(start=False)
     m = AsyncConnectionManager.wrap(manager)
