@@ -48,6 +48,8 @@ logger = logging.getLogger("carrot_kombu")
 
 #: Events kept for an ``events()`` iterator that does not keep up; older ones are dropped.
 EVENT_BUFFER = 1000
+#: Most seconds ``async with`` spends stopping the manager after the start failed.
+FAILED_START_STOP = 1.0
 #: Seconds between two looks, by a consumer thread waiting for a buffer slot, at whether its consumer ended.
 SLOT_CHECK = 0.5
 
@@ -71,7 +73,8 @@ class AsyncConnectionManager:
     waits up to ``start_timeout`` seconds for the first connection
     (:class:`~carrot_kombu.Disconnected` past it, or at once when the broker
     refuses the connection for a reason retrying will not fix; the manager
-    is stopped then), and on exit calls :meth:`stop`.
+    is stopped then, within ``FAILED_START_STOP`` seconds more: a connection
+    attempt still in progress is cut), and on exit calls :meth:`stop`.
 
     Args:
         url: As :class:`~carrot_kombu.ConnectionManager`.
@@ -160,7 +163,11 @@ class AsyncConnectionManager:
         try:
             return await self.start()
         except BaseException:
-            await self.stop()
+            # Bounded: a connection attempt in progress (a peer that accepts
+            # TCP and never answers) would hold an unbounded stop() for its
+            # connection_timeout, far past start_timeout.  Nothing was
+            # connected, so there is nothing to close politely: it is cut.
+            await self.stop(timeout=FAILED_START_STOP)
             raise
 
     async def __aexit__(self, *exc_info: Any) -> None:

@@ -118,6 +118,22 @@ async def test_start_waits_bounded_and_a_refused_connection_raises(make_manager,
 
 
 @pytest.mark.asyncio
+async def test_async_with_fails_within_start_timeout_against_a_peer_that_never_answers():
+    """TCP accepted (the listen backlog), no AMQP answer: Disconnected after start_timeout, not connection_timeout."""
+    import socket
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"amqp://guest:guest@127.0.0.1:{silent.getsockname()[1]}/"
+        began = time.monotonic()
+        with pytest.raises(Disconnected, match="not connected within 0.5s"):
+            async with AsyncConnectionManager(url, start_timeout=0.5, connection_timeout=10, heartbeat=0, **FAST):
+                pass
+        assert time.monotonic() - began < 0.5 + 1.0 + 1.0  # start_timeout + FAILED_START_STOP + slack
+
+
+@pytest.mark.asyncio
 async def test_publish_while_disconnected_times_out_not_sent_and_is_forgotten(make_manager, faults):
     faults.refuse = -1
     manager, events = make_manager()
