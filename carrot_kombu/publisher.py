@@ -145,8 +145,11 @@ class Publisher:
         self._block_epoch = 0
         self._block_timer: Optional[Timer] = None
         self.used = False  # no confirm channel is opened until the first publish
-        #: Completes publish_async futures and expires them (user callbacks never run on the reading thread).
+        #: Completes publish_async futures and expires them; runs no user code,
+        #: so that no caller's done-callback delays another's result or timeout.
         self.completions = Handoff("carrot-kombu-futures")
+        #: Runs publish_async done-callbacks (user code), in the order their futures completed.
+        self.callbacks = Handoff("carrot-kombu-callbacks")
         #: Writes what a non-waiting caller (an event loop) could not write without waiting.
         self.waiting = Handoff("carrot-kombu-publish-wait")
         #: Whether the manager has a live connection (set by the owner of the
@@ -241,6 +244,7 @@ class Publisher:
         self.blocked(None, None)
         self.completions.retire()  # after completing the futures just failed
         self.waiting.retire()
+        self.callbacks.retire()
 
     def fail_waiting(self, why: str, reason: Optional[BaseException] = None, closed: bool = False) -> None:
         """End every waiting publish with ``why`` (stopped, failed, gave up)."""
@@ -321,6 +325,7 @@ class Publisher:
             self._refused = None
         self.completions.resume()
         self.waiting.resume()
+        self.callbacks.resume()
 
     def detach(self, generation: Optional[int] = None) -> None:
         with self._cond.lock:

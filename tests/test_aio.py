@@ -344,7 +344,7 @@ async def test_a_wrapped_manager_keeps_running_after_the_async_side_stops(make_m
 # -- publish_async (concurrent.futures) ------------------------------------------------------
 
 
-def test_publish_async_resolves_on_the_completion_thread(make_manager):
+def test_publish_async_resolves_and_calls_back_on_the_callback_thread(make_manager):
     manager, _ = make_manager("memory://")
     assert manager.wait_connected(5)
     manager.declare(kombu.Queue("pa"))
@@ -356,9 +356,50 @@ def test_publish_async_resolves_on_the_completion_thread(make_manager):
     deadline = time.monotonic() + 5
     while not threads and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert threads and threads[0] in ("carrot-kombu-futures", threading.current_thread().name)
+    assert threads and threads[0] == "carrot-kombu-callbacks"
     with manager.channel() as lease:
         assert lease.queue_declare("pa", passive=True).message_count == 20
+
+
+def test_a_slow_done_callback_delays_no_other_futures_timeout(make_manager, faults):
+    faults.refuse = -1
+    manager, events = make_manager()
+    assert events.wait_count("connect_failed", 1)
+    release = threading.Event()
+    entered = threading.Event()
+
+    def slow(future):
+        entered.set()
+        release.wait(10)
+
+    try:
+        manager.publish_async(b"a", routing_key="q", timeout=0.05).add_done_callback(slow)
+        assert entered.wait(5)  # the slow callback is running
+        began = time.monotonic()
+        with pytest.raises(PublishTimeout):
+            manager.publish_async(b"b", routing_key="q", timeout=0.3).result(5)
+        assert time.monotonic() - began < 2.0  # its own timeout, not the other caller's callback
+    finally:
+        release.set()
+
+
+def test_a_done_callback_may_wait_for_another_publish_async(make_manager):
+    manager, _ = make_manager("memory://")
+    assert manager.wait_connected(5)
+    manager.declare(kombu.Queue("pa-nested"))
+    inner = []
+    called = threading.Event()
+
+    def publish_again(future):
+        try:
+            inner.append(manager.publish_async(b"inner", routing_key="pa-nested", timeout=5).result(5))
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            inner.append(exc)
+        called.set()
+
+    manager.publish_async(b"outer", routing_key="pa-nested").add_done_callback(publish_again)
+    assert called.wait(10)
+    assert inner == [None]
 
 
 def test_publish_async_errors_are_the_sync_ones(make_manager, faults):
@@ -521,7 +562,8 @@ def test_the_helper_threads_end_when_the_manager_stops(make_manager, faults):
     publisher = manager._core.publisher
 
     def helpers():
-        return [h._worker for h in (publisher.completions, publisher.waiting) if h._worker is not None]
+        return [h._worker for h in (publisher.completions, publisher.waiting, publisher.callbacks)
+                if h._worker is not None]
 
     assert publisher.completions._worker is not None  # its timers
     manager.stop()
