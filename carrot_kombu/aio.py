@@ -514,7 +514,10 @@ class AsyncConsumer:
         while not self._slots.acquire(timeout=SLOT_CHECK):
             consumer = self._consumer
             loop = self._loop
-            if self._closed or (consumer is not None and not consumer.active) or (loop is not None and loop.is_closed()):
+            if loop is not None and loop.is_closed():
+                self._orphaned(message)
+                return
+            if self._closed or (consumer is not None and not consumer.active):
                 return  # not settled: its channel's close sends it back to the queue
         wakeups = self._wakeups
         if self._closed or wakeups is None:
@@ -522,6 +525,26 @@ class AsyncConsumer:
             return  # not settled: the cancel's channel close sends it back to the queue
         if not wakeups.post(self._put, AsyncMessage(body, message)):
             self._slots.release()
+            self._orphaned(message)
+
+    def _orphaned(self, message: Any) -> None:
+        """The consumer's thread: the loop closed without cancelling us; give the delivery back, end the subscription.
+
+        Otherwise the subscription would hold ``prefetch_count`` deliveries
+        unacknowledged, and take new ones, until the manager stops.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            consumer = self._consumer
+        self._owner._consumers.discard(self)
+        try:
+            message.requeue()
+        except Exception:  # noqa: BLE001 - the channel is going: the broker redelivers anyway
+            logger.debug("carrot_kombu: could not requeue a delivery of a closed event loop", exc_info=True)
+        if consumer is not None:
+            consumer.cancel()  # from its own callback: does not wait for itself
 
     def _put(self, item: Any) -> None:
         self._buffer.append(item)

@@ -552,6 +552,34 @@ async def test_a_consumer_thread_waiting_for_a_buffer_slot_ends_when_its_consume
     await messages.cancel()
 
 
+def test_a_consumer_whose_loop_closed_without_cancelling_ends_and_gives_deliveries_back(make_manager):
+    manager, _ = make_manager("memory://")
+    assert manager.wait_connected(5)
+    manager.declare(kombu.Queue("aio-orphan"))
+
+    async def handler():
+        m = AsyncConnectionManager.wrap(manager)
+        consumer = m.consume("aio-orphan", prefetch_count=5)
+        await m.publish(b"first", routing_key="aio-orphan")
+        message = await consumer.get()
+        await message.ack()
+        return consumer  # a bug in the app, or a loop torn down: never cancelled
+
+    consumer = asyncio.run(handler())
+    assert consumer.consumer.active
+    for n in range(3):
+        manager.publish({"n": n}, routing_key="aio-orphan")
+    deadline = time.monotonic() + 5
+    while consumer.consumer.active and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not consumer.consumer.active  # the subscription ended with its loop
+    with manager.channel() as lease:
+        bodies = []
+        while (message := lease.basic_get("aio-orphan", no_ack=True)) is not None:
+            bodies.append(message.body)
+    assert sorted(bodies) == [b'{"n": 0}', b'{"n": 1}', b'{"n": 2}']  # all given back, none lost
+
+
 def test_the_helper_threads_end_when_the_manager_stops(make_manager, faults):
     faults.refuse = -1
     manager, events = make_manager(max_pending=1)
