@@ -554,6 +554,9 @@ class AsyncConsumer:
     async def get(self) -> AsyncMessage:
         """The next delivery (subscribing first if needed).
 
+        Outside ``async for`` / ``async with``, the subscription lasts until
+        :meth:`cancel` (or the owner's ``stop()``).
+
         Raises:
             StopAsyncIteration: The consumer was cancelled.
         """
