@@ -25,6 +25,7 @@ waits on a lock or a socket for a publish:
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import weakref
 from collections import deque
@@ -33,6 +34,7 @@ from typing import Any, AsyncIterator, Callable, Iterable, Mapping, NamedTuple, 
 import kombu
 
 from ._deadline import check_timeout
+from ._nowait import WouldWait, nowait
 from .consumers import Consumer
 from .events import EVENTS
 from .exceptions import CarrotKombuError, ConfigurationError, Disconnected
@@ -42,8 +44,12 @@ from .status import ConnectionState, Status
 
 __all__ = ("AsyncConnectionManager", "AsyncConsumer", "AsyncMessage", "Event")
 
+logger = logging.getLogger("carrot_kombu")
+
 #: Events kept for an ``events()`` iterator that does not keep up; older ones are dropped.
 EVENT_BUFFER = 1000
+#: Most seconds ``async with`` spends stopping the manager after the start failed.
+FAILED_START_STOP = 1.0
 #: Seconds between two looks, by a consumer thread waiting for a buffer slot, at whether its consumer ended.
 SLOT_CHECK = 0.5
 
@@ -67,7 +73,8 @@ class AsyncConnectionManager:
     waits up to ``start_timeout`` seconds for the first connection
     (:class:`~carrot_kombu.Disconnected` past it, or at once when the broker
     refuses the connection for a reason retrying will not fix; the manager
-    is stopped then), and on exit calls :meth:`stop`.
+    is stopped then, within ``FAILED_START_STOP`` seconds more: a connection
+    attempt still in progress is cut), and on exit calls :meth:`stop`.
 
     Args:
         url: As :class:`~carrot_kombu.ConnectionManager`.
@@ -156,7 +163,11 @@ class AsyncConnectionManager:
         try:
             return await self.start()
         except BaseException:
-            await self.stop()
+            # Bounded: a connection attempt in progress (a peer that accepts
+            # TCP and never answers) would hold an unbounded stop() for its
+            # connection_timeout, far past start_timeout.  Nothing was
+            # connected, so there is nothing to close politely: it is cut.
+            await self.stop(timeout=FAILED_START_STOP)
             raise
 
     async def __aexit__(self, *exc_info: Any) -> None:
@@ -380,9 +391,11 @@ class AsyncMessage:
     """One delivery: ``body`` (decoded), the kombu ``message``, and async settlement.
 
     Settling writes one small frame on the consumer's channel from the loop
-    (no wait for the broker; only while the connection's outgoing buffer is
-    over its high-water mark, under heavy publishing from other threads, does
-    it wait for room, as every writer does).  As with :meth:`ConnectionManager.consume`, a
+    and never waits, neither for the broker nor for room: while the
+    connection's outgoing buffer is over its high-water mark (a stalled peer
+    under heavy publishing from other threads) the frame is written from the
+    loop's default executor instead, and the awaiting task waits for that
+    (the loop goes on).  As with :meth:`ConnectionManager.consume`, a
     settlement of a delivery from a lost connection, or after the consumer
     was cancelled, is dropped: the broker redelivers the message.
     """
@@ -410,20 +423,31 @@ class AsyncMessage:
         return bool(self.message.delivery_info.get("redelivered"))
 
     async def ack(self) -> None:
-        self.message.ack()
+        await _settle(self.message.ack)
 
     async def reject(self) -> None:
         """Reject without requeue (dead-lettered if the queue has a dead-letter exchange)."""
-        self.message.reject(requeue=False)
+        await _settle(self.message.reject, False)
 
     async def requeue(self) -> None:
-        self.message.requeue()
+        await _settle(self.message.requeue)
 
     def __repr__(self) -> str:
         return f"<AsyncMessage tag={self.delivery_tag!r} body={self.body!r:.60}>"
 
 
 _END = object()
+
+
+async def _settle(settle: Callable[..., None], *args: Any) -> None:
+    """``settle(*args)`` from the loop if it needs no wait, else from the default executor."""
+    try:
+        with nowait():
+            settle(*args)
+        return
+    except WouldWait:
+        pass  # nothing was written: write it where waiting is allowed
+    await asyncio.get_running_loop().run_in_executor(None, settle, *args)
 
 
 class AsyncConsumer:
@@ -449,6 +473,9 @@ class AsyncConsumer:
         # hands one to the user: the buffer never holds more than prefetch_count.
         self._slots = threading.Semaphore(prefetch_count)
         self._closed = False
+        # _closed and _consumer between the loop (cancel) and the subscribing
+        # thread: whichever comes second cancels the consumer, never neither.
+        self._lock = threading.Lock()
         self._starting: Optional[asyncio.Future[None]] = None
         self._wakeups: Optional[_Wakeups] = None
 
@@ -470,12 +497,15 @@ class AsyncConsumer:
         await asyncio.shield(self._starting)
 
     def _subscribe(self) -> None:
-        self._consumer = self._owner.manager.consume(
+        consumer = self._owner.manager.consume(
             self._queue, self._deliver, prefetch_count=self._prefetch, arguments=self._arguments,
             declare=self._declare,
         )
-        if self._closed:  # cancelled while subscribing
-            self._consumer.cancel()
+        with self._lock:
+            self._consumer = consumer
+            closed = self._closed
+        if closed:  # cancelled while subscribing: nobody else will cancel it
+            consumer.cancel()
 
     def _deliver(self, body: Any, message: Any) -> None:
         # The consumer's worker thread: wait for a buffer slot, then hand over.
@@ -484,7 +514,10 @@ class AsyncConsumer:
         while not self._slots.acquire(timeout=SLOT_CHECK):
             consumer = self._consumer
             loop = self._loop
-            if self._closed or (consumer is not None and not consumer.active) or (loop is not None and loop.is_closed()):
+            if loop is not None and loop.is_closed():
+                self._orphaned(message)
+                return
+            if self._closed or (consumer is not None and not consumer.active):
                 return  # not settled: its channel's close sends it back to the queue
         wakeups = self._wakeups
         if self._closed or wakeups is None:
@@ -492,6 +525,26 @@ class AsyncConsumer:
             return  # not settled: the cancel's channel close sends it back to the queue
         if not wakeups.post(self._put, AsyncMessage(body, message)):
             self._slots.release()
+            self._orphaned(message)
+
+    def _orphaned(self, message: Any) -> None:
+        """The consumer's thread: the loop closed without cancelling us; give the delivery back, end the subscription.
+
+        Otherwise the subscription would hold ``prefetch_count`` deliveries
+        unacknowledged, and take new ones, until the manager stops.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            consumer = self._consumer
+        self._owner._consumers.discard(self)
+        try:
+            message.requeue()
+        except Exception:  # noqa: BLE001 - the channel is going: the broker redelivers anyway
+            logger.debug("carrot_kombu: could not requeue a delivery of a closed event loop", exc_info=True)
+        if consumer is not None:
+            consumer.cancel()  # from its own callback: does not wait for itself
 
     def _put(self, item: Any) -> None:
         self._buffer.append(item)
@@ -500,6 +553,9 @@ class AsyncConsumer:
 
     async def get(self) -> AsyncMessage:
         """The next delivery (subscribing first if needed).
+
+        Outside ``async for`` / ``async with``, the subscription lasts until
+        :meth:`cancel` (or the owner's ``stop()``).
 
         Raises:
             StopAsyncIteration: The consumer was cancelled.
@@ -537,17 +593,53 @@ class AsyncConsumer:
             await self.cancel()
 
     async def __aenter__(self) -> "AsyncConsumer":
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            # Cancelled (or failed) while subscribing: ``async with`` will not
+            # call __aexit__, so end the subscription here, without awaiting
+            # (a cancelled task must not wait): the subscribing thread, or the
+            # executor, cancels the consumer once it exists.
+            self._close()
+            raise
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.cancel()
 
     async def cancel(self) -> None:
-        """End the subscription (idempotent); deliveries not acknowledged go back to the queue."""
+        """End the subscription (idempotent); deliveries not acknowledged go back to the queue.
+
+        If the awaiting task is cancelled, the subscription still ends (in
+        the background).
+        """
         if self._closed:
             return
-        self._closed = True
+        consumer = self._close(cancel_now=False)
+        starting = self._starting
+        if starting is not None and consumer is None:
+            try:
+                await asyncio.shield(starting)
+            except Exception:  # noqa: BLE001 - it never subscribed: nothing to cancel
+                pass
+            # The subscribing thread saw _closed and cancelled its consumer
+            # before the future completed.
+            return
+        if consumer is not None:
+            await asyncio.get_running_loop().run_in_executor(None, consumer.cancel)
+
+    def _close(self, cancel_now: bool = True) -> Optional[Consumer]:
+        """On the loop: mark closed, free the worker; the consumer, if it already exists.
+
+        With ``cancel_now`` an existing consumer is cancelled in the loop's
+        executor without waiting for it; a subscription still in progress
+        is cancelled by its thread when it ends (see :meth:`_subscribe`).
+        """
+        with self._lock:
+            if self._closed:
+                return None
+            self._closed = True
+            consumer = self._consumer
         self._owner._consumers.discard(self)
         # Free a worker waiting for a slot: it sees _closed and leaves its delivery unsettled.
         for _ in range(self._prefetch):
@@ -555,15 +647,15 @@ class AsyncConsumer:
         if self._ready is not None:
             self._buffer.append(_END)
             self._ready.set()
-        starting = self._starting
-        if starting is not None:
-            try:
-                await asyncio.shield(starting)
-            except Exception:  # noqa: BLE001 - it never subscribed: nothing to cancel
-                return
-        consumer = self._consumer
-        if consumer is not None:
-            await asyncio.get_running_loop().run_in_executor(None, consumer.cancel)
+        if consumer is not None and cancel_now:
+            asyncio.get_running_loop().run_in_executor(None, consumer.cancel).add_done_callback(_retrieve)
+        return consumer
+
+
+def _retrieve(future: "asyncio.Future[Any]") -> None:
+    """A background call's outcome, read so that asyncio does not warn about it; failures logged."""
+    if not future.cancelled() and future.exception() is not None:
+        logger.warning("carrot_kombu: cancelling an async consumer failed", exc_info=future.exception())
 
 
 def _resolve(future: "asyncio.Future[None]") -> None:

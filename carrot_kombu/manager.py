@@ -17,7 +17,7 @@ from .config import Settings
 from .consumers import Consumer
 from .exceptions import CarrotKombuError, ConfigurationError, Disconnected
 from .options import OPTION_NAMES
-from ._handoff import Timer
+from ._handoff import Handoff, Timer
 from .pool import Lease
 from .publisher import Outcome, Publisher, Submission
 from .retry import Backoff
@@ -756,9 +756,14 @@ class ConnectionManager:
         once ``timeout`` passes).  The message is written before this
         returns when it can be without waiting; otherwise (no free slot,
         a blocked connection) a helper thread of the manager writes it.  No
-        thread waits per call: the confirm completes the future, and its
-        done-callbacks run on the manager's completion thread (never on the
-        thread reading the connection; keep them short).  ``future.cancel()``
+        thread waits per call: the confirm completes the future (its
+        ``result()`` and its timeout never wait for anybody's
+        done-callback), and its done-callbacks run, in order, on the
+        manager's callback thread (never on the thread reading the
+        connection).  Keep them short: a slow one delays the callbacks of
+        other futures, not their results.  A done-callback may wait for
+        another ``publish_async`` future's ``result()``, but not for a
+        future's own done-callbacks to have run.  ``future.cancel()``
         forgets the message: it is not published again after a reconnect
         (if already written, it may have been stored).
 
@@ -766,12 +771,13 @@ class ConnectionManager:
             TypeError, ValueError: At once, as :meth:`publish` (nothing was sent).
             Disconnected: At once when waiting cannot help (stopped, refused).
         """
-        future: "concurrent.futures.Future[None]" = concurrent.futures.Future()
+        future = _PublishFuture(self._core.publisher.callbacks)
         completions = self._core.publisher.completions
         timer: list[Timer] = []
 
         def complete(submission: Submission) -> None:
-            # On the completion thread: user done-callbacks run here.
+            # On the completion thread, which runs no user code: the future's
+            # done-callbacks are handed to the callback thread (_PublishFuture).
             if timer:
                 completions.cancel(timer[0])
             submission.record()
@@ -795,7 +801,7 @@ class ConnectionManager:
                 if timer:
                     completions.cancel(timer[0])  # a live timer would keep the completion thread up
 
-        future.add_done_callback(on_done)
+        future.add_internal_callback(on_done)
         return future
 
     def _submit(
@@ -1051,3 +1057,38 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _PublishFuture(concurrent.futures.Future[None]):
+    """``publish_async``'s future: done-callbacks run on the manager's callback thread.
+
+    ``concurrent.futures`` runs done-callbacks inside ``set_result()`` on the
+    completing thread; that thread (the completion thread, which also
+    expires every future at its deadline) must not run user code, or one
+    caller's slow callback would delay every other caller's result and
+    timeout.  So each callback is handed to ``callbacks`` instead.
+    """
+
+    def __init__(self, callbacks: Handoff) -> None:
+        super().__init__()
+        self._carrot_callbacks = callbacks
+
+    def add_done_callback(self, fn: Callable[["concurrent.futures.Future[None]"], object]) -> None:
+        callbacks = self._carrot_callbacks
+
+        def hand_over(future: "concurrent.futures.Future[None]") -> None:
+            callbacks.call(lambda: _run_callback(fn, future))
+
+        super().add_done_callback(hand_over)
+
+    def add_internal_callback(self, fn: Callable[["concurrent.futures.Future[None]"], object]) -> None:
+        """A callback of ours (never blocks, no user code): runs where the future completes."""
+        super().add_done_callback(fn)
+
+
+def _run_callback(fn: Callable[["concurrent.futures.Future[None]"], object],
+                  future: "concurrent.futures.Future[None]") -> None:
+    try:
+        fn(future)
+    except Exception:  # noqa: BLE001 - as concurrent.futures does: logged, the others still run
+        logger.exception("carrot_kombu: exception calling a publish_async done-callback for %r", future)

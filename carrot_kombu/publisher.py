@@ -75,7 +75,7 @@ class _Pending(Waiter):
     """
 
     __slots__ = ("id", "message", "outcome", "detail", "error", "written", "tag", "settled_at", "republish",
-                 "on_done")
+                 "on_done", "forgotten")
 
     def __init__(self, pid: int, message: Outbound, republish: bool = True) -> None:
         super().__init__()
@@ -91,6 +91,9 @@ class _Pending(Waiter):
         #: False: at most once; written, then its channel lost: settled "unknown", never written again.
         self.republish = republish
         self.on_done: Optional[Callable[["_Pending"], None]] = None
+        #: Its caller is gone (cancelled, timed out): never admitted or written
+        #: from now on.  Set and read under the publisher's lock.
+        self.forgotten = False
 
     def ready(self) -> bool:
         return self.outcome is not None
@@ -142,8 +145,11 @@ class Publisher:
         self._block_epoch = 0
         self._block_timer: Optional[Timer] = None
         self.used = False  # no confirm channel is opened until the first publish
-        #: Completes publish_async futures and expires them (user callbacks never run on the reading thread).
+        #: Completes publish_async futures and expires them; runs no user code,
+        #: so that no caller's done-callback delays another's result or timeout.
         self.completions = Handoff("carrot-kombu-futures")
+        #: Runs publish_async done-callbacks (user code), in the order their futures completed.
+        self.callbacks = Handoff("carrot-kombu-callbacks")
         #: Writes what a non-waiting caller (an event loop) could not write without waiting.
         self.waiting = Handoff("carrot-kombu-publish-wait")
         #: Whether the manager has a live connection (set by the owner of the
@@ -238,6 +244,7 @@ class Publisher:
         self.blocked(None, None)
         self.completions.retire()  # after completing the futures just failed
         self.waiting.retire()
+        self.callbacks.retire()
 
     def fail_waiting(self, why: str, reason: Optional[BaseException] = None, closed: bool = False) -> None:
         """End every waiting publish with ``why`` (stopped, failed, gave up)."""
@@ -318,6 +325,7 @@ class Publisher:
             self._refused = None
         self.completions.resume()
         self.waiting.resume()
+        self.callbacks.resume()
 
     def detach(self, generation: Optional[int] = None) -> None:
         with self._cond.lock:
@@ -445,7 +453,7 @@ class Publisher:
         return "no connection"
 
     def _admit(self, pending: _Pending, deadline: Deadline, wait: bool = True) -> bool:
-        """Take a pending slot; False if none is free and ``wait`` is False.
+        """Take a pending slot; False if none is free and ``wait`` is False, or the message was forgotten.
 
         Raises:
             PublishTimeout: No slot within the deadline (``not_sent``).
@@ -453,6 +461,8 @@ class Publisher:
         """
         with self._cond.lock:
             while True:
+                if pending.forgotten:
+                    return False  # its caller is gone (send_waiting skips it): no slot for it
                 if self._closed is not None:
                     raise Disconnected(f"{self._closed}; the message was not sent")
                 if self._refused is not None:
@@ -565,7 +575,8 @@ class Publisher:
                 if not admitted and not self._admit(pending, deadline, wait=not chunk):
                     self._write(chunk, deadline=deadline)
                     chunk = []
-                    self._admit(pending, deadline)
+                    if not self._admit(pending, deadline):
+                        continue  # forgotten while it waited for a slot (cancelled, timed out)
                 chunk.append(pending)
                 if len(chunk) >= _CHUNK_MESSAGES:
                     self._write(chunk, deadline=deadline)
@@ -632,7 +643,9 @@ class Publisher:
             if self._one_at_a_time and not alone:
                 return True  # written when the channel is attached after the careful ones
             channel = self._channel
-            todo = [p for p in chunk if p.outcome is None]
+            # Checked under the lock that _forget takes: a message whose caller
+            # is gone (cancelled, timed out not_sent) is never written later.
+            todo = [p for p in chunk if p.outcome is None and not p.forgotten]
         if channel is None or not todo:
             return True  # written when the next connection is attached
 
@@ -674,6 +687,7 @@ class Publisher:
         the refusal must fall on it, not on another caller's message.
         """
         with self._cond.lock:
+            pending.forgotten = True
             self._pending.pop(pending.id, None)
             if pending.tag and not pending.written and self._by_tag.get(pending.tag) is pending:
                 del self._by_tag[pending.tag]

@@ -20,6 +20,7 @@ from carrot_kombu import (
 from carrot_kombu._deadline import Deadline
 from carrot_kombu._link import Outbound
 from carrot_kombu.publisher import Publisher, _Pending
+from tests.fakebroker import FakeBroker
 
 FAST = {"backoff": {"min": 0.01, "max": 0.05, "jitter": False}}
 
@@ -117,6 +118,22 @@ async def test_start_waits_bounded_and_a_refused_connection_raises(make_manager,
 
 
 @pytest.mark.asyncio
+async def test_async_with_fails_within_start_timeout_against_a_peer_that_never_answers():
+    """TCP accepted (the listen backlog), no AMQP answer: Disconnected after start_timeout, not connection_timeout."""
+    import socket
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"amqp://guest:guest@127.0.0.1:{silent.getsockname()[1]}/"
+        began = time.monotonic()
+        with pytest.raises(Disconnected, match="not connected within 0.5s"):
+            async with AsyncConnectionManager(url, start_timeout=0.5, connection_timeout=10, heartbeat=0, **FAST):
+                pass
+        assert time.monotonic() - began < 0.5 + 1.0 + 1.0  # start_timeout + FAILED_START_STOP + slack
+
+
+@pytest.mark.asyncio
 async def test_publish_while_disconnected_times_out_not_sent_and_is_forgotten(make_manager, faults):
     faults.refuse = -1
     manager, events = make_manager()
@@ -193,6 +210,38 @@ async def test_a_full_pending_table_is_waited_for_off_the_loop(make_manager, fau
 
 
 @pytest.mark.asyncio
+async def test_a_message_waiting_for_a_slot_is_never_written_after_its_caller_is_gone(make_manager, faults):
+    """max_pending=2, both slots taken: the helper holds the rest; cancelled / not_sent ones never go out."""
+    faults.refuse = -1
+    manager, events = make_manager(max_pending=2)
+    assert events.wait_count("connect_failed", 1)
+    manager.declare(kombu.Queue("aio-gone"))
+    m = AsyncConnectionManager.wrap(manager)
+    kept = [asyncio.ensure_future(m.publish({"kept": n}, routing_key="aio-gone", timeout=10)) for n in range(2)]
+    assert await _until(lambda: manager._core.publisher.pending_count() == 2)
+    cancelled_task = asyncio.ensure_future(m.publish({"gone": "task"}, routing_key="aio-gone", timeout=10))
+    timed_out = asyncio.ensure_future(m.publish({"gone": "timeout"}, routing_key="aio-gone", timeout=0.2))
+    cancelled_future = manager.publish_async({"gone": "future"}, routing_key="aio-gone", timeout=10)
+    await asyncio.sleep(0.05)  # the three are held by the helper thread (no free slot)
+    cancelled_task.cancel()
+    assert cancelled_future.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled_task
+    with pytest.raises(PublishTimeout) as info:
+        await timed_out
+    assert info.value.outcome == "not_sent"
+    faults.refuse = 0
+    await asyncio.wait_for(asyncio.gather(*kept), 10)
+    await m.publish({"after": 1}, routing_key="aio-gone", timeout=10)  # written after anything held before it
+    assert manager._core.publisher.pending_count() == 0
+    with manager.channel() as lease:
+        bodies = []
+        while (message := lease.basic_get("aio-gone", no_ack=True)) is not None:
+            bodies.append(message.body)
+    assert len(bodies) == 3, bodies
+
+
+@pytest.mark.asyncio
 async def test_events_iterator_sees_connected_and_ends_after_stopped(make_manager, faults):
     manager, _ = make_manager(start=False)
     m = AsyncConnectionManager.wrap(manager)
@@ -236,6 +285,48 @@ async def test_the_consumer_buffer_is_bounded_by_prefetch_and_async_with_cancels
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("mode", ["async with", "async for"])
+async def test_a_task_cancelled_while_subscribing_leaves_no_subscription(mode):
+    async with AsyncConnectionManager("memory://", **FAST) as m:
+        await m.declare(kombu.Queue("aio-cancel-sub"))
+        manager = m.manager
+        made = []
+        subscribing = threading.Event()
+        release = threading.Event()
+        consume = manager.consume
+
+        def slow_consume(*args, **kwargs):
+            # The subscription is in progress (in the executor) when the task is cancelled.
+            subscribing.set()
+            assert release.wait(5)
+            consumer = consume(*args, **kwargs)
+            made.append(consumer)
+            return consumer
+
+        manager.consume = slow_consume
+
+        async def handler():
+            if mode == "async with":
+                async with m.consume("aio-cancel-sub", prefetch_count=2) as messages:
+                    async for message in messages:
+                        await message.ack()
+            else:
+                async for message in m.consume("aio-cancel-sub", prefetch_count=2):
+                    await message.ack()
+
+        task = asyncio.ensure_future(handler())
+        assert await _until(subscribing.is_set)
+        task.cancel()
+        await asyncio.sleep(0)
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await _until(lambda: len(made) == 1)
+        assert await _until(lambda: not made[0].active), "the subscription outlived its cancelled task"
+        assert not m._consumers
+
+
+@pytest.mark.asyncio
 async def test_a_wrapped_manager_keeps_running_after_the_async_side_stops(make_manager):
     manager, _ = make_manager("memory://")
     assert manager.wait_connected(5)
@@ -253,7 +344,7 @@ async def test_a_wrapped_manager_keeps_running_after_the_async_side_stops(make_m
 # -- publish_async (concurrent.futures) ------------------------------------------------------
 
 
-def test_publish_async_resolves_on_the_completion_thread(make_manager):
+def test_publish_async_resolves_and_calls_back_on_the_callback_thread(make_manager):
     manager, _ = make_manager("memory://")
     assert manager.wait_connected(5)
     manager.declare(kombu.Queue("pa"))
@@ -265,9 +356,50 @@ def test_publish_async_resolves_on_the_completion_thread(make_manager):
     deadline = time.monotonic() + 5
     while not threads and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert threads and threads[0] in ("carrot-kombu-futures", threading.current_thread().name)
+    assert threads and threads[0] == "carrot-kombu-callbacks"
     with manager.channel() as lease:
         assert lease.queue_declare("pa", passive=True).message_count == 20
+
+
+def test_a_slow_done_callback_delays_no_other_futures_timeout(make_manager, faults):
+    faults.refuse = -1
+    manager, events = make_manager()
+    assert events.wait_count("connect_failed", 1)
+    release = threading.Event()
+    entered = threading.Event()
+
+    def slow(future):
+        entered.set()
+        release.wait(10)
+
+    try:
+        manager.publish_async(b"a", routing_key="q", timeout=0.05).add_done_callback(slow)
+        assert entered.wait(5)  # the slow callback is running
+        began = time.monotonic()
+        with pytest.raises(PublishTimeout):
+            manager.publish_async(b"b", routing_key="q", timeout=0.3).result(5)
+        assert time.monotonic() - began < 2.0  # its own timeout, not the other caller's callback
+    finally:
+        release.set()
+
+
+def test_a_done_callback_may_wait_for_another_publish_async(make_manager):
+    manager, _ = make_manager("memory://")
+    assert manager.wait_connected(5)
+    manager.declare(kombu.Queue("pa-nested"))
+    inner = []
+    called = threading.Event()
+
+    def publish_again(future):
+        try:
+            inner.append(manager.publish_async(b"inner", routing_key="pa-nested", timeout=5).result(5))
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            inner.append(exc)
+        called.set()
+
+    manager.publish_async(b"outer", routing_key="pa-nested").add_done_callback(publish_again)
+    assert called.wait(10)
+    assert inner == [None]
 
 
 def test_publish_async_errors_are_the_sync_ones(make_manager, faults):
@@ -420,6 +552,34 @@ async def test_a_consumer_thread_waiting_for_a_buffer_slot_ends_when_its_consume
     await messages.cancel()
 
 
+def test_a_consumer_whose_loop_closed_without_cancelling_ends_and_gives_deliveries_back(make_manager):
+    manager, _ = make_manager("memory://")
+    assert manager.wait_connected(5)
+    manager.declare(kombu.Queue("aio-orphan"))
+
+    async def handler():
+        m = AsyncConnectionManager.wrap(manager)
+        consumer = m.consume("aio-orphan", prefetch_count=5)
+        await m.publish(b"first", routing_key="aio-orphan")
+        message = await consumer.get()
+        await message.ack()
+        return consumer  # a bug in the app, or a loop torn down: never cancelled
+
+    consumer = asyncio.run(handler())
+    assert consumer.consumer.active
+    for n in range(3):
+        manager.publish({"n": n}, routing_key="aio-orphan")
+    deadline = time.monotonic() + 5
+    while consumer.consumer.active and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not consumer.consumer.active  # the subscription ended with its loop
+    with manager.channel() as lease:
+        bodies = []
+        while (message := lease.basic_get("aio-orphan", no_ack=True)) is not None:
+            bodies.append(message.body)
+    assert sorted(bodies) == [b'{"n": 0}', b'{"n": 1}', b'{"n": 2}']  # all given back, none lost
+
+
 def test_the_helper_threads_end_when_the_manager_stops(make_manager, faults):
     faults.refuse = -1
     manager, events = make_manager(max_pending=1)
@@ -430,7 +590,8 @@ def test_the_helper_threads_end_when_the_manager_stops(make_manager, faults):
     publisher = manager._core.publisher
 
     def helpers():
-        return [h._worker for h in (publisher.completions, publisher.waiting) if h._worker is not None]
+        return [h._worker for h in (publisher.completions, publisher.waiting, publisher.callbacks)
+                if h._worker is not None]
 
     assert publisher.completions._worker is not None  # its timers
     manager.stop()
@@ -463,3 +624,55 @@ def test_handoff_runs_work_in_order_and_timers_unless_cancelled():
     while any(t.name == "carrot-kombu-test-handoff" for t in threading.enumerate()) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not any(t.name == "carrot-kombu-test-handoff" for t in threading.enumerate())
+
+
+@pytest.mark.asyncio
+async def test_an_ack_never_blocks_the_loop_while_the_outgoing_buffer_is_full(monkeypatch):
+    from carrot_kombu._pyamqp import wire as wire_module
+
+    monkeypatch.setattr(wire_module, "HIGH_WATER", 64 * 1024)
+    loop = asyncio.get_running_loop()
+    with FakeBroker(heartbeat=0, recv_buffer=65536) as broker:
+        m = AsyncConnectionManager(f"amqp://guest:guest@127.0.0.1:{broker.port}/", heartbeat=0, **FAST)
+        starting = asyncio.ensure_future(m.start(5))
+        peer = await loop.run_in_executor(None, broker.accept)
+        await starting
+        watchdog = None
+        try:
+            messages = m.consume("aio-ack-q", prefetch_count=5, declare=False)
+            await messages.start()
+            consume = await loop.run_in_executor(None, lambda: peer.wait_for(lambda: peer.received("basic.consume")))
+            for _ in range(2):
+                await loop.run_in_executor(None, lambda: peer.deliver(consume[0].channel, consume[0]["consumer_tag"],
+                                                                      body=b"x"))
+            got = [await asyncio.wait_for(messages.get(), 5) for _ in range(2)]
+            await m.publish(b"first", routing_key="q", timeout=5)  # the confirm channel is open
+            # A stalled peer and another thread's big publishes: the buffer is over its high-water mark.
+            peer.stop_reading()
+            wire = m.manager._core.live.current()._state.wire
+            futures = []
+            flood = threading.Thread(
+                target=lambda: futures.extend(m.manager.publish_async(b"B" * 256 * 1024, routing_key="q", timeout=30)
+                                              for _ in range(40)), daemon=True)
+            flood.start()
+            assert await _until(lambda: wire.stalled_since is not None and wire.pending_output > 64 * 1024)
+            # Without the fix the ack waits on the loop for room: bounded here by resuming the peer.
+            watchdog = threading.Timer(3.0, peer.resume_reading)
+            watchdog.start()
+            ack = asyncio.ensure_future(got[0].ack())
+            before = loop.time()
+            await asyncio.sleep(0.1)
+            assert loop.time() - before < 1.0, "the ack blocked the event loop"
+            peer.resume_reading()
+            await asyncio.wait_for(ack, 10)
+            await got[1].ack()
+            await loop.run_in_executor(None, lambda: peer.wait_for(lambda: len(peer.received("basic.ack")) == 2))
+            flood.join(10)
+            for future in futures:
+                await asyncio.wait_for(asyncio.wrap_future(future), 10)
+            await messages.cancel()
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+            peer.resume_reading()
+            await m.stop(5)

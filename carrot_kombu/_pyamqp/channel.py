@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 import uuid
+from time import monotonic
 from typing import Any, Callable, NoReturn, Optional
 
 from amqp import spec
@@ -26,6 +27,7 @@ from amqp.exceptions import (
 )
 from kombu.transport import pyamqp
 
+from .. import _nowait
 from .._sync import raised_by_library
 from ..exceptions import Disconnected, PublishTimeout
 from .frames import (
@@ -180,8 +182,12 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         if sig in _STATEFUL:
             state.borrower_changed(sig, args or ())
         reply = state.expect(wait if isinstance(wait, list) else [wait]) if wait else None
+        # A settlement inside _nowait.nowait() (an event loop's ack) waits
+        # neither for room nor for the socket: deadline "now".
+        room_deadline = monotonic() if sig in _SETTLE and _nowait.active() else None
         try:
-            self._write(sig, frames, content is not None, reply is not None, request_deadline=deadline)
+            self._write(sig, frames, content is not None, reply is not None, request_deadline=deadline,
+                        deadline=room_deadline)
             if callback:
                 callback()
             if reply is None:
@@ -287,6 +293,8 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
             if conn.blocked is not None and (has_content or sig in _SYNC_REQUESTS):
                 conn.wait_unblocked(unblock_deadline)
             if not wire.wait_room(room_deadline):
+                if sig in _SETTLE and _nowait.active():
+                    raise _nowait.WouldWait(f"{method_name(sig)} would wait for room in the outgoing buffer")
                 raise PublishTimeout(
                     "the outgoing buffer stayed full past the publish timeout; the message was not sent",
                     outcome="not_sent",
