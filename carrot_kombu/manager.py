@@ -19,7 +19,8 @@ from .exceptions import CarrotKombuError, ConfigurationError, Disconnected
 from .options import OPTION_NAMES
 from ._handoff import Handoff, Timer
 from .pool import Lease
-from .publisher import Outcome, Publisher, Submission
+from ._pending import Outcome
+from .publisher import Publisher, Submission
 from .retry import Backoff
 from .status import ConnectionState, Status
 from .topology import check_entity, declare_entity
