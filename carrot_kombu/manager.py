@@ -532,10 +532,16 @@ class ConnectionManager:
     ) -> Consumer:
         """Consume ``queue`` now (if connected) and after every reconnect.
 
-        ``callback(body, message)`` runs on the consumer's own worker thread,
-        never on the thread that reads the connection (a body that cannot
-        be decoded is rejected without requeue and logged, as Celery does); ``message.ack()``,
-        ``reject()`` and ``requeue()`` are safe there.  An ack for a delivery
+        ``callback(body, message)`` runs on one of the manager's
+        ``consumer_threads`` dispatcher threads (one delivery at a time per
+        consumer, in order), never on the thread that reads the connection
+        (a body that cannot be decoded is rejected without requeue and
+        logged, as Celery does); ``message.ack()``, ``reject()`` and
+        ``requeue()`` are safe there (``ack(multiple=True)`` raises
+        ``ValueError``: the channel is shared with other consumers).  Do not
+        close ``message.channel`` or make requests on it that the broker may
+        refuse (declares, publishes to an exchange that may not exist): it
+        carries other consumers too; use :meth:`channel` for your own work.  An ack for a delivery
         of a lost connection (or sent after :meth:`Consumer.cancel`) is
         dropped: the broker redelivers the message.  A consumer the broker
         cancels (its queue was deleted, its node went down) or whose channel
@@ -557,7 +563,7 @@ class ConnectionManager:
         Args:
             queue: A kombu ``Queue`` or a queue name (``kombu.Queue(name)``).
             callback: ``callback(body, message)``, kombu message semantics.
-            prefetch_count: ``basic_qos`` prefetch for the consumer's channel:
+            prefetch_count: ``basic_qos`` prefetch for this consumer (per consumer on a shared channel):
                 at most this many deliveries are unacknowledged at once.
                 ``None`` (default): 100, so that a backlog is never pulled into
                 memory whole; ``0``: no limit (the whole backlog may arrive).

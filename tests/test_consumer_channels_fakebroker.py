@@ -55,6 +55,38 @@ def test_consumers_share_channels_each_with_its_own_prefetch(broker) -> None:
         manager.stop(timeout=5)
 
 
+def test_a_multiple_ack_on_a_shared_channel_is_refused_and_settles_nothing_of_the_neighbours(broker) -> None:
+    """ack(multiple=True) on a channel shared by consumers acked the neighbours' deliveries (red team 20, F1)."""
+    manager, peer, _ = connect(broker)
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def greedy(body: Any, message: Any) -> None:
+        try:
+            message.ack(multiple=True)
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            errors.append(exc)
+            message.ack()
+        finally:
+            done.set()
+
+    try:
+        manager.consume("neighbour", lambda body, message: None, declare=False, prefetch_count=5)
+        manager.consume("greedy", greedy, declare=False)
+        consumes = peer.wait_for(lambda: len(_consumes(peer)) == 2 and _consumes(peer))
+        neighbour, mine = consumes["neighbour"], consumes["greedy"]
+        assert neighbour.channel == mine.channel  # shared
+        for _ in range(3):
+            peer.deliver(neighbour.channel, neighbour["consumer_tag"], body=b"theirs")
+        peer.deliver(mine.channel, mine["consumer_tag"], body=b"mine")
+        assert done.wait(5)
+        assert isinstance(errors[0], ValueError) and "multiple" in str(errors[0])
+        acks = peer.wait_for(lambda: peer.received("basic.ack", channel=mine.channel))
+        assert [(a["delivery_tag"], a["multiple"]) for a in acks] == [(4, False)]  # its own, alone
+    finally:
+        manager.stop(timeout=5)
+
+
 def test_a_406_for_one_consumers_double_ack_cancels_it_alone_and_moves_the_others(broker) -> None:
     manager, peer, events = connect(broker)
     acked = threading.Event()

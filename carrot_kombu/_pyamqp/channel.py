@@ -91,6 +91,11 @@ class SafeMessage(pyamqp.Message):  # type: ignore[misc]
             acting_for(previous)
 
     def ack(self, multiple: bool = False) -> None:
+        if multiple and getattr(self.channel, "shared_by_consumers", False):
+            # The channel carries other consumers' deliveries too: a multiple
+            # ack would settle theirs (and lose them if their callbacks fail).
+            raise ValueError("ack(multiple=True) is not allowed on a consume() delivery: its channel is shared "
+                             "with other consumers; ack each message")
         self._settle("ack", super().ack, multiple)
 
     def reject(self, requeue: bool = False) -> None:
@@ -113,6 +118,9 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
     #: it run, and then run again.  Consumers of ``manager.consume`` keep the
     #: drop (documented there).
     settle_strictly = False
+    #: Carries several ``consume()`` consumers (issue 20): a delivery's
+    #: ``ack(multiple=True)`` would settle its neighbours' deliveries too.
+    shared_by_consumers = False
 
     def __init__(self, connection: Any, channel_id: Any = None, auto_decode: bool = True, on_open: Any = None) -> None:
         self.carrot = ChanState(self, connection.carrot)

@@ -369,6 +369,7 @@ class SharedChannel:
 
     def __init__(self, chan: Any) -> None:
         self.chan = chan
+        chan.shared_by_consumers = True
         #: The last prefetch sent (under ``subscribing``): the broker applies it
         #: to every later consume on the channel, so an equal one is not sent again.
         self.prefetch: Optional[int] = None
