@@ -39,6 +39,7 @@ from ._pending import (
     _outcomes,
     _Pending,
     _raise_for,
+    _timeout_error,
 )
 from ._submission import Submission
 from ._metrics import Metrics, now
@@ -443,13 +444,7 @@ class Publisher:
         """Wait for ``pending``'s outcome, reading the connection in this thread when nobody else does."""
         while not pending.ready():
             if deadline.expired():
-                raise PublishTimeout(
-                    f"no confirm from the broker within {deadline.timeout}s"
-                    + ("; the message was written and may have been stored" if pending.written
-                       else f"; the message was never sent ({self._missing()})")
-                    + (f" (message {index} of {total})" if total > 1 else ""),
-                    outcome="unknown" if pending.written else "not_sent",
-                )
+                raise _timeout_error(pending, deadline, index, total, self._missing())
             channel = self._channel
             if channel is None:
                 event = pending.event
