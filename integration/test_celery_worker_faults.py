@@ -47,13 +47,13 @@ app = Celery({name!r})
 app.conf.update({config!r})
 
 
-@app.task(name="echo")
+@app.task(name="echo", shared=False)  # not added to every later app of the test process
 def echo(x, sleep=0.0):
     time.sleep(sleep)
     return x
 
 
-@app.task(name="spawn")
+@app.task(name="spawn", shared=False)
 def spawn(x, wait_for_file):
     # Say it runs, wait (bounded) until the test says the outage has begun, then publish from inside the task.
     open(os.path.join(MARKS, "started-%d" % x), "w").close()
@@ -97,6 +97,12 @@ def app_module() -> Iterator[Callable[[AppModule], Any]]:
     for name in imported:
         module = sys.modules.pop(name, None)
         if module is not None:
+            # The rpc:// result consumer's connection is not closed by app.close(): its
+            # channel would stay leased from the process's shared manager for later tests.
+            try:
+                module.app.backend.result_consumer.stop()
+            except Exception:  # noqa: BLE001 - never started (no .get()), or already gone
+                pass
             module.app.close()
     sys.path[:] = [p for p in sys.path if "ckw_" not in p]
 
