@@ -458,10 +458,12 @@ def test_a_storm_of_interrupts_never_wedges_a_thread_or_the_manager(amqp_url, mo
         # stop()/start() interrupted anywhere: one event dispatcher at the end (two
         # once raced for the stop mark, and the last stop() waited for ever).
         assert report["dispatchers"] == 1, report
-    # Measured: 2-5% of interrupts land inside a frame's handling; nothing else may drop the
-    # connection (a reused channel id: "504 second 'channel.open' seen", found by attack).
+    # Measured: 2-10 % of interrupts land inside a frame's handling (lease mode on a 2-core
+    # machine under load: 2-10 of ~90, the same at the start of this round, 12638fa, and
+    # now); nothing else may drop the connection (a reused channel id: "504 second
+    # 'channel.open' seen", found by attack).
     assert report["other_drops"] == [], report
-    assert report["disconnects"] <= max(5, report["interrupted"] // 10), report
+    assert report["disconnects"] <= max(8, report["interrupted"] // 6), report
 
 
 # -- 7. a late channel error ---------------------------------------------------------------------------------
