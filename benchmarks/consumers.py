@@ -24,7 +24,6 @@ import subprocess
 import sys
 import threading
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
@@ -32,10 +31,10 @@ import amqp
 import kombu
 
 from carrot_kombu import Backoff
-from integration.broker import close_connection, unique
+from integration.broker import unique
 
 from .clients import QUEUE_EXPIRES_MS, raw_connection, started
-from .faults import Background
+from .faults import force_close
 from .memory import snapshot
 from .model import Context, Row
 
@@ -109,13 +108,7 @@ def measure(url: str, n: int) -> dict[str, Any]:
             tally.wait(60)
             loaded = snapshot()
             # A forced close of our own connection; the loss is when the manager sees it.
-            closer = Background(partial(close_connection, name, "carrot_kombu consumers benchmark"))
-            deadline = time.monotonic() + 60
-            while manager.connected:
-                closer.check()
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the forced close was not seen within 60 s")
-                time.sleep(0.001)
+            closer = force_close(manager, name, "carrot_kombu consumers benchmark")
             lost_at = time.monotonic()
             tally.start(2)
             publish_round(2)

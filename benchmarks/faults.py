@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import kombu
 
-from carrot_kombu import Backoff
+from carrot_kombu import Backoff, ConnectionManager
 
 from integration.broker import close_connection, unique
 from integration.cluster import sigterm_as_interrupt
@@ -286,13 +286,7 @@ def forced_recoveries(url: str, policy: Backoff, queue: str, runs: int) -> list[
             # (the anti-spin rule for brokers that kill every new connection),
             # and rabbitmqctl alone can take less than that here.
             time.sleep(max(0.0, back_at + SHORT_LIVED + 0.05 - time.monotonic()))
-            closer = Background(partial(close_connection, name, f"carrot_kombu benchmark {index}"))
-            deadline = time.monotonic() + 60
-            while manager.connected:
-                closer.check()
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the forced close was not seen within 60 s")
-                time.sleep(0.001)
+            closer = force_close(manager, name, f"carrot_kombu benchmark {index}")
             seen_at = time.monotonic()
             samples.append(until_lease_works(manager, queue, seen_at))
             back_at = time.monotonic()
@@ -343,6 +337,25 @@ def detections(proxy: FaultProxy, heartbeat: int, queue: str, runs: int) -> list
                 proxy.heal()
         until_lease_works(manager, queue, time.monotonic())
     return samples
+
+
+def force_close(manager: ConnectionManager, name: str, reason: str) -> "Background":
+    """``rabbitmqctl close_connection`` of our connection ``name``; returns once the manager saw the loss.
+
+    The closer runs on a thread (rabbitmqctl takes ~0.6 s to start): join the
+    returned :class:`Background` later; its error, if any, is raised while waiting.
+
+    Raises:
+        TimeoutError: The manager still looked connected 60 s later.
+    """
+    closer = Background(partial(close_connection, name, reason))
+    deadline = time.monotonic() + 60
+    while manager.connected:
+        closer.check()
+        if time.monotonic() > deadline:
+            raise TimeoutError("the forced close was not seen within 60 s")
+        time.sleep(0.001)
+    return closer
 
 
 class Background:
