@@ -32,6 +32,7 @@ instrumentation alone.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import threading
 import time
@@ -131,6 +132,11 @@ def instrumented() -> bool:
 
 
 def _traced_publish_many(original: Callable[..., None]) -> Callable[..., None]:
+    # The public signature's keyword defaults (serializer, mandatory, timeout...):
+    # read from it, not written here again, for the per-message path below.
+    defaults = {name: p.default for name, p in inspect.signature(original).parameters.items()
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and name not in ("exchange", "routing_key", "headers")}
+
     @functools.wraps(original)
     def publish_many(self: ConnectionManager, bodies: Any, *, exchange: Any = "", routing_key: str = "",
                      headers: Optional[Mapping[str, Any]] = None, **options: Any) -> None:
@@ -162,7 +168,8 @@ def _traced_publish_many(original: Callable[..., None]) -> Callable[..., None]:
                 failed.end()
                 raise
         if isinstance(bodies, (list, tuple)) and len(bodies) > 1 and (headers is None or isinstance(headers, Mapping)):
-            _publish_each(self, tracer, name_of_span, attributes, bodies, exchange, routing_key, headers, options)
+            _publish_each(self, tracer, name_of_span, attributes, bodies, exchange, routing_key, headers,
+                          {**defaults, **options})
             return
         if isinstance(bodies, (list, tuple)) and not bodies:
             attributes[_BATCH_COUNT] = 0
@@ -202,6 +209,8 @@ def _publish_each(manager: ConnectionManager, tracer: trace.Tracer, name: str, a
                   headers: Optional[Mapping[str, Any]], options: dict[str, Any]) -> None:
     """A batch: one PRODUCER span per message, each ended at that message's own confirm with its own outcome.
 
+    ``options``: the other keywords of ``publish_many``, its defaults filled in.
+
     The batch is still published as one (checked first, written together,
     confirms awaited together); each message carries its own span's context.
     """
@@ -225,8 +234,8 @@ def _publish_each(manager: ConnectionManager, tracer: trace.Tracer, name: str, a
         each = [_with_context(None, trace.set_span_in_context(span)) for span in spans]
         manager._publish_many(
             bodies, exchange=exchange, routing_key=routing_key, headers=headers,
-            serializer=options.pop("serializer", None), mandatory=options.pop("mandatory", False),
-            timeout=options.pop("timeout", 30.0), republish=options.pop("republish", True), properties=options,
+            serializer=options.pop("serializer"), mandatory=options.pop("mandatory"),
+            timeout=options.pop("timeout"), republish=options.pop("republish"), properties=options,
             headers_each=None if headers and _fields_of(propagate.get_global_textmap()).intersection(headers)
             else each,
             report=report,
