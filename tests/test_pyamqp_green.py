@@ -38,7 +38,7 @@ from carrot_kombu._pyamqp.wire import Wire
 out = {}
 a, b = socket.socketpair()
 wire = Wire(a)
-out["poller"] = type(wire._rpoll).__name__
+out["poller"] = type(wire._fds.rpoll).__name__
 got = []
 
 def dispatch(todo):

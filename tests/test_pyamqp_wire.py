@@ -15,6 +15,7 @@ import errno
 import os
 import socket
 import struct
+import sys
 import threading
 import time
 
@@ -148,6 +149,47 @@ def test_a_dead_wire_refuses_writers_and_reports_once(pair) -> None:
     wire.close()
     wire.close()
     wire.wake_reader()  # harmless after close
+
+
+def test_a_reader_still_polling_keeps_the_descriptors_until_it_leaves(pair) -> None:
+    """close() under a polling reader must not free descriptor numbers it still uses.
+
+    Freed at once, the wake-up pipe's number went to the next connection's
+    socket, and the late reader's drain of "its" pipe blocked on (and stole
+    from) that socket's TLS handshake.
+    """
+    a, b, wires = pair
+    wire = Wire(a)
+    wires.append(wire)
+    ended: list[object] = []
+
+    def reader() -> None:
+        try:
+            ended.append(wire.read(WAIT, lambda todo: todo.clear()))
+        except BaseException as exc:
+            ended.append(exc)
+
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    assert eventually(lambda: sys.getrefcount(wire._fds) > 2), "the reader never reached its poll"
+    assert wire._fds is not None
+    wake_r, wake_w = wire._fds.wake_r, wire._fds.wake_w
+    wire.close()
+    # still the reader's: a descriptor opened now gets another number
+    r, w = os.pipe()
+    try:
+        assert not {r, w} & {wake_r, wake_w}
+        os.fstat(wake_r)
+    finally:
+        os.close(r)
+        os.close(w)
+    wire.kill(ConnectionResetError("lost"))
+    thread.join(WAIT)
+    assert not thread.is_alive()
+    assert ended == [False] or isinstance(ended[0], OSError), ended  # woken, or saw the loss
+    with pytest.raises(OSError):
+        os.fstat(wake_w)  # the last one out closed the pipe
+    wire.wake_reader()  # harmless once released
 
 
 def test_a_disowned_wire_leaves_the_socket_alone(pair) -> None:

@@ -55,6 +55,41 @@ _POLL_SLICE = 1.0
 
 
 
+class _Descriptors:
+    """The wake-up pipe and the poll a reader waits on: closed with their last reference.
+
+    ``poll()`` and the pipe's ``os.read``/``os.write`` name descriptors by
+    number.  Closed while another thread still waited on them, the numbers
+    went to the next connection's socket, and the late reader's drain of
+    "its" pipe blocked on (and stole bytes of) that socket's TLS handshake.
+    So :meth:`Wire.close` only drops the wire's reference: each thread
+    inside a wait holds its own (a local variable, released whatever
+    interrupts it), and the last one out closes the pipe (CPython frees an
+    object the moment its last reference goes).  The socket itself is
+    closed at once: a late reader whose poll sees its reused number only
+    wakes, and its ``recv`` on the closed socket object fails without
+    touching the descriptor.
+    """
+
+    __slots__ = ("wake_r", "wake_w", "rpoll")
+
+    def __init__(self, fd: int, green: bool) -> None:
+        self.wake_r = self.wake_w = -1  # what __del__ sees if os.pipe() fails
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+        # select.poll on OS threads; a cooperative select under eventlet/gevent (see .green).
+        self.rpoll = poller((fd, self.wake_r), green=green)
+
+    def __del__(self) -> None:
+        for fd in (self.wake_r, self.wake_w):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
 class Wire:
     """Non-blocking frame I/O on a connected (possibly TLS) socket.
 
@@ -88,12 +123,9 @@ class Wire:
         self._todo: deque[tuple[int, int, bytes]] = deque()
         #: A frame is being dispatched: an exception escaping now leaves it half handled.
         self.in_frame = False
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        os.set_blocking(self._wake_w, False)
-        # select.poll on OS threads; a cooperative select under eventlet/gevent (see .green).
         green = is_green(sock)
-        self._rpoll = poller((self._fd, self._wake_r), green=green)
+        #: The wake-up pipe; None once closed (see _Descriptors).
+        self._fds: Optional[_Descriptors] = _Descriptors(self._fd, green)
         self._wpoll = poller((self._fd,), write=True, green=green)
         self._on_failed = on_failed
         # -- writer state, behind _wcond --
@@ -165,15 +197,18 @@ class Wire:
                 return False
 
     def wait_readable(self, timeout: float) -> bool:
-        """Wait up to ``timeout`` for data; True if :meth:`wake_reader` ended the wait."""
+        """Wait up to ``timeout`` for data; True if :meth:`wake_reader` (or :meth:`close`) ended the wait."""
+        fds = self._fds  # ours until this frame ends: the descriptors stay open meanwhile
+        if fds is None:
+            return True
         try:
-            events = self._rpoll.poll(max(1, int(timeout * 1000 + 0.999)))
+            events = fds.rpoll.poll(max(1, int(timeout * 1000 + 0.999)))
         except InterruptedError:  # pragma: no cover - PEP 475 retries poll itself
             return False
         woken = False
         for fd, _ in events:
-            if fd == self._wake_r:
-                self._drain_wake()
+            if fd == fds.wake_r:
+                self._drain_wake(fds)
                 woken = True
         return woken
 
@@ -227,14 +262,18 @@ class Wire:
 
     def wake_reader(self) -> None:
         """Make a reader waiting in :meth:`read` return now."""
+        fds = self._fds
+        if fds is None:
+            return  # closed: no reader waits here any more
         try:
-            write_fd(self._wake_w, b"\0")
+            write_fd(fds.wake_w, b"\0")
         except (BlockingIOError, OSError):
-            pass  # the pipe is full (a wake-up is pending anyway) or closed
+            pass  # the pipe is full: a wake-up is pending anyway
 
-    def _drain_wake(self) -> None:
+    @staticmethod
+    def _drain_wake(fds: _Descriptors) -> None:
         try:
-            while read_fd(self._wake_r, 4096):
+            while read_fd(fds.wake_r, 4096):
                 pass
         except (BlockingIOError, OSError):
             pass
@@ -516,15 +555,15 @@ class Wire:
         self.wake_reader()
 
     def close(self) -> None:
-        """Release the socket and the wake-up pipe (after :meth:`kill`)."""
+        """Release the socket and the wake-up pipe (after :meth:`kill`).
+
+        At once if no thread is waiting on them, else as the last one leaves
+        its wait (a reader woken by :meth:`kill` leaves within its poll).
+        """
         if self.closed:
             return
         self.closed = True
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        self._fds = None
         try:
             close_socket(self._sock)
         except OSError:
