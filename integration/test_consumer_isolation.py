@@ -187,3 +187,44 @@ def test_an_attack_through_message_channel_reaches_no_neighbour_on_its_shared_ch
     record(f"consumer_isolation_{attack}", neighbours=NEIGHBOURS, per_neighbour=3 * PER_ROUND,
            attacker_calls=len(calls), attack_s=round(took[0], 3),
            error=None if not errors else f"{type(errors[0]).__name__}: {errors[0]}")
+
+
+def test_kombu_code_on_message_channel_keeps_working(rabbit) -> None:
+    """What kombu users do with ``message.channel``: an RPC reply with ``kombu.Producer(message.channel)``."""
+    import kombu
+
+    manager, events, _ = rabbit()
+    assert manager.wait_connected(10)
+    queue, reply = unique("ck-iso-rpc"), unique("ck-iso-rpc-reply")
+    with manager.channel(timeout=10) as lease:
+        for q in (queue, reply):
+            lease.queue_declare(q, durable=False, auto_delete=False, arguments={"x-expires": 120_000})
+    done = threading.Event()
+    seen: dict[str, Any] = {}
+
+    def on_request(body: Any, message: Any) -> None:
+        try:
+            producer = kombu.Producer(message.channel)
+            producer.publish({"answer": body}, routing_key=reply, serializer="json")
+            seen["client"] = message.channel.connection.client
+        except Exception as exc:  # noqa: BLE001 - asserted below
+            seen["error"] = exc
+        message.ack()
+        done.set()
+
+    consumer = manager.consume(queue, on_request, declare=False)
+    try:
+        manager.publish("ping", routing_key=queue, timeout=10)
+        assert done.wait(10)
+        assert "error" not in seen, seen
+        assert isinstance(seen["client"], kombu.Connection)
+        with manager.channel(timeout=10) as lease:
+            assert wait_until(lambda: lease.queue_declare(reply, passive=True).message_count == 1, 10)
+            got = lease.basic_get(reply, no_ack=True)
+        assert got is not None and b'"answer": "ping"' in (got.body if isinstance(got.body, bytes) else got.body.encode())
+    finally:
+        consumer.cancel()
+        with manager.channel(timeout=10) as lease:
+            lease.queue_delete(queue)
+            lease.queue_delete(reply)
+    assert events.count("consumer_cancelled") == 0

@@ -356,3 +356,23 @@ def test_a_reconnect_restores_every_consumer_pipelined(broker) -> None:
         assert manager.wait_connected(5)
     finally:
         manager.stop(timeout=5)
+
+
+def test_a_settlement_not_written_gives_its_booking_back() -> None:
+    """An event loop's ack that would wait is retried on an executor: it must still find its delivery owed."""
+    from types import SimpleNamespace
+
+    from amqp import spec
+
+    from carrot_kombu._pyamqp.chanstate import ChanState
+
+    state = ChanState(SimpleNamespace(), SimpleNamespace(events=None))  # type: ignore[arg-type]
+    state.delivered(1, "mine")
+    state.delivered(2, "theirs")
+    undo = state.borrower_changed(spec.Basic.Ack, (1, False))
+    assert not state.owes(1, "mine") and state.owes(2, "theirs")
+    assert undo is not None
+    undo()
+    assert state.owes(1, "mine") and not state.owes(1, "theirs") and state.owed_to("mine") == [1]
+    state.forget_delivery(1)
+    assert state.owed_to("mine") == []

@@ -841,6 +841,7 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
             return
         if consumer_tag not in self.no_ack_consumers:
             logger.debug("rejected delivery %s for unknown consumer %s (requeued)", delivery_tag, consumer_tag)
+            state.forget_delivery(delivery_tag)  # settled here: owed to nobody
             self._send_nowait(spec.Basic.Reject, "Lb", (delivery_tag, True))
 
     def _on_basic_return(self, reply_code: int, reply_text: str, exchange: str, routing_key: str, message: Any) -> None:

@@ -234,6 +234,11 @@ class ChanState:
         with self.lock:
             self.unacked[tag] = consumer_tag
 
+    def forget_delivery(self, tag: int) -> None:
+        """A delivery settled by our own code without ``send_method`` (the reading thread's reject)."""
+        with self.lock:
+            self.unacked.pop(tag, None)
+
     def owes(self, tag: int, consumer_tag: Optional[str]) -> bool:
         """``tag`` is an unsettled delivery of consumer ``consumer_tag`` on this channel."""
         return consumer_tag is not None and self.unacked.get(tag) == consumer_tag
