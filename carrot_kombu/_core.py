@@ -54,6 +54,8 @@ class Core:
         self.live = LiveConnection()
         publisher.connected = lambda: self.live.current() is not None
         self.pool = ChannelPool(settings.pool_limit, self.live, self.metrics)
+        # message.channel requests of consume() callbacks run on leases (see ConsumerChannel).
+        consumers.lease_channel = lambda: self.pool.acquire(settings.reply_timeout)
         self.recovery = Recovery(topology, publisher, consumers)
         #: The running supervisor (None when stopped).
         self.supervisor: Optional[Supervisor] = None

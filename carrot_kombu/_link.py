@@ -333,15 +333,23 @@ class Link:
         """A new channel in confirm mode reporting to ``hooks`` (I/O)."""
         raise NotImplementedError
 
-    def subscription(self, on_delivery: Delivery, on_cancelled: Callable[[], None],
-                     on_moved: Optional[Callable[[], None]] = None) -> Subscription:
+    def subscription(self, on_delivery: Delivery, on_cancelled: Callable[[Optional[str]], None],
+                     on_moved: Optional[Callable[[], None]] = None, on_close: Optional[Callable[[], None]] = None,
+                     borrow: Optional[Callable[[], Any]] = None) -> Subscription:
         """A consumer's subscription (no I/O until :meth:`Subscription.start`).
 
-        ``on_delivery(raw)``, ``on_cancelled()`` (the broker cancelled it, or
-        closed its channel because of it) and ``on_moved()`` (the broker closed
-        a channel it shared, because of another consumer: it must subscribe
-        again at once; ``on_cancelled`` when not given) run on the reading
-        thread and must only queue.
+        ``on_delivery(raw)``, ``on_cancelled(reason)`` (the broker cancelled
+        it, or closed its channel because of it; ``reason`` says how, with
+        the broker's reply text, or is None) and ``on_moved()`` (the broker
+        closed a channel it shared, because of another consumer: it must
+        subscribe again at once; ``on_cancelled`` when not given) run on the
+        reading thread and must only queue.
+
+        A link whose subscriptions share channels gives the consumer's
+        messages a channel of their own to settle on: ``on_close()`` is its
+        ``close()`` (the consumer's cancel, on the callback's thread), and
+        ``borrow()`` (a context manager yielding a pool lease) runs its other
+        requests, so that none reaches the shared channel.
         """
         raise NotImplementedError
 

@@ -77,8 +77,10 @@ class MemoryLink(Link):
     def open_confirm_channel(self, hooks: ConfirmHooks) -> "MemoryConfirmChannel":
         return MemoryConfirmChannel(self.open_channel(), hooks)
 
-    def subscription(self, on_delivery: Callable[[Any], None], on_cancelled: Callable[[], None],
-                     on_moved: Optional[Callable[[], None]] = None) -> "MemorySubscription":
+    def subscription(self, on_delivery: Callable[[Any], None], on_cancelled: Callable[[Optional[str]], None],
+                     on_moved: Optional[Callable[[], None]] = None, on_close: Optional[Callable[[], None]] = None,
+                     borrow: Optional[Callable[[], Any]] = None) -> "MemorySubscription":
+        # A private connection per consumer: its channel is its own (nothing to fence).
         return MemorySubscription(self, on_delivery)
 
     def drain_events(self, timeout: Optional[float]) -> None:

@@ -511,8 +511,10 @@ class Supervisor:
             elif isinstance(msg, Resubscribe) and msg.quiet:
                 self._move(link, msg.consumer)
             elif isinstance(msg, Resubscribe):
-                self._degrade([Degraded("consumer", msg.consumer, msg.consumer.name,
-                                        CarrotKombuError("cancelled by the broker"))], immediate=True)
+                # The consumer's own text: the broker's reply (a 406's) when it closed the channel.
+                why = getattr(msg.consumer, "degraded", None) or "cancelled by the broker"
+                self._degrade([Degraded("consumer", msg.consumer, msg.consumer.name, CarrotKombuError(why))],
+                              immediate=True)
             now = time.monotonic()
             if now >= next_tick:
                 next_tick = now + interval

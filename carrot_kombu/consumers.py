@@ -251,9 +251,11 @@ class Consumer:
     def _new_subscription(self, link: "Link") -> "Subscription":
         subscription: Optional["Subscription"] = None
         # Each delivery carries the subscription it came on (its ack goes there).
+        # message.channel.close() cancels this consumer; its other requests run on a pool lease.
         subscription = link.subscription(lambda raw: self._offer(subscription, raw),
-                                         lambda: self._broker_cancelled(subscription),
-                                         lambda: self._moved(subscription))
+                                         lambda reason: self._broker_cancelled(subscription, reason),
+                                         lambda: self._moved(subscription),
+                                         on_close=self.cancel, borrow=self._owner.borrow)
         return subscription
 
     def _record(self, link: "Link", subscription: "Subscription") -> bool:
@@ -362,12 +364,12 @@ class Consumer:
             self._subscription = self._generation = None
         self._owner.moved(self)
 
-    def _broker_cancelled(self, subscription: Optional["Subscription"]) -> None:
+    def _broker_cancelled(self, subscription: Optional["Subscription"], reason: Optional[str] = None) -> None:
         with self._lock:
             if subscription is None or subscription is not self._subscription:
                 return
             self._subscription = self._generation = None
-            self.degraded = "cancelled by the broker"
+            self.degraded = reason or "cancelled by the broker"
         self._owner.broker_cancelled(self, subscription)
 
     # -- the reading thread queues, a dispatcher serves -------------------------------------------
@@ -507,6 +509,22 @@ class Consumers:
         self._consumers: dict[Consumer, None] = {}  # ordered; O(1) removal with thousands
         self._bus = bus
         self._resubscribe = resubscribe
+        #: A pool lease for ``message.channel``'s requests that must not
+        #: reach a shared channel (``lease_channel()``); set by the manager.
+        self.lease_channel: Optional[Callable[[], Any]] = None
+
+    def borrow(self) -> Any:
+        """A pool lease (a context manager) for a consumer's ``message.channel`` request.
+
+        Raises:
+            Disconnected: No manager runs these consumers now.
+        """
+        lease = self.lease_channel
+        if lease is None:
+            from .exceptions import Disconnected
+
+            raise Disconnected("the manager is not running: no channel to lease")
+        return lease()
 
     def add(self, consumer: Consumer) -> None:
         with self._lock:

@@ -8,7 +8,7 @@ not break existing ``except`` clauses:
   :class:`kombu.exceptions.OperationalError` (kombu's connection error, so
   kombu's and Celery's retry logic handles them);
 * :class:`ReplyTimeout` and :class:`PublishTimeout` are also ``TimeoutError``;
-* :class:`ConfigurationError` is a ``ValueError``.
+* :class:`ConfigurationError` and :class:`ConsumerChannelRefused` are ``ValueError``.
 
 Every error keeps what caused it (``raise ... from``, and the picklable
 :attr:`CarrotKombuError.reason`) and never contains a password: messages are
@@ -28,6 +28,7 @@ __all__ = (
     "CarrotKombuError",
     "ChannelLimitReached",
     "ConfigurationError",
+    "ConsumerChannelRefused",
     "Disconnected",
     "Nacked",
     "OutcomeUnknown",
@@ -135,6 +136,21 @@ class ChannelLimitReached(CarrotKombuError):
 
     Raised while connected: the connection is fine, but every channel the
     broker allows is in use (leases, the publisher, consumers).
+    """
+
+
+class ConsumerChannelRefused(CarrotKombuError, ValueError):
+    """A request on a ``consume()`` delivery's ``message.channel`` that would reach its neighbours.
+
+    Up to ``CONSUMERS_PER_CHANNEL`` consumers share one channel: a
+    ``consume()`` callback's ``message.channel`` settles only that consumer's
+    own deliveries (and ``close()`` cancels only that consumer).  Requests
+    that would change the channel for the others (``basic_qos``,
+    ``basic_consume``, ``basic_get``, ``basic_recover``, a ``basic_cancel``
+    of another consumer's tag, transactions, ``ack(multiple=True)``) or
+    settle a delivery that is not the consumer's own are refused with this
+    error, naming the call; nothing is sent.  A ``ValueError``, as
+    ``ack(multiple=True)`` raised before.
     """
 
 

@@ -537,15 +537,19 @@ class ConnectionManager:
         consumer, in order), never on the thread that reads the connection
         (a body that cannot be decoded is rejected without requeue and
         logged, as Celery does); ``message.ack()``, ``reject()`` and
-        ``requeue()`` are safe there (``ack(multiple=True)`` raises
-        ``ValueError``: the channel is shared with other consumers).  Do not
-        close ``message.channel`` or make requests on it that the broker may
-        refuse (declares, publishes to an exchange that may not exist): it
-        carries other consumers too; use :meth:`channel` for your own work.  An ack for a delivery
+        ``requeue()`` are safe there.  Consumers share channels:
+        ``message.channel`` is this consumer's own view of its channel
+        (see :ref:`consumer-channel`): it settles only this consumer's
+        deliveries, ``close()`` on it cancels this consumer alone,
+        declares and publishes on it run on a pool lease (a refusal raises
+        the broker's error there and closes no shared channel), and what
+        would reach the other consumers (``basic_qos``, another
+        consumer's ``basic_cancel``, ``ack(multiple=True)``...) raises
+        :class:`~carrot_kombu.ConsumerChannelRefused`.  An ack for a delivery
         of a lost connection (or sent after :meth:`Consumer.cancel`) is
         dropped: the broker redelivers the message.  A consumer the broker
         cancels (its queue was deleted, its node went down) or whose channel
-        it closes (an ack with an unknown delivery tag: 406) emits
+        it closes because of it (406) emits
         ``consumer_cancelled(queue)`` once, shows in ``status().degraded`` and
         is subscribed again, with backoff, until the queue is back; one lost
         again within 5 s of coming back (a poison message) waits

@@ -87,18 +87,30 @@ def test_a_multiple_ack_on_a_shared_channel_is_refused_and_settles_nothing_of_th
         manager.stop(timeout=5)
 
 
-def test_a_406_for_one_consumers_double_ack_cancels_it_alone_and_moves_the_others(broker) -> None:
+def _subscribed(peer: Peer) -> dict[str, int]:
+    """basic.consume count per queue."""
+    counts: dict[str, int] = {}
+    for m in peer.received("basic.consume"):
+        counts[m["queue"]] = counts.get(m["queue"], 0) + 1
+    return counts
+
+
+def test_a_406_for_one_consumers_bad_ack_cancels_it_alone_with_the_brokers_text_and_moves_the_others(broker) -> None:
     manager, peer, events = connect(broker)
     acked = threading.Event()
+    degraded: list[tuple[str, str]] = []
+    seen = threading.Event()
+    manager.on("degraded", lambda what, why: (degraded.append((what, why)), seen.set()))
 
-    def ack_twice(body: Any, message: Any) -> None:
+    def bad_ack(body: Any, message: Any) -> None:
         message.ack()
-        message.channel.basic_ack(message.delivery_tag)
+        # Around the facade (it refuses unknown tags): the shared channel itself, as before the facade.
+        message.channel._chan.basic_ack(999)
         acked.set()
 
     try:
         for n in range(N):
-            manager.consume(f"q{n}", ack_twice if n == 3 else (lambda body, message: message.ack()), declare=False)
+            manager.consume(f"q{n}", bad_ack if n == 3 else (lambda body, message: message.ack()), declare=False)
         consumes = peer.wait_for(lambda: len(_consumes(peer)) == N and _consumes(peer))
         culprit = consumes["q3"]
         neighbours = sorted(q for q, m in consumes.items() if m.channel == culprit.channel and q != "q3")
@@ -107,19 +119,221 @@ def test_a_406_for_one_consumers_double_ack_cancels_it_alone_and_moves_the_other
         peer.deliver(culprit.channel, culprit["consumer_tag"], body=b"x")
         assert acked.wait(5)
         peer.wait_for(lambda: len(peer.received("basic.ack", channel=culprit.channel)) == 2)
-        peer.close_channel(culprit.channel, 406, "PRECONDITION_FAILED - unknown delivery tag 1", 60, 80)
+        peer.close_channel(culprit.channel, 406, "PRECONDITION_FAILED - unknown delivery tag 999", 60, 80)
         # The neighbours come back at once on another channel, quietly; the culprit as before.
-        def subscribed() -> dict[str, int]:
-            counts: dict[str, int] = {}
-            for m in peer.received("basic.consume"):
-                counts[m["queue"]] = counts.get(m["queue"], 0) + 1
-            return counts
-
-        peer.wait_for(lambda: all(subscribed()[q] == 2 for q in neighbours + ["q3"]), timeout=5)
-        assert all(subscribed()[q] == 1 for q in others)  # untouched
+        peer.wait_for(lambda: all(_subscribed(peer)[q] == 2 for q in neighbours + ["q3"]), timeout=5)
+        assert all(_subscribed(peer)[q] == 1 for q in others)  # untouched
         assert events.wait_count("consumer_cancelled", 1)
         assert events.args("consumer_cancelled") == [("q3",)]
-        assert not any(what != "consumer of queue 'q3'" for what, *_ in events.args("degraded"))
+        assert seen.wait(5)
+        assert [what for what, *_ in degraded] == ["consumer of queue 'q3'"]
+        # The broker's reply text, not a bare "cancelled by the broker".
+        assert "PRECONDITION_FAILED - unknown delivery tag 999" in degraded[0][1], degraded
+    finally:
+        manager.stop(timeout=5)
+
+
+def test_a_channel_the_broker_closes_with_no_known_culprit_moves_every_member_quietly(broker) -> None:
+    manager, peer, events = connect(broker)
+    try:
+        for n in range(N):
+            manager.consume(f"q{n}", lambda body, message: message.ack(), declare=False)
+        consumes = peer.wait_for(lambda: len(_consumes(peer)) == N and _consumes(peer))
+        channel = consumes["q0"].channel
+        members = sorted(q for q, m in consumes.items() if m.channel == channel)
+        peer.close_channel(channel, 406, "PRECONDITION_FAILED - somebody's", 60, 80)
+        peer.wait_for(lambda: all(_subscribed(peer)[q] == 2 for q in members), timeout=5)
+        assert manager.status().degraded == ()
+        assert events.count("consumer_cancelled") == 0
+    finally:
+        manager.stop(timeout=5)
+
+
+holding = threading.Event()  # the neighbour of _pair holds a delivery unsettled
+
+
+def _pair(manager: ConnectionManager, peer: Peer, attack: Any) -> tuple[Any, Any, list[Any]]:
+    """A neighbour that acks and an attacker sharing its channel; returns both consume methods and what the neighbour got."""
+    got: list[Any] = []
+    holding.clear()
+
+    def neighbour(body: Any, message: Any) -> None:
+        if body != "held":  # kept unsettled: a tag another consumer's callback may try to settle
+            message.ack()
+        got.append(body)
+        if body == "held":
+            holding.set()
+
+    manager.consume("neighbour", neighbour, declare=False, prefetch_count=7)
+    attacker = manager.consume("attacker", attack, declare=False, prefetch_count=3)
+    consumes = peer.wait_for(lambda: len(_consumes(peer)) == 2 and _consumes(peer))
+    assert consumes["neighbour"].channel == consumes["attacker"].channel  # shared
+    return consumes["neighbour"], consumes["attacker"], [attacker, got]
+
+
+def _neighbour_unharmed(peer: Peer, neighbour: Any, got: list[Any], n: int = 3) -> None:
+    """The neighbour is still subscribed once, on its channel, and acks each delivery there."""
+    before = len(peer.received("basic.ack", channel=neighbour.channel))
+    for i in range(n):
+        peer.deliver(neighbour.channel, neighbour["consumer_tag"], body=f"n{i}")
+    peer.wait_for(lambda: len(peer.received("basic.ack", channel=neighbour.channel)) == before + n, timeout=5)
+    assert _subscribed(peer)["neighbour"] == 1
+    assert not peer.received("channel.close", channel=neighbour.channel)
+    assert [m for m in peer.received("basic.cancel") if m["consumer_tag"] == neighbour["consumer_tag"]] == []
+
+
+def test_message_channel_settles_only_its_consumers_own_deliveries_and_refuses_the_rest(broker) -> None:
+    manager, peer, events = connect(broker)
+    errors: dict[str, BaseException] = {}
+    done = threading.Event()
+    tags: dict[str, Any] = {}
+
+    def attack(body: Any, message: Any) -> None:
+        chan = message.channel
+        for name, call in [
+            ("neighbours", lambda: chan.basic_ack(tags["neighbour"])),
+            ("multiple", lambda: message.ack(multiple=True)),
+            ("qos", lambda: chan.basic_qos(0, 1, True)),
+            ("cancel", lambda: chan.basic_cancel(tags["neighbour_consumer"])),
+            ("get", lambda: chan.basic_get("neighbour")),
+            ("recover", lambda: chan.basic_recover(True)),
+            ("raw", lambda: chan.send_method((60, 80), "Lb", (1, False))),
+        ]:
+            try:
+                call()
+            except Exception as exc:  # noqa: BLE001 - asserted below
+                errors[name] = exc
+        message.ack()
+        try:
+            chan.basic_ack(message.delivery_tag)  # twice: refused, no 406
+        except Exception as exc:  # noqa: BLE001 - asserted below
+            errors["twice"] = exc
+        done.set()
+
+    try:
+        neighbour, mine, (_, got) = _pair(manager, peer, attack)
+        tags["neighbour_consumer"] = neighbour["consumer_tag"]
+        tags["neighbour"] = peer.deliver(neighbour.channel, neighbour["consumer_tag"], body=b"held")
+        assert holding.wait(5)  # unsettled: the neighbour holds it
+        own = peer.deliver(mine.channel, mine["consumer_tag"], body=b"mine")
+        assert done.wait(5)
+        from carrot_kombu import ConsumerChannelRefused
+
+        assert set(errors) == {"neighbours", "multiple", "qos", "cancel", "get", "recover", "raw", "twice"}, errors
+        for name, exc in errors.items():
+            assert isinstance(exc, ConsumerChannelRefused), (name, exc)
+            assert isinstance(exc, ValueError)
+        assert "basic_qos" in str(errors["qos"]) and "prefetch_count" in str(errors["qos"])
+        assert "basic_cancel" in str(errors["cancel"]) and neighbour["consumer_tag"] in str(errors["cancel"])
+        assert "basic_ack(delivery_tag=" in str(errors["twice"])
+        peer.wait_for(lambda: peer.received("basic.ack", channel=mine.channel))
+        acks = [(a["delivery_tag"], a["multiple"]) for a in peer.received("basic.ack", channel=mine.channel)]
+        assert acks == [(own, False)]  # the attacker's own, once; not the neighbour's
+        qos = peer.received("basic.qos", channel=mine.channel)
+        assert [q["prefetch_count"] for q in qos] == [7, 3]  # only the subscribes' own
+        assert not peer.received("basic.get") and not peer.received("basic.recover")
+        _neighbour_unharmed(peer, neighbour, got)
+        assert events.count("consumer_cancelled") == 0
+    finally:
+        manager.stop(timeout=5)
+
+
+def test_message_channel_close_cancels_only_its_consumer_and_requeues_what_it_held(broker) -> None:
+    manager, peer, events = connect(broker)
+    done = threading.Event()
+    calls: list[Any] = []
+    late: list[Any] = []
+
+    def attack(body: Any, message: Any) -> None:
+        calls.append(body)
+        message.channel.close()  # no ack first: it goes back to the queue, as with a channel of its own
+        try:
+            message.ack()  # late: dropped, as an ack after cancel()
+        except Exception as exc:  # noqa: BLE001 - asserted below
+            late.append(exc)
+        done.set()
+
+    try:
+        neighbour, mine, (attacker, got) = _pair(manager, peer, attack)
+        own = peer.deliver(mine.channel, mine["consumer_tag"], body=b"mine")
+        assert done.wait(5)
+        assert late == []
+        cancels = peer.wait_for(lambda: peer.received("basic.cancel", channel=mine.channel))
+        assert [c["consumer_tag"] for c in cancels] == [mine["consumer_tag"]]
+        rejects = peer.wait_for(lambda: peer.received("basic.reject", channel=mine.channel))
+        assert [(r["delivery_tag"], r["requeue"]) for r in rejects] == [(own, True)]
+        assert not peer.received("basic.ack", channel=mine.channel)
+        assert not attacker.active and calls == ["mine"]
+        _neighbour_unharmed(peer, neighbour, got)
+        assert events.count("consumer_cancelled") == 0
+    finally:
+        manager.stop(timeout=5)
+
+
+def _refuse(code: int, text: str, class_id: int, method_id: int, when: Any) -> Any:
+    def handler(peer: Peer, m: Any) -> None:
+        if when(m):
+            peer.close_channel(m.channel, code, text, class_id, method_id, wait=None)
+        elif m.name == "exchange.declare" and not m["nowait"]:
+            peer.send_method(m.channel, "exchange.declare-ok", wait=None)
+        elif m.name == "queue.declare" and not m["nowait"]:
+            peer.send_method(m.channel, "queue.declare-ok", m["queue"], 0, 0, wait=None)
+
+    return handler
+
+
+@pytest.mark.parametrize("request_name", ["passive_declare", "redeclare", "publish"])
+def test_a_request_the_broker_refuses_on_message_channel_closes_only_a_leased_channel(broker, request_name) -> None:
+    import amqp
+
+    manager, peer, events = connect(broker)
+    calls: list[Any] = []
+    errors: list[BaseException] = []
+
+    if request_name == "passive_declare":
+        peer.on("exchange.declare", _refuse(404, "NOT_FOUND - no exchange 'missing' in vhost '/'", 40, 10,
+                                            lambda m: m["passive"]))
+        expected = (amqp.exceptions.NotFound, "NOT_FOUND - no exchange 'missing'")
+
+        def request(chan: Any) -> None:
+            chan.exchange_declare("missing", "direct", passive=True)
+    elif request_name == "redeclare":
+        peer.on("queue.declare", _refuse(406, "PRECONDITION_FAILED - inequivalent arg 'x-max-length'", 50, 10,
+                                         lambda m: m["queue"] == "neighbour"))
+        expected = (amqp.exceptions.PreconditionFailed, "PRECONDITION_FAILED - inequivalent arg")
+
+        def request(chan: Any) -> None:
+            chan.queue_declare("neighbour", durable=True, auto_delete=False, arguments={"x-max-length": 1})
+    else:
+        peer.on("basic.publish", _refuse(404, "NOT_FOUND - no exchange 'missing' in vhost '/'", 60, 40,
+                                         lambda m: m["exchange"] == "missing"))
+        expected = (amqp.exceptions.NotFound, "NOT_FOUND - no exchange 'missing'")
+
+        def request(chan: Any) -> None:
+            chan.basic_publish(amqp.Message(b"x"), exchange="missing", routing_key="k")
+
+    def attack(body: Any, message: Any) -> None:
+        calls.append(body)
+        try:
+            request(message.channel)
+        except Exception as exc:  # noqa: BLE001 - asserted below
+            errors.append(exc)
+        message.ack()
+
+    try:
+        neighbour, mine, (attacker, got) = _pair(manager, peer, attack)
+        peer.deliver(mine.channel, mine["consumer_tag"], body=b"mine")
+        peer.wait_for(lambda: peer.received("basic.ack", channel=mine.channel), timeout=5)
+        assert len(errors) == 1 and isinstance(errors[0], expected[0]), errors
+        assert expected[1] in str(errors[0])
+        closes = [m.channel for m in peer.received("channel.close-ok")]
+        assert closes and mine.channel not in closes  # the leased channel, never the shared one
+        assert not peer.received("basic.publish", channel=mine.channel)
+        assert not peer.received("exchange.declare", channel=mine.channel)
+        assert calls == ["mine"] and attacker.active
+        _neighbour_unharmed(peer, neighbour, got)
+        assert _subscribed(peer)["attacker"] == 1  # no hot loop of re-subscribes and redeliveries
+        assert events.count("consumer_cancelled") == 0 and manager.status().degraded == ()
     finally:
         manager.stop(timeout=5)
 
@@ -142,3 +356,23 @@ def test_a_reconnect_restores_every_consumer_pipelined(broker) -> None:
         assert manager.wait_connected(5)
     finally:
         manager.stop(timeout=5)
+
+
+def test_a_settlement_not_written_gives_its_booking_back() -> None:
+    """An event loop's ack that would wait is retried on an executor: it must still find its delivery owed."""
+    from types import SimpleNamespace
+
+    from amqp import spec
+
+    from carrot_kombu._pyamqp.chanstate import ChanState
+
+    state = ChanState(SimpleNamespace(), SimpleNamespace(events=None))  # type: ignore[arg-type]
+    state.delivered(1, "mine")
+    state.delivered(2, "theirs")
+    undo = state.borrower_changed(spec.Basic.Ack, (1, False))
+    assert not state.owes(1, "mine") and state.owes(2, "theirs")
+    assert undo is not None
+    undo()
+    assert state.owes(1, "mine") and not state.owes(1, "theirs") and state.owed_to("mine") == [1]
+    state.forget_delivery(1)
+    assert state.owed_to("mine") == []

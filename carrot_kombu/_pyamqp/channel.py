@@ -29,7 +29,7 @@ from kombu.transport import pyamqp
 
 from .. import _nowait
 from .._sync import raised_by_library
-from ..exceptions import Disconnected, PublishTimeout
+from ..exceptions import ConsumerChannelRefused, Disconnected, PublishTimeout
 from .frames import (
     decode_args,
     encode_args,
@@ -94,8 +94,8 @@ class SafeMessage(pyamqp.Message):  # type: ignore[misc]
         if multiple and getattr(self.channel, "shared_by_consumers", False):
             # The channel carries other consumers' deliveries too: a multiple
             # ack would settle theirs (and lose them if their callbacks fail).
-            raise ValueError("ack(multiple=True) is not allowed on a consume() delivery: its channel is shared "
-                             "with other consumers; ack each message")
+            raise ConsumerChannelRefused("ack(multiple=True) is not allowed on a consume() delivery: its channel "
+                                         "is shared with other consumers; ack each message")
         self._settle("ack", super().ack, multiple)
 
     def reject(self, requeue: bool = False) -> None:
@@ -187,9 +187,13 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         """py-amqp's send_method; ``deadline`` (``time.monotonic()``) bounds a blocked wait and the reply's."""
         state: ChanState = self.carrot
         frames = self._frames(sig, encode_args(sig, format, args or ()), content)
-        if sig in _STATEFUL:
-            state.borrower_changed(sig, args or ())
-        reply = state.expect(wait if isinstance(wait, list) else [wait]) if wait else None
+        undo = state.borrower_changed(sig, args or ()) if sig in _STATEFUL else None
+        try:
+            reply = state.expect(wait if isinstance(wait, list) else [wait]) if wait else None
+        except BaseException:
+            if undo is not None:
+                undo()
+            raise
         # A settlement inside _nowait.nowait() (an event loop's ack) waits
         # neither for room nor for the socket: deadline "now".
         room_deadline = monotonic() if sig in _SETTLE and _nowait.active() else None
@@ -202,6 +206,8 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
                 return None
             result = state.conn.await_reply(reply, None, method_name(sig), deadline)
         except BaseException as exc:
+            if undo is not None and getattr(exc, "carrot_not_written", False):
+                undo()  # a settlement not written (it would have waited): still to be made
             # Spoiled unless the request is known not to have been queued
             # (_before_queueing marks what it raises): an exception raised into
             # this thread after _write queued the frames, but before it
@@ -824,7 +830,7 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         }
         state: ChanState = self.carrot
         if consumer_tag not in self.no_ack_consumers:
-            state.delivered(delivery_tag)
+            state.delivered(delivery_tag, consumer_tag)
         sink = state.sinks.get(consumer_tag)
         if sink is not None:
             sink(msg)
@@ -835,6 +841,7 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
             return
         if consumer_tag not in self.no_ack_consumers:
             logger.debug("rejected delivery %s for unknown consumer %s (requeued)", delivery_tag, consumer_tag)
+            state.forget_delivery(delivery_tag)  # settled here: owed to nobody
             self._send_nowait(spec.Basic.Reject, "Lb", (delivery_tag, True))
 
     def _on_basic_return(self, reply_code: int, reply_text: str, exchange: str, routing_key: str, message: Any) -> None:

@@ -94,9 +94,11 @@ class ChanState:
         #: What a borrower changed that the next one would inherit (tx mode,
         #: prefetch, flow): the channel is closed on release, not pooled.
         self.changed: Optional[str] = None
-        #: Delivery tags received and not yet settled: closing the channel
-        #: is what hands them back to the broker (pooled, they stay unacked).
-        self.unacked: set[int] = set()
+        #: Delivery tags received and not yet settled, each with the consumer
+        #: tag it came for (None: a basic_get): closing the channel is what
+        #: hands them back to the broker (pooled, they stay unacked).  On a
+        #: channel shared by consumers it tells whose a delivery is.
+        self.unacked: dict[int, Optional[str]] = {}
         #: The settler (see :func:`acting_for`) that wrote an ack/reject of a
         #: tag not outstanding here: the broker closes the channel for it (406).
         self.offender: Any = None
@@ -227,23 +229,45 @@ class ChanState:
                 if self.replies.get(sig) is reply:
                     del self.replies[sig]
 
-    def delivered(self, tag: int) -> None:
+    def delivered(self, tag: int, consumer_tag: Optional[str] = None) -> None:
         """A delivery that must be settled arrived (reading thread, or basic_get's caller)."""
         with self.lock:
-            self.unacked.add(tag)
+            self.unacked[tag] = consumer_tag
 
-    def borrower_changed(self, sig: Any, args: tuple[Any, ...]) -> None:
-        """The borrower is about to send ``sig``: note what the next borrower must not inherit."""
+    def forget_delivery(self, tag: int) -> None:
+        """A delivery settled by our own code without ``send_method`` (the reading thread's reject)."""
+        with self.lock:
+            self.unacked.pop(tag, None)
+
+    def owes(self, tag: int, consumer_tag: Optional[str]) -> bool:
+        """``tag`` is an unsettled delivery of consumer ``consumer_tag`` on this channel."""
+        return consumer_tag is not None and self.unacked.get(tag) == consumer_tag
+
+    def owed_to(self, consumer_tag: str) -> list[int]:
+        """The unsettled delivery tags of consumer ``consumer_tag``, oldest first."""
+        with self.lock:
+            return [tag for tag, owner in self.unacked.items() if owner == consumer_tag]
+
+    def borrower_changed(self, sig: Any, args: tuple[Any, ...]) -> Optional[Callable[[], None]]:
+        """The borrower is about to send ``sig``: note what the next borrower must not inherit.
+
+        Returns:
+            For a settlement, what undoes its booking should it not be
+            written after all (an event loop's ack that would wait: retried
+            on another thread, it must still find its delivery unsettled).
+        """
         multiple_allowed = _SETTLING.get(sig)
         if multiple_allowed is not None:
-            self._settling(args, multiple_allowed)
-            return
+            settled = self._settling(args, multiple_allowed)
+            return lambda: self._unsettle(settled)
         rule = _INHERITED.get(sig, "basic_recover")  # basic.recover: redelivers on this channel
         change = rule(args) if callable(rule) else rule
         if change:
             self.changed = self.changed or change
+        return None
 
-    def _settling(self, args: tuple[Any, ...], multiple_allowed: bool) -> None:
+    def _settling(self, args: tuple[Any, ...], multiple_allowed: bool) -> dict[int, Optional[str]]:
+        """Book a settlement; returns the deliveries it settles (tag: consumer tag)."""
         tag = int(args[0]) if args else 0
         multiple = multiple_allowed and len(args) > 1 and bool(args[1])
         with self.lock:
@@ -251,9 +275,16 @@ class ChanState:
                 self.offender = getattr(_acting, "token", None)
             if multiple or tag == 0:
                 # tag 0 with multiple: everything outstanding.
-                self.unacked = {t for t in self.unacked if tag and t > tag}
-            else:
-                self.unacked.discard(tag)
+                settled = {t: owner for t, owner in self.unacked.items() if not tag or t <= tag}
+                self.unacked = {t: owner for t, owner in self.unacked.items() if tag and t > tag}
+                return settled
+            if tag in self.unacked:
+                return {tag: self.unacked.pop(tag)}
+            return {}
+
+    def _unsettle(self, settled: dict[int, Optional[str]]) -> None:
+        with self.lock:
+            self.unacked.update(settled)
 
     def spoil(self, why: str) -> None:
         self.spoiled = self.spoiled or why

@@ -37,6 +37,7 @@ from ..exceptions import ChannelLimitReached, Disconnected
 from .connection import LinkOptions, SupervisedConnection, SupervisedTransport
 from .callbacks import EventQueue
 from .chanstate import acting_for
+from .consumer_channel import ConsumerChannel
 from .replies import ConnHooks, Waiter
 
 __all__ = ("AmqpLink", "AmqpConfirmChannel", "AmqpSubscription", "ConsumerChannels", "SharedChannel", "connect")
@@ -158,9 +159,10 @@ class AmqpLink(Link):
             self.close_channel(chan)
             raise
 
-    def subscription(self, on_delivery: Callable[[Any], None], on_cancelled: Callable[[], None],
-                     on_moved: Optional[Callable[[], None]] = None) -> "AmqpSubscription":
-        return AmqpSubscription(self, on_delivery, on_cancelled, on_moved)
+    def subscription(self, on_delivery: Callable[[Any], None], on_cancelled: Callable[[Optional[str]], None],
+                     on_moved: Optional[Callable[[], None]] = None, on_close: Optional[Callable[[], None]] = None,
+                     borrow: Optional[Callable[[], Any]] = None) -> "AmqpSubscription":
+        return AmqpSubscription(self, on_delivery, on_cancelled, on_moved, on_close, borrow)
 
     def declare_batch(self, declares: list[Callable[[Any], None]]) -> list[bool]:
         """Chunks of ``_DECLARE_CHUNK`` declares written back to back, one ``channel.flow`` round trip each.
@@ -442,7 +444,7 @@ class ConsumerChannels:
             chan = self._link.open_channel()
             shared = SharedChannel(chan)
             shared.reserved = 1
-            chan.carrot.on_closed = lambda error, method: self._closed_by_broker(shared, method)
+            chan.carrot.on_closed = lambda error, method: self._closed_by_broker(shared, error, method)
             with self._lock:
                 self._channels.append(shared)
             return shared
@@ -451,7 +453,7 @@ class ConsumerChannels:
         """A new open channel with ``places`` reserved (a pipelined chunk fills it)."""
         shared = SharedChannel(chan)
         shared.reserved = places
-        chan.carrot.on_closed = lambda error, method: self._closed_by_broker(shared, method)
+        chan.carrot.on_closed = lambda error, method: self._closed_by_broker(shared, error, method)
         with self._lock:
             self._channels.append(shared)
         return shared
@@ -501,17 +503,27 @@ class ConsumerChannels:
         shared.members.clear()
         return members
 
-    def _closed_by_broker(self, shared: SharedChannel, method: Any) -> None:
-        """On the reading thread: tell each member, the culprit as cancelled, the others as moved."""
+    def _closed_by_broker(self, shared: SharedChannel, error: BaseException, method: Any) -> None:
+        """On the reading thread: tell each member, the culprit as cancelled (with the broker's text), the others as moved.
+
+        With no known culprit (``offender``, see acting_for) every member is
+        innocent: a callback cannot write on the channel but through its
+        :class:`ConsumerChannel`, which settles only its own deliveries.
+        """
         with self._lock:
             members = self._break(shared)
         offender = shared.chan.carrot.offender  # a consumer tag (see acting_for)
-        innocent_all = tuple(method) in _SUBSCRIBING
+        innocent_all = offender is None or tuple(method) in _SUBSCRIBING
+        reason = f"its channel was closed by the broker: {type(error).__name__}: {error}"
         for member in members:
-            if innocent_all or (offender is not None and member._tag != offender):
+            if innocent_all or member._tag != offender:
                 member.moved()
             else:
-                member.cancelled()
+                member.cancelled(reason)
+
+
+#: Why a consumer the broker sent basic.cancel to is degraded.
+_BROKER_CANCEL = "cancelled by the broker (basic.cancel: its queue was deleted, or its node is down)"
 
 
 class _AllSynced(Waiter):
@@ -531,18 +543,44 @@ class _AllSynced(Waiter):
 class AmqpSubscription(Subscription):
     """A consumer's place on a shared channel; deliveries reach ``on_delivery`` on the reading thread."""
 
-    def __init__(self, link: AmqpLink, on_delivery: Callable[[Any], None], on_cancelled: Callable[[], None],
-                 on_moved: Optional[Callable[[], None]] = None) -> None:
+    def __init__(self, link: AmqpLink, on_delivery: Callable[[Any], None],
+                 on_cancelled: Callable[[Optional[str]], None], on_moved: Optional[Callable[[], None]] = None,
+                 on_close: Optional[Callable[[], None]] = None, borrow: Optional[Callable[[], Any]] = None) -> None:
         self._link = link
         self._on_delivery = on_delivery
         self._on_cancelled = on_cancelled
-        self._on_moved = on_moved or on_cancelled
+        self._on_moved = on_moved or (lambda: on_cancelled(None))
+        #: ``message.channel.close()``: cancels the consumer (see ConsumerChannel).
+        self._on_close = on_close
+        #: A context manager yielding a pool lease, for ConsumerChannel's other requests.
+        self.borrow = borrow
+        #: What this subscription's messages carry as ``message.channel`` (made at the first delivery).
+        self._facade: Optional[ConsumerChannel] = None
         self._shared: Optional[SharedChannel] = None
         #: A member of ``_shared`` (else it holds a reservation there); under its channels' lock.
         self._joined = False
         self._tag: Optional[str] = None
         self._stopped = False
+        #: Cancelled by its consumer: what it had not settled went back to the queue.
+        self.finished = False
         self._told = False  # on_cancelled/on_moved at most once
+
+    @property
+    def tag(self) -> Optional[str]:
+        """The consumer tag (None before the consume is written)."""
+        return self._tag
+
+    def holds(self, chan: Any) -> bool:
+        """Subscribed on ``chan`` and not cancelled."""
+        shared = self._shared
+        return shared is not None and shared.chan is chan and not self._stopped
+
+    def cancel_by_user(self) -> None:
+        """``message.channel.close()``: cancel the consumer (its owner's cancel, else this subscription's)."""
+        if self._on_close is not None:
+            self._on_close()
+        else:
+            self.cancel()
 
     def start(self, queue: kombu.Queue, prepare: Callable[[Any], None], no_ack: bool,
               arguments: Optional[dict[str, Any]], pipelined: Optional[Pipelined] = None,
@@ -572,7 +610,7 @@ class AmqpSubscription(Subscription):
                             shared.qos(pipelined.prefetch)
                         finally:
                             chan.carrot.defer_flush = False
-                    self._tag = chan.consume_internal(queue.name, self._on_delivery, lambda tag: self.cancelled(),
+                    self._tag = chan.consume_internal(queue.name, self._on_delivery, lambda tag: self.cancelled(_BROKER_CANCEL),
                                                       no_ack=no_ack, arguments=arguments)
             except BaseException:
                 # The channel is closed (a 404...) or in doubt (a timeout): its
@@ -591,7 +629,7 @@ class AmqpSubscription(Subscription):
 
     def begin(self, chan: Any, queue: kombu.Queue, no_ack: bool, arguments: Optional[dict[str, Any]]) -> None:
         """Write the consume (``nowait``) in a pipelined chunk (see :meth:`AmqpLink.subscribe_batch`)."""
-        self._tag = chan.consume_internal(queue.name, self._on_delivery, lambda tag: self.cancelled(),
+        self._tag = chan.consume_internal(queue.name, self._on_delivery, lambda tag: self.cancelled(_BROKER_CANCEL),
                                           no_ack=no_ack, arguments=arguments, nowait=True)
 
     def joined(self, shared: SharedChannel) -> bool:
@@ -621,8 +659,25 @@ class AmqpSubscription(Subscription):
         if shared is None:
             return
         self.stop()
+        self._give_back(shared)
         self._link.consumer_channels.leave(shared, self, wait=True)
         self._shared = None
+
+    def _give_back(self, shared: SharedChannel) -> None:
+        """After the cancel-ok: requeue what this consumer left unsettled, as closing its own channel would.
+
+        The channel stays open for the others: unsettled, its deliveries
+        would stay with it (and count against the queue) until it closes.
+        """
+        chan, tag = shared.chan, self._tag
+        self.finished = True  # from here on, a late ack of one of them is dropped (see ConsumerChannel)
+        if tag is None or chan.carrot.writes_dropped():
+            return  # the close gives them back
+        def requeue_all() -> None:
+            for delivery_tag in chan.carrot.owed_to(tag):
+                chan.basic_reject(delivery_tag, True)
+
+        quietly(requeue_all, "requeueing a cancelled consumer's deliveries")
 
     def close(self) -> None:
         shared = self._shared
@@ -641,10 +696,10 @@ class AmqpSubscription(Subscription):
 
     # -- the reading thread ------------------------------------------------------------------------
 
-    def cancelled(self) -> None:
+    def cancelled(self, reason: Optional[str] = None) -> None:
         if not self._told:
             self._told = True
-            self._on_cancelled()
+            self._on_cancelled(reason)
 
     def moved(self) -> None:
         if not self._told:
@@ -667,7 +722,12 @@ class AmqpSubscription(Subscription):
             acting_for(previous)
 
     def message(self, raw: Any) -> Any:
-        return raw.channel.message_to_python(raw)
+        chan = raw.channel
+        facade = self._facade
+        if facade is None or not facade.bound_to(chan):
+            # Acks are per channel: bound to the one this delivery came on.
+            facade = self._facade = ConsumerChannel(chan, self)
+        return chan.Message(raw, channel=facade)
 
     def reject(self, message: Any, raw: Any) -> None:
         try:
