@@ -59,6 +59,9 @@ _GENERATIONS = itertools.count(1)
 #: A consumer lost again within this many seconds of coming back "flaps":
 #: its next resubscription waits with backoff instead of at once.
 FLAP_WINDOW = 5.0
+#: Quiet moves (a shared channel closed with no culprit) of one consumer
+#: within FLAP_WINDOW before the next one waits with backoff, as a flap does.
+MOVES_BEFORE_BACKOFF = 3
 
 #: Seconds between TCP readiness probes during a backoff wait.
 PROBE_INTERVAL = 0.25
@@ -191,6 +194,8 @@ class Supervisor:
         self._retries: dict[int, _Retry] = {}
         #: Degraded items that came back: when, after how many attempts (see FLAP_WINDOW).
         self._recovered: dict[int, tuple[float, int]] = {}
+        #: Consumers moved quietly: when last, how often in a row (see MOVES_BEFORE_BACKOFF).
+        self._moves: dict[int, tuple[float, int]] = {}
         #: The connection of the attempt in progress / the link this loop serves (for abort()).
         self._attempting: Any = None
         self._link: Optional[Link] = None
@@ -570,6 +575,20 @@ class Supervisor:
     def _move(self, link: Link, consumer: Any) -> None:
         """Subscribe again, at once and with no event, a consumer whose shared channel another closed."""
         item = Degraded("consumer", consumer, consumer.name, CarrotKombuError("its channel was closed"))
+        key, now = id(consumer), time.monotonic()
+        last = self._moves.get(key)
+        streak = last[1] + 1 if last is not None and now - last[0] < FLAP_WINDOW else 1
+        if len(self._moves) > 1024:  # only the last FLAP_WINDOW matters: the dict never grows past that
+            self._moves = {k: v for k, v in self._moves.items() if now - v[0] < FLAP_WINDOW}
+        self._moves[key] = (now, streak)
+        if streak > MOVES_BEFORE_BACKOFF:
+            # Its channels keep being closed under it with nobody to blame
+            # (a broker fault, a policy): never resubscribe in a tight loop.
+            item.error = CarrotKombuError(
+                f"its shared channel was closed by the broker {streak} times within {FLAP_WINDOW:g}s")
+            self._degrade([item])
+            self._retries[key].due = now + self._settings.backoff.nominal(streak - MOVES_BEFORE_BACKOFF - 1)
+            return
         try:
             error = self._recovery.retry(link, item)
         except Exception as exc:

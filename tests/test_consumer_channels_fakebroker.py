@@ -149,6 +149,31 @@ def test_a_channel_the_broker_closes_with_no_known_culprit_moves_every_member_qu
         manager.stop(timeout=5)
 
 
+def test_a_consumer_whose_shared_channel_keeps_being_closed_backs_off_instead_of_looping(broker) -> None:
+    """Quiet moves have no culprit to degrade: repeated ones must still wait with backoff (never a tight loop)."""
+    manager, peer, _ = connect(broker)
+    degraded: list[tuple[str, str]] = []
+    recovered = threading.Event()
+    manager.on("degraded", lambda what, why: degraded.append((what, why)))
+    manager.on("recovered", lambda what: recovered.set())
+    try:
+        manager.consume("q0", lambda body, message: message.ack(), declare=False)
+        for n in range(1, 5):  # the broker closes each channel it lands on, once it delivers there
+            consume = peer.wait_for(lambda: _subscribed(peer).get("q0") == n and peer.received("basic.consume")[-1])
+            acks = len(peer.received("basic.ack"))
+            peer.deliver(consume.channel, consume["consumer_tag"], body=f"m{n}")
+            peer.wait_for(lambda: len(peer.received("basic.ack")) > acks, timeout=5)
+            assert degraded == []  # the first three moves are quiet and at once
+            peer.close_channel(consume.channel, 406, "PRECONDITION_FAILED - nobody's", 60, 80)
+        peer.wait_for(lambda: degraded, timeout=5)
+        assert "closed by the broker 4 times" in degraded[0][1], degraded
+        assert recovered.wait(5), "it never came back after its backoff"
+        assert _subscribed(peer)["q0"] == 5
+        assert manager.status().degraded == ()
+    finally:
+        manager.stop(timeout=5)
+
+
 holding = threading.Event()  # the neighbour of _pair holds a delivery unsettled
 
 
