@@ -206,23 +206,28 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
                 return None
             result = state.conn.await_reply(reply, None, method_name(sig), deadline)
         except BaseException as exc:
-            if undo is not None and getattr(exc, "carrot_not_written", False):
-                undo()  # a settlement not written (it would have waited): still to be made
-            # Spoiled unless the request is known not to have been queued
-            # (_before_queueing marks what it raises): an exception raised into
-            # this thread after _write queued the frames, but before it
-            # returned, left a request whose reply may still come, and the
-            # next request on this channel would take it as its own (the
-            # red-team saw 1 in 800 interrupts do that).
-            if (reply is not None and not reply.ready() and not isinstance(exc, Disconnected)
-                    and not getattr(exc, "carrot_not_written", False)):
-                state.spoil(f"a {method_name(sig)} was abandoned ({type(exc).__name__})")
+            self._request_failed(sig, reply, undo, exc)
             raise
         finally:
             if reply is not None:
                 state.forget(reply)
         values = result[1:]
         return values if returns_tuple else (values and values[0])
+
+    def _request_failed(self, sig: Any, reply: Optional[Reply], undo: Optional[Callable[[], None]],
+                        exc: BaseException) -> None:
+        """:meth:`send_method` raised ``exc``: undo a settlement's booking, spoil the channel if a reply may come."""
+        not_written = getattr(exc, "carrot_not_written", False)
+        if undo is not None and not_written:
+            undo()  # a settlement not written (it would have waited): still to be made
+        # Spoiled unless the request is known not to have been queued
+        # (_before_queueing marks what it raises): an exception raised into
+        # this thread after _write queued the frames, but before it
+        # returned, left a request whose reply may still come, and the
+        # next request on this channel would take it as its own (the
+        # red-team saw 1 in 800 interrupts do that).
+        if reply is not None and not reply.ready() and not isinstance(exc, Disconnected) and not not_written:
+            self.carrot.spoil(f"a {method_name(sig)} was abandoned ({type(exc).__name__})")
 
     def _frames(self, sig: Any, payload: bytes, content: Any) -> list[Any]:
         frames: list[Any] = [encode_method(self.channel_id or 0, sig, payload)]
