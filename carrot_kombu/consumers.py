@@ -70,6 +70,11 @@ DEFAULT_CONSUMER_THREADS = 8
 #: Deliveries of one consumer a dispatcher runs before it serves the next
 #: ready consumer (fairness between busy consumers).
 _BATCH = 16
+
+#: Threads inside ``cancel()`` waiting for another consumer's running
+#: callback -> the dispatcher running it (see Consumer._wait_running_callback).
+_WAITING_ON: dict[threading.Thread, threading.Thread] = {}
+_WAITING_LOCK = threading.Lock()
 #: Seconds a dispatcher thread with nothing to do waits before it ends (a
 #: stopped or idle manager keeps no thread).
 _IDLE = 2.0
@@ -326,7 +331,10 @@ class Consumer:
 
         A callback of this consumer running on a dispatcher is waited for
         (its ack still reaches the broker), unless ``cancel()`` is called
-        from that very callback.  Deliveries already received but not yet
+        from that very callback, or from a callback that this one is itself
+        waiting on in a ``cancel()`` (two callbacks cancelling each other's
+        consumers never wait for each other; the settlements of the one not
+        waited for are dropped and its messages redelivered).  Deliveries already received but not yet
         handed to the callback are dropped (the broker redelivers them),
         except with ``no_ack`` where the broker already considers them
         delivered.  A cancel that was interrupted (an exception raised into
@@ -384,12 +392,37 @@ class Consumer:
         self._owner.dispatcher.schedule(self)
 
     def _wait_running_callback(self) -> None:
-        """Until the callback running now (if any) has returned; not from inside it."""
+        """Until the callback running now (if any) has returned; not from inside it, nor in a cycle.
+
+        Callbacks that cancel each other's consumers (A's cancels B while
+        B's cancels A, or a longer ring) would each wait for the other for
+        ever: the one that would close the ring does not wait (the other
+        callback's settlements after this cancel are dropped, and the broker
+        redelivers those messages).
+        """
         me = threading.current_thread()
         with self._lock:
             done = self._callbacks_done
-            while self._running is not None and self._running is not me and self._callbacks_done == done:
-                self._served.wait()
+            running = self._running
+        if running is None or running is me:
+            return
+        with _WAITING_LOCK:
+            follow: Optional[threading.Thread] = running
+            for _ in range(len(_WAITING_ON) + 1):
+                if follow is None:
+                    break
+                if follow is me:
+                    logger.debug("carrot_kombu: cancel() of %s does not wait: its callback waits on this one", self)
+                    return
+                follow = _WAITING_ON.get(follow)
+            _WAITING_ON[me] = running
+        try:
+            with self._lock:
+                while self._running is not None and self._running is not me and self._callbacks_done == done:
+                    self._served.wait()
+        finally:
+            with _WAITING_LOCK:
+                _WAITING_ON.pop(me, None)
 
     def _serve(self, budget: int) -> bool:
         """On a dispatcher: run up to ``budget`` deliveries in order; True if more wait."""

@@ -125,6 +125,39 @@ def test_cancel_waits_for_the_running_callback_but_not_from_inside_it(make_manag
     assert done.wait(5)
 
 
+def test_callbacks_cancelling_each_others_consumers_never_wait_for_each_other(make_manager):
+    """A ring of callbacks each cancelling the next one's consumer deadlocked every dispatcher in it (red team 20, F5)."""
+    manager, _ = make_manager("memory://", consumer_threads=4)
+    assert manager.wait_connected(5)
+    ring = 3
+    inside = threading.Barrier(ring, timeout=5)  # every callback runs before any cancels
+    returned = [threading.Event() for _ in range(ring)]
+    consumers: list = []
+
+    def make_callback(index: int):
+        def on_message(body, message):
+            inside.wait()
+            consumers[(index + 1) % ring].cancel()
+            message.ack()
+            returned[index].set()
+        return on_message
+
+    for index in range(ring):
+        manager.declare(kombu.Queue(f"disp-ring-{index}"))
+        consumers.append(manager.consume(f"disp-ring-{index}", make_callback(index)))
+    for index in range(ring):
+        _publish(manager, f"disp-ring-{index}", [index])
+    for index in range(ring):
+        assert returned[index].wait(5), f"callback {index} still waits in cancel()"
+    assert not any(consumer.active for consumer in consumers)
+    # the dispatchers are free again: a new consumer is served
+    served = threading.Event()
+    manager.declare(kombu.Queue("disp-ring-after"))
+    manager.consume("disp-ring-after", lambda body, message: (message.ack(), served.set()))
+    _publish(manager, "disp-ring-after", [1])
+    assert served.wait(5)
+
+
 def test_an_idle_dispatcher_ends_and_a_closed_one_takes_nothing():
     dispatcher = Dispatcher(2)
     served = threading.Event()
