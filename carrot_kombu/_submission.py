@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional, Protocol
 
 from ._deadline import Deadline
-from ._metrics import now
+from ._metrics import Metrics, now
 from ._pending import _first_error, _Pending, _timeout_error
 
-if TYPE_CHECKING:
-    from .publisher import Publisher
+
+
+class Publisher(Protocol):
+    """What a :class:`Submission` needs of its publisher (``publisher.Publisher``)."""
+
+    metrics: Metrics
+
+    def forget_all(self, pendings: list[_Pending]) -> None: ...
+
+    def _missing(self) -> str: ...
 
 __all__ = ("Submission",)
 

@@ -12,15 +12,25 @@ import socket
 import threading
 from collections import deque
 from time import monotonic
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 from .._sync import NOT_ACQUIRED, owned, run_locked
 from ..exceptions import Disconnected
 from .green import read_fd, write_fd
 from .replies import Waiter
 
-if TYPE_CHECKING:
-    from .connstate import ConnState
+from .wire import Wire
+
+
+class ConnState(Protocol):
+    """What an :class:`EventQueue` needs of its connection (``connstate.ConnState``)."""
+
+    @property
+    def wire(self) -> Optional[Wire]: ...
+
+    def check_alive(self) -> None: ...
+
+    def wait_for(self, waiter: Waiter, deadline: Optional[float], interrupt: Any = None) -> bool: ...
 
 __all__ = ("EventQueue",)
 

@@ -26,13 +26,25 @@ its messages carry a :class:`ConsumerChannel`, which
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, ContextManager, Optional, Protocol
 
 from ..exceptions import ConsumerChannelRefused
 from .chanstate import acting_for
 
-if TYPE_CHECKING:
-    from .link import AmqpSubscription
+
+
+class Member(Protocol):
+    """What a :class:`ConsumerChannel` needs of its consumer's subscription (``link.AmqpSubscription``)."""
+
+    finished: bool
+    borrow: Optional[Callable[[], ContextManager[Any]]]
+
+    @property
+    def tag(self) -> Optional[str]: ...
+
+    def holds(self, chan: Any) -> bool: ...
+
+    def cancel_by_user(self) -> None: ...
 
 __all__ = ("ConsumerChannel",)
 
@@ -74,7 +86,7 @@ class ConsumerChannel:
     #: Read by SafeMessage: ``ack(multiple=True)`` is refused (it would settle the neighbours').
     shared_by_consumers = True
 
-    def __init__(self, chan: Any, subscription: "AmqpSubscription") -> None:
+    def __init__(self, chan: Any, subscription: Member) -> None:
         self._chan = chan
         self._sub = subscription
 
