@@ -563,10 +563,28 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         as with py-amqp: there by the socket's buffers (TCP back-pressure),
         here by the consumer's prefetch (the kombu transport gives one to a
         consumer that set none, see ``default_prefetch_count``).
+
+        Once the connection is lost (or the channel closed) a delivery that
+        needs an ack is not run but dropped: the broker requeues it, so
+        running it here, with an ack that can no longer be written, ran it
+        twice (Celery cancels its task consumer when it restarts after a
+        loss, and runs the task although the ack failed; issue 17 F1).
+        py-amqp never reads those deliveries from a dead socket.  A
+        ``no_ack`` consumer's deliveries still run: the broker forgot them.
         """
         result = super().basic_cancel(consumer_tag, nowait, argsig)
-        for fn, args in self.carrot.events.take(lambda fn, args: _consumer_tag(args) == consumer_tag):
+        state: ChanState = self.carrot
+        dropped = 0
+        for fn, args in state.events.take(lambda fn, args: _consumer_tag(args) == consumer_tag):
+            # Checked before each one: the connection may die while one runs.
+            # A delivery awaiting an ack is in ``unacked`` (a no_ack one never is).
+            if _delivery_tag(args) in state.unacked and state.failure() is not None:
+                dropped += 1
+                continue
             fn(*args)
+        if dropped:
+            logger.debug("dropped %d deliveries of cancelled consumer %s: their acks cannot reach the broker "
+                         "(it requeues them)", dropped, consumer_tag)
         return result
 
     def consume_internal(
@@ -938,6 +956,11 @@ def _raise(exc: BaseException) -> None:
 def _consumer_tag(args: tuple[Any, ...]) -> Optional[str]:
     info = getattr(args[0], "delivery_info", None) if args else None
     return info.get("consumer_tag") if isinstance(info, dict) else None
+
+
+def _delivery_tag(args: tuple[Any, ...]) -> Optional[int]:
+    info = getattr(args[0], "delivery_info", None) if args else None
+    return info.get("delivery_tag") if isinstance(info, dict) else None
 
 
 _HANDLERS: dict[Any, Callable[..., None]] = {
