@@ -112,11 +112,13 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
 
     #: Settling a delivery of a lost connection or a closed channel raises
     #: (``Disconnected``), as py-amqp does, instead of being dropped.  Set on
-    #: the channels of the kombu transport: Celery acks a task message before
-    #: it runs the task (``acks_late`` off) and, on py-amqp, a failed ack
-    #: means the task is not run (the broker redelivers it); a dropped ack let
-    #: it run, and then run again.  Consumers of ``manager.consume`` keep the
-    #: drop (documented there).
+    #: the channels of the kombu transport, so that kombu and Celery hear of
+    #: a failed ack as on py-amqp.  It does not keep Celery from running the
+    #: task: Celery 5 logs "Couldn't ack" and runs it (the broker redelivers
+    #: it, so it runs twice on either transport); what keeps a delivery of a
+    #: lost connection from reaching Celery at all is that none is dispatched
+    #: after the loss (``EventQueue.drain``, :meth:`basic_cancel`).  Consumers
+    #: of ``manager.consume`` keep the drop (documented there).
     settle_strictly = False
     #: Carries several ``consume()`` consumers (issue 20): a delivery's
     #: ``ack(multiple=True)`` would settle its neighbours' deliveries too.
