@@ -8,6 +8,10 @@
   this harsher one, a cut while the tasks run, it drops some).
 * 8: a worker's warm shutdown (SIGTERM) ends cleanly: exit 0, no traceback,
   no "Exception ignored", no ResourceWarning in its log, as on ``amqp://``.
+* F1 (red team): a solo worker whose connection is cut while deliveries wait
+  in it runs only the task that was running twice (Celery writes its ack
+  after the task, on both transports); ``amqp://`` runs up to the waiting
+  ones twice as well.
 
 Each runs a worker subprocess (threads pool) through the fault proxy on the
 shared broker; the worker, the proxy and the queues are always removed.
@@ -51,6 +55,17 @@ app.conf.update({config!r})
 def echo(x, sleep=0.0):
     time.sleep(sleep)
     return x
+
+
+@app.task(name="record", shared=False)
+def record(x, sleep=0.0):
+    # One line per run (O_APPEND: whole lines), then the work; the test counts runs per task.
+    fd = os.open(os.path.join(MARKS, "ran.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, ("%d\\n" % x).encode())
+    finally:
+        os.close(fd)
+    time.sleep(sleep)
 
 
 @app.task(name="spawn", shared=False)
@@ -184,3 +199,57 @@ def test_a_workers_warm_shutdown_is_clean(scheme, tmp_path, shared, amqp_url, ap
     assert code == 0, log
     for bad in ("Traceback", "Exception ignored", "ResourceWarning", "Unclosed", "ERROR"):
         assert bad not in log, log
+
+
+def runs(app: AppModule) -> list[int]:
+    try:
+        return [int(line) for line in (app.dir / "marks" / "ran.log").read_text().split()]
+    except OSError:
+        return []
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_cut_runs_no_waiting_delivery_twice(scheme, tmp_path, shared, amqp_url, app_module):
+    """Issue 17 F1: per cut, only the task that was running runs again (``amqp://``: up to all 4).
+
+    A solo worker with a prefetch of 4 gets 4 tasks of 0.5 s; the cut falls
+    while the first runs and the other 3 wait in the worker.  Celery acks
+    (``acks_late`` off) on its event loop's next turn, i.e. after the task:
+    the running task's ack is lost with the connection on any transport, and
+    the broker redelivers it.  The 3 waiting ones were run when Celery
+    cancelled its consumer after the loss (their acks failed, Celery ran them
+    anyway): 4 twice per cut.  py-amqp runs what it read before the cut too
+    (measured 6-7 of 12 twice here): at-least-once either way.
+    """
+    cycles, per_cycle = 3, 4
+    with proxy_to(amqp_url) as proxy:
+        url = proxy.url().replace("amqp://", f"{scheme}://", 1)
+        app = shared.owns(write(tmp_path, url, worker_prefetch_multiplier=per_cycle, task_ignore_result=True,
+                                broker_transport_options={"confirm_publish": True}))
+        module = app_module(app)
+        module.app.conf.broker_url = amqp_url  # this process sends directly (pyamqp)
+        module.app.conf.broker_transport_options = {}
+        with celery_worker(app, "solo", 1) as worker:
+            for cycle in range(cycles):
+                first = cycle * per_cycle
+                for x in range(first, first + per_cycle):
+                    module.record.delay(x, sleep=0.5)
+                assert wait_for(lambda: first in runs(app), 60), worker.output()
+                time.sleep(0.15)  # the other three are in the worker by now (one round trip)
+                assert proxy.cut() >= 1, worker.output()  # amqp:// has a second connection (pidbox)
+                # Every task of the cycle ran (the redelivered ones too), then nothing more for a while.
+                assert wait_for(lambda: set(range(first + per_cycle)) <= set(runs(app)), 60), worker.output()
+                settled = len(runs(app))
+                while wait_for(lambda: len(runs(app)) > settled, 1.5):
+                    settled = len(runs(app))
+    ran = runs(app)
+    twice = sorted(x for x in set(ran) if ran.count(x) > 1)
+    print(f"\nFIGURE cut-runs-twice-{scheme}: cuts={cycles} tasks={cycles * per_cycle} twice={twice}")
+    assert set(ran) == set(range(cycles * per_cycle))
+    if scheme == "carrot+amqp":
+        # At most the task running at each cut (measured: exactly those); before the fix 3 more per cut.
+        assert len(ran) - len(set(ran)) <= cycles, (ran, worker.output(20_000))
+    else:
+        # The baseline, run the same way: py-amqp runs what it had read before the cut as well
+        # (measured: 7 and 6 of 12 twice, 4 in one cut); its figure is printed above, nothing to assert.
+        assert len(ran) - len(set(ran)) <= cycles * per_cycle, (ran, worker.output(20_000))

@@ -1311,6 +1311,53 @@ def test_basic_cancel_runs_the_deliveries_its_consumer_already_got(harness) -> N
     assert ran[-1] == ("b", b"b1", threading.current_thread().name)
 
 
+def test_basic_cancel_after_a_loss_runs_no_delivery_whose_ack_is_lost(harness) -> None:
+    """Issue 17 F1: Celery cancels its task consumer when it restarts after a loss, and runs a task whose
+    ack failed; the broker requeues the delivery, so running it here ran the task twice.  A ``no_ack``
+    consumer's deliveries (the broker forgot them) still run."""
+    broker = harness.broker()
+    conn, _ = harness.started(broker)
+    peer = broker.accept()
+    ch = conn.channel()
+    ran: list[bytes] = []
+    tag_acks = ch.basic_consume("tasks", callback=lambda msg: ran.append(msg.body))
+    tag_free = ch.basic_consume("replies", callback=lambda msg: ran.append(msg.body), no_ack=True)
+    for body in (b"t1", b"t2"):
+        peer.deliver(ch.channel_id, tag_acks, body=body)
+    peer.deliver(ch.channel_id, tag_free, body=b"r1")
+    eventually(lambda: len(conn.carrot.events) == 3)
+    peer.drop()
+    eventually(lambda: conn.carrot.dead is not None)
+    ch.collect()  # as kombu's channels of a lost connection are by the time Celery cancels
+    assert ch.basic_cancel(tag_acks) is None  # py-amqp's: no connection, nothing sent, no error
+    assert ran == []
+    ch.basic_cancel(tag_free)
+    assert ran == [b"r1"]
+    with pytest.raises(Disconnected):
+        conn.carrot.events.drain(0)
+
+
+def test_basic_cancel_stops_running_deliveries_once_the_connection_is_lost(harness) -> None:
+    broker = harness.broker()
+    conn, _ = harness.started(broker)
+    peer = broker.accept()
+    ch = conn.channel()
+    ran: list[bytes] = []
+
+    def task(msg: amqp.Message) -> None:
+        ran.append(msg.body)
+        peer.drop()  # lost while the first one runs (a solo worker's task)
+        eventually(lambda: conn.carrot.dead is not None)
+
+    tag = ch.basic_consume("tasks", callback=task)
+    for body in (b"t1", b"t2", b"t3"):
+        peer.deliver(ch.channel_id, tag, body=body)
+    eventually(lambda: len(conn.carrot.events) == 3)
+    canceller = harness.spawn(lambda: ch.basic_cancel(tag), "canceller")
+    canceller.result()
+    assert ran == [b"t1"]  # t2 and t3 are requeued by the broker, not run with a lost ack
+
+
 def test_a_channel_moves_through_its_phases_once(harness) -> None:
     broker = harness.broker(manual={"channel.close"})
     conn, _ = harness.started(broker)

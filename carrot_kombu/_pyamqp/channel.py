@@ -112,11 +112,13 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
 
     #: Settling a delivery of a lost connection or a closed channel raises
     #: (``Disconnected``), as py-amqp does, instead of being dropped.  Set on
-    #: the channels of the kombu transport: Celery acks a task message before
-    #: it runs the task (``acks_late`` off) and, on py-amqp, a failed ack
-    #: means the task is not run (the broker redelivers it); a dropped ack let
-    #: it run, and then run again.  Consumers of ``manager.consume`` keep the
-    #: drop (documented there).
+    #: the channels of the kombu transport, so that kombu and Celery hear of
+    #: a failed ack as on py-amqp.  It does not keep Celery from running the
+    #: task: Celery 5 logs "Couldn't ack" and runs it (the broker redelivers
+    #: it, so it runs twice on either transport); what keeps a delivery of a
+    #: lost connection from reaching Celery at all is that none is dispatched
+    #: after the loss (``EventQueue.drain``, :meth:`basic_cancel`).  Consumers
+    #: of ``manager.consume`` keep the drop (documented there).
     settle_strictly = False
     #: Carries several ``consume()`` consumers (issue 20): a delivery's
     #: ``ack(multiple=True)`` would settle its neighbours' deliveries too.
@@ -574,10 +576,28 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         as with py-amqp: there by the socket's buffers (TCP back-pressure),
         here by the consumer's prefetch (the kombu transport gives one to a
         consumer that set none, see ``default_prefetch_count``).
+
+        Once the connection is lost (or the channel closed) a delivery that
+        needs an ack is not run but dropped: the broker requeues it, so
+        running it here, with an ack that can no longer be written, ran it
+        twice (Celery cancels its task consumer when it restarts after a
+        loss, and runs the task although the ack failed; issue 17 F1).
+        py-amqp never reads those deliveries from a dead socket.  A
+        ``no_ack`` consumer's deliveries still run: the broker forgot them.
         """
         result = super().basic_cancel(consumer_tag, nowait, argsig)
-        for fn, args in self.carrot.events.take(lambda fn, args: _consumer_tag(args) == consumer_tag):
+        state: ChanState = self.carrot
+        dropped = 0
+        for fn, args in state.events.take(lambda fn, args: _consumer_tag(args) == consumer_tag):
+            # Checked before each one: the connection may die while one runs.
+            # A delivery awaiting an ack is in ``unacked`` (a no_ack one never is).
+            if _delivery_tag(args) in state.unacked and state.failure() is not None:
+                dropped += 1
+                continue
             fn(*args)
+        if dropped:
+            logger.debug("dropped %d deliveries of cancelled consumer %s: their acks cannot reach the broker "
+                         "(it requeues them)", dropped, consumer_tag)
         return result
 
     def consume_internal(
@@ -950,6 +970,11 @@ def _raise(exc: BaseException) -> None:
 def _consumer_tag(args: tuple[Any, ...]) -> Optional[str]:
     info = getattr(args[0], "delivery_info", None) if args else None
     return info.get("consumer_tag") if isinstance(info, dict) else None
+
+
+def _delivery_tag(args: tuple[Any, ...]) -> Optional[int]:
+    info = getattr(args[0], "delivery_info", None) if args else None
+    return info.get("delivery_tag") if isinstance(info, dict) else None
 
 
 _HANDLERS: dict[Any, Callable[..., None]] = {
