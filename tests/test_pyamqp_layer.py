@@ -1337,6 +1337,32 @@ def test_basic_cancel_after_a_loss_runs_no_delivery_whose_ack_is_lost(harness) -
         conn.carrot.events.drain(0)
 
 
+def test_drain_runs_no_queued_delivery_of_a_channel_the_broker_closed_meanwhile(harness) -> None:
+    """Queued before the broker closed their channel (the connection stays up): their acks cannot be
+    written and the broker requeued them, so running them ran them twice; other channels' still run."""
+    broker = harness.broker()
+    conn, _ = harness.started(broker)
+    peer = broker.accept()
+    closed, kept = conn.channel(), conn.channel()
+    ran: list[bytes] = []
+    tag_closed = closed.basic_consume("tasks", callback=lambda msg: ran.append(msg.body))
+    tag_free = closed.basic_consume("replies", callback=lambda msg: ran.append(msg.body), no_ack=True)
+    tag_kept = kept.basic_consume("other", callback=lambda msg: ran.append(msg.body))
+    peer.deliver(closed.channel_id, tag_closed, body=b"t1")
+    peer.deliver(closed.channel_id, tag_free, body=b"r1")
+    peer.deliver(kept.channel_id, tag_kept, body=b"k1")
+    eventually(lambda: len(conn.carrot.events) == 3)
+    peer.close_channel(closed.channel_id, 406, "PRECONDITION_FAILED - a neighbour's", 60, 80)
+    eventually(lambda: closed.carrot.failure() is not None)
+    while True:
+        try:
+            conn.carrot.events.drain(0)
+        except socket.timeout:
+            break
+    assert ran == [b"r1", b"k1"]  # t1 dropped (requeued by the broker); the no_ack one and the other channel's run
+    assert conn.carrot.dead is None
+
+
 def test_basic_cancel_stops_running_deliveries_once_the_connection_is_lost(harness) -> None:
     broker = harness.broker()
     conn, _ = harness.started(broker)

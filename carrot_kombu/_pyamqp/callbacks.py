@@ -7,6 +7,7 @@ runs the callbacks in its own thread, in arrival order.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -33,6 +34,8 @@ class ConnState(Protocol):
     def wait_for(self, waiter: Waiter, deadline: Optional[float], interrupt: Any = None) -> bool: ...
 
 __all__ = ("EventQueue",)
+
+logger = logging.getLogger("carrot_kombu")
 
 
 class EventQueue:
@@ -165,21 +168,30 @@ class EventQueue:
         # reserved); deliveries still queued come again from the broker.
         self._conn.check_alive()
         self._check_open()
-        if not self._items:
-            if timeout is not None and timeout <= 0:
-                with self._lock:
+        while True:
+            if not self._items:
+                if timeout is not None and timeout <= 0:
+                    with self._lock:
+                        self._disarm()
+                    raise socket.timeout()
+                self._wait(deadline)
+                self._check_open()
+            with self._lock:
+                if not self._items:  # taken by a consumer's cancel meanwhile
                     self._disarm()
-                raise socket.timeout()
-            self._wait(deadline)
-            self._check_open()
-        with self._lock:
-            if not self._items:  # taken by a consumer's cancel meanwhile
+                    raise socket.timeout()
+                fn, args = self._items.popleft()
                 self._disarm()
-                raise socket.timeout()
-            fn, args = self._items.popleft()
-            self._disarm()
-        fn(*args)
-        return 1
+            if _cannot_settle(args):
+                # Its channel was closed (by the broker, say) after it was
+                # queued: its ack cannot be written and the broker requeued
+                # it; run now, it would run twice (Celery runs a task whose
+                # ack failed).  The next one is looked at instead.
+                logger.debug("dropped a delivery of closed channel %s: the broker requeued it",
+                             getattr(getattr(args[0], "channel", None), "channel_id", None))
+                continue
+            fn(*args)
+            return 1
 
     def _check_open(self) -> None:
         if self._closed:
@@ -195,6 +207,16 @@ class EventQueue:
         finally:
             with self._lock:
                 self._waiters.remove(waiter)
+
+
+def _cannot_settle(args: tuple[Any, ...]) -> bool:
+    """A delivery awaiting an ack on a channel that can no longer send one (``no_ack`` ones never are)."""
+    message = args[0] if args else None
+    info = getattr(message, "delivery_info", None)
+    state = getattr(getattr(message, "channel", None), "carrot", None)
+    if not isinstance(info, dict) or state is None:
+        return False
+    return info.get("delivery_tag") in state.unacked and state.failure() is not None
 
 
 class _QueueWaiter(Waiter):
