@@ -23,7 +23,7 @@ from ._pending import Outcome
 from .publisher import Publisher, Submission
 from .retry import Backoff
 from .status import ConnectionState, Status
-from .topology import check_entity, declare_entity
+from .topology import check_entity, declare_for_caller
 
 if TYPE_CHECKING:
     import kombu
@@ -452,6 +452,10 @@ class ConnectionManager:
         Every entity is checked first, connected or not: one that could
         never be declared raises here and nothing is registered (it would
         otherwise fail every later connection, where nobody can be told).
+        Sixteen or more are written in pipelined chunks (a round trip per
+        chunk, not per entity, as on a reconnect); a chunk the broker
+        refuses is declared again one by one, so the error is still the
+        broker's answer for the entity it refused.
 
         Raises:
             TypeError: An argument is not a kombu ``Queue``/``Exchange`` (a
@@ -473,8 +477,7 @@ class ConnectionManager:
             return  # declared on connect
         try:
             with lease:
-                for entity in entities:
-                    declare_entity(lease.channel, entity, topology.server_named(entity))
+                declare_for_caller(self._core.live.current(), lease.channel, entities, topology.server_named)
         except BaseException:
             topology.remove_entities(added)
             raise

@@ -246,6 +246,28 @@ def declare_entity(channel: Any, entity: Any, server_named: bool = False, nowait
 PIPELINE_FROM = 16
 
 
+def declare_for_caller(link: Optional["Link"], channel: Any, entities: "list[Any] | tuple[Any, ...]",
+                       server_named: Callable[[Any], bool]) -> None:
+    """``manager.declare(*entities)`` now: pipelined from :data:`PIPELINE_FROM` entities, else one by one.
+
+    Pipelined, chunks of declares each await one round trip
+    (:meth:`Link.declare_batch`); what a refused chunk held is declared again
+    one by one on ``channel`` (the caller's lease), in the caller's order,
+    which raises the broker's error for the entity it refused.
+
+    Raises:
+        Exception: The first refusal (as declaring one by one would).
+    """
+    rest = list(entities)
+    plain = [e for e in rest if not server_named(e)]
+    if link is not None and len(plain) >= PIPELINE_FROM:
+        done = link.declare_batch([partial(declare_entity, entity=e, nowait=True) for e in plain])
+        declared = {id(e) for e, ok in zip(plain, done) if ok}
+        rest = [e for e in rest if id(e) not in declared]
+    for entity in rest:
+        declare_entity(channel, entity, server_named(entity))
+
+
 def declare_all(
     link: "Link", entities: list[Any], server_named: Callable[[Any], bool], pipelined: bool = False,
 ) -> list[tuple[Any, BaseException]]:

@@ -132,3 +132,31 @@ def test_an_entity_the_broker_refuses_on_reconnect_degrades_alone(rabbit, proxy)
         lease.exchange_delete(clash)
         lease.queue_delete(before.name)
         lease.queue_delete(after.name)
+
+
+def test_declaring_many_entities_at_once_is_pipelined_and_still_names_a_refused_one(rabbit, proxy):
+    """``declare(*many)`` writes them in chunks (one round trip each); a refused chunk goes one by one,
+    so the caller still gets the broker's error for the entity it refused, and nothing is registered."""
+    from amqp.exceptions import PreconditionFailed
+
+    manager, events, _ = rabbit(proxy.url(), backoff={"min": 0.05, "max": 0.5})
+    assert manager.wait_connected(10)
+    exchange = kombu.Exchange(unique("ck-many"), type="direct", auto_delete=True)
+    queues = [kombu.Queue(unique("ck-many"), exchange, routing_key=str(i), auto_delete=True) for i in range(80)]
+    manager.declare(*queues)
+    with manager.channel() as lease:
+        for q in queues:
+            lease.queue_declare(q.name, passive=True)  # each exists (a missing one raises NotFound)
+        lease.basic_publish(lease.prepare_message(b"to-79"), exchange=exchange.name, routing_key="79")
+        assert drain(lease, queues[79].name, 1) == [b"to-79"]  # bound as declared
+    # The same queues again, one in the middle redeclared with other arguments: refused by the broker.
+    clash = kombu.Queue(queues[40].name, exchange, routing_key="40", auto_delete=True,
+                        queue_arguments={"x-max-length": 5})
+    others = [kombu.Queue(unique("ck-many"), exchange, routing_key=f"n{i}", auto_delete=True) for i in range(60)]
+    with pytest.raises(PreconditionFailed) as info:
+        manager.declare(*others[:30], clash, *others[30:])
+    assert "x-max-length" in str(info.value) or queues[40].name in str(info.value)
+    # none of that call is registered: a reconnect declares only the first 80 again, and connects cleanly
+    proxy.cut()
+    assert events.wait_count("connected", 2, timeout=10)
+    assert manager.status().degraded == ()
