@@ -22,6 +22,7 @@ import time
 from typing import Any, Callable
 
 import amqp
+import kombu
 import pytest
 from amqp.exceptions import NotFound, PreconditionFailed
 
@@ -228,3 +229,35 @@ def test_kombu_code_on_message_channel_keeps_working(rabbit) -> None:
             lease.queue_delete(queue)
             lease.queue_delete(reply)
     assert events.count("consumer_cancelled") == 0
+
+
+def test_the_first_deliveries_of_a_busy_queue_can_be_acked(rabbit) -> None:
+    """Red team 20b F1: deliveries that follow consume-ok at once reached the callback before the
+    subscription knew its consumer tag, and message.ack() was refused: with prefetch 1 the consumer
+    stalled for good, and the library's reject of the "failed" callback lost redelivered messages."""
+    manager, events, _ = rabbit()
+    assert manager.wait_connected(10)
+    for trial in range(5):
+        queue = unique(f"ck-first-ack-{trial}")
+        manager.declare(kombu.Queue(queue, auto_delete=True))
+        manager.publish_many([b"%d" % i for i in range(10)], routing_key=queue, timeout=10)
+        acked: list[bytes] = []
+        refused: list[BaseException] = []
+        done = threading.Event()
+
+        def on_message(body: Any, message: Any) -> None:
+            try:
+                message.ack()
+            except Exception as exc:
+                refused.append(exc)
+                raise
+            acked.append(body)
+            if len(acked) == 10:
+                done.set()
+
+        consumer = manager.consume(queue, on_message, prefetch_count=1, declare=False)
+        try:
+            assert done.wait(10), f"trial {trial}: {len(acked)} of 10 acked; refused: {refused[:1]}"
+            assert refused == []
+        finally:
+            consumer.cancel()

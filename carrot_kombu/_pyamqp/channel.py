@@ -609,13 +609,17 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         no_ack: bool = False,
         arguments: Any = None,
         nowait: bool = False,
+        tag: Optional[str] = None,
     ) -> str:
         """Subscribe carrot_kombu's own consumer: deliveries go to ``sink`` on the reading thread.
 
         ``sink`` and ``on_cancel`` are our code (they only queue); never user
         code.  With ``nowait`` nothing is awaited: a refusal closes the channel.
+        ``tag``: the consumer tag (:func:`new_consumer_tag`), known to the
+        caller before the consume is written: deliveries may be handled
+        before this call returns.
         """
-        tag = _consumer_tag_for_us()
+        tag = tag or new_consumer_tag()
         state: ChanState = self.carrot
         state.sinks[tag] = sink
         state.cancel_sinks[tag] = on_cancel
@@ -959,7 +963,8 @@ _TAG_PREFIX = f"carrot-kombu.{uuid.uuid4().hex[:12]}."
 _tag_numbers = itertools.count(1)
 
 
-def _consumer_tag_for_us() -> str:
+def new_consumer_tag() -> str:
+    """A consumer tag of ours (unique in the process)."""
     return f"{_TAG_PREFIX}{next(_tag_numbers)}"
 
 

@@ -36,6 +36,7 @@ from ..config import Endpoint, Settings
 from ..exceptions import ChannelLimitReached, Disconnected
 from .connection import LinkOptions, SupervisedConnection, SupervisedTransport
 from .callbacks import EventQueue
+from .channel import new_consumer_tag
 from .chanstate import acting_for
 from .consumer_channel import ConsumerChannel
 from .replies import ConnHooks, Waiter
@@ -610,12 +611,16 @@ class AmqpSubscription(Subscription):
                             shared.qos(pipelined.prefetch)
                         finally:
                             chan.carrot.defer_flush = False
-                    self._tag = chan.consume_internal(queue.name, self._on_delivery, lambda tag: self.cancelled(_BROKER_CANCEL),
-                                                      no_ack=no_ack, arguments=arguments)
+                    # Known before the consume is written: its first deliveries
+                    # may reach the callback (and its acks the ConsumerChannel,
+                    # which settles only this tag's) before consume-ok is read.
+                    self._tag = new_consumer_tag()
+                    chan.consume_internal(queue.name, self._on_delivery, lambda tag: self.cancelled(_BROKER_CANCEL),
+                                          no_ack=no_ack, arguments=arguments, tag=self._tag)
             except BaseException:
                 # The channel is closed (a 404...) or in doubt (a timeout): its
                 # other consumers move to another one.
-                self._shared = None
+                self._shared, self._tag = None, None
                 channels.leave(shared, None)
                 if not shared.broken:
                     channels.discard(shared)
@@ -629,8 +634,9 @@ class AmqpSubscription(Subscription):
 
     def begin(self, chan: Any, queue: kombu.Queue, no_ack: bool, arguments: Optional[dict[str, Any]]) -> None:
         """Write the consume (``nowait``) in a pipelined chunk (see :meth:`AmqpLink.subscribe_batch`)."""
-        self._tag = chan.consume_internal(queue.name, self._on_delivery, lambda tag: self.cancelled(_BROKER_CANCEL),
-                                          no_ack=no_ack, arguments=arguments, nowait=True)
+        self._tag = new_consumer_tag()
+        chan.consume_internal(queue.name, self._on_delivery, lambda tag: self.cancelled(_BROKER_CANCEL),
+                              no_ack=no_ack, arguments=arguments, nowait=True, tag=self._tag)
 
     def joined(self, shared: SharedChannel) -> bool:
         """The chunk was accepted: take the reserved place (False: the channel broke meanwhile)."""
