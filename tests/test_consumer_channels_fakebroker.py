@@ -401,3 +401,30 @@ def test_a_settlement_not_written_gives_its_booking_back() -> None:
     assert state.owes(1, "mine") and not state.owes(1, "theirs") and state.owed_to("mine") == [1]
     state.forget_delivery(1)
     assert state.owed_to("mine") == []
+
+
+def test_a_second_settlement_of_one_delivery_on_a_shared_channel_is_never_written() -> None:
+    """Red team 20b F3: a cancel's give-back racing a late ack (a worker thread's, an event loop's) wrote
+    both; the broker closed the shared channel (406 unknown delivery tag) and every neighbour's unacked
+    messages ran again.  Checked and booked under the channel's lock: the second is not written."""
+    from types import SimpleNamespace
+
+    from amqp import spec
+
+    from carrot_kombu._pyamqp.chanstate import ChanState, NotOutstanding
+
+    shared = ChanState(SimpleNamespace(shared_by_consumers=True), SimpleNamespace(events=None))  # type: ignore[arg-type]
+    shared.delivered(1, "mine")
+    shared.delivered(2, "mine")
+    assert shared.borrower_changed(spec.Basic.Ack, (1, False)) is not None  # the first goes out
+    with pytest.raises(NotOutstanding):
+        shared.borrower_changed(spec.Basic.Reject, (1, True))  # the racing second: not written
+    shared.borrower_changed(spec.Basic.Reject, (2, True))
+    assert shared.owed_to("mine") == []
+    # A tag never delivered here is still written: the broker's 406 then names its consumer (acting_for).
+    assert shared.borrower_changed(spec.Basic.Ack, (99, False)) is not None
+    # A channel of one borrower keeps py-amqp's behaviour: a double ack is written (its own 406).
+    lease = ChanState(SimpleNamespace(shared_by_consumers=False), SimpleNamespace(events=None))  # type: ignore[arg-type]
+    lease.delivered(1)
+    lease.borrower_changed(spec.Basic.Ack, (1, False))
+    assert lease.borrower_changed(spec.Basic.Ack, (1, False)) is not None

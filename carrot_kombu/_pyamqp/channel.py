@@ -39,7 +39,7 @@ from .frames import (
     encode_publish_args,
     method_name,
 )
-from .chanstate import ChanState, acting_for
+from .chanstate import ChanState, NotOutstanding, acting_for
 from .connstate import ConnState
 from .replies import Reply
 
@@ -189,7 +189,12 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         """py-amqp's send_method; ``deadline`` (``time.monotonic()``) bounds a blocked wait and the reply's."""
         state: ChanState = self.carrot
         frames = self._frames(sig, encode_args(sig, format, args or ()), content)
-        undo = state.borrower_changed(sig, args or ()) if sig in _STATEFUL else None
+        try:
+            undo = state.borrower_changed(sig, args or ()) if sig in _STATEFUL else None
+        except NotOutstanding as exc:
+            logger.debug("dropped %s of delivery %s on a shared consumer channel: settled already",
+                         method_name(sig), exc.tag)
+            return None
         try:
             reply = state.expect(wait if isinstance(wait, list) else [wait]) if wait else None
         except BaseException:
@@ -858,20 +863,21 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
             "routing_key": routing_key,
         }
         state: ChanState = self.carrot
+        sink = state.sinks.get(consumer_tag)
+        callback = None if sink is not None else self.callbacks.get(consumer_tag)
+        if sink is None and callback is None:
+            if consumer_tag not in self.no_ack_consumers:
+                # Never recorded as owed: nobody else (a cancel's give-back)
+                # can settle it too, which on a shared channel would be a 406.
+                logger.debug("rejected delivery %s for unknown consumer %s (requeued)", delivery_tag, consumer_tag)
+                self._send_nowait(spec.Basic.Reject, "Lb", (delivery_tag, True))
+            return
         if consumer_tag not in self.no_ack_consumers:
             state.delivered(delivery_tag, consumer_tag)
-        sink = state.sinks.get(consumer_tag)
         if sink is not None:
             sink(msg)
-            return
-        callback = self.callbacks.get(consumer_tag)
-        if callback is not None:
+        elif callback is not None:
             state.events.post(callback, msg)
-            return
-        if consumer_tag not in self.no_ack_consumers:
-            logger.debug("rejected delivery %s for unknown consumer %s (requeued)", delivery_tag, consumer_tag)
-            state.forget_delivery(delivery_tag)  # settled here: owed to nobody
-            self._send_nowait(spec.Basic.Reject, "Lb", (delivery_tag, True))
 
     def _on_basic_return(self, reply_code: int, reply_text: str, exchange: str, routing_key: str, message: Any) -> None:
         state: ChanState = self.carrot

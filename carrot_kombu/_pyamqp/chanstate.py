@@ -23,7 +23,7 @@ from .replies import Reply, copy_error
 if TYPE_CHECKING:
     from .connstate import ConnState
 
-__all__ = ("ChanState", "ChannelPhase", "acting_for")
+__all__ = ("ChanState", "ChannelPhase", "NotOutstanding", "acting_for")
 
 logger = logging.getLogger("carrot_kombu.amqp")
 
@@ -99,6 +99,9 @@ class ChanState:
         #: hands them back to the broker (pooled, they stay unacked).  On a
         #: channel shared by consumers it tells whose a delivery is.
         self.unacked: dict[int, Optional[str]] = {}
+        #: The highest delivery tag recorded in ``unacked`` (tags grow per channel):
+        #: a tag at or below it that is no longer there was settled already.
+        self.last_delivered = 0
         #: The settler (see :func:`acting_for`) that wrote an ack/reject of a
         #: tag not outstanding here: the broker closes the channel for it (406).
         self.offender: Any = None
@@ -233,6 +236,8 @@ class ChanState:
         """A delivery that must be settled arrived (reading thread, or basic_get's caller)."""
         with self.lock:
             self.unacked[tag] = consumer_tag
+            if tag > self.last_delivered:
+                self.last_delivered = tag
 
     def forget_delivery(self, tag: int) -> None:
         """A delivery settled by our own code without ``send_method`` (the reading thread's reject)."""
@@ -259,6 +264,15 @@ class ChanState:
         multiple_allowed = _SETTLING.get(sig)
         if multiple_allowed is not None:
             settled = self._settling(args, multiple_allowed)
+            tag = int(args[0]) if args else 0
+            if not settled and 0 < tag <= self.last_delivered and getattr(self.chan, "shared_by_consumers", False):
+                # Settled already (a cancel's give-back, another thread's ack):
+                # written, the broker would close the channel of every
+                # consumer on it (406 unknown delivery tag).  Checked and
+                # booked under the lock: of two racing settlements one goes
+                # out.  A tag never delivered here is written (the broker's
+                # 406 then names its consumer, see acting_for).
+                raise NotOutstanding(tag)
             return lambda: self._unsettle(settled)
         rule = _INHERITED.get(sig, "basic_recover")  # basic.recover: redelivers on this channel
         change = rule(args) if callable(rule) else rule
@@ -328,3 +342,13 @@ class ChanState:
             replies = [self.confirm_waiters.pop(t) for t in done]
         for reply in replies:
             reply.resolve(("ack" if ack else "nack",))
+
+
+class NotOutstanding(Exception):
+    """A settlement of a delivery no longer outstanding on a channel shared by consumers: not written."""
+
+    carrot_not_written = True
+
+    def __init__(self, tag: int) -> None:
+        super().__init__(f"delivery {tag} is settled already")
+        self.tag = tag
