@@ -261,3 +261,45 @@ def test_the_first_deliveries_of_a_busy_queue_can_be_acked(rabbit) -> None:
             assert refused == []
         finally:
             consumer.cancel()
+
+
+def test_message_channel_declares_like_a_kombu_channel_and_names_a_bad_publish(rabbit) -> None:
+    """Red team 20b, low: ``kombu.Queue(...)(message.channel).declare()`` raised AttributeError, a
+    ``nowait`` declare's refusal was lost with its lease, and ``basic_publish("str")`` failed deep inside."""
+    manager, _, _ = rabbit()
+    assert manager.wait_connected(10)
+    queue = unique("ck-facade")
+    manager.declare(kombu.Queue(queue, auto_delete=True))
+    made = kombu.Queue(unique("ck-facade-made"), auto_delete=True)
+    out: dict[str, Any] = {}
+    done = threading.Event()
+
+    def on_message(body: Any, message: Any) -> None:
+        try:
+            made(message.channel).declare()
+            out["declare"] = "ok"
+            for key, call in (
+                ("nowait", lambda: message.channel.queue_declare(queue, durable=True, auto_delete=True,
+                                                                 arguments={"x-max-length": 3}, nowait=True)),
+                ("publish", lambda: message.channel.basic_publish("str", exchange="", routing_key=queue)),
+            ):
+                try:
+                    call()
+                    out[key] = None
+                except Exception as exc:
+                    out[key] = exc
+            message.ack()
+        finally:
+            done.set()
+
+    consumer = manager.consume(queue, on_message, declare=False)
+    try:
+        manager.publish(b"x", routing_key=queue, timeout=5)
+        assert done.wait(10)
+        assert out["declare"] == "ok"
+        with manager.channel() as lease:
+            lease.queue_declare(made.name, passive=True)  # it exists
+        assert isinstance(out["nowait"], PreconditionFailed), out
+        assert isinstance(out["publish"], TypeError) and "prepare_message" in str(out["publish"]), out
+    finally:
+        consumer.cancel()

@@ -465,6 +465,9 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         Raises:
             TypeError, ValueError: Naming the field that cannot be sent.
         """
+        if not (hasattr(msg, "properties") and hasattr(msg, "body")):
+            raise TypeError(f"basic_publish() msg must be a message (channel.prepare_message(body) or "
+                            f"amqp.Message(body)), not {type(msg).__name__}; nothing was sent")
         props, body = encode_message(msg)
         args = encode_publish_args(exchange, routing_key, mandatory, immediate)
         channel_id = self.channel_id or 0

@@ -129,6 +129,10 @@ class ConsumerChannel:
         """kombu's message builder (no I/O): for ``basic_publish`` on this object."""
         return self._chan.prepare_message(*args, **kwargs)
 
+    def prepare_queue_arguments(self, *args: Any, **kwargs: Any) -> Any:
+        """kombu's ``Queue.declare()`` reads it (no I/O): ``kombu.Queue(...)(message.channel).declare()`` works."""
+        return self._chan.prepare_queue_arguments(*args, **kwargs)
+
     # -- settling this consumer's deliveries -------------------------------------------------------
 
     def basic_ack(self, delivery_tag: int, multiple: bool = False, argsig: str = "Lb") -> None:
@@ -187,6 +191,9 @@ class ConsumerChannel:
             raise ConsumerChannelRefused(f"message.channel.{call}() is refused: no channel pool to run it on; "
                                          f"{_OWN_CHANNEL}")
         # A broker refusal closes only the leased channel (discarded on the way out) and raises here.
+        # nowait: a refusal would come back after the lease is released, closing
+        # it unseen; waited for here, it raises to the caller like any other.
+        sync = sync or bool(kwargs.get("nowait"))
         with borrow() as lease:
             chan = lease.channel
             result = getattr(chan, call)(*args, **kwargs)
