@@ -1384,6 +1384,36 @@ def test_basic_cancel_stops_running_deliveries_once_the_connection_is_lost(harne
     assert ran == [b"t1"]  # t2 and t3 are requeued by the broker, not run with a lost ack
 
 
+def test_a_late_delivery_of_a_channel_id_s_previous_channel_is_not_dispatched_on_its_new_one(harness) -> None:
+    """RabbitMQ still delivers on a channel after its own channel.close; once our close-ok freed the id and a
+    new channel reused it, those deliveries came before the new channel's open-ok and were dispatched there:
+    the reject of an unknown consumer's delivery named a tag the new channel never had, and the broker's 406
+    closed it with every consumer on it (red team 20b F5: 2-6 per 20 s of consume/cancel churn)."""
+    broker = harness.broker()
+    conn, _ = harness.started(broker)
+    peer = broker.accept()
+    old = conn.channel()
+    ran: list[bytes] = []
+    tag = old.basic_consume("q", callback=lambda msg: ran.append(msg.body))
+    old_id = old.channel_id
+    peer.close_channel(old_id, 406, "PRECONDITION_FAILED - someone's", 60, 80)
+    eventually(lambda: old.carrot.closed, what="close-ok frees the id")
+
+    def late_then_open_ok(peer: Any, method: Any) -> None:
+        # What the broker had sent on the old channel, ahead of the new one's open-ok.
+        peer.send_method(method.channel, "basic.deliver", tag, 7, False, "", "q", body=b"late", wait=None)
+        peer.send_method(method.channel, "channel.open-ok", wait=None)
+
+    peer.on("channel.open", late_then_open_ok)
+    new = conn.channel()
+    assert new.channel_id == old_id  # the id is reused
+    peer.on("channel.open", None)
+    new.queue_declare("after", passive=True)  # one round trip: the late frame was read before it
+    assert ran == []
+    assert peer.received("basic.reject", channel=new.channel_id) == []  # a tag the new channel never had
+    assert new.carrot.failure() is None and conn.carrot.dead is None
+
+
 def test_a_channel_moves_through_its_phases_once(harness) -> None:
     broker = harness.broker(manual={"channel.close"})
     conn, _ = harness.started(broker)

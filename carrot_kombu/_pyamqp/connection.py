@@ -29,6 +29,9 @@ from .channel import SupervisedChannel
 from .frames import decode_args, encode_args, encode_method, tolerant_frame_handler
 from .connstate import ConnState
 
+#: What may arrive on a channel between its channel.open and its open-ok.
+_BEFORE_OPEN_OK = frozenset({spec.Channel.OpenOk, spec.Channel.Close, spec.Channel.CloseOk})
+
 __all__ = ("SupervisedConnection", "SupervisedTransport", "LinkOptions")
 
 logger = logging.getLogger("carrot_kombu.amqp")
@@ -245,6 +248,15 @@ class SupervisedConnection(pyamqp.Connection):  # type: ignore[misc]
         if chan is None:
             # A late frame for a channel we already closed (a delivery after close-ok...).
             logger.debug("ignored %r for closed channel %s", method_sig, channel_id)
+            return None
+        if channel_id and not chan.is_open and method_sig not in _BEFORE_OPEN_OK and not chan.carrot.closing:
+            # Its id was just reused: the broker sent this on the channel that
+            # had it before (RabbitMQ delivers after its own channel.close),
+            # ahead of the new channel's open-ok.  Dispatched here, a delivery
+            # was settled with a tag the new channel never had: 406 closed it
+            # with every consumer on it.
+            logger.debug("ignored %r for channel %s before its open-ok (the id's previous channel's)",
+                         method_sig, channel_id)
             return None
         return chan.dispatch_method(method_sig, payload, content)
 
