@@ -149,3 +149,33 @@ def test_exclusive_queues_end_with_their_kombu_connection(amqp_url, conn):
     for name in names:
         with pytest.raises(NotFound):
             conn.channel().queue_declare(name, passive=True)
+
+
+@pytest.mark.parametrize("scheme", ["carrot+amqp", "amqp"])
+def test_a_consumer_channel_the_broker_closes_is_reported_by_the_next_drain_events(amqp_url, scheme):
+    """Red team 17c F1: the broker closing a kombu consumer's channel (connection up) left
+    ``drain_events`` timing out for ever on ``carrot+amqp://`` (a Celery worker consumed nothing and
+    logged nothing); py-amqp raises the close from the next ``drain_events``, and so must we."""
+    from amqp.exceptions import PreconditionFailed
+
+    queue = kombu.Queue(unique("ck-chanclose"), auto_delete=True)
+    got: list[int] = []
+    with kombu.Connection(amqp_url.replace("amqp", scheme, 1), connect_timeout=5) as connection:
+        connection.Producer().publish({"i": 0}, routing_key=queue.name, declare=[queue])
+        channel = connection.channel()
+
+        def on_message(body: Any, message: Any) -> None:
+            got.append(body["i"])
+            message.channel.basic_ack(99999)  # not a delivery of this channel: the broker closes it (406)
+
+        consumer = kombu.Consumer(channel, [queue], callbacks=[on_message], no_ack=True)
+        consumer.consume()
+        with pytest.raises(PreconditionFailed, match="unknown delivery tag 99999"):
+            for _ in range(5):  # the delivery, then the close, each read by one drain_events
+                try:
+                    connection.drain_events(timeout=2)
+                except TimeoutError:
+                    pass
+        assert got == [0]
+        with connection.channel() as other:
+            other.queue_delete(queue.name)

@@ -45,7 +45,7 @@ from carrot_kombu._pyamqp import (
 from carrot_kombu._pyamqp import _compat, wire as wire_module
 from carrot_kombu.exceptions import CarrotKombuError
 
-from .fakebroker import PeerClosed
+from .fakebroker import Method, Peer, PeerClosed
 from .test_pyamqp_support import WAIT, eventually, harness, no_leaks, parse_frames, spy_dispatch  # noqa: F401
 
 # -- handshake and negotiation -------------------------------------------------------
@@ -1399,7 +1399,7 @@ def test_a_late_delivery_of_a_channel_id_s_previous_channel_is_not_dispatched_on
     peer.close_channel(old_id, 406, "PRECONDITION_FAILED - someone's", 60, 80)
     eventually(lambda: old.carrot.closed, what="close-ok frees the id")
 
-    def late_then_open_ok(peer: Any, method: Any) -> None:
+    def late_then_open_ok(peer: Peer, method: Method) -> None:
         # What the broker had sent on the old channel, ahead of the new one's open-ok.
         peer.send_method(method.channel, "basic.deliver", tag, 7, False, "", "q", body=b"late", wait=None)
         peer.send_method(method.channel, "channel.open-ok", wait=None)

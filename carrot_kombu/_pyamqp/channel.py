@@ -41,7 +41,7 @@ from .frames import (
 )
 from .chanstate import ChanState, NotOutstanding, acting_for
 from .connstate import ConnState
-from .replies import Reply
+from .replies import Reply, copy_error
 
 __all__ = ("SupervisedChannel", "SafeMessage")
 
@@ -808,6 +808,11 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         """
         state: ChanState = self.carrot
         error = error_for_code(reply_code, reply_text, (class_id, method_id), ChannelError)
+        # A kombu consumer's channel (the transport's): py-amqp raises the close
+        # from the drain_events that reads it; here the next one does, in turn
+        # with the deliveries before it.  Unraised, the consumer sat silent for
+        # good (Celery's worker consumed nothing, logged nothing).
+        tell_drainer = self.settle_strictly and bool(self.callbacks)
         frame = encode_method(self.channel_id or 0, spec.Channel.CloseOk, b"")
         wire = state.conn.wire
         must_flush = False
@@ -836,6 +841,8 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         hook = state.on_closed
         if hook is not None:
             hook(error, (class_id, method_id))
+        if tell_drainer:
+            state.events.post(_raise, copy_error(error))
         logger.debug("channel %s closed by the broker: %s", self.channel_id, error)
 
     def _on_flow(self, active: bool) -> None:
