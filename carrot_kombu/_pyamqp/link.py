@@ -139,6 +139,14 @@ class AmqpLink(Link):
         # chan.close waits for close-ok (bounded): the id is free afterwards.
         quietly(chan.close if wait else chan.close_nowait, "closing a channel")
 
+    def preflight(self, check: Callable[[Any], None]) -> bool:
+        chan = self.open_channel()
+        try:
+            check(chan)
+        finally:
+            self.close_channel(chan)  # closed by the broker already, after a refusal
+        return True
+
     def reusable(self, chan: Any) -> bool:
         return chan.carrot.reusable()  # type: ignore[no-any-return]
 
