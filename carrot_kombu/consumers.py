@@ -318,8 +318,9 @@ class Consumer:
     def batch_done(self, link: "Link", item: "BatchItem", subscribed: bool) -> None:
         """After :meth:`Link.subscribe_batch`: keep the subscription, or drop it (subscribed one by one)."""
         if not subscribed:
-            # Subscribed one by one next: its chunk was refused, maybe for it.
-            self._preflight = True
+            with self._lock:
+                # Subscribed one by one next: its chunk was refused, maybe for it.
+                self._preflight = True
             item.subscription.close()
             return
         with self._subscribing:

@@ -529,3 +529,26 @@ def test_a_registered_consumer_whose_declare_closes_the_connection_is_dropped_no
             assert [r for r in caplog.records if r.levelname == "ERROR" and "'bad'" in r.getMessage()]
         finally:
             manager.stop(timeout=5)
+
+
+def test_a_consumer_cancelled_by_the_broker_whose_declare_then_closes_the_connection_is_dropped(broker, caplog) -> None:
+    """Subscribed again after a broker cancel, its declare is tried first; a 503 there drops it (no reconnect loop)."""
+    import kombu
+
+    manager, peer, events = connect(broker)
+    try:
+        manager.consume("neighbour", lambda body, message: message.ack(), declare=False)
+        bad = manager.consume(kombu.Queue("bad", kombu.Exchange("bogus-ex", "direct"), "rk"), lambda body, m: None)
+        consume = peer.wait_for(lambda: _consumes(peer).get("bad"))
+        bad.queue.exchange.type = "bogus-type"  # say the broker lost the plugin for it meanwhile
+        peer.on("exchange.declare", _unknown_exchange_type)
+        peer.send_method(consume.channel, "basic.cancel", consume["consumer_tag"], True)
+        second = broker.accept()
+        second.on("exchange.declare", _unknown_exchange_type)
+        second.wait_for(lambda: _consumes(second).get("neighbour"))
+        assert manager.wait_connected(5)
+        assert not bad.active and "bad" not in _subscribed(second)
+        assert [r for r in caplog.records if r.levelname == "ERROR" and "'bad'" in r.getMessage()]
+        assert events.count("consumer_cancelled") == 2  # the broker's cancel, then the drop
+    finally:
+        manager.stop(timeout=5)
