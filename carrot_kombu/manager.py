@@ -640,6 +640,9 @@ class ConnectionManager:
                     if refused is not None:
                         # Its declare closed the connection (503 unknown
                         # exchange type...): it would on every reconnect.
+                        # Once the manager says so (a few ms), so that a
+                        # wait_connected() right after waits for the next one.
+                        core.board.wait_for(lambda status: status.state is not ConnectionState.CONNECTED, 2.0)
                         raise refused from None
                     # subscribed on the next connection
         except BaseException:
