@@ -246,7 +246,7 @@ class Consumer:
             recorded = False
             try:
                 pipelined = self._pipelined()
-                if (self._preflight or self.degraded is not None) and link.preflight(self._check):
+                if (self._preflight or self.degraded is not None) and self._checked(link):
                     # The declare was taken on a throwaway channel: only the
                     # qos and consume go to the shared one (a refusal there
                     # would close it under its neighbours' running callbacks,
@@ -264,6 +264,15 @@ class Consumer:
                 if not recorded and subscription is not None:
                     subscription.close()
                 raise
+
+    def _checked(self, link: "Link") -> bool:
+        """:meth:`_check` on a throwaway channel (see Link.preflight); False if not done (no channel id to spare)."""
+        from .exceptions import ChannelLimitReached
+
+        try:
+            return link.preflight(self._check)
+        except ChannelLimitReached:
+            return False  # at channel_max: declared on the shared channel, as before
 
     def _check(self, channel: Any) -> None:
         """On a throwaway channel: what the broker may refuse before the consume (its declare, or a passive one)."""
