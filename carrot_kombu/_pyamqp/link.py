@@ -144,7 +144,9 @@ class AmqpLink(Link):
         try:
             check(chan)
         finally:
-            self.close_channel(chan)  # closed by the broker already, after a refusal
+            # Awaited: its id is free at close-ok, for the shared channel that
+            # may need it next (at channel_max the consume would fail otherwise).
+            self.close_channel(chan, wait=True)
         return True
 
     def reusable(self, chan: Any) -> bool:
