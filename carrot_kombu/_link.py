@@ -313,6 +313,21 @@ class Link:
         """Close ``chan``; with ``wait``, until the broker answered (bounded). Never raises a library error."""
         raise NotImplementedError
 
+    def preflight(self, check: Callable[[Any], None]) -> bool:
+        """Run ``check(channel)`` on a channel of its own, closed after (I/O).
+
+        Before a consumer joins a channel shared with others, what the broker
+        may refuse (its queue's declare, or a passive one) is tried here, so
+        that a 404/406 closes this channel alone and no neighbour's.
+
+        Returns:
+            False where nothing was run (consumers do not share channels here).
+
+        Raises:
+            Exception: What ``check`` raised (the broker's refusal).
+        """
+        return False
+
     def reusable(self, chan: Any) -> bool:
         """May ``chan`` go to another borrower as it is?"""
         return False

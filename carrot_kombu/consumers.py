@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Optional
 import kombu
 
 from ._metrics import Metrics
-from .topology import declare_entity, is_server_named
+from .topology import declare_entity, is_server_named, refused_declare
 
 if TYPE_CHECKING:
     from ._link import BatchItem, Link, Pipelined, Subscription
@@ -191,6 +191,9 @@ class Consumer:
         self._subscribing = threading.Lock()  # one subscribe at a time (I/O)
         self._subscription: Optional["Subscription"] = None
         self._generation: Optional[int] = None
+        #: Try what the broker may refuse on a channel of its own first (see
+        #: Link.preflight): until subscribed once, and after a failed restore.
+        self._preflight = True
         #: The subscription a cancel() still has to end; kept until done, so a
         #: cancel() that was interrupted is finished by the next.
         self._cleanup: Optional[tuple[Optional["Subscription"]]] = None
@@ -233,6 +236,8 @@ class Consumer:
         Raises:
             Exception: What the broker answered (the consumer stays registered).
         """
+        from ._link import Pipelined
+
         with self._subscribing:
             with self._lock:
                 if not self.active or self._generation == link.generation:
@@ -240,10 +245,17 @@ class Consumer:
             subscription: Optional["Subscription"] = None
             recorded = False
             try:
+                pipelined = self._pipelined()
+                if (self._preflight or self.degraded is not None) and self._checked(link):
+                    # The declare was taken on a throwaway channel: only the
+                    # qos and consume go to the shared one (a refusal there
+                    # would close it under its neighbours' running callbacks,
+                    # whose acks would be dropped: their messages run twice).
+                    pipelined = Pipelined(None, self._prefetch())
                 subscription = self._new_subscription(link)
                 # Refused before (degraded): on a channel of its own, so that
                 # its next refusal (404, 406) closes no neighbour's channel.
-                subscription.start(self.queue, self._prepare, self.no_ack, self.arguments, self._pipelined(),
+                subscription.start(self.queue, self._prepare, self.no_ack, self.arguments, pipelined,
                                    isolated=self.degraded is not None)
                 recorded = self._record(link, subscription)
             except BaseException:
@@ -252,6 +264,22 @@ class Consumer:
                 if not recorded and subscription is not None:
                     subscription.close()
                 raise
+
+    def _checked(self, link: "Link") -> bool:
+        """:meth:`_check` on a throwaway channel (see Link.preflight); False if not done (no channel id to spare)."""
+        from .exceptions import ChannelLimitReached
+
+        try:
+            return link.preflight(self._check)
+        except ChannelLimitReached:
+            return False  # at channel_max: declared on the shared channel, as before
+
+    def _check(self, channel: Any) -> None:
+        """On a throwaway channel: what the broker may refuse before the consume (its declare, or a passive one)."""
+        if self.declare:
+            declare_entity(channel, self.queue, self.server_named)  # writes a server-given name back
+        elif not self.server_named:
+            channel.queue_declare(queue=self.queue.name, passive=True)
 
     def _new_subscription(self, link: "Link") -> "Subscription":
         subscription: Optional["Subscription"] = None
@@ -271,7 +299,7 @@ class Consumer:
                 # One statement, no call inside: recorded, or not at all,
                 # whatever interrupts this thread (see _sync).
                 self._subscription, self._generation, recorded = subscription, link.generation, True
-                self.degraded = None
+                self.degraded, self._preflight = None, False
         if not recorded:
             subscription.close()  # cancelled meanwhile
         return recorded
@@ -299,6 +327,9 @@ class Consumer:
     def batch_done(self, link: "Link", item: "BatchItem", subscribed: bool) -> None:
         """After :meth:`Link.subscribe_batch`: keep the subscription, or drop it (subscribed one by one)."""
         if not subscribed:
+            with self._lock:
+                # Subscribed one by one next: its chunk was refused, maybe for it.
+                self._preflight = True
             item.subscription.close()
             return
         with self._subscribing:
@@ -542,6 +573,9 @@ class Consumers:
         self._consumers: dict[Consumer, None] = {}  # ordered; O(1) removal with thousands
         self._bus = bus
         self._resubscribe = resubscribe
+        #: Restore pipelined (False after a connection-level refusal there,
+        #: which names no consumer: the next restore goes one by one, which does).
+        self._pipeline = True
         #: A pool lease for ``message.channel``'s requests that must not
         #: reach a shared channel (``lease_channel()``); set by the manager.
         self.lease_channel: Optional[Callable[[], Any]] = None
@@ -586,6 +620,11 @@ class Consumers:
     def restore(self, link: "Link") -> list[tuple[Consumer, BaseException]]:
         """Subscribe every consumer on ``link``.
 
+        A consumer whose declare makes the broker close the connection (503
+        unknown exchange type...) would do so on every reconnect: it is
+        dropped (cancelled, ``consumer_cancelled`` and an error log), as
+        ``manager.declare()``'s entities are.
+
         Returns:
             The consumers that could not subscribe (a channel error: the queue
             is gone or its node is down); they are retried by the supervisor.
@@ -601,8 +640,13 @@ class Consumers:
         consumers = self.snapshot()
         # Pipelined first (no round trip per consumer); the rest one by one.
         items = [(c, item) for c in consumers for item in [c.batch_item(link)] if item is not None]
-        if len(items) > 1:
-            results = link.subscribe_batch([item for _, item in items])
+        if len(items) > 1 and self._pipeline:
+            try:
+                results = link.subscribe_batch([item for _, item in items])
+            except BaseException as exc:
+                if refused_declare(exc) is not None:
+                    self._pipeline = False
+                raise
             for (consumer, item), subscribed in zip(items, results):
                 consumer.batch_done(link, item, subscribed)
         for consumer in consumers:
@@ -611,7 +655,24 @@ class Consumers:
             except (ChannelError, ReplyTimeout) as exc:
                 consumer.degraded = f"{type(exc).__name__}: {exc}"
                 failed.append((consumer, exc))
+            except BaseException as exc:
+                refused = refused_declare(exc)
+                if refused is not None:
+                    self.drop(consumer, refused)
+                raise
+        self._pipeline = True
         return failed
+
+    def drop(self, consumer: Consumer, error: BaseException) -> None:
+        """Cancel a consumer whose declare made the broker close the connection (it would on every reconnect)."""
+        consumer.degraded = f"dropped: the broker closed the connection at its declare: {type(error).__name__}: {error}"
+        logger.error(
+            "carrot_kombu dropped the %s: the broker closed the connection when its queue was declared "
+            "(%s: %s); it is no longer subscribed on reconnect (fix it and consume again)",
+            consumer.name, type(error).__name__, error,
+        )
+        self._bus.post("consumer_cancelled", consumer.queue.name)
+        consumer.cancel()
 
     def forget(self, link: "Link") -> None:
         for consumer in self.snapshot():

@@ -587,17 +587,25 @@ class ConnectionManager:
             TypeError: ``queue`` is not a name or a kombu ``Queue``,
                 ``callback`` is not callable, ``prefetch_count`` is not an
                 int, ``no_ack``/``declare`` not a bool, ``arguments`` not a
-                mapping; the message names the parameter.
+                mapping (or ``x-priority`` in it not an int,
+                ``x-cancel-on-ha-failover`` not a bool); the message names
+                the parameter.
             ValueError: ``prefetch_count`` outside 0-65535 (a
                 :class:`~carrot_kombu.ConfigurationError`), a queue name over
                 255 bytes or ``arguments`` AMQP cannot encode; the message
                 names the field.  Nothing is registered.
-            Exception: What the broker answered now (e.g. 404 for a queue that
-                does not exist with ``declare=False``); nothing stays registered.
+            Exception: What the broker answered now (e.g. ``NotFound`` for a
+                queue that does not exist with ``declare=False``,
+                ``PreconditionFailed`` for one declared before with other
+                arguments, ``InvalidCommand`` for an exchange of unknown
+                type, after which the connection is made again); nothing
+                stays registered.  The queue's declare (a passive one with
+                ``declare=False``) is tried on a channel of its own first, so
+                that a refusal closes no channel shared with other consumers.
         """
         import kombu
 
-        from .topology import check_table
+        from .topology import check_consume_arguments, refused_declare
 
         if isinstance(queue, str):
             queue = kombu.Queue(_checked_name("consume() queue", queue))
@@ -613,7 +621,7 @@ class ConnectionManager:
         for name, flag in (("no_ack", no_ack), ("declare", declare)):
             if not isinstance(flag, bool):
                 raise TypeError(f"consume() {name} must be a bool, got {type(flag).__name__}")
-        check_table("consume() arguments", arguments)
+        check_consume_arguments("consume() arguments", arguments)
         core = self._core
         consumer = Consumer(core.consumers, queue, callback, prefetch_count, no_ack,
                             dict(arguments or {}) or None, declare=declare)
@@ -627,8 +635,16 @@ class ConnectionManager:
             if link is not None:
                 try:
                     consumer.subscribe(link)
-                except Disconnected:
-                    pass  # subscribed on the next connection
+                except Disconnected as exc:
+                    refused = refused_declare(exc)
+                    if refused is not None:
+                        # Its declare closed the connection (503 unknown
+                        # exchange type...): it would on every reconnect.
+                        # Once the manager says so (a few ms), so that a
+                        # wait_connected() right after waits for the next one.
+                        core.board.wait_for(lambda status: status.state is not ConnectionState.CONNECTED, 2.0)
+                        raise refused from None
+                    # subscribed on the next connection
         except BaseException:
             consumer.cancel()
             raise

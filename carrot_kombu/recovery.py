@@ -25,7 +25,7 @@ from amqp.exceptions import ChannelError
 from ._sync import owned, run_locked
 from .exceptions import Blocked, ReplyTimeout
 from .publisher import Publisher
-from .topology import EntityRefused, Topology, declare_all, describe
+from .topology import EntityRefused, Topology, declare_all, describe, refused_declare
 
 if TYPE_CHECKING:
     from ._link import Link
@@ -154,4 +154,9 @@ class Recovery:
             consumer.subscribe(link)
         except (ChannelError, ReplyTimeout) as exc:
             return exc
+        except BaseException as exc:
+            refused = refused_declare(exc)
+            if refused is not None:
+                self.consumers.drop(consumer, refused)  # it would close every connection the same way
+            raise
         return None

@@ -34,7 +34,8 @@ if TYPE_CHECKING:
     from ._link import Link
 
 __all__ = (
-    "EntityRefused", "Topology", "check_entity", "check_shortstr", "check_table", "declare_all", "declare_entity", "describe", "is_server_named",
+    "EntityRefused", "Topology", "check_consume_arguments", "check_entity", "check_shortstr", "check_table", "declare_all", "declare_entity", "describe",
+    "is_server_named", "refused_declare",
 )
 
 SetupFn = Callable[[Any], Any]
@@ -68,6 +69,24 @@ def check_table(name: str, table: Any) -> None:
 
 #: Queue options kombu turns into ``x-`` arguments (seconds or counts, never negative).
 _QUEUE_NUMBERS = ("expires", "message_ttl", "max_length", "max_length_bytes", "max_priority")
+
+
+#: ``basic.consume`` arguments whose type RabbitMQ checks: a wrong one closes
+#: the (shared) channel with 406 PRECONDITION_FAILED "invalid arg".
+_CONSUME_ARGUMENT_TYPES = {"x-priority": int, "x-cancel-on-ha-failover": bool}
+
+
+def check_consume_arguments(name: str, arguments: Any) -> None:
+    """``arguments`` fit ``basic.consume`` (encodable, known keys typed); else TypeError naming the field."""
+    check_table(name, arguments)
+    for key, kind in _CONSUME_ARGUMENT_TYPES.items():
+        if not arguments or key not in arguments:
+            continue
+        value = arguments[key]
+        ok = isinstance(value, bool) if kind is bool else isinstance(value, int) and not isinstance(value, bool)
+        if not ok:
+            article = "a bool" if kind is bool else "an int"
+            raise TypeError(f"{name}[{key!r}] must be {article}, got {type(value).__name__} {_short(value)}")
 
 
 def check_entity(entity: Any, field: str = "entity") -> None:
@@ -315,7 +334,7 @@ def declare_all(
                 if not isinstance(exc, (AMQPError, ReplyTimeout, CarrotKombuError)):
                     raise
                 if not _channel_level(exc):
-                    blamed = _refused_declare(exc)
+                    blamed = refused_declare(exc)
                     if blamed is not None:
                         raise EntityRefused(entity, blamed) from exc
                     raise
@@ -342,7 +361,7 @@ class EntityRefused(Exception):
 _REFUSING_CODES = {502, 503, 530, 540}
 
 
-def _refused_declare(exc: BaseException) -> Optional[BaseException]:
+def refused_declare(exc: BaseException) -> Optional[BaseException]:
     """The broker's connection-level refusal of a declare or bind inside ``exc``'s chain, if any."""
     from amqp import spec
     from amqp.exceptions import ConnectionError as AMQPConnectionError

@@ -303,3 +303,80 @@ def test_message_channel_declares_like_a_kombu_channel_and_names_a_bad_publish(r
         assert isinstance(out["publish"], TypeError) and "prepare_message" in str(out["publish"]), out
     finally:
         consumer.cancel()
+
+
+@pytest.mark.parametrize("refusal", ["404", "406"])
+def test_another_callers_refused_consume_never_makes_a_neighbours_message_run_twice(rabbit, refusal) -> None:
+    """Red team 20b F4: a consume() refused 404 (declare=False, no such queue) or 406 (declare=True, other
+    arguments) closed the channel it shared with a neighbour whose callback was running: that ack was
+    dropped and the message ran again (3 refusals: 3 duplicates, 17 redeliveries)."""
+    manager, events, _ = rabbit()
+    assert manager.wait_connected(10)
+    queue, other = unique("ck-f4-neighbour"), unique("ck-f4-refused")
+    total = 60
+    seen: dict[int, int] = {}
+    redelivered: list[int] = []
+    lock = threading.Lock()
+
+    def neighbour(body: Any, message: Any) -> None:
+        time.sleep(0.02)  # a callback is running most of the time: its ack in flight when the refusal comes
+        with lock:
+            seen[body["i"]] = seen.get(body["i"], 0) + 1
+            if message.delivery_info.get("redelivered"):
+                redelivered.append(body["i"])
+        message.ack()
+
+    consumer = manager.consume(kombu.Queue(queue, auto_delete=True), neighbour, prefetch_count=10)
+    try:
+        if refusal == "406":
+            manager.declare(kombu.Queue(other, auto_delete=True, queue_arguments={"x-max-length": 5}))
+        manager.publish_many([{"i": i} for i in range(total)], routing_key=queue, timeout=10)
+        errors: list[BaseException] = []
+        for _ in range(3):
+            assert wait_until(lambda: len(seen) < total, 1)  # still running its backlog
+            try:
+                if refusal == "404":
+                    manager.consume(unique("ck-f4-missing"), lambda body, message: None, declare=False)
+                else:
+                    manager.consume(kombu.Queue(other, auto_delete=True, queue_arguments={"x-max-length": 6}),
+                                    lambda body, message: None)
+            except (NotFound, PreconditionFailed) as exc:
+                errors.append(exc)
+            time.sleep(0.1)
+        assert len(errors) == 3 and all(("NOT_FOUND" if refusal == "404" else "PRECONDITION_FAILED") in str(e)
+                                        for e in errors), errors
+        assert wait_until(lambda: len(seen) == total, 30), f"{len(seen)} of {total}"
+        time.sleep(QUIET_WINDOW)  # a redelivery would show by now
+        assert [i for i, n in seen.items() if n > 1] == [] and redelivered == []
+        assert events.count("consumer_cancelled") == 0 and manager.status().degraded == ()
+        assert len(manager._core.consumers.snapshot()) == 1  # nothing of the refused consumes stays
+    finally:
+        consumer.cancel()
+        with manager.channel() as lease:
+            lease.channel.queue_delete(queue)
+            lease.channel.queue_delete(other)
+
+
+def test_a_consume_whose_declare_closes_the_connection_raises_and_the_manager_recovers(rabbit) -> None:
+    """Red team 20b F2: consume() of a queue bound to an exchange of unknown type returned normally, and
+    every reconnect then failed (503 COMMAND_INVALID) for as long as the consumer existed."""
+    manager, events, _ = rabbit()
+    assert manager.wait_connected(10)
+    queue, bad, exchange = unique("ck-f2-neighbour"), unique("ck-f2-bad"), unique("ck-f2-ex")
+    got: list[int] = []
+    consumer = manager.consume(kombu.Queue(queue, auto_delete=True), lambda body, message: (got.append(body),
+                                                                                              message.ack()))
+    try:
+        with pytest.raises(amqp.exceptions.InvalidCommand, match="unknown exchange type"):
+            manager.consume(kombu.Queue(bad, kombu.Exchange(exchange, "bogus-type"), "rk"), lambda body, message: None)
+        assert len(manager._core.consumers.snapshot()) == 1  # not registered
+        assert events.wait_count("connected", 2, timeout=15), events.names()  # reconnected on its own
+        for i in range(10):
+            manager.publish(i, routing_key=queue, timeout=10)
+        assert wait_until(lambda: len(got) == 10, 10), got
+        assert events.count("connected") == 2 and events.count("consumer_cancelled") == 0
+    finally:
+        consumer.cancel()
+        with manager.channel() as lease:
+            lease.channel.queue_delete(queue)
+            lease.channel.queue_delete(bad)

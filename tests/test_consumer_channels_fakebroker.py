@@ -203,7 +203,10 @@ def _neighbour_unharmed(peer: Peer, neighbour: Any, got: list[Any], n: int = 3) 
         peer.deliver(neighbour.channel, neighbour["consumer_tag"], body=f"n{i}")
     peer.wait_for(lambda: len(peer.received("basic.ack", channel=neighbour.channel)) == before + n, timeout=5)
     assert _subscribed(peer)["neighbour"] == 1
-    assert not peer.received("channel.close", channel=neighbour.channel)
+    # Since its consume (a throwaway channel of the same id may have been closed before).
+    since = peer.received(channel=neighbour.channel)
+    since = since[next(i for i, m in enumerate(since) if m is neighbour):]
+    assert not [m for m in since if m.name == "channel.close"]
     assert [m for m in peer.received("basic.cancel") if m["consumer_tag"] == neighbour["consumer_tag"]] == []
 
 
@@ -324,7 +327,7 @@ def test_a_request_the_broker_refuses_on_message_channel_closes_only_a_leased_ch
             chan.exchange_declare("missing", "direct", passive=True)
     elif request_name == "redeclare":
         peer.on("queue.declare", _refuse(406, "PRECONDITION_FAILED - inequivalent arg 'x-max-length'", 50, 10,
-                                         lambda m: m["queue"] == "neighbour"))
+                                         lambda m: m["queue"] == "neighbour" and not m["passive"]))
         expected = (amqp.exceptions.PreconditionFailed, "PRECONDITION_FAILED - inequivalent arg")
 
         def request(chan: Any) -> None:
@@ -428,3 +431,124 @@ def test_a_second_settlement_of_one_delivery_on_a_shared_channel_is_never_writte
     lease.delivered(1)
     lease.borrower_changed(spec.Basic.Ack, (1, False))
     assert lease.borrower_changed(spec.Basic.Ack, (1, False)) is not None
+
+
+@pytest.mark.parametrize("refusal", ["404 declare=False", "406 declare=True"])
+def test_a_refused_consume_closes_a_throwaway_channel_never_its_neighbours(broker, refusal) -> None:
+    """Another caller's refused consume() closed the shared channel: a neighbour's in-flight ack was dropped (20b F4)."""
+    import amqp
+    import kombu
+
+    manager, peer, events = connect(broker)
+    got: list[Any] = []
+    try:
+        manager.consume("neighbour", lambda body, message: (got.append(body), message.ack()), declare=False)
+        neighbour = peer.wait_for(lambda: _consumes(peer).get("neighbour"))
+        if refusal.startswith("404"):
+            # As RabbitMQ: no such queue, for a passive declare and for a consume alike.
+            text = "NOT_FOUND - no queue 'missing' in vhost '/'"
+            peer.on("queue.declare", _refuse(404, text, 50, 10, lambda m: m["queue"] == "missing"))
+            peer.on("basic.consume", _refuse(404, text, 60, 20, lambda m: m["queue"] == "missing"))
+            with pytest.raises(amqp.exceptions.NotFound, match="no queue 'missing'"):
+                manager.consume("missing", lambda body, message: None, declare=False)
+        else:
+            text = "PRECONDITION_FAILED - inequivalent arg 'x-max-length' for queue 'other'"
+            peer.on("queue.declare", _refuse(406, text, 50, 10, lambda m: m["queue"] == "other" and not m["passive"]))
+            with pytest.raises(amqp.exceptions.PreconditionFailed, match="inequivalent arg"):
+                manager.consume(kombu.Queue("other", queue_arguments={"x-max-length": 6}), lambda body, message: None)
+        refused = [m for m in peer.received("queue.declare") if m["queue"] in ("missing", "other")]
+        assert refused and all(m.channel != neighbour.channel for m in refused)
+        assert [q for q in _subscribed(peer) if q in ("missing", "other")] == []  # no consume was written
+        assert neighbour.channel not in [m.channel for m in peer.received("channel.close-ok")]
+        _neighbour_unharmed(peer, neighbour, got)
+        assert events.count("consumer_cancelled") == 0 and manager.status().degraded == ()
+    finally:
+        manager.stop(timeout=5)
+
+
+def _unknown_exchange_type(peer: Peer, m: Any) -> None:
+    """As RabbitMQ: a declare of an exchange of unknown type closes the whole connection (503)."""
+    if m["type"] == "bogus-type":
+        peer.close_connection(503, "COMMAND_INVALID - unknown exchange type 'bogus-type'", 40, 10, wait=None)
+    elif not m["nowait"]:
+        peer.send_method(m.channel, "exchange.declare-ok", wait=None)
+
+
+def _bogus_queue() -> Any:
+    import kombu
+
+    return kombu.Queue("bad", kombu.Exchange("bogus-ex", "bogus-type"), "rk")
+
+
+def test_a_consume_whose_declare_closes_the_connection_raises_and_registers_nothing(broker) -> None:
+    """consume() returned normally and every reconnect failed for as long as the consumer existed (20b F2)."""
+    import amqp
+
+    manager, peer, events = connect(broker)
+    try:
+        manager.consume("neighbour", lambda body, message: message.ack(), declare=False)
+        peer.wait_for(lambda: _consumes(peer).get("neighbour"))
+        peer.on("exchange.declare", _unknown_exchange_type)
+        with pytest.raises(amqp.exceptions.InvalidCommand, match="unknown exchange type"):
+            manager.consume(_bogus_queue(), lambda body, message: None)
+        second = broker.accept()
+        second.wait_for(lambda: _consumes(second).get("neighbour"))
+        assert manager.wait_connected(5)
+        assert not second.received("exchange.declare") and "bad" not in _subscribed(second)
+        assert events.count("consumer_cancelled") == 0
+    finally:
+        manager.stop(timeout=5)
+
+
+def test_a_registered_consumer_whose_declare_closes_the_connection_is_dropped_not_retried_for_ever(caplog) -> None:
+    """Registered while disconnected, it made every reconnect fail (SetupFailed) and starved its neighbours (20b F2)."""
+    with FakeBroker(heartbeat=0, manual={"connection.open"}) as broker:
+        manager = ConnectionManager(f"amqp://guest:guest@127.0.0.1:{broker.port}/", heartbeat=0,
+                                    backoff=Backoff(min=0.05, max=0.2))
+        events = Recorder(manager)
+        try:
+            manager.consume("neighbour", lambda body, message: message.ack(), declare=False)
+            bad = manager.consume(_bogus_queue(), lambda body, message: None)
+            manager.start()
+            attempts = 0
+            for _ in range(5):
+                attempts += 1
+                peer = broker.accept()
+                peer.on("exchange.declare", _unknown_exchange_type)  # before the client may declare
+                peer.wait_for(lambda: peer.received("connection.open"))
+                peer.send_method(0, "connection.open-ok", "")
+                # Connected is reported once everything was restored.
+                peer.wait_for(lambda: peer.closed or manager.wait_connected(0), timeout=5)
+                if not peer.closed:
+                    break
+            # Pipelined, then one by one (which names it: dropped), then without it.
+            assert attempts <= 3, "reconnect loop"
+            assert "neighbour" in _subscribed(peer) and "bad" not in _subscribed(peer)
+            assert not bad.active
+            assert events.count("consumer_cancelled") == 1
+            assert [r for r in caplog.records if r.levelname == "ERROR" and "'bad'" in r.getMessage()]
+        finally:
+            manager.stop(timeout=5)
+
+
+def test_a_consumer_cancelled_by_the_broker_whose_declare_then_closes_the_connection_is_dropped(broker, caplog) -> None:
+    """Subscribed again after a broker cancel, its declare is tried first; a 503 there drops it (no reconnect loop)."""
+    import kombu
+
+    manager, peer, events = connect(broker)
+    try:
+        manager.consume("neighbour", lambda body, message: message.ack(), declare=False)
+        bad = manager.consume(kombu.Queue("bad", kombu.Exchange("bogus-ex", "direct"), "rk"), lambda body, m: None)
+        consume = peer.wait_for(lambda: _consumes(peer).get("bad"))
+        bad.queue.exchange.type = "bogus-type"  # say the broker lost the plugin for it meanwhile
+        peer.on("exchange.declare", _unknown_exchange_type)
+        peer.send_method(consume.channel, "basic.cancel", consume["consumer_tag"], True)
+        second = broker.accept()
+        second.on("exchange.declare", _unknown_exchange_type)
+        second.wait_for(lambda: _consumes(second).get("neighbour"))
+        assert manager.wait_connected(5)
+        assert not bad.active and "bad" not in _subscribed(second)
+        assert [r for r in caplog.records if r.levelname == "ERROR" and "'bad'" in r.getMessage()]
+        assert events.count("consumer_cancelled") == 2  # the broker's cancel, then the drop
+    finally:
+        manager.stop(timeout=5)

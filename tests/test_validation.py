@@ -114,6 +114,12 @@ def test_valid_entities_still_register_and_declare(connected_manager):
         (lambda m: m.consume("q", print, declare=None), TypeError, "declare must be a bool, got NoneType"),
         (lambda m: m.consume("q", print, arguments=["x-priority", 1]), TypeError, "arguments must be a mapping, got list"),
         (lambda m: m.consume("q", print, arguments={"x-priority": object()}), TypeError, r"arguments\['x-priority'\]"),
+        # 20b t23: RabbitMQ closes the (shared) channel for these: 406 invalid arg
+        (lambda m: m.consume("q", print, arguments={"x-priority": "high"}), TypeError,
+         r"consume\(\) arguments\['x-priority'\] must be an int, got str 'high'"),
+        (lambda m: m.consume("q", print, arguments={"x-priority": True}), TypeError, r"\['x-priority'\] must be an int"),
+        (lambda m: m.consume("q", print, arguments={"x-cancel-on-ha-failover": 1}), TypeError,
+         r"arguments\['x-cancel-on-ha-failover'\] must be a bool, got int 1"),
         (lambda m: m.add_setup(None), TypeError, r"add_setup\(\) fn must be callable, got NoneType"),
         (lambda m: m.remove_setup("fn"), TypeError, r"remove_setup\(\) fn must be callable, got str"),
         (lambda m: m.on("connected", None), TypeError, r"on\(\) callback must be callable, got NoneType"),

@@ -139,6 +139,16 @@ class AmqpLink(Link):
         # chan.close waits for close-ok (bounded): the id is free afterwards.
         quietly(chan.close if wait else chan.close_nowait, "closing a channel")
 
+    def preflight(self, check: Callable[[Any], None]) -> bool:
+        chan = self.open_channel()
+        try:
+            check(chan)
+        finally:
+            # Awaited: its id is free at close-ok, for the shared channel that
+            # may need it next (at channel_max the consume would fail otherwise).
+            self.close_channel(chan, wait=True)
+        return True
+
     def reusable(self, chan: Any) -> bool:
         return chan.carrot.reusable()  # type: ignore[no-any-return]
 
