@@ -33,7 +33,7 @@ class ConnState(Protocol):
 
     def wait_for(self, waiter: Waiter, deadline: Optional[float], interrupt: Any = None) -> bool: ...
 
-__all__ = ("EventQueue",)
+__all__ = ("EventQueue", "cannot_settle")
 
 logger = logging.getLogger("carrot_kombu")
 
@@ -182,7 +182,7 @@ class EventQueue:
                     raise socket.timeout()
                 fn, args = self._items.popleft()
                 self._disarm()
-            if _cannot_settle(args):
+            if cannot_settle(args):
                 # Its channel was closed (by the broker, say) after it was
                 # queued: its ack cannot be written and the broker requeued
                 # it; run now, it would run twice (Celery runs a task whose
@@ -209,7 +209,7 @@ class EventQueue:
                 self._waiters.remove(waiter)
 
 
-def _cannot_settle(args: tuple[Any, ...]) -> bool:
+def cannot_settle(args: tuple[Any, ...]) -> bool:
     """A delivery awaiting an ack on a channel that can no longer send one (``no_ack`` ones never are)."""
     message = args[0] if args else None
     info = getattr(message, "delivery_info", None)

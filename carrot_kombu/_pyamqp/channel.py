@@ -41,6 +41,7 @@ from .frames import (
 )
 from .chanstate import ChanState, NotOutstanding, acting_for
 from .connstate import ConnState
+from .callbacks import cannot_settle
 from .replies import Reply, copy_error
 
 __all__ = ("SupervisedChannel", "SafeMessage")
@@ -598,8 +599,7 @@ class SupervisedChannel(pyamqp.Channel):  # type: ignore[misc]
         dropped = 0
         for fn, args in state.events.take(lambda fn, args: _consumer_tag(args) == consumer_tag):
             # Checked before each one: the connection may die while one runs.
-            # A delivery awaiting an ack is in ``unacked`` (a no_ack one never is).
-            if _delivery_tag(args) in state.unacked and state.failure() is not None:
+            if cannot_settle(args):
                 dropped += 1
                 continue
             fn(*args)
@@ -991,11 +991,6 @@ def _raise(exc: BaseException) -> None:
 def _consumer_tag(args: tuple[Any, ...]) -> Optional[str]:
     info = getattr(args[0], "delivery_info", None) if args else None
     return info.get("consumer_tag") if isinstance(info, dict) else None
-
-
-def _delivery_tag(args: tuple[Any, ...]) -> Optional[int]:
-    info = getattr(args[0], "delivery_info", None) if args else None
-    return info.get("delivery_tag") if isinstance(info, dict) else None
 
 
 _HANDLERS: dict[Any, Callable[..., None]] = {
