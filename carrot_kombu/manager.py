@@ -9,6 +9,7 @@ import os
 import random
 import threading
 import weakref
+from collections import abc
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 from ._core import Core, abandon
@@ -717,9 +718,14 @@ class ConnectionManager:
             OutcomeUnknown: ``republish=False`` and the connection was lost
                 between the write and the confirm.
         """
-        self.publish_many(
-            [body], exchange=exchange, routing_key=routing_key, headers=headers, serializer=serializer,
-            mandatory=mandatory, timeout=timeout, republish=republish, **properties,
+        # publish_many([body]) without its batch bookkeeping: this is the hot
+        # path (carrot_kombu.tracing wraps it to trace it as publish_many does).
+        deadline = Deadline.of("timeout", timeout)
+        publisher = self._publisher_for(headers, exchange, routing_key, serializer, mandatory, republish)
+        publisher.publish_one(
+            body, exchange=getattr(exchange, "name", exchange), routing_key=routing_key, headers=headers,
+            serializer=serializer, mandatory=mandatory, deadline=deadline, properties=properties,
+            republish=republish,
         )
 
     def publish_many(
@@ -861,7 +867,7 @@ class ConnectionManager:
     def _publisher_for(self, headers: Any, exchange: Any, routing_key: Any, serializer: Any, mandatory: Any,
                        republish: Any) -> Publisher:
         """Check a publish's arguments and the manager's state; the publisher, its channel asked for."""
-        if headers is not None and not isinstance(headers, Mapping):
+        if headers is not None and not isinstance(headers, abc.Mapping):
             raise TypeError(f"headers must be a mapping, got {type(headers).__name__}")
         _check_publish_args(exchange, routing_key, serializer, mandatory, republish)
         core = self._core
@@ -960,10 +966,11 @@ def _check_bodies(bodies: Any) -> None:
     """publish_many()'s ``bodies``: TypeError unless an iterable of message bodies."""
     # A str/bytes is iterable (one message per character) and a mapping
     # iterates its keys: each is almost surely one message meant for publish().
-    if isinstance(bodies, (str, bytes, bytearray, memoryview, Mapping)) or not isinstance(bodies, Iterable):
+    if isinstance(bodies, (str, bytes, bytearray, memoryview, abc.Mapping)) or not isinstance(bodies, abc.Iterable):
         raise TypeError(
             f"publish_many() bodies must be an iterable of message bodies (a list...), got {type(bodies).__name__}"
-            + ("; to publish one message use publish()" if isinstance(bodies, (str, bytes, bytearray, Mapping)) else "")
+            + ("; to publish one message use publish()" if isinstance(bodies, (str, bytes, bytearray, abc.Mapping))
+               else "")
         )
 
 
