@@ -34,8 +34,8 @@ from .test_pyamqp_support import WAIT, Harness, harness, no_leaks  # noqa: F401
 #: Our fenced layer: where a reply wait, a write and a frame's dispatch run.
 LAYER = tuple(f"carrot_kombu/{name}" for name in (
     "_pyamqp/reader.py", "_pyamqp/connstate.py", "_pyamqp/chanstate.py", "_pyamqp/callbacks.py",
-    "_pyamqp/replies.py", "_pyamqp/channel.py", "_pyamqp/wire.py", "_pyamqp/connection.py",
-    "_pyamqp/frames.py", "_sync.py",
+    "_pyamqp/replies.py", "_pyamqp/channel.py", "_pyamqp/consuming.py", "_pyamqp/messages.py",
+    "_pyamqp/wire.py", "_pyamqp/connection.py", "_pyamqp/frames.py", "_sync.py",
 ))
 #: A frame's dispatch interrupted half way is the documented way to lose a connection.
 DOCUMENTED_LOSS = "interrupted the handling of a frame"

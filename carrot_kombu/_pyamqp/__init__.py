@@ -12,10 +12,11 @@ from ._compat import check_pyamqp
 check_pyamqp()
 
 from .callbacks import EventQueue  # noqa: E402
-from .channel import SafeMessage, SupervisedChannel  # noqa: E402
+from .channel import SupervisedChannel  # noqa: E402
 from .chanstate import ChannelPhase, ChanState  # noqa: E402
 from .connection import LinkOptions, SupervisedConnection, SupervisedTransport  # noqa: E402
 from .connstate import ConnState  # noqa: E402
+from .messages import SafeMessage  # noqa: E402
 from .replies import ConnHooks, Reply, ReplyPhase, Waiter  # noqa: E402
 
 __all__ = (

@@ -36,7 +36,7 @@ from ..config import Endpoint, Settings
 from ..exceptions import ChannelLimitReached, Disconnected
 from .connection import LinkOptions, SupervisedConnection, SupervisedTransport
 from .callbacks import EventQueue
-from .channel import new_consumer_tag
+from .messages import new_consumer_tag
 from .chanstate import acting_for
 from .consumer_channel import ConsumerChannel
 from .replies import ConnHooks, Waiter
