@@ -75,11 +75,5 @@ class Deadline:
             return left
         return most if left is None else min(left, most)
 
-    def earlier(self, at: Optional[float]) -> "Deadline":
-        """This deadline, or ``at`` if that comes first (the timeout reported stays this one's)."""
-        if at is None or (self.at is not None and self.at <= at):
-            return self
-        return Deadline(at, self.timeout)
-
 
 NEVER = Deadline()
