@@ -125,9 +125,10 @@ class ConfigurationError(CarrotKombuError, ValueError):
 class PoolTimeout(CarrotKombuError):
     """No channel could be leased within the timeout.
 
-    Either every channel of the bounded pool stayed leased, or the broker's
-    ``channel_max`` was reached; the message says which, and whether the
-    connection looked dead meanwhile.
+    Either every slot of the bounded pool stayed in use (leased, or held by
+    a channel being opened or verified), or the broker's ``channel_max`` was
+    reached; the message says which (with the count of each), and whether
+    the connection looked dead meanwhile.
     """
 
 

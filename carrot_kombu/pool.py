@@ -369,10 +369,19 @@ class ChannelPool:
                 "by the publisher and consumers"
             )
         else:
-            text = (
-                f"all {self._limit} channels stayed leased for {timeout}s "
-                "(raise pool_limit or release leases sooner)"
-            )
+            # Says what holds the slots: a slot may be a channel being opened,
+            # or one being verified (closed, on a connection that stopped answering).
+            leased = len(self._leased)
+            held = [f"{leased} leased"]
+            if self._opening:
+                held.append(f"{len(self._opening)} being opened")
+            if self._verifying:
+                held.append(f"{len(self._verifying)} being verified or closed")
+            text = f"all {self._limit} channel slots stayed in use for {timeout}s ({', '.join(held)})"
+            if leased * 2 >= self._limit:
+                text += "; raise pool_limit or release leases sooner"
+            else:
+                text += "; the broker is slow to answer channel requests"
         silent = link.silent_for()
         hb = link.negotiated().get("heartbeat") or 0
         if hb and silent > hb:

@@ -37,7 +37,7 @@ def test_lease_is_a_usable_channel_for_kombu(connected):
 def test_pool_never_exceeds_its_limit_and_times_out(connected):
     manager, _ = connected(pool_limit=2)
     first, second = manager.open_channel(), manager.open_channel()
-    with pytest.raises(PoolTimeout):
+    with pytest.raises(PoolTimeout, match=r"all 2 channel slots stayed in use for 0.05s \(2 leased\); raise pool_limit"):
         manager.open_channel(timeout=0.05)
     assert manager.status().pool.leased == 2
     first.release()
@@ -318,3 +318,25 @@ def test_a_lease_whose_del_was_interrupted_still_gives_its_slot_back(connected):
         time.sleep(0.01)
     assert manager.status().pool.leased == 0
     manager.open_channel(timeout=1).release()  # the only slot is free again
+
+
+def test_a_pool_timeout_says_which_slots_are_not_leased(connected):
+    """A slot held by a channel being verified is not blamed on the application's leases (17c F2)."""
+    manager, _ = connected(pool_limit=2)
+    pool = manager._core.pool
+    lease = manager.open_channel()
+    with pool._cond.lock:
+        pool._verifying.add(object())  # a discarded channel whose close the broker has not answered yet
+    try:
+        with pytest.raises(PoolTimeout, match=r"\(1 leased, 1 being verified or closed\); raise pool_limit"):
+            manager.open_channel(timeout=0.05)
+        lease.release(discard=True)
+        with pool._cond.lock:
+            pool._verifying.clear()
+            pool._verifying.update((object(), object()))
+        with pytest.raises(PoolTimeout, match=r"\(0 leased, 2 being verified or closed\); the broker is slow"):
+            manager.open_channel(timeout=0.05)
+    finally:
+        with pool._cond.lock:
+            pool._verifying.clear()
+            pool._cond.notify_all()
