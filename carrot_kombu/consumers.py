@@ -520,7 +520,7 @@ class Consumer:
         """Settle a delivery whose callback raised: retried once, then rejected (see the module doc)."""
         if self.no_ack:
             outcome = "no_ack"  # the broker counted it delivered already
-        elif message.acknowledged:
+        elif message.acknowledged or _settled_on_channel(message):
             outcome = "settled"  # the callback acked/rejected it before raising: its choice stands
         elif _redelivered(message):
             outcome = "rejected"
@@ -534,6 +534,16 @@ class Consumer:
             except Exception:  # noqa: BLE001 - its channel is going: the broker redelivers it
                 logger.debug("could not reject a delivery whose callback raised", exc_info=True)
         self._owner.callback_failed(self, exc, outcome)
+
+
+def _settled_on_channel(message: Any) -> bool:
+    """The callback settled ``message`` through ``message.channel.basic_ack/basic_reject`` (not ``message.ack()``).
+
+    Only the AMQP link's per-consumer channel can tell (``settled``); on
+    other transports kombu's ``message.acknowledged`` is all there is.
+    """
+    settled = getattr(message.channel, "settled", None)
+    return callable(settled) and settled(message.delivery_tag) is True
 
 
 #: How the log line tells each outcome of a callback that raised.

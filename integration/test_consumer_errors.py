@@ -99,7 +99,8 @@ def test_a_poisoned_message_lands_in_the_dead_letter_exchange(rabbit, cleanup):
     assert handled.empty() and dead_letters.empty()
 
 
-def test_a_callback_that_settled_its_message_before_raising_keeps_its_choice(rabbit, cleanup):
+@pytest.mark.parametrize("how", ["message.ack()", "message.channel.basic_ack", "message.channel.basic_reject"])
+def test_a_callback_that_settled_its_message_before_raising_keeps_its_choice(rabbit, cleanup, how):
     manager, _, _ = rabbit()
     assert manager.wait_connected(10)
     jobs = kombu.Queue(unique("ck-settled"), auto_delete=False)
@@ -109,8 +110,13 @@ def test_a_callback_that_settled_its_message_before_raising_keeps_its_choice(rab
 
     def callback(body: Any, message: Any) -> None:
         seen.put(body)
-        message.ack()
-        raise Poison("after the ack")
+        if how == "message.ack()":
+            message.ack()
+        elif how == "message.channel.basic_ack":
+            message.channel.basic_ack(message.delivery_tag)
+        else:
+            message.channel.basic_reject(message.delivery_tag, requeue=False)
+        raise Poison("after the settlement")
 
     manager.consume(jobs, callback, prefetch_count=1)
     manager.publish_many([1, 2], routing_key=jobs.name, timeout=5)

@@ -147,6 +147,15 @@ class ConsumerChannel:
         """Reject one of this consumer's deliveries."""
         self._settle("basic_reject", delivery_tag, lambda: self._chan.basic_reject(delivery_tag, requeue))
 
+    def settled(self, delivery_tag: int) -> bool:
+        """Whether this consumer's delivery ``delivery_tag`` was settled through this channel already.
+
+        False while it is unsettled, and when this channel can no longer say
+        (closing, or its connection lost: the broker redelivers it anyway).
+        """
+        state = self._chan.carrot
+        return not state.writes_dropped() and state.conn.dead is None and not state.owes(delivery_tag, self._sub.tag)
+
     def _settle(self, call: str, tag: int, send: Callable[[], None]) -> None:
         state = self._chan.carrot
         if not state.writes_dropped() and state.conn.dead is None and not state.owes(tag, self._sub.tag):
