@@ -167,6 +167,11 @@ class Wire:
     def _out_bytes(self) -> int:
         return self._queued - self._sent
 
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes queued and not yet taken by the kernel (what :meth:`wait_room` compares with ``HIGH_WATER``)."""
+        return self._queued - self._sent
+
     # -- reading (one thread at a time: the connection's current reader) --------------------
 
     def read(self, timeout: Optional[float], dispatch: Callable[["deque[tuple[int, int, bytes]]"], None]) -> bool:
