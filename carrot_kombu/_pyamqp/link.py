@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import kombu
 from amqp import spec
+from amqp.exceptions import AMQPError, RecoverableConnectionError
 
 from .._link import (
     BatchItem,
@@ -315,9 +316,18 @@ class AmqpConfirmChannel(ConfirmChannel):
               deadline: Optional[float] = None, flush: bool = True) -> None:
         chan = self._chan
         frame_max = self._conn.conn.frame_max
+        # Read once: py-amqp's collect() sets it to None when the broker's
+        # close of this channel is handled (another thread, any moment);
+        # framing None would raise struct.error to this caller.
+        channel_id = chan.channel_id
+        if channel_id is None:
+            failure = self._state.failure()
+            if isinstance(failure, (AMQPError, Disconnected)):
+                raise failure
+            raise RecoverableConnectionError(f"the confirm channel is closed ({failure})")
         frames: list[Any] = []
         for message in messages:
-            frames += message.frames(chan.channel_id, frame_max)
+            frames += message.frames(channel_id, frame_max)
         chan.write_publishes(frames, len(messages), on_queued=on_queued, deadline=deadline, flush=flush)
 
     def flush(self, wait: bool = False) -> bool:
