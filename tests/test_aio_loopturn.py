@@ -183,3 +183,28 @@ async def test_a_connection_lost_while_the_loop_reads_republishes_and_the_loop_r
                 await m.publish(b"y", routing_key="q", timeout=5)
             new = _state(m)._loop_turn
             assert new is not None and new is not old
+
+
+@pytest.mark.asyncio
+async def test_a_connection_carrying_a_consumer_is_read_by_the_service_thread(confirm_threads):
+    """Deliveries come in bursts of up to the prefetch count: their dispatch stays off the loop."""
+    loop_thread = threading.get_ident()
+    with FakeBroker(heartbeat=0) as broker:
+        async with AsyncConnectionManager(broker.url, heartbeat=0, **FAST) as m:
+            for _ in range(10):
+                await m.publish(b"x", routing_key="q", timeout=5)
+            state = _state(m)
+            assert state._loop_turn is not None
+            messages = m.consume("aio-loopturn-q", prefetch_count=5, declare=False)
+            await messages.start()
+            # Given back at the service thread's next look, even while the loop keeps publishing.
+            deadline = time.monotonic() + TAKE_BACK
+            while state._loop_turn is not None and time.monotonic() < deadline:
+                await m.publish(b"x", routing_key="q", timeout=5)
+            assert state._loop_turn is None
+            del confirm_threads[:]
+            for _ in range(20):
+                await m.publish(b"y", routing_key="q", timeout=5)
+            assert state._loop_turn is None
+            assert confirm_threads and loop_thread not in confirm_threads
+            await messages.cancel()
