@@ -9,9 +9,10 @@ waits on a lock or a socket for a publish:
   (``TypeError``/``ValueError`` at once), writes it without waiting when it
   can (nothing is ever waited for on the loop: a blocked connection or a
   full outgoing buffer hands the write to the manager's helper thread), and
-  awaits a future that the confirm completes with
-  ``loop.call_soon_threadsafe`` from the thread reading the connection.  No
-  thread per call.
+  awaits a future that the confirm completes.  While the loop keeps
+  publishing it reads the connection itself (``_pyamqp.loopturn``) and
+  completes the future directly; otherwise the thread reading the
+  connection does, with ``loop.call_soon_threadsafe``.  No thread per call.
 * Consuming builds on the public ``manager.consume(queue, callback,
   prefetch_count=...)``: the callback, on the consumer's worker thread,
   hands each delivery to the loop; the buffer holds at most

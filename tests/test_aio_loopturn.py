@@ -16,6 +16,7 @@ import pytest
 
 from carrot_kombu import AsyncConnectionManager
 from carrot_kombu._pyamqp import loopturn, reader
+from carrot_kombu._pyamqp.replies import Waiter
 from carrot_kombu.publisher import Publisher
 from tests.fakebroker import FakeBroker
 
@@ -208,3 +209,88 @@ async def test_a_connection_carrying_a_consumer_is_read_by_the_service_thread(co
             assert state._loop_turn is None
             assert confirm_threads and loop_thread not in confirm_threads
             await messages.cancel()
+
+
+class _Never(Waiter):
+    """A reply that never comes: its caller reads the connection until its deadline."""
+
+    def ready(self) -> bool:
+        return False
+
+
+@pytest.mark.asyncio
+async def test_a_caller_reading_on_another_thread_serves_the_loop_and_the_loop_reads_again_after(confirm_threads):
+    loop_thread = threading.get_ident()
+    with FakeBroker(heartbeat=0) as broker:
+        async with AsyncConnectionManager(broker.url, heartbeat=0, **FAST) as m:
+            for _ in range(5):
+                await m.publish(b"x", routing_key="q", timeout=5)
+            state = _state(m)
+            assert state._loop_turn is not None
+            leading, released = threading.Event(), threading.Event()
+            hold = 1.0
+
+            def caller() -> None:
+                # Holds the read lock for ``hold`` seconds, reading (and dispatching) for everybody.
+                def lead() -> None:
+                    leading.set()
+                    state._lead(_Never(), time.monotonic() + hold)
+
+                state._read_lock.acquire()
+                try:
+                    lead()
+                finally:
+                    state._read_lock.release()
+                    state._promote()
+                    released.set()
+
+            del confirm_threads[:]
+            started = time.monotonic()
+            threading.Thread(target=caller, daemon=True).start()
+            assert await _until(leading.is_set)
+            for _ in range(5):
+                await m.publish(b"y", routing_key="q", timeout=5)
+            assert time.monotonic() - started < hold, "the test's reader let go too soon"
+            assert confirm_threads and loop_thread not in confirm_threads  # the other thread read them
+            assert await _until(released.is_set)
+            del confirm_threads[:]
+            for _ in range(5):
+                await m.publish(b"z", routing_key="q", timeout=5)
+            assert confirm_threads == [loop_thread] * 5  # re-armed: the loop reads again
+            assert state._loop_parked is None
+
+
+@pytest.mark.asyncio
+async def test_a_loop_finding_the_read_lock_held_stops_watching_and_is_rearmed_by_its_release(
+        monkeypatch, confirm_threads):
+    monkeypatch.setattr(reader, "LOOP_CHECK", 5.0)  # no look by the service thread during the test
+    loop_thread = threading.get_ident()
+    with FakeBroker(heartbeat=0) as broker:
+        async with AsyncConnectionManager(broker.url, heartbeat=0, **FAST) as m:
+            for _ in range(5):
+                await m.publish(b"x", routing_key="q", timeout=5)
+            state = _state(m)
+            turn = state._loop_turn
+            assert turn is not None
+            held, release, released = threading.Event(), threading.Event(), threading.Event()
+
+            def holder() -> None:
+                # Holds the read lock without reading, then lets go as every reader does.
+                with state._read_lock:
+                    held.set()
+                    release.wait(5)
+                state._promote()
+                released.set()
+
+            threading.Thread(target=holder, daemon=True).start()
+            assert await _until(held.is_set)
+            del confirm_threads[:]
+            pending = asyncio.ensure_future(m.publish(b"y", routing_key="q", timeout=5))
+            # The confirm arrives; the loop cannot take the lock: it stops watching (no spinning).
+            assert await _until(lambda: state._loop_parked is turn)
+            assert not pending.done() and not turn._watching
+            release.set()
+            await asyncio.wait_for(pending, 5)
+            assert confirm_threads == [loop_thread]  # re-armed by the release: the loop read it
+            assert await _until(released.is_set)
+            assert state._loop_parked is None and turn._watching and state._loop_turn is turn

@@ -158,11 +158,12 @@ class LoopTurn:
         reader = self._reader
         self._unwatch()
         reader._loop_parked = self
-        # It may have let go before it could see us parked: look once more.
+        # It may have let go before it could see us parked: look once more
+        # (and try again in the next iteration, never by recursion here).
         if run_locked(reader._read_lock, _nothing, blocking=False) is not NOT_ACQUIRED:
             if reader._loop_parked is self:
                 reader._loop_parked = None
-            self._rearmed()
+            self.loop.call_soon(self._rearmed)
 
     def _rearmed(self) -> None:
         if not self._ended and self._reader._loop_turn is self:

@@ -4,7 +4,9 @@ At any moment exactly one thread reads the socket and dispatches what
 arrives (it holds ``_read_lock``).  A thread that waits for a reply reads
 *itself* when nobody else does (leader/follower): its own reply then
 reaches it without a thread hand-off.  When no caller is waiting, the
-connection's *service thread* reads, sends heartbeats and checks liveness.
+connection's *service thread* reads, sends heartbeats and checks liveness;
+while an event loop keeps publishing, the loop reads instead and the service
+thread only watches over it (:mod:`.loopturn`).
 The reading thread only dispatches: it completes replies, settles confirms
 and queues deliveries; it never runs user code (kombu callbacks go to an
 :class:`~.callbacks.EventQueue` that ``drain_events`` callers run in their
