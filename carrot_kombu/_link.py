@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import kombu
 
@@ -32,6 +32,9 @@ from ._pyamqp import Waiter
 from ._sync import raised_by_library
 from .config import Endpoint
 from .exceptions import Disconnected
+
+if TYPE_CHECKING:  # pragma: no cover
+    import asyncio
 
 __all__ = (
     "BatchItem",
@@ -117,11 +120,13 @@ class ConfirmChannel:
         """
         raise NotImplementedError
 
-    def flush(self, wait: bool = False) -> bool:
+    def flush(self, wait: bool = False, loop: Optional[asyncio.AbstractEventLoop] = None) -> bool:
         """Send what ``write(flush=False)`` queued; False if the socket did not take it all now.
 
         Without ``wait`` it never waits (an event loop); with it, it sends
-        until done (a helper thread), unless the connection fails.
+        until done (a helper thread), unless the connection fails.  ``loop``:
+        the event loop flushing (on its thread), which awaits the confirms;
+        it may read the connection itself meanwhile (``_pyamqp.loopturn``).
         """
         return True
 

@@ -9,9 +9,10 @@ waits on a lock or a socket for a publish:
   (``TypeError``/``ValueError`` at once), writes it without waiting when it
   can (nothing is ever waited for on the loop: a blocked connection or a
   full outgoing buffer hands the write to the manager's helper thread), and
-  awaits a future that the confirm completes with
-  ``loop.call_soon_threadsafe`` from the thread reading the connection.  No
-  thread per call.
+  awaits a future that the confirm completes.  While the loop keeps
+  publishing it reads the connection itself (``_pyamqp.loopturn``) and
+  completes the future directly; otherwise the thread reading the
+  connection does, with ``loop.call_soon_threadsafe``.  No thread per call.
 * Consuming builds on the public ``manager.consume(queue, callback,
   prefetch_count=...)``: the callback, on the consumer's worker thread,
   hands each delivery to the loop; the buffer holds at most
@@ -322,9 +323,15 @@ class AsyncConnectionManager:
         wakeups = _wakeups(loop)
 
         def settled(submission: Submission) -> None:
-            # On the thread that settled the last message (often the reading
-            # thread), under the publisher's lock: only hand off.
-            wakeups.post(_resolve, done)
+            # On the thread that settled the last message, under the
+            # publisher's lock: only hand off.  The loop itself when it read
+            # the confirm (_pyamqp.loopturn), or expired or failed the
+            # message: the future is completed at once (it only schedules
+            # the task), without a trip through the loop's self-pipe.
+            if wakeups.on_loop():
+                _resolve(done)
+            else:
+                wakeups.post(_resolve, done)
 
         submission = self._manager._submit(
             bodies, exchange=exchange, routing_key=routing_key, headers=headers, serializer=serializer,
@@ -672,17 +679,26 @@ class _Wakeups:
     others only append.
     """
 
-    __slots__ = ("_loop", "_lock", "_todo", "_scheduled", "_flushes", "__weakref__")
+    __slots__ = ("_loop", "_thread", "_lock", "_todo", "_scheduled", "_flushes", "__weakref__")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
+        self._thread = threading.get_ident()  # made on the loop's thread (see _wakeups)
         self._lock = threading.Lock()
         self._todo: deque[tuple[Callable[[Any], None], Any]] = deque()
         self._scheduled = False
         self._flushes: dict[int, Publisher] = {}  # the loop's own: no lock
 
+    def on_loop(self) -> bool:
+        """Whether the calling thread is the loop's."""
+        return threading.get_ident() == self._thread
+
     def flush_soon(self, publisher: Publisher) -> None:
-        """On the loop: flush ``publisher`` once, after what this iteration's tasks write."""
+        """On the loop: flush ``publisher`` once, after what this iteration's tasks write.
+
+        The loop then reads the connection itself while it keeps publishing
+        (``_pyamqp.loopturn``): the confirms need no other thread.
+        """
         if not self._flushes:
             self._loop.call_soon(self._flush)
         self._flushes[id(publisher)] = publisher
@@ -690,7 +706,7 @@ class _Wakeups:
     def _flush(self) -> None:
         flushes, self._flushes = self._flushes, {}
         for publisher in flushes.values():
-            publisher.flush()
+            publisher.flush(self._loop)
 
     def post(self, callback: Callable[[Any], None], arg: Any) -> bool:
         """From any thread: ``callback(arg)`` on the loop soon; False if the loop is closed."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from amqp.exceptions import AMQPError
 from kombu.serialization import dumps
@@ -53,6 +53,9 @@ from .exceptions import (
     Rejected,
     Unroutable,
 )
+
+if TYPE_CHECKING:  # pragma: no cover
+    import asyncio
 
 __all__ = ("Publisher", "Submission", "PublishError", "Nacked", "Unroutable", "PublishTimeout", "Rejected")
 
@@ -571,14 +574,15 @@ class Publisher:
         except (Disconnected, Blocked, PublishTimeout) as exc:
             self._fail([p for p in pendings if not p.written], exc)
 
-    def flush(self) -> None:
+    def flush(self, loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
         """Send what ``submit(flush=False)`` queued, never waiting.
 
         What the socket does not take now (a full send buffer) is sent by the
-        helper thread that may wait, not left for the next writer.
+        helper thread that may wait, not left for the next writer.  ``loop``:
+        the event loop flushing, on its thread (see ``ConfirmChannel.flush``).
         """
         channel = self._channel
-        if channel is not None and not channel.flush():
+        if channel is not None and not channel.flush(loop=loop):
             def rest() -> None:
                 # Until sent, or the connection fails (its liveness checks end a stuck write).
                 channel.flush(wait=True)

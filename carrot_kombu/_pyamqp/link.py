@@ -14,7 +14,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import kombu
 from amqp import spec
@@ -41,6 +41,9 @@ from .messages import new_consumer_tag
 from .chanstate import acting_for
 from .consumer_channel import ConsumerChannel
 from .replies import ConnHooks, Waiter
+
+if TYPE_CHECKING:  # pragma: no cover
+    import asyncio
 
 __all__ = ("AmqpLink", "AmqpConfirmChannel", "AmqpSubscription", "ConsumerChannels", "SharedChannel", "connect")
 
@@ -330,10 +333,14 @@ class AmqpConfirmChannel(ConfirmChannel):
             frames += message.frames(channel_id, frame_max)
         chan.write_publishes(frames, len(messages), on_queued=on_queued, deadline=deadline, flush=flush)
 
-    def flush(self, wait: bool = False) -> bool:
-        wire = self._conn.wire
+    def flush(self, wait: bool = False, loop: Optional[asyncio.AbstractEventLoop] = None) -> bool:
+        conn = self._conn
+        wire = conn.wire
         if wire is None:
             return True
+        if loop is not None:
+            # Before the write: the confirm must find the loop reading.
+            conn.read_on(loop)
         try:
             wire.flush(block=wait)
         except OSError:

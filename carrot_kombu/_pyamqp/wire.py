@@ -34,7 +34,7 @@ from amqp.exceptions import UnexpectedFrame
 
 from .._sync import Monitor, raised_by_library as _from_library
 from .frames import FrameParser
-from .green import close_socket, is_green, poller, read_fd, shutdown_socket, write_fd
+from .green import Poller, close_socket, is_green, poller, read_fd, shutdown_socket, write_fd
 
 __all__ = ("Wire",)
 
@@ -127,6 +127,9 @@ class Wire:
         #: The wake-up pipe; None once closed (see _Descriptors).
         self._fds: Optional[_Descriptors] = _Descriptors(self._fd, green)
         self._wpoll = poller((self._fd,), write=True, green=green)
+        #: Waits on this socket go through a green hub (no event loop may watch it).
+        self.green = green
+        self._rpeek: Optional[Poller] = None  # readable(): made on first use
         self._on_failed = on_failed
         # -- writer state, behind _wcond --
         self._wcond = Monitor()
@@ -264,6 +267,18 @@ class Wire:
                 self._failed(ConnectionAbortedError(
                     errno.ECONNABORTED, f"{type(exc).__name__} interrupted the handling of a frame"))
             raise
+
+    def fileno(self) -> int:
+        """The socket's descriptor (to watch it for readability: see :mod:`.loopturn`)."""
+        return self._fd
+
+    def readable(self) -> bool:
+        """Whether bytes wait unread right now (in the socket, or parsed and not yet dispatched); never waits."""
+        if self._todo:
+            return True
+        if self._rpeek is None:
+            self._rpeek = poller((self._fd,), green=self.green)
+        return bool(self._rpeek.poll(0))
 
     def wake_reader(self) -> None:
         """Make a reader waiting in :meth:`read` return now."""
