@@ -37,15 +37,35 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 from .._sync import NOT_ACQUIRED, run_locked
 
 if TYPE_CHECKING:  # pragma: no cover
     import asyncio
 
-    from .reader import Reader
     from .wire import Wire
+
+
+class ReaderSide(Protocol):
+    """What a loop's turn uses of its :class:`~.reader.Reader` (named here: reader imports this module).
+
+    The turn is the reader's, for the loop's thread: it takes the reader's
+    read lock and marks itself parked or done on the reader, as a leader does.
+    """
+
+    dead: Optional[BaseException]
+    _loop_turn: Optional["LoopTurn"]
+    _loop_parked: Optional["LoopTurn"]
+    _read_lock: Any
+    _leading: bool
+    _waiters: Any
+
+    def wire_failure(self, exc: BaseException) -> BaseException: ...
+
+    def _promote(self) -> None: ...
+
+    def _dispatch(self, todo: Any, limit: int = -1) -> None: ...
 
 __all__ = ("FRAMES_PER_TURN", "LOOP_CHECK", "LoopTurn")
 
@@ -66,7 +86,7 @@ class LoopTurn:
 
     __slots__ = ("loop", "_reader", "_wire", "_fd", "asked", "pumps", "_seen", "_watching", "_ended", "_more")
 
-    def __init__(self, reader: "Reader", wire: "Wire", loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, reader: ReaderSide, wire: "Wire", loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self._reader = reader
         self._wire = wire
