@@ -35,6 +35,11 @@ def node():
         node.stop()
 
 
+def _scratch(name: str) -> kombu.Queue:
+    """A queue the broker removes by itself a minute after its last use (never left on the shared broker)."""
+    return kombu.Queue(name, durable=False, queue_arguments={"x-expires": 60_000})
+
+
 def _read_back(manager, queue, expected, timeout=20.0):
     """Every body in ``queue`` (duplicates kept) once ``expected`` all arrived and the queue went quiet."""
     with Collector(manager, queue) as got:
@@ -84,7 +89,7 @@ async def test_async_confirmed_publishes_survive_proxy_cuts_with_none_lost(rabbi
     reader, _, _ = rabbit()
     async with AsyncConnectionManager(proxy.url(), client_properties={"connection_name": name}, **FAST) as m:
         queue = unique("ck-aio-cuts")
-        await m.declare(kombu.Queue(queue, durable=True))
+        await m.declare(kombu.Queue(queue, durable=True, queue_arguments={"x-expires": 120_000}))
 
         async def cuts() -> None:
             loop = asyncio.get_running_loop()
@@ -104,7 +109,7 @@ async def test_async_confirmed_publishes_survive_a_private_node_restart(node):
 
     queue = unique("ck-aio-restart")
     async with AsyncConnectionManager(node.url, **FAST) as m:
-        await m.declare(kombu.Queue(queue, durable=True))
+        await m.declare(kombu.Queue(queue, durable=True, queue_arguments={"x-expires": 120_000}))
         loop = asyncio.get_running_loop()
 
         async def restart() -> None:
@@ -126,7 +131,7 @@ async def test_one_tasks_refused_publish_never_fails_anothers(rabbit):
     assert manager.wait_connected(10)
     m = AsyncConnectionManager.wrap(manager)
     queue = unique("ck-aio-iso")
-    await m.declare(kombu.Queue(queue))
+    await m.declare(_scratch(queue))
 
     async def good(n: int) -> int:
         await m.publish(str(n), routing_key=queue, timeout=20)
@@ -151,7 +156,7 @@ async def test_refused_publishes_never_fail_sync_and_async_publishers_sharing_th
     assert manager.wait_connected(10)
     m = AsyncConnectionManager.wrap(manager)
     queue = unique("ck-aio-mixed")
-    await m.declare(kombu.Queue(queue))
+    await m.declare(_scratch(queue))
     until = time.monotonic() + 4.0
     errors: list[BaseException] = []
     refused: list[BaseException] = []
@@ -196,7 +201,7 @@ async def test_a_cancelled_publish_is_forgotten_and_the_loop_goes_on(rabbit, pro
     assert manager.wait_connected(10)
     m = AsyncConnectionManager.wrap(manager)
     queue = unique("ck-aio-cancel")
-    await m.declare(kombu.Queue(queue))
+    await m.declare(_scratch(queue))
     publisher = manager._core.publisher
     proxy.latency(1.0)  # the confirm takes a second: the task is cancelled while it awaits it
     task = asyncio.ensure_future(m.publish("cancelled", routing_key=queue, timeout=30))
@@ -220,11 +225,11 @@ async def test_the_consume_iterator_goes_on_across_a_forced_reconnect(rabbit):
     assert manager.wait_connected(10)
     m = AsyncConnectionManager.wrap(manager)
     queue = unique("ck-aio-consume")
-    await m.declare(kombu.Queue(queue))
+    await m.declare(_scratch(queue))
     await m.publish_many([str(n) for n in range(10)], routing_key=queue)
     seen: set[str] = set()
     loop = asyncio.get_running_loop()
-    async with m.consume(queue, prefetch_count=5) as messages:
+    async with m.consume(_scratch(queue), prefetch_count=5) as messages:
         while len(seen) < 5:
             message = await asyncio.wait_for(messages.get(), 10)
             seen.add(message.body)
@@ -246,7 +251,7 @@ async def test_republish_false_is_at_most_once_through_proxy_cuts(rabbit, proxy)
     name = unique("ck-aio-once")
     async with AsyncConnectionManager(proxy.url(), client_properties={"connection_name": name}, **FAST) as m:
         queue = unique("ck-aio-once")
-        await m.declare(kombu.Queue(queue, durable=True))
+        await m.declare(kombu.Queue(queue, durable=True, queue_arguments={"x-expires": 120_000}))
 
         async def cuts() -> None:
             loop = asyncio.get_running_loop()
@@ -271,7 +276,7 @@ async def test_a_blocked_connection_never_blocks_the_loop(node):
     loop = asyncio.get_running_loop()
     queue = unique("ck-aio-blocked")
     async with AsyncConnectionManager(node.url, blocked_timeout=3, **FAST) as m:
-        await m.declare(kombu.Queue(queue))
+        await m.declare(_scratch(queue))
         await m.publish("warm", routing_key=queue)
         await loop.run_in_executor(None, node.alarm, True)
         try:
