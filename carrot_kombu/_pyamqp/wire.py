@@ -167,10 +167,6 @@ class Wire:
         return self._queued - self._sent - (self._took[0] if self._took else 0)
 
     @property
-    def _out_bytes(self) -> int:
-        return self._queued - self._sent
-
-    @property
     def pending_bytes(self) -> int:
         """Bytes queued and not yet taken by the kernel (what :meth:`wait_room` compares with ``HIGH_WATER``)."""
         return self._queued - self._sent
@@ -359,7 +355,7 @@ class Wire:
             size += len(chunk)
         with self._wcond.lock:
             if wait_room:
-                while self._out_bytes > HIGH_WATER and self._flushing and self._dead is None:
+                while self.pending_bytes > HIGH_WATER and self._flushing and self._dead is None:
                     self._wcond.wait(_POLL_SLICE)
             if self._dead is not None:
                 raise _as_oserror(self._dead)
@@ -373,10 +369,10 @@ class Wire:
         Returns:
             False if ``deadline`` (``time.monotonic()``) passed first.
         """
-        if self._out_bytes <= HIGH_WATER:
+        if self.pending_bytes <= HIGH_WATER:
             return True
         with self._wcond.lock:
-            while self._out_bytes > HIGH_WATER and self._flushing and self._dead is None:
+            while self.pending_bytes > HIGH_WATER and self._flushing and self._dead is None:
                 if deadline is not None and monotonic() >= deadline:
                     return False
                 self._wcond.wait(_POLL_SLICE)
