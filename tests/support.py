@@ -73,3 +73,15 @@ def wait_until(predicate: Callable[[], Any], timeout: float = WAIT, poll: float 
             return True
         time.sleep(poll)
     return bool(predicate())
+
+
+async def until(predicate: Callable[[], Any], timeout: float = 5.0) -> bool:
+    """Wait on the running event loop for ``predicate()`` with a deadline (yielding to the loop between looks)."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.005)
+    return True

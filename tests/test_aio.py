@@ -21,18 +21,9 @@ from carrot_kombu._deadline import Deadline
 from carrot_kombu._link import Outbound
 from carrot_kombu.publisher import Publisher, _Pending
 from tests.fakebroker import FakeBroker
+from tests.support import until as _until
 
 FAST = {"backoff": {"min": 0.01, "max": 0.05, "jitter": False}}
-
-
-async def _until(predicate, timeout=5.0):
-    """Wait on the loop for ``predicate()`` with a deadline (yielding to the loop between looks)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.005)
-    return True
 
 
 @pytest.mark.asyncio

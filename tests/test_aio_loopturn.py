@@ -19,6 +19,7 @@ from carrot_kombu._pyamqp import loopturn, reader
 from carrot_kombu._pyamqp.replies import Waiter
 from carrot_kombu.publisher import Publisher
 from tests.fakebroker import FakeBroker
+from tests.support import until as _until
 
 FAST = {"backoff": {"min": 0.01, "max": 0.05, "jitter": False}}
 #: Longest the service thread may take to read again after the loop stopped (two looks, and margin).
@@ -37,15 +38,6 @@ def confirm_threads(monkeypatch):
 
     monkeypatch.setattr(Publisher, "_on_confirm", recording)
     return seen
-
-
-async def _until(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.005)
-    return True
 
 
 def _state(m):
