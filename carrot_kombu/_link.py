@@ -341,6 +341,14 @@ class Link:
         """Could a late error of what ``chan`` wrote still arrive (see :meth:`verify`)?"""
         return False
 
+    def idle_ready(self, chan: Any) -> bool:
+        """May ``chan`` go back to the idle list as it is: reusable, and nothing to verify.
+
+        One call for the pool's every release (a link may answer both
+        questions at once, more cheaply).
+        """
+        return self.reusable(chan) and not self.needs_verify(chan)
+
     def verify(self, chan: Any, on_done: Callable[[bool], None]) -> bool:
         """Start checking ``chan`` without waiting; ``on_done(ok)`` follows from the reading thread."""
         return False

@@ -53,6 +53,9 @@ class ChannelPhase(enum.Enum):
     CLOSED = "closed"
 
 
+#: (A module constant: ``reusable`` runs twice per lease.)
+_OPEN = ChannelPhase.OPEN
+
 #: Settling methods: whether they take a ``multiple`` flag (basic.reject does not).
 _SETTLING: dict[Any, bool] = {spec.Basic.Ack: True, (60, 120): True, spec.Basic.Reject: False}
 
@@ -171,7 +174,7 @@ class ChanState:
         """May be handed to another borrower: open, healthy, no consumers, nothing in flight."""
         chan = self.chan
         return not (
-            self.error or self.spoiled or self.phase is not ChannelPhase.OPEN or self.conn.dead
+            self.error or self.spoiled or self.phase is not _OPEN or self.conn.dead
             or chan.callbacks or self.replies or self.confirm_waiters or self.changed or self.unacked
         ) and chan.is_open
 

@@ -156,6 +156,10 @@ class AmqpLink(Link):
     def reusable(self, chan: Any) -> bool:
         return chan.carrot.reusable()  # type: ignore[no-any-return]
 
+    def idle_ready(self, chan: Any) -> bool:
+        state = chan.carrot
+        return not state.unverified and state.reusable()
+
     def needs_verify(self, chan: Any) -> bool:
         return chan.carrot.unverified  # type: ignore[no-any-return]
 
