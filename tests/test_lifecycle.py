@@ -502,3 +502,32 @@ def test_restart_after_fork_false_leaves_the_childs_manager_stopped_until_start(
     os.close(read)
     assert report == f"{ConnectionState.STOPPED.value} {ConnectionState.CONNECTED.value}", report
     assert manager.state is ConnectionState.CONNECTED  # the parent's is untouched
+
+
+def test_the_background_threads_import_nothing_of_ours():
+    """Every module a manager runs is imported with the package, on the importing thread.
+
+    An import on the supervisor's thread waits for the import lock of an
+    application that starts its manager while being imported itself, and
+    without bytecode files its compile's memory stays in that thread's arena.
+    """
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent('''
+        import sys, threading
+        import carrot_kombu
+        before = set(sys.modules)
+        manager = carrot_kombu.ConnectionManager("memory://").start()
+        assert manager.wait_connected(10)
+        manager.publish(b"x", routing_key="ck-imports", timeout=5)
+        with manager.channel() as lease:
+            lease.queue_declare("ck-imports")
+        manager.stop()
+        print(sorted(m for m in set(sys.modules) - before if m.startswith("carrot_kombu")))
+        print("carrot_kombu._pyamqp.link" in sys.modules)
+    ''')
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == ["[]", "True"], result.stdout
