@@ -110,6 +110,45 @@ def test_the_wire_reads_frames_left_over_from_the_handshake_first(pair) -> None:
         read_frames(wire, 1)
 
 
+def test_a_reader_that_waits_before_receiving_still_sees_what_was_received_already(pair, monkeypatch) -> None:
+    """After a read found the socket empty, the next waits for it first: nothing already here waits with it."""
+    a, b, wires = pair
+    wire = Wire(a, max_frame=4096)
+    wires.append(wire)
+    recvs: list[int] = []
+    real = wire._recv_into
+    monkeypatch.setattr(wire, "_recv_into", lambda parser: recvs.append(1) or real(parser))
+    assert read_frames(wire, 0.01) == []  # empty on its first try: the next read waits first
+    assert recvs and wire._wait_first
+    # Bytes already received but not parsed into frames (an interrupted reader's): taken at once.
+    wire._rx.append(HEARTBEAT)
+    started = time.monotonic()
+    assert read_frames(wire, 5) == [(8, 0, b"")]
+    assert time.monotonic() - started < 0.5
+    # Two frames in one receive: the second is dispatched without asking the socket.
+    assert read_frames(wire, 0.01) == []
+    b.sendall(HEARTBEAT + _frame(3, 1, b"x"))
+    got = []
+    while len(got) < 2:
+        got += read_frames(wire, 5)
+    assert got == [(8, 0, b""), (3, 1, b"x")]
+    # Waiting first costs no receive that finds nothing: a reply that comes later takes one.
+    assert read_frames(wire, 0.01) == []
+    threading.Timer(0.05, b.sendall, (HEARTBEAT,)).start()
+    recvs.clear()
+    assert read_frames(wire, 5) == [(8, 0, b"")]
+    assert len(recvs) == 1
+    # A wait that ends at once (the bytes were there): back to receiving first
+    # ("at once" is timed: tried a few times, a preempted thread may miss it).
+    for _ in range(50):
+        b.sendall(HEARTBEAT)
+        assert poll_readable(a, 1.0)
+        assert read_frames(wire, 5) == [(8, 0, b"")]
+        if not wire._wait_first:
+            break
+    assert not wire._wait_first
+
+
 def test_the_wire_reader_is_woken_and_sees_the_end(pair) -> None:
     a, b, wires = pair
     failures: list[BaseException] = []

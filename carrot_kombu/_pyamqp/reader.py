@@ -218,6 +218,11 @@ class Reader:
         if parked is not None:
             self._loop_parked = None
             parked.rearm()
+        if not self._waiters:
+            # Nobody to wake (the common case: it runs twice per reply).  A
+            # waiter registering from now on tries to lead itself next, and the
+            # lock is free by then.
+            return
         with self._waiters_lock:
             waiters = list(self._waiters)
         for waiter in waiters:
