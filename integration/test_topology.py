@@ -142,7 +142,10 @@ def test_declaring_many_entities_at_once_is_pipelined_and_still_names_a_refused_
     manager, events, _ = rabbit(proxy.url(), backoff={"min": 0.05, "max": 0.5})
     assert manager.wait_connected(10)
     exchange = kombu.Exchange(unique("ck-many"), type="direct", auto_delete=True)
-    queues = [kombu.Queue(unique("ck-many"), exchange, routing_key=str(i), auto_delete=True) for i in range(80)]
+    # x-expires: auto_delete alone never removes a queue nobody consumed from (140 per run were left behind).
+    expires = {"x-expires": 120_000}
+    queues = [kombu.Queue(unique("ck-many"), exchange, routing_key=str(i), auto_delete=True,
+                          queue_arguments=expires) for i in range(80)]
     manager.declare(*queues)
     with manager.channel() as lease:
         for q in queues:
@@ -151,8 +154,9 @@ def test_declaring_many_entities_at_once_is_pipelined_and_still_names_a_refused_
         assert drain(lease, queues[79].name, 1) == [b"to-79"]  # bound as declared
     # The same queues again, one in the middle redeclared with other arguments: refused by the broker.
     clash = kombu.Queue(queues[40].name, exchange, routing_key="40", auto_delete=True,
-                        queue_arguments={"x-max-length": 5})
-    others = [kombu.Queue(unique("ck-many"), exchange, routing_key=f"n{i}", auto_delete=True) for i in range(60)]
+                        queue_arguments={**expires, "x-max-length": 5})
+    others = [kombu.Queue(unique("ck-many"), exchange, routing_key=f"n{i}", auto_delete=True,
+                          queue_arguments=expires) for i in range(60)]
     with pytest.raises(PreconditionFailed) as info:
         manager.declare(*others[:30], clash, *others[30:])
     assert "x-max-length" in str(info.value) or queues[40].name in str(info.value)
