@@ -458,10 +458,16 @@ def establish_once(conn: kombu.Connection) -> Any:
         Exception: What the transport raised (kombu's wrapping undone).
     """
     try:
+        failure: Optional[BaseException] = None
         try:
             conn.ensure_connection(max_retries=0)
         except kombu.exceptions.OperationalError as exc:
-            raise (exc.__cause__ or exc) from None
+            failure = exc.__cause__ or exc
+        if failure is not None:
+            # Raised outside the handler: inside it, kombu's wrapper would
+            # become the __context__ of its own __cause__, a loop in the chain
+            # (code that walks causes without a seen-set never ends).
+            raise failure
     except BaseException:
         quietly(conn.collect, "dropping a failed connection attempt")
         raise

@@ -634,18 +634,19 @@ class ConnectionManager:
             consumer.start()
             link = core.live.current()
             if link is not None:
+                refused: Optional[BaseException] = None
                 try:
                     consumer.subscribe(link)
                 except Disconnected as exc:
-                    refused = refused_declare(exc)
-                    if refused is not None:
-                        # Its declare closed the connection (503 unknown
-                        # exchange type...): it would on every reconnect.
-                        # Once the manager says so (a few ms), so that a
-                        # wait_connected() right after waits for the next one.
-                        core.board.wait_for(lambda status: status.state is not ConnectionState.CONNECTED, 2.0)
-                        raise refused from None
-                    # subscribed on the next connection
+                    refused = refused_declare(exc)  # None: subscribed on the next connection
+                if refused is not None:
+                    # Its declare closed the connection (503 unknown exchange
+                    # type...): it would on every reconnect.  Once the manager
+                    # says so (a few ms), so that a wait_connected() right after
+                    # waits for the next one.  Raised outside the handler: the
+                    # Disconnected's chain leads to it (a loop in the chain).
+                    core.board.wait_for(lambda status: status.state is not ConnectionState.CONNECTED, 2.0)
+                    raise refused
         except BaseException:
             consumer.cancel()
             raise

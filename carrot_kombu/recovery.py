@@ -65,6 +65,7 @@ class Recovery:
             What could not be restored on this connection (retried later).
         """
         pipelined = self._pipeline_entities
+        dropped: Optional[BaseException] = None
         try:
             refused = declare_all(link, self.topology.entities(), self.topology.server_named, pipelined=pipelined)
         except EntityRefused as exc:
@@ -75,12 +76,16 @@ class Recovery:
                 "carrot_kombu dropped a registered entity: the broker closed the connection when it was "
                 "declared (%s); it is no longer declared on reconnect (fix it and declare it again)", exc,
             )
-            raise exc.error from None
+            dropped = exc.error
         except BaseException:
             # Pipelined, a connection-level refusal names no entity: the next
             # attempt declares one by one, which does (and drops it, above).
             self._pipeline_entities = False
             raise
+        if dropped is not None:
+            # Raised outside the handler: EntityRefused's own chain leads to
+            # this error, which would get it as __context__ (a loop in the chain).
+            raise dropped
         self._pipeline_entities = True
         degraded = [Degraded("entity", entity, describe(entity), error) for entity, error in refused]
         setups = self.topology.setups()

@@ -28,6 +28,8 @@ from amqp.exceptions import NotFound, PreconditionFailed
 
 from carrot_kombu import ConsumerChannelRefused
 
+from tests.support import chain_loops
+
 from .broker import rabbitmqctl, unique
 from .figures import record
 from .integrity_helpers import wait_until
@@ -367,8 +369,9 @@ def test_a_consume_whose_declare_closes_the_connection_raises_and_the_manager_re
     consumer = manager.consume(kombu.Queue(queue, auto_delete=True), lambda body, message: (got.append(body),
                                                                                               message.ack()))
     try:
-        with pytest.raises(amqp.exceptions.InvalidCommand, match="unknown exchange type"):
+        with pytest.raises(amqp.exceptions.InvalidCommand, match="unknown exchange type") as info:
             manager.consume(kombu.Queue(bad, kombu.Exchange(exchange, "bogus-type"), "rk"), lambda body, message: None)
+        assert chain_loops(info.value) == []  # red team 22: its chain looped back (Disconnected -> it)
         assert len(manager._core.consumers.snapshot()) == 1  # not registered
         assert events.wait_count("connected", 2, timeout=15), events.names()  # reconnected on its own
         for i in range(10):

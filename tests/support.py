@@ -85,3 +85,19 @@ async def until(predicate: Callable[[], Any], timeout: float = 5.0) -> bool:
             return False
         await asyncio.sleep(0.005)
     return True
+
+
+def chain_loops(exc: BaseException) -> list[str]:
+    """The chain of causes and contexts from ``exc``; a name repeated at the end if it loops."""
+    seen: set[int] = set()
+    path: list[str] = []
+    todo: list[BaseException] = [exc]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            return path + [f"{type(current).__name__} (again)"]
+        seen.add(id(current))
+        path.append(type(current).__name__)
+        todo += [e for e in (current.__cause__, current.__context__) if e is not None]
+    return []
+

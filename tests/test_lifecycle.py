@@ -531,3 +531,26 @@ def test_the_background_threads_import_nothing_of_ours():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[:2] == ["[]", "True"], result.stdout
+
+
+def test_a_refused_connection_leaves_an_error_chain_without_a_loop():
+    """Code that walks ``__cause__``/``__context__`` without a seen-set (red team 22: a harness hung) ends."""
+    import socket
+
+    from tests.support import chain_loops
+
+    with socket.socket() as probe:  # a port nobody listens on: refused at once
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    manager = ConnectionManager(f"amqp://guest:guest@127.0.0.1:{port}//", backoff=Backoff(min=0.05, max=0.1))
+    try:
+        manager.start()
+        deadline = time.monotonic() + 10
+        while manager.status().last_error is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(Disconnected) as info:
+            manager.open_channel()
+        assert isinstance(info.value.__cause__, ConnectionRefusedError)
+        assert chain_loops(info.value) == []
+    finally:
+        manager.stop()
