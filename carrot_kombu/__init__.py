@@ -2,34 +2,37 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
+from typing import TYPE_CHECKING, Any
 
-from .aio import AsyncConnectionManager, AsyncConsumer, AsyncMessage
-from .consumers import Consumer
-from .exceptions import (
-    Blocked,
-    BrokerUnavailable,
-    CarrotKombuError,
-    ChannelLimitReached,
-    ConfigurationError,
-    ConsumerChannelRefused,
-    Disconnected,
-    Nacked,
-    OutcomeUnknown,
-    PoolTimeout,
-    PublishError,
-    PublishTimeout,
-    Rejected,
-    ReplyTimeout,
-    SetupFailed,
-    Unroutable,
-)
-from .manager import ConnectionManager
-from .pool import Lease
-from .retry import Backoff
-from .status import ConnectionState, Status
-from ._version import __version__
-from .view import CallbackQueue, ConnectionView
+if TYPE_CHECKING:  # the public names, for type checkers; at run time each module loads when first asked for
+    from ._version import __version__
+    from .aio import AsyncConnectionManager, AsyncConsumer, AsyncMessage
+    from .consumers import Consumer
+    from .exceptions import (
+        Blocked,
+        BrokerUnavailable,
+        CarrotKombuError,
+        ChannelLimitReached,
+        ConfigurationError,
+        ConsumerChannelRefused,
+        Disconnected,
+        Nacked,
+        OutcomeUnknown,
+        PoolTimeout,
+        PublishError,
+        PublishTimeout,
+        Rejected,
+        ReplyTimeout,
+        SetupFailed,
+        Unroutable,
+    )
+    from .manager import ConnectionManager
+    from .pool import Lease
+    from .retry import Backoff
+    from .status import ConnectionState, Status
+    from .view import CallbackQueue, ConnectionView
 
 __all__ = (
     "AsyncConnectionManager",
@@ -61,6 +64,41 @@ __all__ = (
     "Unroutable",
     "__version__",
 )
+
+#: Where each public name lives.  The package imports none of its modules
+#: itself (PEP 562): two threads importing two of its modules for the first
+#: time at once would otherwise deadlock on Python's module locks (each holds
+#: its module's lock while it waits for the package, whose import waits for
+#: that module), which Python reports as an ImportError in one of them.
+_HOMES = {
+    **dict.fromkeys(("AsyncConnectionManager", "AsyncConsumer", "AsyncMessage"), "aio"),
+    "Consumer": "consumers",
+    **dict.fromkeys((
+        "Blocked", "BrokerUnavailable", "CarrotKombuError", "ChannelLimitReached", "ConfigurationError",
+        "ConsumerChannelRefused", "Disconnected", "Nacked", "OutcomeUnknown", "PoolTimeout", "PublishError",
+        "PublishTimeout", "Rejected", "ReplyTimeout", "SetupFailed", "Unroutable",
+    ), "exceptions"),
+    "ConnectionManager": "manager",
+    "Lease": "pool",
+    "Backoff": "retry",
+    **dict.fromkeys(("ConnectionState", "Status"), "status"),
+    "__version__": "_version",
+    **dict.fromkeys(("CallbackQueue", "ConnectionView"), "view"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    globals()[name] = value  # looked up once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

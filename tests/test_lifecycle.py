@@ -505,7 +505,7 @@ def test_restart_after_fork_false_leaves_the_childs_manager_stopped_until_start(
 
 
 def test_the_background_threads_import_nothing_of_ours():
-    """Every module a manager runs is imported with the package, on the importing thread.
+    """Every module a manager runs is imported on the caller's thread, never on the manager's own threads.
 
     An import on the supervisor's thread waits for the import lock of an
     application that starts its manager while being imported itself, and
@@ -517,21 +517,79 @@ def test_the_background_threads_import_nothing_of_ours():
 
     script = textwrap.dedent('''
         import sys, threading
+        imports = []
+
+        class Watch:
+            def find_spec(self, name, path=None, target=None):
+                if name.startswith("carrot_kombu"):
+                    imports.append((threading.current_thread().name, name))
+                return None  # found by the usual finders
+
+        sys.meta_path.insert(0, Watch())
         import carrot_kombu
-        before = set(sys.modules)
         manager = carrot_kombu.ConnectionManager("memory://").start()
         assert manager.wait_connected(10)
         manager.publish(b"x", routing_key="ck-imports", timeout=5)
         with manager.channel() as lease:
             lease.queue_declare("ck-imports")
         manager.stop()
-        print(sorted(m for m in set(sys.modules) - before if m.startswith("carrot_kombu")))
-        print("carrot_kombu._pyamqp.link" in sys.modules)
+        print(sorted({name for thread, name in imports if thread != "MainThread"}))
+        print("carrot_kombu._pyamqp.link" in {name for thread, name in imports})
     ''')
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[:2] == ["[]", "True"], result.stdout
 
+
+@pytest.mark.parametrize("first, second", [
+    ("carrot_kombu.aio", "carrot_kombu.exceptions"),
+    ("carrot_kombu.aio", "carrot_kombu.status"),
+    ("carrot_kombu.manager", "carrot_kombu.aio"),
+    ("carrot_kombu.transport", "carrot_kombu.celery"),
+])
+def test_two_threads_importing_the_package_for_the_first_time_at_once_both_succeed(first, second):
+    """Red team 22: the package imported all its modules, and two first imports at once failed with
+    ``_DeadlockError`` / ``ImportError`` (each thread held its module's lock while waiting for the package)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f'''
+        import importlib, threading
+        errors = []
+        barrier = threading.Barrier(2)
+
+        def load(name):
+            barrier.wait()
+            try:
+                importlib.import_module(name)
+            except Exception as exc:
+                errors.append(repr(exc))
+
+        threads = [threading.Thread(target=load, args=(name,)) for name in ({first!r}, {second!r})]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        import carrot_kombu
+        assert carrot_kombu.ConnectionManager and carrot_kombu.AsyncConnectionManager
+        print(errors)
+    ''')
+    for _ in range(3):
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_every_public_name_has_a_home_and_loads():
+    import carrot_kombu
+
+    assert set(carrot_kombu._HOMES) == set(carrot_kombu.__all__)
+    for name in carrot_kombu.__all__:
+        assert getattr(carrot_kombu, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        carrot_kombu.nothing  # noqa: B018
+    assert "ConnectionManager" in dir(carrot_kombu)
 
 def test_a_refused_connection_leaves_an_error_chain_without_a_loop():
     """Code that walks ``__cause__``/``__context__`` without a seen-set (red team 22: a harness hung) ends."""

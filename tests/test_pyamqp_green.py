@@ -137,7 +137,7 @@ def test_the_wire_waits_cooperatively_under_each_hub(hub) -> None:
 
 LATE = r'''
 import socket
-import carrot_kombu  # before the patching: its locks are OS locks
+from carrot_kombu import ConnectionManager  # before the patching: its locks are OS locks
 import eventlet
 eventlet.monkey_patch()
 from carrot_kombu._pyamqp.wire import Wire
@@ -157,6 +157,26 @@ def test_a_green_wire_refuses_when_carrot_kombu_was_imported_before_the_patching
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("PatchedTooLate carrot_kombu was imported before eventlet/gevent"), done.stdout
     assert "-P prefork or -P threads" in done.stdout
+
+
+PACKAGE_FIRST = r'''
+import socket
+import carrot_kombu  # before the patching: loads none of its modules (their locks are made after)
+import eventlet
+eventlet.monkey_patch()
+from carrot_kombu._pyamqp.wire import Wire
+a, b = socket.socketpair()
+print(Wire(a).green)
+'''
+
+
+def test_importing_the_package_alone_before_the_patching_is_fine() -> None:
+    need("eventlet")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", PACKAGE_FIRST], capture_output=True, text=True,
+                          timeout=60, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["True"], done.stdout
 
 
 KOMBU_FIRST = r'''
