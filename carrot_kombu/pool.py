@@ -280,23 +280,9 @@ class ChannelPool:
         if self._reclaimed:
             self.reap()
         else:
-            # The common case on its own (measured: a third of a warm lease's
-            # cost is the general path's set-up): nobody waits, the live link
-            # has books, and its newest idle channel is reusable.  Anything
-            # else, including a spoiled idle channel, takes the general path.
-            with self._cond.lock:
-                link = self._books_for
-                idle = self._idle
-                if (idle and not self._waiting and link is not None and link is self._live.link
-                        and link.dead is None and link.reusable(idle[-1])):
-                    # (_lease, inline, in its order: see there)
-                    chan = idle[-1]
-                    self._tokens += 1
-                    taken = Lease(self, chan, link.generation, self._tokens)
-                    self._leased[taken._token] = chan
-                    idle.pop()
-                    self._refs[taken._token] = weakref.ref(taken)
-                    return taken
+            warm = self._lease_idle()
+            if warm is not None:
+                return warm
         due: list[Deadline] = []  # [the deadline], once one is needed
         first = True
         ticket: Optional[object] = None
@@ -334,6 +320,49 @@ class ChannelPool:
                 raise
             if lease is not None:
                 return lease
+
+    def _lease_idle(self) -> Optional[Lease]:
+        """The common case of :meth:`acquire` on its own, or None: take the general path.
+
+        Nobody waits, the live link has books, and its newest idle channel is
+        reusable (measured: a third of a warm lease's cost was the general
+        path's set-up).  Anything else, a spoiled idle channel too, is left
+        to the general path.
+        """
+        with self._cond.lock:
+            link = self._books_for
+            idle = self._idle
+            if (idle and not self._waiting and link is not None and link is self._live.link
+                    and link.dead is None and link.reusable(idle[-1])):
+                # (_lease, inline, in its order: see there)
+                chan = idle[-1]
+                self._tokens += 1
+                taken = Lease(self, chan, link.generation, self._tokens)
+                self._leased[taken._token] = chan
+                idle.pop()
+                self._refs[taken._token] = weakref.ref(taken)
+                return taken
+        return None
+
+    def _return_idle(self, token: int) -> bool:
+        """The common case of a release on its own: lease ``token``'s reusable channel of the live link goes idle.
+
+        Returns:
+            False if it is not that case (nothing changed: the general path decides).
+        """
+        with self._cond.lock:
+            books = self._books_for
+            chan = self._leased.get(token)
+            if (chan is None or books is None or books is not self._live.link or books.dead is not None
+                    or not books.idle_ready(chan)):
+                return False
+            self._refs.pop(token, None)
+            del self._leased[token]
+            self._idle.append(chan)
+            self._at_channel_max = False
+            if self._waiting:
+                self._cond.notify_all()
+            return True
 
     def _wait_for_slot(self, timeout: Optional[float], due: list[Deadline], spoiled: list[Any]) -> Any:
         """Under the lock: an idle channel's lease, or the link to open a new channel on."""
@@ -467,21 +496,8 @@ class ChannelPool:
 
     def _give_back(self, token: int, discard: bool) -> None:
         """Take back lease ``token``'s channel: idle, verified or closed (idempotent)."""
-        if not discard:
-            # The common case on its own (every warm release): a reusable
-            # channel of the live link goes back to the idle list.
-            with self._cond.lock:
-                books = self._books_for
-                chan = self._leased.get(token)
-                if (chan is not None and books is not None and books is self._live.link and books.dead is None
-                        and books.idle_ready(chan)):
-                    self._refs.pop(token, None)
-                    del self._leased[token]
-                    self._idle.append(chan)
-                    self._at_channel_max = False
-                    if self._waiting:
-                        self._cond.notify_all()
-                    return
+        if not discard and self._return_idle(token):
+            return
         to_close = to_verify = None
         generation = 0
         started = False
