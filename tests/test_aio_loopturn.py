@@ -9,8 +9,10 @@ without any message waiting past its timeout.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+from typing import Any, AsyncIterator
 
 import pytest
 
@@ -42,6 +44,22 @@ def confirm_threads(monkeypatch):
 
 def _state(m):
     return m.manager._core.live.current()._state
+
+
+@contextlib.asynccontextmanager
+async def _loop_reading(publishes: int) -> AsyncIterator[tuple[AsyncConnectionManager, Any]]:
+    """A manager on the fake broker whose loop has taken its turn to read, after ``publishes`` publishes.
+
+    Yields:
+        The manager and its connection's reader state.
+    """
+    with FakeBroker(heartbeat=0) as broker:
+        async with AsyncConnectionManager(broker.url, heartbeat=0, **FAST) as m:
+            for _ in range(publishes):
+                await m.publish(b"x", routing_key="q", timeout=5)
+            state = _state(m)
+            assert state._loop_turn is not None
+            yield m, state
 
 
 @pytest.mark.asyncio
@@ -77,28 +95,23 @@ async def test_the_loop_reads_its_confirms_while_it_publishes_and_gives_reading_
 async def test_a_blocked_loop_does_not_leave_the_connection_unread(confirm_threads):
     """User code blocking the loop: another thread's publish is still confirmed, by the service thread."""
     loop_thread = threading.get_ident()
-    with FakeBroker(heartbeat=0) as broker:
-        async with AsyncConnectionManager(broker.url, heartbeat=0, **FAST) as m:
-            for _ in range(20):
-                await m.publish(b"x", routing_key="q", timeout=5)
-            state = _state(m)
-            assert state._loop_turn is not None
-            done = threading.Event()
+    async with _loop_reading(20) as (m, state):
+        done = threading.Event()
 
-            def other_thread() -> None:
-                m.manager.publish_async(b"y", routing_key="q", timeout=5).result(5)
-                done.set()
+        def other_thread() -> None:
+            m.manager.publish_async(b"y", routing_key="q", timeout=5).result(5)
+            done.set()
 
-            del confirm_threads[:]
-            started = time.monotonic()
-            threading.Thread(target=other_thread, daemon=True).start()
-            # Blocks the loop on purpose (what the test is about), for at most 5 s.
-            assert done.wait(5), "the confirm waited for the blocked loop"
-            assert time.monotonic() - started < TAKE_BACK + 1.0
-            assert confirm_threads and loop_thread not in confirm_threads
-            assert state._loop_turn is None
-            await m.publish(b"z", routing_key="q", timeout=5)  # and the loop reads again afterwards
-            assert state._loop_turn is not None
+        del confirm_threads[:]
+        started = time.monotonic()
+        threading.Thread(target=other_thread, daemon=True).start()
+        # Blocks the loop on purpose (what the test is about), for at most 5 s.
+        assert done.wait(5), "the confirm waited for the blocked loop"
+        assert time.monotonic() - started < TAKE_BACK + 1.0
+        assert confirm_threads and loop_thread not in confirm_threads
+        assert state._loop_turn is None
+        await m.publish(b"z", routing_key="q", timeout=5)  # and the loop reads again afterwards
+        assert state._loop_turn is not None
 
 
 @pytest.mark.asyncio
@@ -182,25 +195,20 @@ async def test_a_connection_lost_while_the_loop_reads_republishes_and_the_loop_r
 async def test_a_connection_carrying_a_consumer_is_read_by_the_service_thread(confirm_threads):
     """Deliveries come in bursts of up to the prefetch count: their dispatch stays off the loop."""
     loop_thread = threading.get_ident()
-    with FakeBroker(heartbeat=0) as broker:
-        async with AsyncConnectionManager(broker.url, heartbeat=0, **FAST) as m:
-            for _ in range(10):
-                await m.publish(b"x", routing_key="q", timeout=5)
-            state = _state(m)
-            assert state._loop_turn is not None
-            messages = m.consume("aio-loopturn-q", prefetch_count=5, declare=False)
-            await messages.start()
-            # Given back at the service thread's next look, even while the loop keeps publishing.
-            deadline = time.monotonic() + TAKE_BACK
-            while state._loop_turn is not None and time.monotonic() < deadline:
-                await m.publish(b"x", routing_key="q", timeout=5)
-            assert state._loop_turn is None
-            del confirm_threads[:]
-            for _ in range(20):
-                await m.publish(b"y", routing_key="q", timeout=5)
-            assert state._loop_turn is None
-            assert confirm_threads and loop_thread not in confirm_threads
-            await messages.cancel()
+    async with _loop_reading(10) as (m, state):
+        messages = m.consume("aio-loopturn-q", prefetch_count=5, declare=False)
+        await messages.start()
+        # Given back at the service thread's next look, even while the loop keeps publishing.
+        deadline = time.monotonic() + TAKE_BACK
+        while state._loop_turn is not None and time.monotonic() < deadline:
+            await m.publish(b"x", routing_key="q", timeout=5)
+        assert state._loop_turn is None
+        del confirm_threads[:]
+        for _ in range(20):
+            await m.publish(b"y", routing_key="q", timeout=5)
+        assert state._loop_turn is None
+        assert confirm_threads and loop_thread not in confirm_threads
+        await messages.cancel()
 
 
 class _Never(Waiter):
@@ -213,43 +221,38 @@ class _Never(Waiter):
 @pytest.mark.asyncio
 async def test_a_caller_reading_on_another_thread_serves_the_loop_and_the_loop_reads_again_after(confirm_threads):
     loop_thread = threading.get_ident()
-    with FakeBroker(heartbeat=0) as broker:
-        async with AsyncConnectionManager(broker.url, heartbeat=0, **FAST) as m:
-            for _ in range(5):
-                await m.publish(b"x", routing_key="q", timeout=5)
-            state = _state(m)
-            assert state._loop_turn is not None
-            leading, released = threading.Event(), threading.Event()
-            hold = 1.0
+    async with _loop_reading(5) as (m, state):
+        leading, released = threading.Event(), threading.Event()
+        hold = 1.0
 
-            def caller() -> None:
-                # Holds the read lock for ``hold`` seconds, reading (and dispatching) for everybody.
-                def lead() -> None:
-                    leading.set()
-                    state._lead(_Never(), time.monotonic() + hold)
+        def caller() -> None:
+            # Holds the read lock for ``hold`` seconds, reading (and dispatching) for everybody.
+            def lead() -> None:
+                leading.set()
+                state._lead(_Never(), time.monotonic() + hold)
 
-                state._read_lock.acquire()
-                try:
-                    lead()
-                finally:
-                    state._read_lock.release()
-                    state._promote()
-                    released.set()
+            state._read_lock.acquire()
+            try:
+                lead()
+            finally:
+                state._read_lock.release()
+                state._promote()
+                released.set()
 
-            del confirm_threads[:]
-            started = time.monotonic()
-            threading.Thread(target=caller, daemon=True).start()
-            assert await _until(leading.is_set)
-            for _ in range(5):
-                await m.publish(b"y", routing_key="q", timeout=5)
-            assert time.monotonic() - started < hold, "the test's reader let go too soon"
-            assert confirm_threads and loop_thread not in confirm_threads  # the other thread read them
-            assert await _until(released.is_set)
-            del confirm_threads[:]
-            for _ in range(5):
-                await m.publish(b"z", routing_key="q", timeout=5)
-            assert confirm_threads == [loop_thread] * 5  # re-armed: the loop reads again
-            assert state._loop_parked is None
+        del confirm_threads[:]
+        started = time.monotonic()
+        threading.Thread(target=caller, daemon=True).start()
+        assert await _until(leading.is_set)
+        for _ in range(5):
+            await m.publish(b"y", routing_key="q", timeout=5)
+        assert time.monotonic() - started < hold, "the test's reader let go too soon"
+        assert confirm_threads and loop_thread not in confirm_threads  # the other thread read them
+        assert await _until(released.is_set)
+        del confirm_threads[:]
+        for _ in range(5):
+            await m.publish(b"z", routing_key="q", timeout=5)
+        assert confirm_threads == [loop_thread] * 5  # re-armed: the loop reads again
+        assert state._loop_parked is None
 
 
 @pytest.mark.asyncio
@@ -257,32 +260,27 @@ async def test_a_loop_finding_the_read_lock_held_stops_watching_and_is_rearmed_b
         monkeypatch, confirm_threads):
     monkeypatch.setattr(reader, "LOOP_CHECK", 5.0)  # no look by the service thread during the test
     loop_thread = threading.get_ident()
-    with FakeBroker(heartbeat=0) as broker:
-        async with AsyncConnectionManager(broker.url, heartbeat=0, **FAST) as m:
-            for _ in range(5):
-                await m.publish(b"x", routing_key="q", timeout=5)
-            state = _state(m)
-            turn = state._loop_turn
-            assert turn is not None
-            held, release, released = threading.Event(), threading.Event(), threading.Event()
+    async with _loop_reading(5) as (m, state):
+        turn = state._loop_turn
+        held, release, released = threading.Event(), threading.Event(), threading.Event()
 
-            def holder() -> None:
-                # Holds the read lock without reading, then lets go as every reader does.
-                with state._read_lock:
-                    held.set()
-                    release.wait(5)
-                state._promote()
-                released.set()
+        def holder() -> None:
+            # Holds the read lock without reading, then lets go as every reader does.
+            with state._read_lock:
+                held.set()
+                release.wait(5)
+            state._promote()
+            released.set()
 
-            threading.Thread(target=holder, daemon=True).start()
-            assert await _until(held.is_set)
-            del confirm_threads[:]
-            pending = asyncio.ensure_future(m.publish(b"y", routing_key="q", timeout=5))
-            # The confirm arrives; the loop cannot take the lock: it stops watching (no spinning).
-            assert await _until(lambda: state._loop_parked is turn)
-            assert not pending.done() and not turn._watching
-            release.set()
-            await asyncio.wait_for(pending, 5)
-            assert confirm_threads == [loop_thread]  # re-armed by the release: the loop read it
-            assert await _until(released.is_set)
-            assert state._loop_parked is None and turn._watching and state._loop_turn is turn
+        threading.Thread(target=holder, daemon=True).start()
+        assert await _until(held.is_set)
+        del confirm_threads[:]
+        pending = asyncio.ensure_future(m.publish(b"y", routing_key="q", timeout=5))
+        # The confirm arrives; the loop cannot take the lock: it stops watching (no spinning).
+        assert await _until(lambda: state._loop_parked is turn)
+        assert not pending.done() and not turn._watching
+        release.set()
+        await asyncio.wait_for(pending, 5)
+        assert confirm_threads == [loop_thread]  # re-armed by the release: the loop read it
+        assert await _until(released.is_set)
+        assert state._loop_parked is None and turn._watching and state._loop_turn is turn
