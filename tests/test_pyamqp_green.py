@@ -111,12 +111,17 @@ def need(module: str) -> None:
         pytest.skip(f"{module} is not installed (it is in the test extra: pip install -e '.[test]')")
 
 
-def run_under(hub: str) -> dict:
+def run_script(script: str, *args: str) -> str:
+    """``script`` in a fresh interpreter (this checkout first on the path); its stdout, once it exited 0."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-W", "ignore", "-c", SCRIPT, hub], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", script, *args], capture_output=True, text=True,
                           timeout=60, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return done.stdout
+
+
+def run_under(hub: str) -> dict:
+    return json.loads(run_script(SCRIPT, hub).strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("hub", ["eventlet", "gevent", "threads"])
@@ -151,12 +156,9 @@ except RuntimeError as exc:
 
 def test_a_green_wire_refuses_when_carrot_kombu_was_imported_before_the_patching() -> None:
     need("eventlet")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-W", "ignore", "-c", LATE], capture_output=True, text=True, timeout=60,
-                          env=env, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.startswith("PatchedTooLate carrot_kombu was imported before eventlet/gevent"), done.stdout
-    assert "-P prefork or -P threads" in done.stdout
+    stdout = run_script(LATE)
+    assert stdout.startswith("PatchedTooLate carrot_kombu was imported before eventlet/gevent"), stdout
+    assert "-P prefork or -P threads" in stdout
 
 
 PACKAGE_FIRST = r'''
@@ -172,11 +174,8 @@ print(Wire(a).green)
 
 def test_importing_the_package_alone_before_the_patching_is_fine() -> None:
     need("eventlet")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-W", "ignore", "-c", PACKAGE_FIRST], capture_output=True, text=True,
-                          timeout=60, env=env, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["True"], done.stdout
+    stdout = run_script(PACKAGE_FIRST)
+    assert stdout.split() == ["True"], stdout
 
 
 KOMBU_FIRST = r'''
@@ -195,8 +194,5 @@ print(before, kombu.utils.functional.sleep is time.sleep)
 def test_a_green_wire_makes_kombus_retry_loop_sleep_cooperatively() -> None:
     """Celery's reconnect loop (kombu ``retry_over_time``) must not freeze the supervisor's green thread."""
     need("gevent")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-W", "ignore", "-c", KOMBU_FIRST], capture_output=True, text=True,
-                          timeout=60, env=env, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["False", "True"]
+    stdout = run_script(KOMBU_FIRST)
+    assert stdout.split() == ["False", "True"]
