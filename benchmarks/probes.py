@@ -26,18 +26,14 @@ import statistics
 import sys
 import threading
 import time
+from functools import partial
 from typing import Any, Callable
+
+from .speed import run_on_threads
+from .timing import alternate, time_each
 
 URL = "amqp://guest:guest@127.0.0.1:5672//"
 BODY = b"x" * 1024
-
-
-def _per_call(fn: Callable[[], object], n: int) -> float:
-    """Seconds of wall time per call of ``fn``, ``n`` calls."""
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    return (time.perf_counter() - start) / n
 
 
 def lease(url: str, rounds: int) -> str:
@@ -54,13 +50,10 @@ def lease(url: str, rounds: int) -> str:
             }
             for op in ops.values():
                 op()
-            runs: dict[str, list[float]] = {key: [] for key in ops}
-            for _ in range(rounds):
-                for key, op in ops.items():
-                    runs[key].append(_per_call(op, 20_000))
+            runs = alternate(rounds, {key: partial(time_each, op, 20_000) for key, op in ops.items()})
         finally:
             pool.force_close_all()
-    mine, theirs = (statistics.median(runs[key]) for key in ("lease", "kombu"))
+    mine, theirs = (statistics.median(sample for run in runs[key] for sample in run) for key in ("lease", "kombu"))
     return f"lease {mine * 1e6:.2f} µs, kombu's pool {theirs * 1e6:.2f} µs: {theirs / mine:.2f}x kombu's speed"
 
 
@@ -90,17 +83,20 @@ def cpu(url: str, rounds: int) -> str:
             "raw": lambda: channel.basic_publish_confirm(message, exchange="", routing_key=queue),
             "publish": lambda: manager.publish(BODY, routing_key=queue),
         }
-        cpu_s: dict[str, list[float]] = {key: [] for key in ops}
         by_thread: dict[str, dict[str, float]] = {}
-        for _ in range(rounds):
-            for key, op in ops.items():
-                before, started_cpu = _thread_cpu(), time.process_time()
-                _per_call(op, n)
-                cpu_s[key].append((time.process_time() - started_cpu) / n)
-                after = _thread_cpu()
-                by_thread[key] = {name: round((ns - before.get(name, 0)) / n / 1000, 1)
-                                  for name, ns in after.items() if ns - before.get(name, 0) > n * 50}
-                admin.queue_purge(queue)
+
+        def measured(key: str) -> float:
+            """CPU seconds per call of ``ops[key]``; by thread in ``by_thread`` (µs, the last round's)."""
+            before, started_cpu = _thread_cpu(), time.process_time()
+            time_each(ops[key], n)
+            per_call = (time.process_time() - started_cpu) / n
+            after = _thread_cpu()
+            by_thread[key] = {name: round((ns - before.get(name, 0)) / n / 1000, 1)
+                              for name, ns in after.items() if ns - before.get(name, 0) > n * 50}
+            admin.queue_purge(queue)
+            return per_call
+
+        cpu_s = alternate(rounds, {key: partial(measured, key) for key in ops})
     mine, theirs = (statistics.median(cpu_s[key]) for key in ("publish", "raw"))
     return (f"manager.publish {mine * 1e6:.1f} µs, raw {theirs * 1e6:.1f} µs CPU per confirmed message: "
             f"{mine / theirs:.2f}x raw; µs by thread (last round): {by_thread['publish']}")
@@ -112,21 +108,11 @@ def threads8(url: str, rounds: int) -> str:
 
     with started(url) as (manager, _), scratch_queues(url) as (admin, (queue,)):
         def run(per_thread: int, count: int = 8) -> float:
-            barrier = threading.Barrier(count + 1)
-
-            def work() -> None:
-                barrier.wait()
+            def work(index: int) -> None:
                 for _ in range(per_thread):
                     manager.publish(BODY, routing_key=queue)
 
-            threads = [threading.Thread(target=work) for _ in range(count)]
-            for thread in threads:
-                thread.start()
-            barrier.wait()
-            start = time.perf_counter()
-            for thread in threads:
-                thread.join()
-            rate = per_thread * count / (time.perf_counter() - start)
+            rate = per_thread * count / run_on_threads(count, work)
             admin.queue_purge(queue)
             return rate
 
