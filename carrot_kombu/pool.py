@@ -334,14 +334,7 @@ class ChannelPool:
             idle = self._idle
             if (idle and not self._waiting and link is not None and link is self._live.link
                     and link.dead is None and link.reusable(idle[-1])):
-                # (_lease, inline, in its order: see there)
-                chan = idle[-1]
-                self._tokens += 1
-                taken = Lease(self, chan, link.generation, self._tokens)
-                self._leased[taken._token] = chan
-                idle.pop()
-                self._refs[taken._token] = weakref.ref(taken)
-                return taken
+                return self._lease(idle[-1], link.generation, from_idle=True)
         return None
 
     def _return_idle(self, token: int) -> bool:
